@@ -1,0 +1,27 @@
+"""lrnet: low-rank (truncated SVD) compression of JAX/Haiku networks.
+
+The front door: truncation and factors (`truncate`, `factorize`), the straight-through
+projection (`st_truncate`), parameter-tree compression (`compress`, `project`,
+`summarize`, `count_params`) and the networks in `lrnet.models`.
+"""
+
+from lrnet import models
+from lrnet.compress import compress
+from lrnet.compress import compression_ratio
+from lrnet.compress import count_params
+from lrnet.compress import format_summary
+from lrnet.compress import LayerSummary
+from lrnet.compress import project
+from lrnet.compress import select_ranks
+from lrnet.compress import summarize
+from lrnet.projection import st_lowrank_matmul
+from lrnet.projection import st_truncate
+from lrnet.projection import st_truncate_masked
+from lrnet.svd import check_rank
+from lrnet.svd import energy_rank
+from lrnet.svd import factorize
+from lrnet.svd import resolve_rank
+from lrnet.svd import truncate
+from lrnet.svd import truncate_masked
+
+__version__ = "0.1.0"

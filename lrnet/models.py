@@ -1,0 +1,144 @@
+"""Networks as pure Haiku functions: dense, factorized (W = U·V) and straight-through MLPs.
+
+Every layer of `mlp` is named `linear_{i}` (i = 0 … len(hidden)), whatever its kind, so a
+dense teacher, its factorized twin and its straight-through student share module names and
+`lrnet.compress(teacher_params, r)` is a valid parameter tree of the factorized network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from lrnet import projection
+from lrnet import svd
+
+RankSpec = Union[None, int, float, str]
+
+
+def _fan_in_init(fan_in: int) -> hk.initializers.Initializer:
+  return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
+
+
+class LowRankLinear(hk.Module):
+  """y = (x U) V + b with U [m, r], V [r, n]: a linear layer of rank ≤ r.
+
+  Costs r·(m + n) weights and 2·r·(m + n) FLOPs per example instead of m·n and 2·m·n.
+  Initialised so that U·V has the variance of a dense fan-in initialisation
+  (Var(UV)_ij = r · (1/m) · (1/r) = 1/m).
+  """
+
+  def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_size = output_size
+    self.rank = rank
+    self.with_bias = with_bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, m] → [batch, n]."""
+    m, n = x.shape[-1], self.output_size
+    rank = svd.resolve_rank((m, n), self.rank)
+    u = hk.get_parameter("u", [m, rank], x.dtype, init=_fan_in_init(m))
+    v = hk.get_parameter("v", [rank, n], x.dtype, init=_fan_in_init(rank))
+    y = (x @ u) @ v
+    if self.with_bias:
+      y = y + hk.get_parameter("b", [n], x.dtype, init=jnp.zeros)
+    return y
+
+
+class ProjectedLinear(hk.Module):
+  """Dense parameters `w`, `b` used through their rank-r approximation (straight-through).
+
+  Forward: y = x Ŵ + b with Ŵ = truncate(W, r); backward: ∂L/∂W := ∂L/∂Ŵ (see
+  `lrnet.st_truncate`). The parameter tree is that of `hk.Linear`, so a dense teacher's
+  parameters are a valid starting point.
+  """
+
+  def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.output_size = output_size
+    self.rank = rank
+    self.with_bias = with_bias
+
+  def __call__(self, x: jax.Array, rank_override=None) -> jax.Array:
+    """x: [batch, m] → [batch, n]. `rank_override`: a traced rank (vmap over ranks)."""
+    m, n = x.shape[-1], self.output_size
+    w = hk.get_parameter("w", [m, n], x.dtype, init=_fan_in_init(m))
+    if rank_override is None:
+      w_hat = projection.st_truncate(w, svd.resolve_rank((m, n), self.rank))
+    else:
+      w_hat = projection.st_truncate_masked(w, rank_override)
+    y = x @ w_hat
+    if self.with_bias:
+      y = y + hk.get_parameter("b", [n], x.dtype, init=jnp.zeros)
+    return y
+
+
+def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
+  """Expands an int/float/str/None or a per-layer sequence to one entry per layer.
+
+  A scalar applies to the hidden layers only (the output layer stays dense). A sequence
+  gives one entry per hidden layer, or one per layer including the output layer.
+  """
+  if spec is None or isinstance(spec, (int, float, str)):
+    return [spec] * num_hidden + [None]
+  spec = list(spec)
+  if len(spec) == num_hidden:
+    return spec + [None]
+  if len(spec) == num_layers:
+    return spec
+  raise ValueError(
+      f"{field} must be a rank or a sequence of {num_hidden} (hidden layers) or "
+      f"{num_layers} (all layers) entries, got {len(spec)} entries")
+
+
+def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None
+       ) -> hk.Transformed:
+  """A ReLU MLP, dense, factorized or straight-through projected.
+
+  The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
+
+  Args:
+    hidden: hidden layer widths.
+    num_classes: output width (logits).
+    ranks: factorized layers. An int, a fraction in (0, 1] or `"full"` for every hidden
+      layer, or one entry per hidden layer (or per layer, the output layer last), `None`
+      for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
+    project_rank: straight-through student: dense parameters, forward through the rank-r
+      approximation of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
+
+  Returns:
+    `hk.Transformed` without apply rng. `apply(params, images)` maps images
+    [batch, ...] (flattened inside) to logits [batch, num_classes]. For a projected
+    student, `apply(params, images, rank)` takes an optional integer `rank` (may be
+    traced, e.g. under `vmap` over ranks) that overrides every projected layer's rank.
+  """
+  hidden = tuple(int(h) for h in hidden)
+  num_layers = len(hidden) + 1
+  if ranks is not None and project_rank is not None:
+    raise ValueError("mlp: give either ranks (factorized) or project_rank (straight-through), not both")
+  layer_ranks = _per_layer(ranks, num_layers, len(hidden), "ranks")
+  layer_projections = _per_layer(project_rank, num_layers, len(hidden), "project_rank")
+  widths = hidden + (int(num_classes),)
+
+  def forward(images: jax.Array, rank=None) -> jax.Array:
+    x = hk.Flatten()(images)  # [batch, m]
+    for i, width in enumerate(widths):
+      name = f"linear_{i}"
+      if layer_ranks[i] is not None:
+        x = LowRankLinear(width, layer_ranks[i], name=name)(x)
+      elif layer_projections[i] is not None:
+        x = ProjectedLinear(width, layer_projections[i], name=name)(x, rank)
+      else:
+        x = hk.Linear(width, w_init=_fan_in_init(x.shape[-1]), name=name)(x)
+      if i < len(hidden):
+        x = jax.nn.relu(x)
+    return x
+
+  return hk.without_apply_rng(hk.transform(forward))

@@ -1,0 +1,108 @@
+"""Straight-through low-rank projection: forward uses Ŵ, backward treats dŴ/dW as identity.
+
+A student trained this way keeps dense weights W, but every forward pass sees their
+rank-r approximation; the gradient with respect to Ŵ is applied to W unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lrnet import svd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _st_truncate(w, rank):
+  return svd.truncate(w, rank)
+
+
+def _st_truncate_fwd(w, rank):
+  return svd.truncate(w, rank), None
+
+
+def _st_truncate_bwd(rank, residuals, cotangent):
+  del rank, residuals
+  return (cotangent,)
+
+
+_st_truncate.defvjp(_st_truncate_fwd, _st_truncate_bwd)
+
+
+def st_truncate(w: jax.Array, rank: int) -> jax.Array:
+  """Rank-`rank` truncation with a straight-through (identity) gradient.
+
+  Forward: `truncate(w, rank)`. Backward: the cotangent passes to `w` unchanged,
+  i.e. ∂L/∂W := ∂L/∂Ŵ. Never differentiates through the SVD (whose gradient is
+  NaN for repeated singular values).
+
+  Args:
+    w: matrix, [m, n].
+    rank: static integer in `1..min(m, n)`.
+
+  Returns:
+    Ŵ, [m, n].
+  """
+  svd.check_rank(w.shape, rank)
+  return _st_truncate(w, rank)
+
+
+@jax.custom_vjp
+def _st_truncate_masked(w, rank):
+  return svd.truncate_masked(w, rank)
+
+
+def _st_truncate_masked_fwd(w, rank):
+  return svd.truncate_masked(w, rank), rank
+
+
+def _st_truncate_masked_bwd(rank, cotangent):
+  # Integer inputs take a float0 zero cotangent.
+  return cotangent, jnp.zeros(jnp.shape(rank), jax.dtypes.float0)
+
+
+_st_truncate_masked.defvjp(_st_truncate_masked_fwd, _st_truncate_masked_bwd)
+
+
+def st_truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
+  """`st_truncate` for a traced integer `rank` (vmap over ranks); no range check."""
+  return _st_truncate_masked(w, jnp.asarray(rank, jnp.int32))
+
+
+@jax.custom_vjp
+def st_lowrank_matmul(x: jax.Array, w: jax.Array, basis: jax.Array) -> jax.Array:
+  """x Ŵ with Ŵ = W V Vᵀ, straight-through in W, without forming Ŵ.
+
+  When `basis` V ([n, k], orthonormal columns, columns past the rank zeroed) spans the
+  top right singular subspace of W, W V Vᵀ is W's best rank approximation, and
+
+  .. math:: x \\hat W = ((x W) V) V^T
+
+  costs the dense product plus O(batch · n · k). The VJP is the straight-through one:
+  ∂L/∂x = g Ŵᵀ = ((g V) Vᵀ) Wᵀ and ∂L/∂W = xᵀ g; the basis gets no gradient.
+
+  Args:
+    x: inputs, [batch, m].
+    w: dense weights, [m, n].
+    basis: V, [n, k].
+
+  Returns:
+    [batch, n].
+  """
+  return ((x @ w) @ basis) @ basis.T
+
+
+def _st_lowrank_matmul_fwd(x, w, basis):
+  return st_lowrank_matmul(x, w, basis), (x, w, basis)
+
+
+def _st_lowrank_matmul_bwd(residuals, g):
+  x, w, basis = residuals
+  dx = ((g @ basis) @ basis.T) @ w.T
+  dw = x.T @ g
+  return dx, dw, jnp.zeros_like(basis)
+
+
+st_lowrank_matmul.defvjp(_st_lowrank_matmul_fwd, _st_lowrank_matmul_bwd)

@@ -1,0 +1,156 @@
+"""Truncated SVD: the best rank-r approximation of a matrix and its factors.
+
+By the Eckart–Young theorem the truncated SVD Ŵ = U_r S_r V_rᵀ minimises ‖W − Ŵ‖ over all
+matrices of rank ≤ r, in the Frobenius and the spectral norm alike.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def check_rank(shape: Sequence[int], rank) -> int:
+  """Validates `rank` for a matrix of `shape` and returns it as an `int`.
+
+  Args:
+    shape: the matrix shape `(m, n)`.
+    rank: the requested rank; must be an integer in `1..min(m, n)`.
+
+  Returns:
+    `rank` as a Python `int`.
+
+  Raises:
+    ValueError: if the matrix is not 2-D or the rank is not an integer in range.
+  """
+  shape = tuple(int(d) for d in shape)
+  if len(shape) != 2:
+    raise ValueError(f"expected a 2-D matrix, got shape {shape}")
+  max_rank = min(shape)
+  is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
+  if not is_int or not 1 <= rank <= max_rank:
+    raise ValueError(
+        f"rank must be an integer in 1..{max_rank} for a matrix of shape {shape}, "
+        f"got {rank!r}")
+  return int(rank)
+
+
+def _svd(w: jax.Array):
+  return jnp.linalg.svd(w, full_matrices=False)
+
+
+def truncate(w: jax.Array, rank: int) -> jax.Array:
+  """Best rank-`rank` approximation of `w` (Eckart–Young).
+
+  .. math:: \\hat W = U_{:, :r} \\, \\mathrm{diag}(s_{:r}) \\, V^T_{:r, :}
+
+  Args:
+    w: matrix, [m, n].
+    rank: integer in `1..min(m, n)`.
+
+  Returns:
+    Ŵ, [m, n], of rank ≤ `rank`, with ‖W − Ŵ‖²_F = Σ_{i > r} s_i².
+  """
+  rank = check_rank(w.shape, rank)
+  u, s, vt = _svd(w)
+  return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def factorize(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """Factors `(u, v)` with `u @ v == truncate(w, rank)`, singular values split evenly.
+
+  .. math:: u = U_{:, :r} \\sqrt{S_r}, \\qquad v = \\sqrt{S_r} V^T_{:r, :}
+
+  Splitting √s onto both sides gives factors of equal scale, so both train well.
+
+  Args:
+    w: matrix, [m, n].
+    rank: integer in `1..min(m, n)`.
+
+  Returns:
+    `u` [m, rank] and `v` [rank, n].
+  """
+  rank = check_rank(w.shape, rank)
+  u, s, vt = _svd(w)
+  root_s = jnp.sqrt(s[:rank])
+  return u[:, :rank] * root_s, root_s[:, None] * vt[:rank]
+
+
+def truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
+  """Rank-`rank` approximation where `rank` may be a traced integer.
+
+  Keeps every shape static by zeroing the singular values past `rank`, so one
+  compiled function serves every rank (e.g. `jax.vmap` over a batch of ranks).
+  No range check is possible on a traced value: ranks past `min(m, n)` keep everything.
+
+  Args:
+    w: matrix, [m, n].
+    rank: integer scalar (may be traced).
+
+  Returns:
+    Ŵ, [m, n].
+  """
+  u, s, vt = _svd(w)
+  keep = jnp.arange(s.shape[0]) < rank
+  return (u * jnp.where(keep, s, 0.0)) @ vt
+
+
+def energy_rank(energy: float):
+  """A rank rule: the smallest r whose top singular values hold `energy` of Σ s².
+
+  Args:
+    energy: fraction in (0, 1].
+
+  Returns:
+    A function `w -> int` usable as `rank` in `lrnet.compress` and friends.
+  """
+  if not 0.0 < energy <= 1.0:
+    raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+
+  def rank_for(w: jax.Array) -> int:
+    s = jnp.linalg.svd(w, compute_uv=False)
+    captured = jnp.cumsum(s**2) / jnp.sum(s**2)
+    # Tolerance so that energy=1.0 does not fall past the end through rounding.
+    rank = int(jnp.searchsorted(captured, energy - 1e-6)) + 1
+    return min(max(rank, 1), min(w.shape))
+
+  rank_for.__name__ = f"energy_rank({energy})"
+  return rank_for
+
+
+def resolve_rank(shape: Sequence[int], rank) -> int:
+  """Turns a rank specification into an integer rank for a matrix of `shape`.
+
+  Args:
+    shape: the matrix shape `(m, n)`.
+    rank: one of
+      * an int in `1..min(m, n)`;
+      * a float in (0, 1]: a fraction of `min(m, n)`, rounded up;
+      * the string `"full"`: `min(m, n)` (no truncation);
+      * a callable `w_shape_or_matrix -> int` is handled by the caller (it needs the matrix).
+
+  Returns:
+    The rank as an `int` in `1..min(m, n)`.
+
+  Raises:
+    ValueError: naming the allowed values, the shape and the offending rank.
+  """
+  shape = tuple(int(d) for d in shape)
+  max_rank = min(shape)
+  if isinstance(rank, str):
+    if rank == "full":
+      return max_rank
+    raise ValueError(
+        f"rank must be an int in 1..{max_rank}, a fraction in (0, 1] or 'full' for a "
+        f"matrix of shape {shape}, got {rank!r}")
+  if isinstance(rank, float):
+    if not 0.0 < rank <= 1.0:
+      raise ValueError(
+          f"a rank fraction must be in (0, 1] (of min(m, n) = {max_rank} for shape "
+          f"{shape}), got {rank!r}")
+    return max(1, math.ceil(rank * max_rank - 1e-9))
+  return check_rank(shape, rank)

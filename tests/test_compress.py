@@ -1,0 +1,81 @@
+"""Tests for lrnet/compress.py on arbitrary Haiku parameter trees."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrnet
+
+
+def _conv_mlp_params():
+  """A hand-built tree: conv kernel (4-D), batch-norm-like vectors, three linear layers."""
+  def forward(x):
+    x = hk.Conv2D(4, 3, name="conv")(x)
+    x = hk.Flatten()(x)
+    x = hk.Linear(20, name="dense_a")(x)
+    x = hk.Linear(12, name="dense_b", with_bias=False)(x)
+    return hk.Linear(5, name="head")(x)
+  params = hk.transform(forward).init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)))
+  params = dict(params)
+  params["norm"] = {"scale": jnp.ones(7), "offset": jnp.zeros(7)}
+  return params
+
+
+def test_default_selection_skips_non_matrices_and_last_layer():
+  params = _conv_mlp_params()
+  assert lrnet.select_ranks(params, 3) == {"dense_a": 3, "dense_b": 3}
+  compressed = lrnet.compress(params, 3)
+  assert set(compressed["dense_a"]) == {"u", "v", "b"}
+  assert set(compressed["dense_b"]) == {"u", "v"}  # no bias: none invented
+  for name in ("conv", "head", "norm"):  # untouched: the very same arrays
+    for key, leaf in params[name].items():
+      assert compressed[name][key] is leaf
+  np.testing.assert_allclose(compressed["dense_a"]["u"] @ compressed["dense_a"]["v"],
+                             lrnet.truncate(params["dense_a"]["w"], 3), atol=1e-5)
+
+
+def test_project_keeps_shapes_and_other_leaves():
+  params = _conv_mlp_params()
+  projected = lrnet.project(params, 0.25)
+  assert jax.tree_util.tree_map(jnp.shape, projected) == jax.tree_util.tree_map(jnp.shape, params)
+  np.testing.assert_allclose(projected["dense_b"]["w"], lrnet.truncate(params["dense_b"]["w"], 3), atol=1e-5)
+  assert projected["conv"]["w"] is params["conv"]["w"]
+  assert projected["head"]["w"] is params["head"]["w"]
+
+
+def test_include_exclude_patterns_and_rank_dict():
+  params = _conv_mlp_params()
+  assert lrnet.select_ranks(params, 2, include="*") == {"dense_a": 2, "dense_b": 2, "head": 2}
+  assert lrnet.select_ranks(params, 2, include=["dense_*", "head"], exclude="dense_a") == {"dense_b": 2, "head": 2}
+  assert lrnet.select_ranks(params, {"head": "full", "dense_a": 0.5}) == {"dense_a": 10, "head": 5}
+  assert lrnet.select_ranks(params, lrnet.energy_rank(1.0)) == {"dense_a": 20, "dense_b": 12}
+
+
+@pytest.mark.parametrize("rank, kwargs, pattern", [
+    (0, {}, r"module 'dense_a': .*1\.\.20"),
+    (13, {"include": "dense_b"}, r"module 'dense_b': .*1\.\.12 .*\(20, 12\)"),
+    (1.5, {}, r"\(0, 1\]"),
+    ({"conv": 2}, {}, "without a 2-D weight"),
+    ({"nope": 2}, {}, "allowed: \\['dense_a', 'dense_b', 'head'\\]"),
+    ({"head": 2}, {"include": "head"}, "do not pass include"),
+    (2, {"include": "missing*"}, "matches no module"),
+])
+def test_compress_errors(rank, kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    lrnet.compress(_conv_mlp_params(), rank, **kwargs)
+
+
+def test_summary_counts_and_ratio():
+  # Shapes alone: the reference MLP is abstract (eval_shape), so no 1024² SVD is computed.
+  params = jax.eval_shape(lrnet.models.mlp((1024,) * 5, 10).init, jax.random.PRNGKey(0), jnp.zeros((1, 784)))
+  compressed = jax.eval_shape(lambda p: lrnet.compress(p, 20), params)
+  rows = lrnet.summarize(params, 20)
+  assert [row.rank for row in rows] == [20] * 5 + [None]
+  assert rows[0].compressed_params == 20 * (784 + 1024) + 1024
+  assert rows[1].dense_flops == 2 * 1024 * 1024 and rows[1].compressed_flops == 2 * 20 * 2048
+  assert sum(row.compressed_params for row in rows) == lrnet.count_params(compressed)
+  assert lrnet.compression_ratio(rows) == pytest.approx(lrnet.count_params(params) / lrnet.count_params(compressed))
+  table = lrnet.format_summary(rows)
+  assert "linear_5" in table and "total" in table

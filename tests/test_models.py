@@ -1,0 +1,111 @@
+"""Tests for lrnet/models.py: dense, factorized and straight-through MLPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lrnet
+
+HIDDEN = (32, 24, 16)
+IMAGES = jax.random.uniform(jax.random.PRNGKey(7), (6, 8, 8, 1))
+LABELS = jnp.array([0, 1, 2, 3, 4, 5])
+
+
+def _dense_params():
+  return lrnet.models.mlp(HIDDEN, 10).init(jax.random.PRNGKey(0), IMAGES)
+
+
+def test_reference_mlp_shapes_and_param_count():
+  net = lrnet.models.mlp((1024,) * 5, 10)
+  params = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  shapes = {name: leaves["w"].shape for name, leaves in params.items()}
+  assert shapes == {"linear_0": (784, 1024), "linear_1": (1024, 1024), "linear_2": (1024, 1024),
+                    "linear_3": (1024, 1024), "linear_4": (1024, 1024), "linear_5": (1024, 10)}
+  assert lrnet.count_params(params) == 784 * 1024 + 1024 + 4 * (1024 * 1024 + 1024) + 10250
+
+
+def test_dense_forward_is_relu_mlp():
+  params = _dense_params()
+  x = IMAGES.reshape(6, -1)
+  for i in range(3):
+    x = jax.nn.relu(x @ params[f"linear_{i}"]["w"] + params[f"linear_{i}"]["b"])
+  logits = x @ params["linear_3"]["w"] + params["linear_3"]["b"]
+  np.testing.assert_allclose(lrnet.models.mlp(HIDDEN, 10).apply(params, IMAGES), logits, atol=1e-5)
+
+
+def test_factorized_init_structure_and_variance():
+  net = lrnet.models.mlp((256, 256), 10, ranks=16)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 256)))
+  assert set(params["linear_1"]) == {"u", "v", "b"}
+  assert params["linear_1"]["u"].shape == (256, 16) and params["linear_1"]["v"].shape == (16, 256)
+  assert set(params["linear_2"]) == {"w", "b"}  # the output layer stays dense
+  product = params["linear_1"]["u"] @ params["linear_1"]["v"]
+  # Var(UV) ≈ 1/m (truncated normal factors shrink it by ~0.77² ≈ 0.6).
+  assert 0.4 / 256 < float(jnp.var(product)) < 1.2 / 256
+
+
+def test_per_layer_ranks_none_and_output_layer():
+  net = lrnet.models.mlp(HIDDEN, 10, ranks=(4, None, 0.5, 3))
+  params = net.init(jax.random.PRNGKey(0), IMAGES)
+  assert params["linear_0"]["u"].shape == (64, 4)
+  assert set(params["linear_1"]) == {"w", "b"}
+  assert params["linear_2"]["u"].shape == (24, 8)  # ceil(0.5 · 16)
+  assert params["linear_3"]["u"].shape == (16, 3)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(ranks=(1, 2)), "3 .*hidden.* or 4"),
+    (dict(ranks=100), r"1\.\.32"),
+    (dict(ranks=0), r"1\.\.32"),
+    (dict(ranks=2, project_rank=2), "not both"),
+    (dict(project_rank=1.5), r"\(0, 1\]"),
+])
+def test_bad_model_ranks_raise(kwargs, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    lrnet.models.mlp(HIDDEN, 10, **kwargs).init(jax.random.PRNGKey(0), IMAGES)
+
+
+def test_compress_matches_factorized_init_and_projected_dense_outputs():
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  params = _dense_params()
+  for rank in (1, 5, 0.5, "full"):
+    factorized = lrnet.models.mlp(HIDDEN, 10, ranks=rank)
+    compressed = lrnet.compress(params, rank)
+    expected = factorized.init(jax.random.PRNGKey(1), IMAGES)
+    assert jax.tree_util.tree_structure(compressed) == jax.tree_util.tree_structure(expected)
+    assert jax.tree_util.tree_map(jnp.shape, compressed) == jax.tree_util.tree_map(jnp.shape, expected)
+    np.testing.assert_allclose(factorized.apply(compressed, IMAGES),
+                               dense.apply(lrnet.project(params, rank), IMAGES), atol=2e-5)
+
+
+def _cross_entropy(logits, labels):
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
+
+def test_student_grad_equals_dense_grad_at_projected_weights():
+  params = _dense_params()
+  rank = 3
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=rank)
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  student_loss = lambda p: _cross_entropy(student.apply(p, IMAGES), LABELS)
+  dense_loss = lambda p: _cross_entropy(dense.apply(p, IMAGES), LABELS)
+  student_grads = jax.jit(jax.grad(student_loss))(params)
+  projected = lrnet.project(params, rank)
+  dense_grads = jax.grad(dense_loss)(projected)
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree_util.tree_map(chex_close, student_grads, dense_grads)
+  np.testing.assert_allclose(student_loss(params), dense_loss(projected), rtol=1e-5)
+  # The projection matters: the gradient at the unprojected weights differs.
+  assert not np.allclose(jax.grad(dense_loss)(params)["linear_0"]["w"],
+                         student_grads["linear_0"]["w"], atol=1e-4)
+
+
+def test_student_rank_override_vmaps_over_ranks():
+  params = _dense_params()
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=1)
+  ranks = jnp.array([2, 5])
+  logits = jax.jit(jax.vmap(student.apply, in_axes=(None, None, 0)))(params, IMAGES, ranks)
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  for i, r in enumerate([2, 5]):
+    np.testing.assert_allclose(logits[i], dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
