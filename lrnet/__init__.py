@@ -6,14 +6,14 @@ projection (`st_truncate`), parameter-tree compression (`compress`, `project`,
 """
 
 from lrnet import models
-from lrnet.compress import compress
-from lrnet.compress import compression_ratio
-from lrnet.compress import count_params
-from lrnet.compress import format_summary
-from lrnet.compress import LayerSummary
-from lrnet.compress import project
-from lrnet.compress import select_ranks
-from lrnet.compress import summarize
+from lrnet.compression import compress
+from lrnet.compression import compression_ratio
+from lrnet.compression import count_params
+from lrnet.compression import format_summary
+from lrnet.compression import LayerSummary
+from lrnet.compression import project
+from lrnet.compression import select_ranks
+from lrnet.compression import summarize
 from lrnet.projection import st_lowrank_matmul
 from lrnet.projection import st_truncate
 from lrnet.projection import st_truncate_masked

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lrnet import projection
+from lrnet import subspace
 from lrnet import svd
 
 RankSpec = Union[None, int, float, str]
@@ -60,21 +61,31 @@ class ProjectedLinear(hk.Module):
   """
 
   def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
-               name: Optional[str] = None):
+               method: str = "exact", name: Optional[str] = None):
     super().__init__(name=name)
     self.output_size = output_size
     self.rank = rank
     self.with_bias = with_bias
+    self.method = method
 
   def __call__(self, x: jax.Array, rank_override=None) -> jax.Array:
     """x: [batch, m] → [batch, n]. `rank_override`: a traced rank (vmap over ranks)."""
     m, n = x.shape[-1], self.output_size
     w = hk.get_parameter("w", [m, n], x.dtype, init=_fan_in_init(m))
-    if rank_override is None:
-      w_hat = projection.st_truncate(w, svd.resolve_rank((m, n), self.rank))
+    rank = svd.resolve_rank((m, n), self.rank) if rank_override is None else rank_override
+    if rank_override is None and rank == min(m, n):
+      y = x @ w  # full rank: the projection is the identity
+    elif self.method == "subspace":
+      # The tracked top right singular subspace rides along as Haiku state: one warm-started
+      # iteration per call instead of an SVD, and x Ŵ = ((x W) V) Vᵀ without forming Ŵ.
+      state = hk.get_state("subspace", init=lambda *_: subspace.init_subspace(w, rank))
+      state = subspace.update_subspace(jax.lax.stop_gradient(w), state, rank)
+      hk.set_state("subspace", state)
+      y = projection.st_lowrank_matmul(x, w, subspace.right_basis(state, rank))
+    elif rank_override is None:
+      y = x @ projection.st_truncate(w, rank)
     else:
-      w_hat = projection.st_truncate_masked(w, rank_override)
-    y = x @ w_hat
+      y = x @ projection.st_truncate_masked(w, rank)
     if self.with_bias:
       y = y + hk.get_parameter("b", [n], x.dtype, init=jnp.zeros)
     return y
@@ -98,8 +109,11 @@ def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
       f"{num_layers} (all layers) entries, got {len(spec)} entries")
 
 
-def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None
-       ) -> hk.Transformed:
+PROJECTIONS = ("exact", "subspace")
+
+
+def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
+        projection_method: str = "exact"):
   """A ReLU MLP, dense, factorized or straight-through projected.
 
   The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
@@ -112,6 +126,10 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None
       for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
     project_rank: straight-through student: dense parameters, forward through the rank-r
       approximation of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
+    projection_method: how the student projects: `"exact"` (an SVD per step, stateless) or
+      `"subspace"` (a tracked singular subspace per layer, held in Haiku state; see
+      `lrnet.subspace`). The subspace student is an `hk.TransformedWithState`; build its
+      initial state from given params with `projection_state`.
 
   Returns:
     `hk.Transformed` without apply rng. `apply(params, images)` maps images
@@ -126,6 +144,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None
   layer_ranks = _per_layer(ranks, num_layers, len(hidden), "ranks")
   layer_projections = _per_layer(project_rank, num_layers, len(hidden), "project_rank")
   widths = hidden + (int(num_classes),)
+  if projection_method not in PROJECTIONS:
+    raise ValueError(f"projection_method must be one of {PROJECTIONS}, got {projection_method!r}")
 
   def forward(images: jax.Array, rank=None) -> jax.Array:
     x = hk.Flatten()(images)  # [batch, m]
@@ -134,11 +154,31 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None
       if layer_ranks[i] is not None:
         x = LowRankLinear(width, layer_ranks[i], name=name)(x)
       elif layer_projections[i] is not None:
-        x = ProjectedLinear(width, layer_projections[i], name=name)(x, rank)
+        x = ProjectedLinear(width, layer_projections[i], method=projection_method,
+                            name=name)(x, rank)
       else:
         x = hk.Linear(width, w_init=_fan_in_init(x.shape[-1]), name=name)(x)
       if i < len(hidden):
         x = jax.nn.relu(x)
     return x
 
+  if project_rank is not None and projection_method == "subspace":
+    return hk.without_apply_rng(hk.transform_with_state(forward))
   return hk.without_apply_rng(hk.transform(forward))
+
+
+def projection_state(params, project_rank, num_hidden: int,
+                     oversample: int = subspace.DEFAULT_OVERSAMPLE) -> dict:
+  """Initial Haiku state of a `projection_method="subspace"` student at `params`.
+
+  Each projected layer `linear_i` gets `{"subspace": init_subspace(w, r, oversample)}`: the
+  exact top-(r + oversample) right singular subspace of its current weight.
+  """
+  layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
+  state = {}
+  for i, rank in enumerate(layer_projections):
+    if rank is not None:
+      w = params[f"linear_{i}"]["w"]
+      state[f"linear_{i}"] = {"subspace": subspace.init_subspace(
+          w, svd.resolve_rank(w.shape, rank), oversample)}
+  return state

@@ -1,4 +1,4 @@
-"""Tests for lrnet/compress.py on arbitrary Haiku parameter trees."""
+"""Tests for lrnet/compression.py on arbitrary Haiku parameter trees."""
 
 import haiku as hk
 import jax

@@ -1,0 +1,38 @@
+"""What every lrnet entry point shares: the config flag and user-facing error handling."""
+
+import signal
+import sys
+
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lrnet import config as config_lib
+from lrnet import data
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an lrnet config file, e.g. configs/mnist.py; override fields with "
+    "--config.FIELD=VALUE.", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+USER_ERRORS = (config_lib.ConfigError, data.DataError)
+
+
+def _terminate(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_guarded(job) -> None:
+  """Runs `job()`; user errors and interrupts become one line on stderr and a non-zero exit."""
+  signal.signal(signal.SIGTERM, _terminate)
+  logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep library chatter out
+  try:
+    job()
+  except USER_ERRORS as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: everything finished so far is saved; run the same command again to resume",
+          file=sys.stderr, flush=True)
+    sys.exit(130)

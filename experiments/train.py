@@ -1,0 +1,19 @@
+r"""Trains and saves the dense teacher of a config alone (a later sweep reuses it).
+
+  python -m experiments.train --config=configs/fashion_mnist.py
+"""
+
+from absl import app
+
+from experiments import cli
+from lrnet import sweep
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.run_guarded(lambda: sweep.train_teacher_only(cli.CONFIG.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,265 @@
+"""Synchronous, atomic checkpoints of arbitrary training-state pytrees (orbax).
+
+:class:`Checkpointer` keeps the last few steps of one run (resumable training);
+:func:`save_pytree` / :func:`load_pytree` store one finished artefact (e.g. the
+teacher's params). Both restore exactly the tree they were given as a target:
+NamedTuples, optax states, Python ``int``/``float`` and numpy scalar leaves keep
+their types, arrays their dtypes and values.
+
+Importing this module hides orbax's INFO/DEBUG log lines (~50 per save under
+``absl.app.run``); its warnings and errors still show. Remove
+:data:`ORBAX_INFO_FILTER` from the absl logger to see everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+import orbax.checkpoint as ocp
+
+from lrnet import io
+
+_STATE_ITEM = "state"
+_METADATA_ITEM = "metadata"
+
+
+class _DropOrbaxInfo(logging.Filter):
+  """Drops records below WARNING that come from orbax's own source files."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+ORBAX_INFO_FILTER = _DropOrbaxInfo()
+absl_logging.get_absl_logger().addFilter(ORBAX_INFO_FILTER)  # idempotent
+
+
+def _to_savable(tree: Any) -> Any:
+  """Turns Python and numpy scalar leaves into 0-d arrays orbax can store.
+
+  ``jax.Array`` and ``jax.ShapeDtypeStruct`` leaves are kept as they are, so
+  that orbax restores them as jax arrays with the target's sharding.
+  """
+  def convert(leaf):
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+      return leaf
+    return np.asarray(leaf)
+  return jax.tree.map(convert, tree)
+
+
+def _like(target_leaf: Any, restored_leaf: Any) -> Any:
+  """Gives `restored_leaf` the Python/numpy type of `target_leaf`."""
+  if isinstance(target_leaf, (bool, int, float, complex)):
+    return type(target_leaf)(np.asarray(restored_leaf).item())
+  if isinstance(target_leaf, np.generic):
+    return np.asarray(restored_leaf, dtype=target_leaf.dtype)[()]
+  if isinstance(target_leaf, np.ndarray):
+    return np.asarray(restored_leaf)
+  return restored_leaf
+
+
+def _from_restored(target_like: Any, restored: Any) -> Any:
+  """Rebuilds `restored` with the tree structure and leaf types of the target.
+
+  Raises:
+    ValueError: if the stored tree does not have the target's structure.
+  """
+  target_leaves, treedef = jax.tree.flatten(target_like)
+  restored_leaves, restored_treedef = jax.tree.flatten(restored)
+  if len(restored_leaves) != len(target_leaves):
+    raise ValueError(
+        "The checkpoint does not match target_like: expected the structure "
+        f"{treedef}, got {restored_treedef}.")
+  # orbax checks shapes for jax-array targets only; numpy targets get
+  # whatever was stored.
+  for path, target_leaf, restored_leaf in zip(
+      jax.tree_util.tree_flatten_with_path(target_like)[0], target_leaves,
+      restored_leaves):
+    if np.shape(target_leaf) != np.shape(restored_leaf):
+      raise ValueError(
+          f"Shape mismatch at {jax.tree_util.keystr(path[0])}: target_like "
+          f"has {np.shape(target_leaf)}, the checkpoint "
+          f"{np.shape(restored_leaf)}.")
+  return treedef.unflatten(
+      _like(target_leaf, restored_leaf)
+      for target_leaf, restored_leaf in zip(target_leaves, restored_leaves))
+
+
+class Checkpointer:
+  """Saves and restores the training state of one run in one directory.
+
+  Each step lives in ``<directory>/<step>/`` (orbax layout: a ``state`` pytree
+  and a JSON ``metadata`` item). Saves are synchronous and atomic: orbax writes
+  ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed
+  save never appears in :meth:`steps`; leftover temporary directories are
+  deleted when a Checkpointer is created. Only the newest `max_to_keep` steps
+  are kept. One process should write a directory at a time.
+
+  Example::
+
+    with Checkpointer(workdir / "checkpoints" / "teacher") as ckpt:
+      if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(init_state)
+      ...
+      ckpt.save(int(state.step), state, {"epoch": epoch})
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    """Opens (creating if needed) a checkpoint directory.
+
+    Args:
+      directory: where the steps are stored.
+      max_to_keep: number of most recent steps kept on disk (``None``: all).
+    """
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=(_STATE_ITEM, _METADATA_ITEM))
+
+  def save(self, step: int, state: Any,
+           metadata: dict[str, Any] | None = None) -> None:
+    """Writes `state` as `step`; returns once it is complete on disk.
+
+    Args:
+      step: a non-negative step number not saved before in this directory.
+      state: any pytree of arrays and scalars (jax, numpy or Python).
+      metadata: small JSON-like dict (numpy scalars allowed, see
+        :func:`lrnet.io.to_jsonable`), e.g. the epoch or the config.
+
+    Raises:
+      orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: if `step`
+        is already stored.
+    """
+    args = ocp.args.Composite(**{
+        _STATE_ITEM: ocp.args.StandardSave(_to_savable(state)),
+        _METADATA_ITEM: ocp.args.JsonSave(io.to_jsonable(metadata or {})),
+    })
+    if not self._manager.save(int(step), args=args, force=True):
+      raise RuntimeError(f"orbax declined to save step {step} in "
+                         f"{self.directory}.")
+    self._manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    """All complete steps on disk, ascending (re-read from the directory)."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete step on disk, or ``None`` if there is none."""
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def restore(self, target_like: Any, step: int | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Reads a step back into the structure and types of `target_like`.
+
+    Args:
+      target_like: a pytree like the saved state (e.g. a freshly initialised
+        one, or its ``jax.eval_shape``); only its structure, shapes, dtypes,
+        leaf types and (for jax arrays) shardings are used.
+      step: the step to read; default: the latest.
+
+    Returns:
+      ``(state, metadata)``: `state` has `target_like`'s tree structure and
+      leaf types; `metadata` is the dict given to :meth:`save`.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint (or no such step).
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    elif step not in self.steps():
+      raise FileNotFoundError(f"No checkpoint for step {step} in "
+                              f"{self.directory} (have {self.steps()}).")
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        _STATE_ITEM: ocp.args.StandardRestore(_to_savable(target_like)),
+        _METADATA_ITEM: ocp.args.JsonRestore(),
+    }))
+    state = _from_restored(target_like, restored[_STATE_ITEM])
+    return state, restored[_METADATA_ITEM]
+
+  def close(self) -> None:
+    """Waits for pending work and releases orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def _save_standard(path: str, tree: Any) -> None:
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    checkpointer.save(path, args=ocp.args.StandardSave(_to_savable(tree)))
+
+
+def save_pytree(path: str | os.PathLike, tree: Any,
+                overwrite: bool = False) -> None:
+  """Writes a finished artefact (e.g. teacher params) to directory `path`.
+
+  Synchronous and atomic: `path` appears only once complete. With
+  `overwrite`, the new tree is written beside the old one first and then
+  swapped in by two renames, so a crash never leaves a partial `path` (at
+  worst, between the renames, the old tree sits in ``.old-<name>-*``).
+
+  Args:
+    path: the checkpoint directory to create.
+    tree: pytree of arrays and scalars.
+    overwrite: replace an existing `path`.
+
+  Raises:
+    FileExistsError: if `path` exists and `overwrite` is false.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    _save_standard(path, tree)
+    return
+  if not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+  parent, name = os.path.split(path)
+  token = secrets.token_hex(4)
+  new_path = os.path.join(parent, f".tmp-{name}-{token}")
+  old_path = os.path.join(parent, f".old-{name}-{token}")
+  try:
+    _save_standard(new_path, tree)
+    os.rename(path, old_path)
+    try:
+      os.rename(new_path, path)
+    except BaseException:
+      os.rename(old_path, path)
+      raise
+  finally:
+    shutil.rmtree(new_path, ignore_errors=True)
+  shutil.rmtree(old_path, ignore_errors=True)
+
+
+def load_pytree(path: str | os.PathLike, target_like: Any) -> Any:
+  """Reads a tree written by :func:`save_pytree` (see :meth:`restore`).
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"No saved pytree at {path}.")
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(
+        path, args=ocp.args.StandardRestore(_to_savable(target_like)))
+  return _from_restored(target_like, restored)

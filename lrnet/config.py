@@ -1,0 +1,140 @@
+"""Config checking: every field of a sweep config is validated before any work starts.
+
+Errors are `ConfigError`s with one line naming the field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import ml_collections
+
+from lrnet import data
+from lrnet import models
+
+INPUT_DIMS = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "digits": 8 * 8}
+NUM_CLASSES = 10
+PROJECTION_METHODS = models.PROJECTIONS
+
+
+class ConfigError(ValueError):
+  """A user error in a config: the message is one line, meant for the terminal."""
+
+
+def _fail(field: str, value: Any, allowed: str):
+  raise ConfigError(f"config field {field}={value!r} is invalid: {allowed}")
+
+
+def _get(config, field: str):
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config field {field} is missing")
+    node = node[part]
+  return node
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(config, field: str, allow_zero: bool = False):
+  value = _get(config, field)
+  low = 0 if allow_zero else 1
+  if not _is_int(value) or value < low:
+    _fail(field, value, f"must be an integer >= {low}")
+
+
+def _positive_float(config, field: str):
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    _fail(field, value, "must be a number > 0")
+
+
+def _unit_interval(config, field: str, closed_low: bool):
+  value = _get(config, field)
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+      (0 <= value < 1) if closed_low else (0 < value < 1))
+  if not ok:
+    _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
+
+
+def hidden_layer_shapes(config) -> list[tuple[int, int]]:
+  """(m, n) of each hidden layer's weight: the layers a sweep rank applies to."""
+  widths = [INPUT_DIMS[config.data.name]] + list(config.model.hidden)
+  return list(zip(widths[:-1], widths[1:]))
+
+
+def check_rank_value(value, shapes, field: str) -> None:
+  """A sweep rank: an int ≤ every hidden layer's min(m, n), a fraction in (0, 1], or 'full'."""
+  max_rank = min(min(shape) for shape in shapes)
+  if value == "full":
+    return
+  if _is_int(value):
+    if not 1 <= value <= max_rank:
+      _fail(field, value, f"an integer rank must be in 1..{max_rank} (the smallest hidden "
+                          f"layer {min(shapes, key=min)} allows at most {max_rank}); or a "
+                          f"fraction in (0, 1], or 'full'")
+    return
+  if isinstance(value, float):
+    if not 0.0 < value <= 1.0:
+      _fail(field, value, "a rank fraction must be in (0, 1]; or an integer rank, or 'full'")
+    return
+  _fail(field, value, f"must be an integer in 1..{max_rank}, a fraction in (0, 1], or 'full'")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of a sweep/train config.
+
+  Raises:
+    ConfigError: the first invalid field, in one line.
+  """
+  workdir = _get(config, "workdir")
+  if not isinstance(workdir, str) or not workdir:
+    _fail("workdir", workdir, "must be a non-empty directory path")
+  if not _is_int(_get(config, "seed")):
+    _fail("seed", config.seed, "must be an integer")
+  name = _get(config, "data.name")
+  if name not in data.DATASETS:
+    _fail("data.name", name, f"allowed: {', '.join(data.DATASETS)}")
+  data_dir = _get(config, "data.dir")
+  if data_dir is not None and not isinstance(data_dir, str):
+    _fail("data.dir", data_dir, "must be a directory path or None")
+  _unit_interval(config, "data.val_fraction", closed_low=False)
+
+  hidden = _get(config, "model.hidden")
+  if (not isinstance(hidden, (tuple, list)) or not hidden
+      or not all(_is_int(h) and h >= 1 for h in hidden)):
+    _fail("model.hidden", hidden, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
+
+  for run in ("teacher", "student"):
+    _positive_int(config, f"{run}.epochs")
+    _positive_int(config, f"{run}.batch_size")
+    _positive_float(config, f"{run}.learning_rate")
+    _positive_int(config, f"{run}.patience", allow_zero=True)
+    _unit_interval(config, f"{run}.ema_decay", closed_low=True)
+
+  ranks = _get(config, "sweep.ranks")
+  if not isinstance(ranks, (tuple, list)) or not ranks:
+    _fail("sweep.ranks", ranks, "must be a non-empty tuple of ranks, e.g. (10, 20, 'full')")
+  shapes = hidden_layer_shapes(config)
+  for value in ranks:
+    check_rank_value(value, shapes, "sweep.ranks")
+  if len(set(ranks)) != len(ranks):
+    _fail("sweep.ranks", ranks, "must not repeat a rank")
+
+  method = _get(config, "projection.method")
+  if method not in PROJECTION_METHODS:
+    _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}")
+  _positive_int(config, "projection.oversample", allow_zero=True)
+  _positive_int(config, "latency.batch_size")
+  _positive_int(config, "latency.repeats")
+
+
+def experiment_fields(config: ml_collections.ConfigDict) -> dict:
+  """The config as a dict, less the fields that do not change results (workdir, overwrite)."""
+  fields = config.to_dict()
+  for key in ("workdir", "overwrite"):
+    fields.pop(key, None)
+  return fields

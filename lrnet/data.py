@@ -1,0 +1,562 @@
+"""Image-classification datasets for lrnet as NumPy train/val/test splits.
+
+MNIST and Fashion-MNIST come from IDX files or TFDS; `digits` is scikit-learn's bundled 8x8 set.
+
+`load_dataset` tries these sources in order and uses the first that has the data:
+
+1. `data_dir` when given (IDX files; missing files are an error, never a fallback);
+   `digits` never reads a directory.
+2. `$LRNET_DATA_DIR/<name>/` (IDX files) when that directory exists.
+3. The Debian package directory (`/usr/share/datasets/fashion-mnist/`, from
+   `apt-get install dataset-fashion-mnist`) when it exists.
+4. A TFDS copy already prepared under the TFDS data dir (`$TFDS_DATA_DIR` or
+   `~/tensorflow_datasets`), read through TFDS's array_record data source (no
+   TensorFlow needed) or, for TFRecord copies, `as_dataset` (needs TensorFlow).
+5. IDX files this module downloaded before, in `<TFDS data dir>/downloads/lrnet/<name>/`.
+6. The network, only if a 2 s probe (TLS handshake or HTTP HEAD) reaches TFDS's URL: with TensorFlow,
+   TFDS downloads and prepares the dataset; without it, the four IDX files are fetched
+   from the URLs TFDS uses and checked against TFDS's registered SHA-256 sums.
+
+With none of these, `DataError` says at once (no download attempt, no tfds import) how to
+supply the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+import socket
+import ssl
+import threading
+from typing import Iterator, NamedTuple
+import urllib.parse
+import urllib.request
+import zlib
+
+import numpy as np
+
+DATASETS = ("mnist", "fashion_mnist", "digits")
+NUM_CLASSES = 10  # All three datasets have digit-like 10-way labels.
+
+# IDX file stems; each may be stored plain or gzip-compressed (`<stem>.gz`).
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+IDX_STEMS = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+DATA_DIR_ENV = "LRNET_DATA_DIR"
+# Distribution packages that install IDX files (Debian: dataset-fashion-mnist).
+SYSTEM_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
+PROBE_TIMEOUT_S = 2.0
+DOWNLOAD_TIMEOUT_S = 60.0
+
+# digits has no official test set: a fixed, stratified 20 % is held out, the same for
+# every `seed`, so runs with different seeds are scored on the same examples.
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 0
+DIGITS_MAX_VALUE = 16.0  # load_digits pixels are counts 0..16.
+
+# IDX type codes (third magic byte) -> big-endian NumPy dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+  """A dataset cannot be found, read or split; the message is one user-facing line."""
+
+
+class Split(NamedTuple):
+  """One split of a dataset."""
+  images: np.ndarray  # [N, H, W, 1] float32 in [0, 1]
+  labels: np.ndarray  # [N] int32 in [0, num_classes)
+
+
+class Dataset(NamedTuple):
+  """A dataset with disjoint train, validation and test splits."""
+  name: str  # One of DATASETS.
+  source: str  # Where it came from: "idx:<dir>", "sklearn", "tfds:<dir>", "download:<url>".
+  train: Split  # Training examples minus the validation ones.
+  val: Split  # Seeded, stratified part of the original training set.
+  test: Split  # The dataset's test set, never mixed into train or val.
+  num_classes: int
+
+
+class _Raw(NamedTuple):
+  """Unsplit arrays from a source, before scaling."""
+  train_images: np.ndarray  # [N, H, W] integer or float pixels in [0, max_value]
+  train_labels: np.ndarray  # [N] integer
+  test_images: np.ndarray  # [M, H, W]
+  test_labels: np.ndarray  # [M]
+  max_value: float  # Pixel value that maps to 1.0.
+  source: str
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX file (the MNIST format), plain or gzip-compressed.
+
+  The header is two zero bytes, a type code, the number of dimensions, then each
+  dimension as a big-endian uint32; the payload follows in big-endian order.
+
+  Args:
+    path: file to read; gzip is detected by a `.gz` suffix or the gzip magic bytes.
+
+  Returns:
+    Array of shape `dims` in native byte order (e.g. [N, 28, 28] uint8 for images).
+
+  Raises:
+    DataError: naming the file, if it is unreadable gzip, has a bad magic number or an
+      unknown type code, or its payload length does not match the dimensions.
+  """
+  path = Path(path)
+  data = _read_bytes(path)
+  if len(data) < 4:
+    raise DataError(f"{path}: truncated IDX header ({len(data)} bytes)")
+  if data[:2] != b"\x00\x00":
+    raise DataError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (not an IDX file)")
+  type_code, ndim = data[2], data[3]
+  if type_code not in _IDX_DTYPES:
+    raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}")
+  header_size = 4 + 4 * ndim
+  if ndim == 0 or len(data) < header_size:
+    raise DataError(f"{path}: truncated IDX header ({ndim} dimensions, {len(data)} bytes)")
+  dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+  dtype = _IDX_DTYPES[type_code]
+  expected = int(np.prod(dims)) * dtype.itemsize
+  payload = len(data) - header_size
+  if payload != expected:
+    raise DataError(
+        f"{path}: IDX payload is {payload} bytes but dimensions {dims} need {expected}"
+        + (" (truncated file?)" if payload < expected else " (trailing data)"))
+  array = np.frombuffer(data, dtype, offset=header_size).reshape(dims)
+  return array.astype(dtype.newbyteorder("="))  # Native order, writable copy.
+
+
+def _read_bytes(path: Path) -> bytes:
+  """Returns the file's bytes, gunzipped when it is (or claims to be) gzip."""
+  try:
+    data = path.read_bytes()
+  except OSError as error:
+    raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
+  if path.suffix == ".gz" or data[:2] == _GZIP_MAGIC:
+    try:
+      return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+      raise DataError(f"{path}: unreadable gzip data ({error})") from error
+  return data
+
+
+def find_idx_file(directory: str | os.PathLike, stem: str) -> Path | None:
+  """Returns `<directory>/<stem>.gz`, else `<directory>/<stem>`, else None."""
+  for candidate in (Path(directory) / f"{stem}.gz", Path(directory) / stem):
+    if candidate.is_file():
+      return candidate
+  return None
+
+
+def _read_idx_dir(directory: Path, name: str) -> _Raw:
+  """Reads the four MNIST-format IDX files of `directory`.
+
+  Raises:
+    DataError: naming the first missing file, or any reading/consistency problem.
+  """
+  paths = {}
+  for stem in IDX_STEMS:
+    paths[stem] = find_idx_file(directory, stem)
+    if paths[stem] is None:
+      raise DataError(
+          f"dataset '{name}': {directory} has no {stem}.gz (or {stem}); it needs "
+          f"{', '.join(s + '.gz' for s in IDX_STEMS)}")
+  train_images, train_labels = _read_idx_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
+  test_images, test_labels = _read_idx_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
+  if train_images.shape[1:] != test_images.shape[1:]:
+    raise DataError(
+        f"{paths[TRAIN_IMAGES]} has images of shape {train_images.shape[1:]} but "
+        f"{paths[TEST_IMAGES]} has {test_images.shape[1:]}")
+  return _Raw(train_images, train_labels, test_images, test_labels, 255.0,
+              f"idx:{directory}")
+
+
+def _read_idx_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
+  """Reads and cross-checks an image file ([N, H, W] uint8) and its labels ([N] uint8)."""
+  images, labels = read_idx(image_path), read_idx(label_path)
+  if images.ndim != 3 or images.dtype != np.uint8:
+    raise DataError(f"{image_path}: expected [N, H, W] uint8 images, got "
+                    f"{list(images.shape)} {images.dtype}")
+  if labels.ndim != 1 or labels.dtype != np.uint8:
+    raise DataError(f"{label_path}: expected [N] uint8 labels, got "
+                    f"{list(labels.shape)} {labels.dtype}")
+  if len(images) != len(labels):
+    raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
+                    f"{len(labels)} labels")
+  return images, labels
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def _read_digits() -> _Raw:
+  """scikit-learn's 1,797 8x8 digits, with a fixed stratified 20 % test set."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images, labels = digits.images, digits.target  # [1797, 8, 8] float64 0..16, [1797]
+  train_index, test_index = stratified_split(labels, DIGITS_TEST_FRACTION,
+                                             DIGITS_TEST_SEED)
+  return _Raw(images[train_index], labels[train_index], images[test_index],
+              labels[test_index], DIGITS_MAX_VALUE, "sklearn")
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def tfds_data_dir() -> Path:
+  """The TFDS data directory: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
+  return Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / "tensorflow_datasets")
+
+
+def find_prepared_tfds(name: str, root: str | os.PathLike) -> Path | None:
+  """Returns the newest prepared version directory `<root>/<name>/<x.y.z>/`, or None.
+
+  A version counts as prepared when it holds `dataset_info.json`; TFDS's unfinished
+  `incomplete.*` directories do not parse as versions and are ignored. Only the file
+  system is consulted: TFDS is not imported.
+  """
+  versions = []
+  for directory in Path(root, name).glob("*"):
+    parts = directory.name.split(".")
+    if (len(parts) == 3 and all(p.isdigit() for p in parts)
+        and (directory / "dataset_info.json").is_file()):
+      versions.append((tuple(int(p) for p in parts), directory))
+  return max(versions)[1] if versions else None
+
+
+def _tensorflow_installed() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def _read_tfds_prepared(name: str, version_dir: Path) -> _Raw:
+  """Reads the train and test splits of a prepared TFDS dataset.
+
+  array_record copies are read with `builder_from_directory(...).as_data_source()`, the
+  reader behind `tfds.data_source` (images decoded with PIL: TensorFlow is not needed);
+  TFRecord copies need TensorFlow.
+  """
+  has_array_record = any(version_dir.glob(f"{name}-*.array_record*"))
+  if not has_array_record and not _tensorflow_installed():
+    raise DataError(
+        f"the TFDS copy of '{name}' at {version_dir} is in TFRecord format, which needs "
+        "TensorFlow (not installed): pip install tensorflow, re-prepare it with "
+        "file_format='array_record', or pass --config.data.dir=<directory with IDX files>")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder_from_directory(str(version_dir))
+    arrays = {}
+    if has_array_record:
+      sources = builder.as_data_source()
+      for split in ("train", "test"):
+        examples = sources[split].__getitems__(list(range(len(sources[split]))))
+        arrays[split] = (np.stack([e["image"] for e in examples]),
+                         np.array([e["label"] for e in examples]))
+    else:
+      for split in ("train", "test"):
+        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        arrays[split] = (batch["image"], batch["label"])
+  except Exception as error:  # TFDS raises many types; the user needs one line.
+    raise DataError(f"could not read the TFDS copy of '{name}' at {version_dir}: "
+                    f"{_one_line(error)}") from error
+  (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
+  return _Raw(_squeeze_channel(train_images), train_labels,
+              _squeeze_channel(test_images), test_labels, 255.0, f"tfds:{version_dir}")
+
+
+def _squeeze_channel(images: np.ndarray) -> np.ndarray:
+  """[N, H, W, 1] -> [N, H, W]; TFDS image features carry a channel axis."""
+  return images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
+
+
+def tfds_urls(name: str) -> dict[str, tuple[str, str]]:
+  """TFDS's registered download URLs and SHA-256 sums for an IDX dataset.
+
+  Read from the installed `tensorflow_datasets/url_checksums/<name>.txt` without
+  importing TFDS (the import alone takes about a second).
+
+  Returns:
+    `{file name: (url, sha256)}`, empty when TFDS or its checksum file is absent.
+  """
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None or not spec.submodule_search_locations:
+    return {}
+  table = Path(list(spec.submodule_search_locations)[0], "url_checksums", f"{name}.txt")
+  if not table.is_file():
+    return {}
+  urls = {}
+  for line in table.read_text().splitlines():
+    fields = line.split("\t")  # url, size, sha256, file name
+    if len(fields) == 4:
+      urls[fields[3]] = (fields[0], fields[2])
+  return urls
+
+
+def network_available(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+  """Whether `url`'s server is reachable and genuine, decided within `timeout` seconds.
+
+  A bare TCP connect is not enough: sandboxes with transparent proxies accept connections
+  to any address and answer HTTP with errors. So an https URL must complete a verified
+  TLS handshake for its host, and an http URL must answer a HEAD request for its path
+  with a 2xx or 3xx status. The probe runs in a daemon thread so that a hanging DNS
+  lookup, which socket timeouts do not cover, cannot delay the caller beyond `timeout`.
+  """
+  parts = urllib.parse.urlsplit(url)
+  host = parts.hostname or ""
+  port = parts.port or (443 if parts.scheme == "https" else 80)
+  reachable = []
+
+  def probe():
+    try:
+      with socket.create_connection((host, port), timeout=timeout) as connection:
+        if parts.scheme == "https":
+          with ssl.create_default_context().wrap_socket(connection, server_hostname=host):
+            reachable.append(True)
+          return
+        connection.sendall(
+            f"HEAD {parts.path or '/'} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        status_line = b""
+        while b"\r\n" not in status_line and len(status_line) < 64:
+          chunk = connection.recv(64)
+          if not chunk:
+            break
+          status_line += chunk
+        fields = status_line.split(b" ", 2)
+        if fields[0].startswith(b"HTTP/") and fields[1:2] and fields[1][:1] in b"23":
+          reachable.append(True)
+    except (OSError, ValueError):
+      pass
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return bool(reachable)
+
+
+def _fetch(url: str, destination: Path) -> None:
+  """Downloads `url` to `destination` (overwritten)."""
+  with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+    destination.write_bytes(response.read())
+
+
+def _download_idx(name: str, urls: dict[str, tuple[str, str]], directory: Path) -> None:
+  """Fetches the four IDX files into `directory`, each checked against its SHA-256.
+
+  Each file is written under a temporary name and renamed once verified, so an
+  interrupted download never leaves a file that looks complete.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  for stem in IDX_STEMS:
+    file_name = f"{stem}.gz"
+    target = directory / file_name
+    if target.is_file():
+      continue
+    url, sha256 = urls[file_name]
+    partial = directory / f"{file_name}.part"
+    try:
+      _fetch(url, partial)
+    except OSError as error:
+      raise DataError(f"dataset '{name}': downloading {url} failed: "
+                      f"{_one_line(error)}") from error
+    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    if digest != sha256:
+      partial.unlink()
+      raise DataError(f"dataset '{name}': {url} has SHA-256 {digest}, TFDS expects "
+                      f"{sha256}")
+    partial.replace(target)
+
+
+def _download_cache(name: str, root: Path) -> Path:
+  """Where IDX files downloaded without TensorFlow are kept."""
+  return root / "downloads" / "lrnet" / name
+
+
+def _load_online(name: str, root: Path, urls: dict[str, tuple[str, str]]) -> _Raw:
+  """Gets `name` over the network: TFDS prepare with TensorFlow, IDX download without."""
+  if _tensorflow_installed():
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      builder = tfds.builder(name, data_dir=str(root), file_format="array_record")
+      builder.download_and_prepare()
+    except Exception as error:  # TFDS raises many types; the user needs one line.
+      raise DataError(f"TFDS could not download '{name}' into {root}: "
+                      f"{_one_line(error)}") from error
+    return _read_tfds_prepared(name, Path(builder.data_dir))
+  cache = _download_cache(name, root)
+  _download_idx(name, urls, cache)
+  raw = _read_idx_dir(cache, name)
+  return raw._replace(source=f"download:{urls[f'{TRAIN_IMAGES}.gz'][0].rsplit('/', 1)[0]}/")
+
+
+def _missing_message(name: str) -> str:
+  files = ", ".join(f"{stem}.gz" for stem in IDX_STEMS)
+  return (f"dataset '{name}' not found locally: pass --config.data.dir=<directory with "
+          f"{files}> (IDX files), or connect to the internet so TFDS can download it")
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
+  """Reads the unsplit arrays of `name` from the first source that has them."""
+  if name == "digits":
+    if data_dir is not None:
+      raise DataError(f"dataset 'digits' is bundled with scikit-learn and reads no "
+                      f"directory: leave data.dir unset (got {data_dir})")
+    return _read_digits()
+  if data_dir is not None:
+    if not Path(data_dir).is_dir():
+      raise DataError(f"data.dir={data_dir} is not a directory (dataset '{name}')")
+    return _read_idx_dir(Path(data_dir), name)
+  local_dirs = [SYSTEM_DIRS.get(name)]
+  if os.environ.get(DATA_DIR_ENV):
+    local_dirs.insert(0, Path(os.environ[DATA_DIR_ENV], name))
+  for directory in local_dirs:
+    if directory is not None and directory.is_dir():
+      return _read_idx_dir(directory, name)
+  root = tfds_data_dir()
+  prepared = find_prepared_tfds(name, root)
+  if prepared is not None:
+    return _read_tfds_prepared(name, prepared)
+  cache = _download_cache(name, root)
+  if all(find_idx_file(cache, stem) for stem in IDX_STEMS):
+    return _read_idx_dir(cache, name)
+  urls = tfds_urls(name)
+  if urls and network_available(urls[f"{TEST_LABELS}.gz"][0]):  # The smallest file.
+    return _load_online(name, root, urls)
+  raise DataError(_missing_message(name))
+
+
+def stratified_split(labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits example indices into kept and held-out parts, class by class.
+
+  Each class holds out `round(fraction * count)` of its examples, chosen by a
+  permutation seeded with `seed`, so the held-out part has the class balance of the whole.
+
+  Args:
+    labels: [N] integer class labels.
+    fraction: share of each class to hold out, in (0, 1).
+    seed: same seed, same split.
+
+  Returns:
+    `(kept, held)`: sorted, disjoint index arrays that together cover range(N).
+  """
+  rng = np.random.default_rng(seed)
+  held = [rng.permutation(np.flatnonzero(labels == label))
+          for label in np.unique(labels)]
+  held = np.sort(np.concatenate(
+      [index[:int(np.floor(fraction * len(index) + 0.5))] for index in held]))
+  kept = np.setdiff1d(np.arange(len(labels)), held, assume_unique=True)
+  return kept, held
+
+
+def _make_split(images: np.ndarray, labels: np.ndarray, max_value: float) -> Split:
+  """[N, H, W] pixels in [0, max_value] -> Split of [N, H, W, 1] float32 in [0, 1]."""
+  scaled = np.divide(images, np.float32(max_value), dtype=np.float32)
+  return Split(scaled[..., None], labels.astype(np.int32))
+
+
+def _check_labels(raw: _Raw, name: str) -> None:
+  for labels in (raw.train_labels, raw.test_labels):
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+      raise DataError(f"dataset '{name}' ({raw.source}): labels span "
+                      f"[{labels.min()}, {labels.max()}], expected 0..{NUM_CLASSES - 1}")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+  """Loads a dataset with a seeded validation split carved from its training set.
+
+  See the module docstring for the order in which sources are tried.
+
+  Args:
+    name: one of DATASETS.
+    data_dir: directory holding the four MNIST-format IDX files (plain or .gz), or
+      None to search the default places.
+    val_fraction: share of each training class moved to the validation split, in (0, 1).
+    seed: seeds the validation split; the test split does not depend on it.
+
+  Returns:
+    Dataset whose splits hold [N, H, W, 1] float32 images in [0, 1] (H = W = 28, or 8
+    for digits) and [N] int32 labels.
+
+  Raises:
+    DataError: unknown name, bad val_fraction, or data that cannot be found or read.
+  """
+  if name not in DATASETS:
+    raise DataError(f"unknown dataset '{name}': data.name must be one of "
+                    f"{', '.join(DATASETS)}")
+  if not 0.0 < val_fraction < 1.0:
+    raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+  raw = _find_raw(name, data_dir)
+  _check_labels(raw, name)
+  train_index, val_index = stratified_split(raw.train_labels, val_fraction, seed)
+  if not len(train_index) or not len(val_index):
+    raise DataError(f"data.val_fraction={val_fraction} leaves an empty train or "
+                    f"validation split of dataset '{name}' ({len(raw.train_labels)} "
+                    "training examples)")
+  return Dataset(
+      name=name,
+      source=raw.source,
+      train=_make_split(raw.train_images[train_index], raw.train_labels[train_index],
+                        raw.max_value),
+      val=_make_split(raw.train_images[val_index], raw.train_labels[val_index],
+                      raw.max_value),
+      test=_make_split(raw.test_images, raw.test_labels, raw.max_value),
+      num_classes=NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+  """Number of batches `batches` yields for `n` examples."""
+  if batch_size <= 0:
+    raise DataError(f"batch size must be positive, got {batch_size}")
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def batches(split: Split, batch_size: int, *, seed: int | None,
+            drop_remainder: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields one epoch of `(images, labels)` batches.
+
+  Args:
+    split: the examples.
+    batch_size: examples per batch; the last batch may be smaller unless dropped.
+    seed: None keeps the stored order; an int shuffles with that seed (same seed, same
+      order: pass e.g. `seed + epoch` for a fresh order each epoch).
+    drop_remainder: skip the final partial batch, so every batch has `batch_size`
+      examples (one static shape for a jitted step).
+
+  Yields:
+    images [B, H, W, 1] float32 and labels [B] int32.
+  """
+  n = len(split.labels)
+  count = num_batches(n, batch_size, drop_remainder)
+  order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+  for start in range(0, count * batch_size, batch_size):
+    index = order[start:start + batch_size]
+    yield split.images[index], split.labels[index]

@@ -1,0 +1,316 @@
+"""The rank sweep: teacher → for every rank, truncated / straight-through / factorized accuracy.
+
+Resumable by construction. In `workdir`:
+  config.json                  the experiment this workdir belongs to
+  checkpoints/<run>/<step>/    per-epoch training progress of an unfinished run (orbax)
+  models/<run>/                final parameters of a finished run (orbax)
+  runs/<run>.json              the finished run's numbers; a run with one is never redone
+  metrics/<run>.jsonl, tensorboard/<run>/   per-epoch metrics
+  results.json, results.csv, accuracy_vs_params.png, latency_vs_rank.png
+Every file is written atomically and the results are rewritten after every finished run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lrnet import checkpoint
+from lrnet import compression as compress_lib
+from lrnet import config as config_lib
+from lrnet import data
+from lrnet import io
+from lrnet import metrics as metrics_lib
+from lrnet import models
+from lrnet import plots
+from lrnet import svd
+from lrnet import train
+
+KINDS = ("straight_through", "factorized")
+CSV_FIELDS = ("rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
+              "factorized_accuracy", "latency_dense_ms", "latency_factorized_ms",
+              "theoretical_latency_ratio", "error")
+Log = Callable[[str], None]
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)
+
+
+def rank_label(rank) -> str:
+  """A file-name-safe label: 20 → '20', 'full' → 'full', 0.25 → 'f0.25'."""
+  return f"f{rank}" if isinstance(rank, float) else str(rank)
+
+
+class Experiment:
+  """What every run of a sweep shares: config, data on the device, networks, workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, log: Log = _print):
+    self.config = config
+    self.log = log
+    self.workdir = os.path.abspath(config.workdir)
+    self.dataset = data.load_dataset(config.data.name, config.data.dir,
+                                     val_fraction=config.data.val_fraction, seed=config.seed)
+    split = lambda s: (jnp.asarray(s.images), jnp.asarray(s.labels))
+    self.train, self.val, self.test = map(split, (self.dataset.train, self.dataset.val,
+                                                  self.dataset.test))
+    self.hidden = tuple(config.model.hidden)
+    self.num_classes = self.dataset.num_classes
+    self.dense = models.mlp(self.hidden, self.num_classes)
+    self.evaluate_dense = train.make_evaluate(self.dense.apply)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def init_dense(self):
+    return self.dense.init(jax.random.PRNGKey(self.config.seed), self.train[0][:1])
+
+  def accuracy(self, evaluate, params, split) -> float:
+    return float(evaluate(params, *split)[0])
+
+  def finished(self, run: str) -> Optional[dict]:
+    path = self.path("runs", f"{run}.json")
+    return io.read_json(path) if os.path.exists(path) else None
+
+  def fit(self, run: str, params, apply_fn, validate, settings, seed_offset: int,
+          apply_args: tuple = (), model_state=None):
+    """Trains `params` (resuming from the run's last epoch checkpoint); returns final progress."""
+    optimizer = train.adam(settings.learning_rate)
+    # A copy: the jitted epoch donates the state, which must not delete the caller's arrays.
+    params = jax.tree_util.tree_map(jnp.copy, params)
+    state = train.init_state(params, optimizer, model_state=model_state,
+                             ema=settings.ema_decay > 0)
+    progress = train.start_progress(state)
+    epoch_fn = jax.jit(train.make_train_epoch(apply_fn, optimizer, settings.batch_size,
+                                              ema_decay=settings.ema_decay),
+                       donate_argnums=0)
+    checkpointer = checkpoint.Checkpointer(self.path("checkpoints", run), max_to_keep=1)
+    resumed = checkpointer.latest_step()
+    if resumed is not None:
+      progress, _ = checkpointer.restore(progress)
+      self.log(f"[{run}] resuming after epoch {int(progress.epochs_done)}")
+    writer = metrics_lib.MetricsWriter(self.workdir, run,
+                                       resume_from_step=int(progress.state.step) if resumed is not None else None)
+
+    def on_epoch(progress, metrics):
+      checkpointer.save(int(progress.state.step), progress, {"epoch": metrics["epoch"]})
+      writer.write(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
+      self.log(f"[{run}] epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
+               f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
+               f"({metrics['seconds']:.1f} s)")
+
+    try:
+      return train.fit(progress, epoch_fn, validate, *self.train, epochs=settings.epochs,
+                       seed=self.config.seed + seed_offset, patience=settings.patience or None,
+                       what=run, apply_args=apply_args, on_epoch=on_epoch)
+    finally:
+      writer.close()
+      checkpointer.close()
+
+  def finish(self, run: str, params, record: dict) -> dict:
+    """Saves a finished run's parameters and numbers; drops its epoch checkpoints."""
+    checkpoint.save_pytree(self.path("models", run), params, overwrite=True)
+    os.makedirs(self.path("runs"), exist_ok=True)
+    io.atomic_write_json(self.path("runs", f"{run}.json"), record)
+    shutil.rmtree(self.path("checkpoints", run), ignore_errors=True)
+    return record
+
+
+def prepare_workdir(config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir, or checks that it belongs to this config.
+
+  Raises:
+    config_lib.ConfigError: the workdir holds another config's results and
+      `config.overwrite` is False.
+  """
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, "config.json")
+  fields = config_lib.experiment_fields(config)
+  if os.path.exists(config_path):
+    previous = io.read_json(config_path)
+    if previous != io.to_jsonable(fields):
+      differing = _differing_fields(previous, io.to_jsonable(fields))
+      if not config.overwrite:
+        raise config_lib.ConfigError(
+            f"workdir {workdir} holds results of a different config (differs in: "
+            f"{', '.join(differing)}); use another --config.workdir or pass "
+            f"--config.overwrite=True to replace them")
+      for entry in ("checkpoints", "models", "runs", "metrics", "tensorboard", "results.json",
+                    "results.csv", "accuracy_vs_params.png", "latency_vs_rank.png"):
+        target = os.path.join(workdir, entry)
+        if os.path.isdir(target):
+          shutil.rmtree(target)
+        elif os.path.exists(target):
+          os.remove(target)
+  io.atomic_write_json(config_path, fields)
+
+
+def _differing_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+  keys = sorted(set(old) | set(new))
+  out = []
+  for key in keys:
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _differing_fields(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def run_teacher(exp: Experiment) -> tuple[Any, dict]:
+  """Trains (or reloads) the dense teacher. Returns its params and its record."""
+  run = "teacher"
+  template = exp.init_dense()
+  record = exp.finished(run)
+  if record is not None:
+    exp.log(f"[teacher] reusing the trained teacher in {exp.path('models', run)}")
+    return checkpoint.load_pytree(exp.path("models", run), template), record
+  validate = lambda p: exp.accuracy(exp.evaluate_dense, p, exp.val)
+  progress = exp.fit(run, template, train.stateful_apply(exp.dense), validate, exp.config.teacher,
+                     seed_offset=0)
+  params = progress.best_params
+  record = {"test_accuracy": exp.accuracy(exp.evaluate_dense, params, exp.test),
+            "val_accuracy": float(progress.best_val_accuracy),
+            "params": compress_lib.count_params(params),
+            "epochs": int(progress.epochs_done), "best_epoch": int(progress.best_epoch),
+            "seconds": float(progress.seconds)}
+  exp.log(f"[teacher] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
+          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
+  return params, exp.finish(run, params, record)
+
+
+def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
+  """Trains one student of `kind` at `rank` from the teacher, or returns its finished record."""
+  run = f"rank_{rank_label(rank)}_{kind}"
+  record = exp.finished(run)
+  if record is not None:
+    return record
+  start = time.perf_counter()
+  model_state = None
+  if kind == "straight_through":
+    method = exp.config.projection.method
+    net = models.mlp(exp.hidden, exp.num_classes, project_rank=rank, projection_method=method)
+    params = teacher_params
+    if method == "subspace":
+      model_state = models.projection_state(teacher_params, rank, len(exp.hidden),
+                                            exp.config.projection.oversample)
+    project = jax.jit(lambda p: compress_lib.project(p, rank))
+    evaluate = lambda p, split: exp.accuracy(exp.evaluate_dense, project(p), split)
+  else:
+    net = models.mlp(exp.hidden, exp.num_classes, ranks=rank)
+    params = compress_lib.compress(teacher_params, rank)
+    evaluate_factorized = train.make_evaluate(net.apply)
+    evaluate = lambda p, split: exp.accuracy(evaluate_factorized, p, split)
+  try:
+    progress = exp.fit(run, params, train.stateful_apply(net), lambda p: evaluate(p, exp.val),
+                       exp.config.student, seed_offset=1, model_state=model_state)
+  except train.NonFiniteError as error:
+    exp.log(f"[{run}] FAILED: {error}")
+    return {"error": str(error)}  # not saved as finished: a later run may try again
+  record = {"test_accuracy": evaluate(progress.best_params, exp.test),
+            "val_accuracy": float(progress.best_val_accuracy),
+            "epochs": int(progress.epochs_done), "seconds": time.perf_counter() - start}
+  exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
+  return exp.finish(run, progress.best_params, record)
+
+
+def run_rank(exp: Experiment, rank, teacher_params) -> dict:
+  """All numbers of one rank: truncation, both students, size and latency."""
+  config = exp.config
+  shapes = config_lib.hidden_layer_shapes(config)
+  compressed = jax.eval_shape(lambda p: compress_lib.compress(p, rank), teacher_params)
+  params = compress_lib.count_params(compressed)
+  truncated = exp.accuracy(exp.evaluate_dense, jax.jit(lambda p: compress_lib.project(p, rank))(teacher_params), exp.test)
+  exp.log(f"[rank {rank}] truncated test accuracy {truncated:.4f}")
+  entry = {"rank": rank, "params": params,
+           "compression": compress_lib.count_params(teacher_params) / params,
+           "truncated_accuracy": truncated}
+  errors = []
+  for kind in KINDS:
+    record = _student_run(exp, kind, rank, teacher_params)
+    entry[f"{kind}_accuracy"] = record.get("test_accuracy")
+    if "error" in record:
+      errors.append(f"{kind}: {record['error']}")
+  factorized = models.mlp(exp.hidden, exp.num_classes, ranks=rank)
+  batch = exp.test[0][:config.latency.batch_size]
+  factorized_params = compress_lib.compress(teacher_params, rank)
+  entry["latency_dense_ms"] = train.measure_latency(exp.dense.apply, teacher_params, batch,
+                                                    repeats=config.latency.repeats)
+  entry["latency_factorized_ms"] = train.measure_latency(factorized.apply, factorized_params, batch,
+                                                         repeats=config.latency.repeats)
+  # Matmul FLOPs of the factorized hidden layers over the dense ones (the output layer is equal).
+  layer_ranks = [svd.resolve_rank(shape, rank) for shape in shapes]
+  dense_flops = sum(m * n for m, n in shapes)
+  entry["theoretical_latency_ratio"] = sum(r * (m + n) for r, (m, n) in zip(layer_ranks, shapes)) / dense_flops
+  if errors:
+    entry["error"] = "; ".join(errors)
+  return entry
+
+
+def break_even_rank(config) -> float:
+  """r at which r·(m + n) = m·n for the widest hidden layer: past it factorizing costs more."""
+  m, n = max(config_lib.hidden_layer_shapes(config), key=lambda s: s[0] * s[1])
+  return m * n / (m + n)
+
+
+def write_results(exp: Experiment, results: dict) -> None:
+  io.atomic_write_json(exp.path("results.json"), results)
+  rows = [{field: entry.get(field) for field in CSV_FIELDS} for entry in results["ranks"]]
+  io.atomic_write_csv(exp.path("results.csv"), rows, CSV_FIELDS)
+  plots.write_plots(results, exp.workdir, break_even_rank=break_even_rank(exp.config))
+
+
+def format_table(results: dict) -> str:
+  """The final results table for the terminal."""
+  pct = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"
+  teacher = results["teacher"]
+  lines = [f"{results['dataset']}: teacher test accuracy {pct(teacher['test_accuracy'])} %, "
+           f"{teacher['params']:,} parameters",
+           f"{'rank':>6} {'params':>10} {'compr.':>7} {'trunc %':>8} {'s-t %':>8} {'factor %':>8} "
+           f"{'dense ms':>9} {'factor ms':>9}"]
+  for e in results["ranks"]:
+    lines.append(f"{str(e['rank']):>6} {e['params']:>10,} {e['compression']:>7.2f} "
+                 f"{pct(e['truncated_accuracy']):>8} {pct(e.get('straight_through_accuracy')):>8} "
+                 f"{pct(e.get('factorized_accuracy')):>8} {e['latency_dense_ms']:>9.3f} "
+                 f"{e['latency_factorized_ms']:>9.3f}" + ("  FAILED: " + e["error"] if "error" in e else ""))
+  return "\n".join(lines)
+
+
+def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
+  """Runs (or resumes) the whole sweep of `config`; returns the results dict.
+
+  Raises:
+    config_lib.ConfigError: an invalid config or a workdir of another config.
+    data.DataError: the dataset cannot be found or read.
+  """
+  config_lib.validate(config)
+  prepare_workdir(config)
+  exp = Experiment(config, log)
+  log(f"{config.data.name}: {exp.dataset.train.labels.size} train / {exp.dataset.val.labels.size} val / "
+      f"{exp.dataset.test.labels.size} test examples from {exp.dataset.source}; workdir {exp.workdir}")
+  teacher_params, teacher = run_teacher(exp)
+  results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
+             "teacher": {key: teacher[key] for key in ("test_accuracy", "val_accuracy", "params",
+                                                      "epochs", "seconds")},
+             "ranks": []}
+  for rank in config.sweep.ranks:
+    results["ranks"].append(run_rank(exp, rank, teacher_params))
+    write_results(exp, results)
+  log(format_table(results))
+  return results
+
+
+def train_teacher_only(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
+  """Trains (or reloads) the teacher of `config` into its workdir; returns its record."""
+  config_lib.validate(config)
+  prepare_workdir(config)
+  return run_teacher(Experiment(config, log))[1]

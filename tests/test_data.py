@@ -1,0 +1,566 @@
+"""Tests for lrnet/data.py: IDX reading, sources and their order, splits, batching."""
+
+import gzip
+import hashlib
+from pathlib import Path
+import shutil
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lrnet import data
+
+MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Published class counts of the MNIST label files.
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+               np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D,
+               np.dtype(np.float64): 0x0E}
+
+
+def _idx_bytes(array):
+  """The IDX encoding of `array`, written independently of the reader under test."""
+  array = np.asarray(array)
+  header = struct.pack(">BBBB", 0, 0, _TYPE_CODES[array.dtype], array.ndim)
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def _write(path, payload):
+  path = Path(path)
+  path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+  return path
+
+
+def _fake_images(n, offset, shape=(5, 4)):
+  """[n, *shape] uint8 images; pixel 0 is an example id, pixel 1 encodes its label."""
+  images = np.zeros((n, *shape), np.uint8)
+  labels = (np.arange(n) % 10).astype(np.uint8)
+  images[:, 0, 0] = (np.arange(n) + offset) % 256
+  images[:, 0, 1] = labels * 20
+  images[:, -1, -1] = 255  # The range must reach exactly 1.0.
+  return images, labels
+
+
+def _write_idx_dir(directory, n_train=200, n_test=50, compress=(True, True, False, True)):
+  """Writes a complete IDX dataset (mixing plain and gzip files); returns its arrays."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  train_images, train_labels = _fake_images(n_train, 0)
+  test_images, test_labels = _fake_images(n_test, 100)
+  arrays = (train_images, train_labels, test_images, test_labels)
+  for stem, array, gz in zip(data.IDX_STEMS, arrays, compress):
+    _write(directory / (stem + ".gz" if gz else stem), _idx_bytes(array))
+  return arrays
+
+
+def _splits(dataset):
+  return dataset.train, dataset.val, dataset.test
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+  """No $LRNET_DATA_DIR, an empty TFDS data dir, no system directories, no network."""
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  monkeypatch.setattr(data, "SYSTEM_DIRS", {})
+  probes = []
+
+  def offline(url, timeout=data.PROBE_TIMEOUT_S):
+    probes.append(url)
+    return False
+
+  monkeypatch.setattr(data, "network_available", offline)
+  return probes
+
+
+# ----------------------------------------------------------------------------- real MNIST
+
+
+def test_mnist_files_match_md5sums():
+  sums = dict(line.split()[::-1] for line in (MNIST_DIR / "MD5SUMS").read_text().splitlines()
+              if line.strip())
+  assert len(sums) == 3
+  for file_name, md5 in sums.items():
+    assert hashlib.md5((MNIST_DIR / file_name).read_bytes()).hexdigest() == md5, file_name
+
+
+def test_read_idx_real_mnist_test_images():
+  images = data.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+  assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+  assert images.min() == 0 and images.max() == 255
+  np.testing.assert_allclose(images.mean() / 255, 0.13251, atol=1e-5)  # Known test mean.
+  assert images.flags.writeable
+
+
+def test_read_idx_real_mnist_labels():
+  test_labels = data.read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+  train_labels = data.read_idx(MNIST_DIR / "train-labels-idx1-ubyte.gz")
+  assert test_labels.shape == (10000,) and test_labels.dtype == np.uint8
+  assert train_labels.shape == (60000,)
+  np.testing.assert_array_equal(test_labels[:5], [7, 2, 1, 0, 4])
+  np.testing.assert_array_equal(train_labels[:5], [5, 0, 4, 1, 9])
+  np.testing.assert_array_equal(np.bincount(test_labels), MNIST_TEST_COUNTS)
+  np.testing.assert_array_equal(np.bincount(train_labels), MNIST_TRAIN_COUNTS)
+
+
+def test_real_mnist_dir_without_train_images_names_the_missing_file(clean_env):
+  with pytest.raises(data.DataError, match="has no train-images-idx3-ubyte.gz"):
+    data.load_dataset("mnist", data_dir=MNIST_DIR)
+
+
+# ----------------------------------------------------------------------------- IDX reader
+
+
+@pytest.mark.parametrize("file_name", ["x.idx", "x.idx.gz"])
+@pytest.mark.parametrize("array", [
+    np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
+    np.array([-70000, 1, 2**31 - 1], np.int32),
+    np.array([[-1.5, 2.25], [1e30, -0.0]], np.float32),
+    np.array([-3, 300, -32768], np.int16).reshape(3, 1),
+    np.array([np.pi], np.float64),
+    np.array([-128, 127], np.int8),
+], ids=lambda a: f"{a.dtype}{list(a.shape)}")
+def test_read_idx_round_trip(tmp_path, file_name, array):
+  path = _write(tmp_path / file_name, _idx_bytes(array))
+  result = data.read_idx(path)
+  assert result.dtype == array.dtype and result.dtype.isnative
+  np.testing.assert_array_equal(result, array)
+
+
+def test_read_idx_detects_gzip_without_suffix(tmp_path):
+  array = np.arange(6, dtype=np.uint8)
+  path = tmp_path / "labels"
+  path.write_bytes(gzip.compress(_idx_bytes(array)))
+  np.testing.assert_array_equal(data.read_idx(path), array)
+
+
+_GOOD = _idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
+
+
+@pytest.mark.parametrize("file_name,payload,message", [
+    ("bad_magic.idx", b"\x08\x03" + _GOOD[2:], "bad IDX magic"),
+    ("bad_type.idx", _GOOD[:2] + b"\x07" + _GOOD[3:], "unknown IDX type code 0x07"),
+    ("short_header.idx", _GOOD[:6], "truncated IDX header"),
+    ("tiny.idx", b"\x00\x00", "truncated IDX header"),
+    ("truncated.idx", _GOOD[:-1], "payload is 11 bytes .* need 12 .*truncated"),
+    ("trailing.idx.gz", gzip.compress(_GOOD + b"\x00"), "payload is 13 bytes .* need 12 .*trailing"),
+    ("garbage.idx.gz", b"this is not gzip at all", "unreadable gzip"),
+    ("cut.idx.gz", gzip.compress(_GOOD)[:20], "unreadable gzip"),
+])
+def test_read_idx_rejects_corrupt_files_naming_them(tmp_path, file_name, payload, message):
+  path = tmp_path / file_name
+  path.write_bytes(payload)
+  with pytest.raises(data.DataError, match=message) as error:
+    data.read_idx(path)
+  assert str(path) in str(error.value)
+
+
+def test_read_idx_missing_file(tmp_path):
+  with pytest.raises(data.DataError, match="nope.gz: cannot read"):
+    data.read_idx(tmp_path / "nope.gz")
+
+
+# ----------------------------------------------------------------------------- IDX dataset
+
+
+def test_load_idx_dir_shapes_values_and_splits(tmp_path, clean_env):
+  train_images, train_labels, test_images, test_labels = _write_idx_dir(tmp_path / "d")
+  dataset = data.load_dataset("mnist", data_dir=tmp_path / "d", val_fraction=0.1, seed=3)
+  assert dataset.name == "mnist" and dataset.num_classes == 10
+  assert dataset.source == f"idx:{tmp_path / 'd'}"
+  assert dataset.train.images.shape == (180, 5, 4, 1)
+  assert dataset.val.images.shape == (20, 5, 4, 1)
+  for split in _splits(dataset):
+    assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
+    assert split.images.min() == 0.0 and split.images.max() == 1.0
+    # Images stay paired with their labels (pixel 1 encodes the label).
+    np.testing.assert_allclose(split.images[:, 0, 1, 0] * 255, split.labels * 20, atol=1e-4)
+  np.testing.assert_allclose(dataset.test.images[..., 0] * 255, test_images, atol=1e-4)
+  np.testing.assert_array_equal(dataset.test.labels, test_labels)
+  # Stratified: 10 % of each class's 20 examples.
+  np.testing.assert_array_equal(np.bincount(dataset.val.labels), [2] * 10)
+  # train and val partition the training file; the test ids (>= 100) never enter.
+  ids = lambda split: np.rint(split.images[:, 0, 0, 0] * 255).astype(int)
+  train_ids, val_ids = ids(dataset.train), ids(dataset.val)
+  assert not set(train_ids) & set(val_ids)
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(200))
+
+
+def test_validation_split_is_seeded(tmp_path, clean_env):
+  _write_idx_dir(tmp_path)
+  load = lambda seed: data.load_dataset("fashion_mnist", data_dir=tmp_path, seed=seed)
+  first, again, other = load(0), load(0), load(1)
+  np.testing.assert_array_equal(first.val.images, again.val.images)
+  np.testing.assert_array_equal(first.train.images, again.train.images)
+  assert not np.array_equal(first.val.images, other.val.images)
+  np.testing.assert_array_equal(first.test.images, other.test.images)
+
+
+def test_image_label_count_mismatch_names_both_files(tmp_path, clean_env):
+  _write_idx_dir(tmp_path)
+  _write(tmp_path / f"{data.TEST_LABELS}.gz", _idx_bytes(np.zeros(49, np.uint8)))
+  with pytest.raises(data.DataError, match=(
+      f"{data.TEST_IMAGES}.* has 50 images but .*{data.TEST_LABELS}.gz has 49 labels")):
+    data.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_labels_out_of_range_are_rejected(tmp_path, clean_env):
+  _write_idx_dir(tmp_path)
+  _write(tmp_path / f"{data.TEST_LABELS}.gz", _idx_bytes(np.full(50, 10, np.uint8)))
+  with pytest.raises(data.DataError, match=r"labels span \[10, 10\], expected 0..9"):
+    data.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_labels_file_with_images_shape_is_rejected(tmp_path, clean_env):
+  _write_idx_dir(tmp_path)
+  _write(tmp_path / f"{data.TRAIN_LABELS}.gz", _idx_bytes(np.zeros((200, 2), np.uint8)))
+  with pytest.raises(data.DataError, match=f"{data.TRAIN_LABELS}.gz: expected \\[N\\]"):
+    data.load_dataset("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("stem", data.IDX_STEMS)
+def test_missing_file_in_data_dir_is_named(tmp_path, clean_env, stem):
+  _write_idx_dir(tmp_path, compress=(True,) * 4)
+  (tmp_path / f"{stem}.gz").unlink()
+  with pytest.raises(data.DataError, match=f"'mnist': {tmp_path} has no {stem}.gz"):
+    data.load_dataset("mnist", data_dir=tmp_path)
+  assert clean_env == []  # An explicit data.dir never falls back to other sources.
+
+
+def test_data_dir_that_is_not_a_directory(tmp_path, clean_env):
+  with pytest.raises(data.DataError, match="data.dir=.*absent is not a directory"):
+    data.load_dataset("mnist", data_dir=tmp_path / "absent")
+
+
+def test_unknown_dataset_lists_allowed_names():
+  with pytest.raises(data.DataError,
+                     match="unknown dataset 'cifar10'.*mnist, fashion_mnist, digits"):
+    data.load_dataset("cifar10")
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 1.0, -0.1, 1.5])
+def test_bad_val_fraction(val_fraction):
+  with pytest.raises(data.DataError, match=r"data.val_fraction must be in \(0, 1\)"):
+    data.load_dataset("digits", val_fraction=val_fraction)
+
+
+def test_val_fraction_too_small_for_dataset(tmp_path, clean_env):
+  _write_idx_dir(tmp_path)  # 20 examples per class: 1 % of each rounds to 0.
+  with pytest.raises(data.DataError, match="data.val_fraction=0.01 leaves an empty"):
+    data.load_dataset("mnist", data_dir=tmp_path, val_fraction=0.01)
+
+
+# ----------------------------------------------------------------------------- search order
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_offline_without_local_copy_fails_fast_with_one_line(clean_env, name):
+  start = time.monotonic()
+  with pytest.raises(data.DataError) as error:
+    data.load_dataset(name)
+  assert time.monotonic() - start < 5.0
+  message = str(error.value)
+  assert "\n" not in message
+  assert f"dataset '{name}' not found locally" in message
+  assert "--config.data.dir=" in message and "train-images-idx3-ubyte.gz" in message
+  assert "internet" in message and "TFDS" in message
+  urls = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+          "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+  assert clean_env == [urls[name] + "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_env_data_dir_is_searched_first(tmp_path, monkeypatch, clean_env):
+  _write_idx_dir(tmp_path / "env" / "fashion_mnist", n_train=100)
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+  monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion_mnist": tmp_path / "system"})
+  _write_idx_dir(tmp_path / "system", n_train=300)
+  dataset = data.load_dataset("fashion_mnist")
+  assert dataset.source == f"idx:{tmp_path / 'env' / 'fashion_mnist'}"
+  assert len(dataset.train.labels) + len(dataset.val.labels) == 100
+  # Without the env directory the system directory is used.
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  assert data.load_dataset("fashion_mnist").source == f"idx:{tmp_path / 'system'}"
+  assert clean_env == []
+
+
+def _serve_once(server, reply):
+  """Accepts one connection on `server` and sends `reply` (b"" sends nothing)."""
+  def serve():
+    connection, _ = server.accept()
+    with connection:
+      connection.recv(1024)
+      connection.sendall(reply)
+      time.sleep(1.0)  # Keep a silent connection open past the probe's timeout.
+  thread = threading.Thread(target=serve, daemon=True)
+  thread.start()
+  return thread
+
+
+@pytest.mark.parametrize("reply,expected", [
+    (b"HTTP/1.0 200 OK\r\n\r\n", True),
+    (b"HTTP/1.1 302 Found\r\n\r\n", True),
+    (b"HTTP/1.0 426 Upgrade Required\r\n\r\n", False),  # What a sandbox proxy says.
+    (b"SSH-2.0-x\r\n", False),
+    (b"", False)])
+def test_network_probe_needs_an_http_answer_within_timeout(reply, expected):
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    _serve_once(server, reply)
+    start = time.monotonic()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/t10k-labels-idx1-ubyte.gz"
+    assert data.network_available(url, timeout=0.5) == expected
+    assert time.monotonic() - start < 0.9
+
+
+def test_network_probe_refused_port_is_offline():
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]  # Bound but not listening: connections are refused.
+    assert not data.network_available(f"http://127.0.0.1:{port}/", timeout=0.5)
+
+
+def test_tfds_urls_are_the_registered_checksums():
+  urls = data.tfds_urls("mnist")
+  assert sorted(urls) == sorted(f"{stem}.gz" for stem in data.IDX_STEMS)
+  for file_name, (url, sha256) in urls.items():
+    assert url == f"https://storage.googleapis.com/cvdf-datasets/mnist/{file_name}"
+    assert len(sha256) == 64 and int(sha256, 16) >= 0
+  assert data.tfds_urls("no_such_dataset") == {}
+
+
+def test_download_without_tensorflow_verifies_and_caches(tmp_path, monkeypatch, clean_env):
+  source = tmp_path / "server"
+  _write_idx_dir(source, compress=(True,) * 4)
+  urls = {f"{stem}.gz": (f"https://example.invalid/mnist/{stem}.gz",
+                         hashlib.sha256((source / f"{stem}.gz").read_bytes()).hexdigest())
+          for stem in data.IDX_STEMS}
+  fetched = []
+
+  def fetch(url, destination):
+    fetched.append(url)
+    shutil.copy(source / url.rsplit("/", 1)[1], destination)
+
+  monkeypatch.setattr(data, "tfds_urls", lambda name: urls)
+  monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+  monkeypatch.setattr(data, "_fetch", fetch)
+  monkeypatch.setattr(data, "network_available", lambda url: url.startswith("https://example.invalid/"))
+  dataset = data.load_dataset("mnist")
+  assert dataset.source == "download:https://example.invalid/mnist/"
+  assert len(fetched) == 4 and len(dataset.test.labels) == 50
+  cache = tmp_path / "tfds" / "downloads" / "lrnet" / "mnist"
+  assert sorted(p.name for p in cache.iterdir()) == sorted(urls)
+  # Offline, the next load reads the cache without fetching again.
+  monkeypatch.setattr(data, "network_available", lambda url: False)
+  assert data.load_dataset("mnist").source == f"idx:{cache}"
+  assert len(fetched) == 4
+
+
+def test_download_with_wrong_checksum_keeps_nothing(tmp_path, monkeypatch, clean_env):
+  urls = {f"{stem}.gz": (f"https://example.invalid/{stem}.gz", "0" * 64)
+          for stem in data.IDX_STEMS}
+  monkeypatch.setattr(data, "tfds_urls", lambda name: urls)
+  monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+  monkeypatch.setattr(data, "_fetch", lambda url, destination: destination.write_bytes(b"x"))
+  monkeypatch.setattr(data, "network_available", lambda url: True)
+  with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz has SHA-256 2d71"):
+    data.load_dataset("mnist")
+  assert list((tmp_path / "tfds" / "downloads" / "lrnet" / "mnist").iterdir()) == []
+
+
+def test_find_prepared_tfds_picks_newest_complete_version(tmp_path):
+  assert data.find_prepared_tfds("mnist", tmp_path) is None
+  for version in ["1.0.0", "3.0.1", "10.0.0", "incomplete.ABC_3.0.1"]:
+    (tmp_path / "mnist" / version).mkdir(parents=True)
+  for version in ["1.0.0", "3.0.1", "incomplete.ABC_3.0.1"]:
+    (tmp_path / "mnist" / version / "dataset_info.json").write_text("{}")
+  assert data.find_prepared_tfds("mnist", tmp_path) == tmp_path / "mnist" / "3.0.1"
+
+
+def test_tfrecord_copy_without_tensorflow_says_so(tmp_path, monkeypatch, clean_env):
+  version_dir = tmp_path / "tfds" / "mnist" / "3.0.1"
+  version_dir.mkdir(parents=True)
+  (version_dir / "dataset_info.json").write_text("{}")
+  (version_dir / "mnist-train.tfrecord-00000-of-00001").write_bytes(b"")
+  monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+  with pytest.raises(data.DataError, match="TFRecord format, which needs TensorFlow"):
+    data.load_dataset("mnist")
+
+
+def _prepare_fake_tfds_mnist(data_dir, n_train, n_test):
+  """Prepares an array_record TFDS 'mnist' from _fake_images, as TFDS itself would."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  image_module = pytest.importorskip("PIL.Image")
+
+  class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = "mnist"
+    VERSION = tfds.core.Version("3.0.1")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(5, 4, 1)),
+          "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(n_train, 0),
+              "test": self._generate_examples(n_test, 100)}
+
+    def _generate_examples(self, n, offset):
+      images, labels = _fake_images(n, offset)
+      for i in range(n):  # PIL images: TFDS encodes them without TensorFlow.
+        yield i, {"image": image_module.fromarray(images[i]), "label": int(labels[i])}
+
+  Mnist(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_prepared_tfds_copy_is_read_without_tensorflow(tmp_path, clean_env):
+  _prepare_fake_tfds_mnist(tmp_path / "tfds", n_train=100, n_test=30)
+  dataset = data.load_dataset("mnist", val_fraction=0.2)
+  assert dataset.source == f"tfds:{tmp_path / 'tfds' / 'mnist' / '3.0.1'}"
+  assert dataset.train.images.shape == (80, 5, 4, 1) and len(dataset.val.labels) == 20
+  assert dataset.test.images.shape == (30, 5, 4, 1)
+  for split in _splits(dataset):
+    assert split.images.dtype == np.float32 and split.images.max() == 1.0
+    np.testing.assert_allclose(split.images[:, 0, 1, 0] * 255, split.labels * 20, atol=1e-4)
+  test_ids = np.rint(dataset.test.images[:, 0, 0, 0] * 255).astype(int)
+  np.testing.assert_array_equal(np.sort(test_ids), np.arange(100, 130))
+  assert clean_env == []  # A prepared copy needs no network probe.
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_sizes_ranges_and_stratification():
+  from sklearn.datasets import load_digits
+  all_labels = load_digits().target
+  dataset = data.load_dataset("digits", val_fraction=0.1, seed=0)
+  assert dataset.source == "sklearn" and dataset.num_classes == 10
+  sizes = [len(split.labels) for split in _splits(dataset)]
+  assert sum(sizes) == 1797
+  class_counts = np.bincount(all_labels)
+  test_counts = np.floor(0.2 * class_counts + 0.5).astype(int)
+  np.testing.assert_array_equal(np.bincount(dataset.test.labels), test_counts)
+  np.testing.assert_array_equal(np.bincount(dataset.val.labels),
+                                np.floor(0.1 * (class_counts - test_counts) + 0.5))
+  for split in _splits(dataset):
+    assert split.images.shape[1:] == (8, 8, 1) and split.images.dtype == np.float32
+    assert split.labels.dtype == np.int32
+    assert split.images.min() == 0.0 and split.images.max() == 1.0
+    # Pixels are the original counts 0..16 divided by 16.
+    np.testing.assert_array_equal(split.images * 16, np.rint(split.images * 16))
+
+
+def test_digits_splits_partition_the_bundled_images():
+  from sklearn.datasets import load_digits
+  rows = lambda images: sorted(map(bytes, np.rint(images.reshape(len(images), -1) * 16)
+                                   .astype(np.uint8)))
+  dataset = data.load_dataset("digits")
+  together = np.concatenate([split.images for split in _splits(dataset)])
+  assert rows(together) == rows(load_digits().images / 16)
+
+
+def test_digits_is_deterministic_and_test_split_ignores_seed():
+  first, again, other = (data.load_dataset("digits", seed=s) for s in (0, 0, 1))
+  for a, b in zip(_splits(first), _splits(again)):
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+  np.testing.assert_array_equal(first.test.images, other.test.images)
+  assert not np.array_equal(first.val.images, other.val.images)
+
+
+def test_digits_rejects_data_dir(tmp_path):
+  with pytest.raises(data.DataError, match="'digits' is bundled with scikit-learn"):
+    data.load_dataset("digits", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def test_fashion_mnist_from_debian_package(monkeypatch):
+  if not FASHION_DIR.is_dir():
+    pytest.fail(f"{FASHION_DIR} is missing: run `apt-get install -y dataset-fashion-mnist`")
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  dataset = data.load_dataset("fashion_mnist", val_fraction=0.1)
+  assert dataset.source == f"idx:{FASHION_DIR}"
+  assert dataset.train.images.shape == (54000, 28, 28, 1)
+  assert dataset.val.images.shape == (6000, 28, 28, 1)
+  assert dataset.test.images.shape == (10000, 28, 28, 1)
+  # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class.
+  np.testing.assert_array_equal(np.bincount(dataset.train.labels), [5400] * 10)
+  np.testing.assert_array_equal(np.bincount(dataset.val.labels), [600] * 10)
+  np.testing.assert_array_equal(np.bincount(dataset.test.labels), [1000] * 10)
+  np.testing.assert_array_equal(dataset.test.labels[:5], [9, 2, 1, 1, 6])
+  assert dataset.test.images.min() == 0.0 and dataset.test.images.max() == 1.0
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _numbered_split(n):
+  """Split whose example i has label i and every pixel equal to i / n."""
+  labels = np.arange(n, dtype=np.int32)
+  images = np.broadcast_to((labels / n).astype(np.float32)[:, None, None, None], (n, 2, 2, 1))
+  return data.Split(np.ascontiguousarray(images), labels)
+
+
+@pytest.mark.parametrize("seed", [None, 0, 7])
+def test_batches_cover_every_example_once(seed):
+  split = _numbered_split(23)
+  got = list(data.batches(split, 5, seed=seed, drop_remainder=False))
+  assert [len(labels) for _, labels in got] == [5, 5, 5, 5, 3]
+  assert len(got) == data.num_batches(23, 5, drop_remainder=False)
+  order = np.concatenate([labels for _, labels in got])
+  np.testing.assert_array_equal(np.sort(order), np.arange(23))
+  for images, labels in got:
+    assert images.shape == (len(labels), 2, 2, 1)
+    np.testing.assert_array_equal(images[:, 0, 0, 0], (labels / 23).astype(np.float32))
+  if seed is None:
+    np.testing.assert_array_equal(order, np.arange(23))
+  else:
+    assert not np.array_equal(order, np.arange(23))
+
+
+def test_batches_shuffle_is_deterministic_per_seed():
+  split = _numbered_split(50)
+  order = lambda seed: np.concatenate(
+      [labels for _, labels in data.batches(split, 8, seed=seed, drop_remainder=False)])
+  np.testing.assert_array_equal(order(3), order(3))
+  assert not np.array_equal(order(3), order(4))
+
+
+def test_batches_drop_remainder():
+  split = _numbered_split(23)
+  got = list(data.batches(split, 5, seed=1, drop_remainder=True))
+  assert [len(labels) for _, labels in got] == [5] * 4
+  seen = np.concatenate([labels for _, labels in got])
+  assert len(set(seen)) == 20
+  assert list(data.batches(split, 30, seed=None, drop_remainder=True)) == []
+
+
+@pytest.mark.parametrize("n,batch_size,drop,expected", [
+    (23, 5, False, 5), (23, 5, True, 4), (20, 5, False, 4), (20, 5, True, 4),
+    (0, 5, False, 0), (4, 5, True, 0), (4, 5, False, 1)])
+def test_num_batches(n, batch_size, drop, expected):
+  assert data.num_batches(n, batch_size, drop) == expected
+
+
+def test_nonpositive_batch_size_is_rejected():
+  with pytest.raises(data.DataError, match="batch size must be positive, got 0"):
+    list(data.batches(_numbered_split(3), 0, seed=None, drop_remainder=False))
+
+
+def test_stratified_split_partitions_each_class():
+  labels = np.repeat(np.arange(3), [10, 20, 31])
+  kept, held = data.stratified_split(labels, 0.25, seed=5)
+  assert not set(kept) & set(held)
+  np.testing.assert_array_equal(np.sort(np.concatenate([kept, held])), np.arange(61))
+  np.testing.assert_array_equal(np.bincount(labels[held]), [3, 5, 8])  # round(0.25 * n)
+  again = data.stratified_split(labels, 0.25, seed=5)
+  np.testing.assert_array_equal(held, again[1])

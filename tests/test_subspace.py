@@ -1,0 +1,342 @@
+"""Tests for lrnet/subspace.py: tracked rank-r projections against the exact truncated SVD."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from lrnet import subspace
+from lrnet import svd
+
+
+def _orthogonal(key, size):
+  q, r = jnp.linalg.qr(jax.random.normal(key, (size, size)))
+  return q * jnp.sign(jnp.diag(r))
+
+
+def _with_spectrum(singular_values, m, n, seed=0):
+  """W = U diag(s) Vᵀ with Haar-random U [m, p], V [n, p], p = len(s)."""
+  key_u, key_v = jax.random.split(jax.random.PRNGKey(seed))
+  p = len(singular_values)
+  u = _orthogonal(key_u, m)[:, :p]
+  v = _orthogonal(key_v, n)[:, :p]
+  return (u * jnp.asarray(singular_values, jnp.float32)) @ v.T
+
+
+# Tests on 64×48 matrices track K = 20 columns whatever the rank, so that they share one
+# compilation of the update.
+K = 20
+
+
+def _init(w, rank):
+  return subspace.init_subspace(w, rank, oversample=K - rank)
+
+
+def _excess(w, state, rank):
+  """‖W − Ŵ‖_F / optimum − 1, in float64 so that 1e-6 differences are visible."""
+  with threadpool_limits(1, user_api="blas"):  # tiny LAPACK calls: threads only contend
+    return _excess64(w, state, rank)
+
+
+def _excess64(w, state, rank):
+  w64 = np.asarray(w, np.float64)
+  basis = np.asarray(subspace.right_basis(state, rank), np.float64)
+  error = np.linalg.norm(w64 - w64 @ basis @ basis.T)
+  singular_values = np.linalg.svd(w64, compute_uv=False)
+  return error / np.sqrt(np.sum(singular_values[rank:] ** 2)) - 1.0
+
+
+def _perturbation(w, scale, seed):
+  """An Adam-like step: every entry moves by ±scale·rms(W), signs of a low-rank gradient."""
+  rng = np.random.default_rng(seed)
+  gradient = rng.normal(size=(w.shape[0], 8)) @ rng.normal(size=(8, w.shape[1]))
+  w = np.asarray(w)
+  return jnp.asarray(w - scale * np.sqrt(np.mean(w**2)) * np.sign(gradient), jnp.float32)
+
+
+def _subspace_distance(a, b):
+  """‖A Aᵀ − B Bᵀ‖_2 for orthonormal A, B: the sine of the largest principal angle."""
+  return float(jnp.linalg.norm(a @ a.T - b @ b.T, ord=2))
+
+
+# --- shapes, orthonormality, init -------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,rank,k", [((64, 48), 5, 15), ((48, 64), 40, 48), ((30, 20), 20, 20)])
+def test_init_is_the_exact_top_k_subspace(shape, rank, k):
+  w = jax.random.normal(jax.random.PRNGKey(1), shape)
+  state = subspace.init_subspace(w, rank)
+  chex.assert_shape(state.basis, (shape[1], k))
+  chex.assert_shape(state.ritz_values, (k,))
+  _, s, vt = np.linalg.svd(np.asarray(w, np.float64))
+  np.testing.assert_allclose(state.ritz_values, s[:k], rtol=1e-5)
+  np.testing.assert_allclose(state.basis.T @ state.basis, np.eye(k), atol=1e-5)
+  # Same projector as the exact singular vectors.
+  assert _subspace_distance(state.basis[:, :rank], jnp.asarray(vt[:rank].T, jnp.float32)) < 1e-4
+  np.testing.assert_allclose(subspace.project(w, state, rank), svd.truncate(w, rank), atol=1e-4)
+  assert int(state.refreshes) == 0
+
+
+def test_right_basis_zeroes_columns_past_rank_and_project_is_w_v_vt():
+  w = jax.random.normal(jax.random.PRNGKey(2), (40, 30))
+  state = subspace.init_subspace(w, 10)
+  basis = subspace.right_basis(state, 4)
+  np.testing.assert_array_equal(basis[:, 4:], 0.0)
+  np.testing.assert_array_equal(basis[:, :4], state.basis[:, :4])
+  np.testing.assert_allclose(subspace.project(w, state, 4), w @ basis @ basis.T, rtol=1e-6)
+  assert np.linalg.matrix_rank(np.asarray(subspace.project(w, state, 4)), tol=1e-4) == 4
+
+
+def test_optimality_ratio_is_one_for_truncate_and_above_for_others():
+  w = jax.random.normal(jax.random.PRNGKey(3), (30, 20))
+  np.testing.assert_allclose(subspace.optimality_ratio(w, svd.truncate(w, 5), 5), 1.0, rtol=1e-5)
+  # Dropping the 5th singular direction adds s_5² to the squared error.
+  s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+  expected = np.sqrt(np.sum(s[4:] ** 2) / np.sum(s[5:] ** 2))
+  np.testing.assert_allclose(
+      subspace.optimality_ratio(w, svd.truncate(w, 4), 5), expected, rtol=1e-5)
+
+
+# --- (a)–(c): spectra against the exact projection ---------------------------------------------
+
+def _track(w_start, steps, rank, scale=1e-2):
+  """init on w_start, then `steps` perturbed updates; returns the last matrix and state."""
+  state = _init(w_start, rank)
+  w = w_start
+  for step in range(steps):
+    w = _perturbation(w, scale, seed=100 + step)
+    state = subspace.update_subspace(w, state, rank)
+  return w, state
+
+
+def test_well_separated_spectrum_tracks_the_exact_subspace():
+  rank = 6
+  w0 = _with_spectrum(0.7 ** np.arange(48), 64, 48)
+  w, state = _track(w0, steps=5, rank=rank)
+  _, _, vt = np.linalg.svd(np.asarray(w, np.float64))
+  # Gap s_6/s_7 = 1/0.7: the subspace itself, not just the error, is the exact one.
+  assert _subspace_distance(state.basis[:, :rank], jnp.asarray(vt[:rank].T, jnp.float32)) < 1e-3
+  assert _excess(w, state, rank) < 1e-6
+  s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+  np.testing.assert_allclose(state.ritz_values[:rank], s[:rank], rtol=1e-4)
+  assert int(state.refreshes) == 0
+
+
+def test_close_singular_values_at_the_cut_are_near_optimal():
+  rank = 10
+  s = np.linspace(3.0, 1.0, 48)
+  s[rank] = s[rank - 1] * (1 - 1e-5)  # s_r and s_{r+1} nearly equal: the subspace is ill-posed
+  w, state = _track(_with_spectrum(s, 64, 48), steps=10, rank=rank)
+  assert _excess(w, state, rank) < 1e-4
+  assert int(state.refreshes) == 0
+
+
+@pytest.mark.parametrize("rank", [3, 8, 12])
+def test_repeated_singular_values_give_the_optimal_error(rank):
+  # Clusters of equal values straddle the cut (rank 3 and 12) or end at it (rank 8); the optimal
+  # projection is not unique, so compare errors only.
+  s = np.array([4.0] * 8 + [2.0] * 8 + [1.0] * 32)
+  w = _with_spectrum(s, 64, 48)
+  state = _init(w, rank)
+  for step in range(3):
+    state = subspace.update_subspace(w, state, rank)
+  w_hat = subspace.project(w, state, rank)
+  np.testing.assert_allclose(subspace.optimality_ratio(w, w_hat, rank), 1.0, atol=1e-5)
+  assert int(state.refreshes) == 0
+
+
+def test_rank_deficient_matrix_uses_the_householder_fallback():
+  # Rank 12 < K: W V is singular, Cholesky breaks down, Householder QR takes over.
+  s = np.concatenate([np.linspace(2.0, 1.0, 12), np.zeros(36)])
+  w = _with_spectrum(s, 64, 48)
+  _, _, ok = subspace._cholesky_qr2(w @ jax.random.normal(jax.random.PRNGKey(0), (48, 20)))
+  assert not bool(ok)
+  state = _init(w, 10)
+  state = subspace.update_subspace(w, state, 10)
+  assert np.all(np.isfinite(state.basis))
+  np.testing.assert_allclose(state.basis.T @ state.basis, np.eye(K), atol=1e-5)
+  assert _excess(w, state, 10) < 1e-5
+  assert int(state.refreshes) == 0
+
+
+def test_orthonormalize_recovers_x_from_q_r_on_both_paths():
+  x_good = jax.random.normal(jax.random.PRNGKey(4), (50, 8)) * jnp.logspace(0, 3, 8)
+  x_bad = x_good.at[:, 3].set(x_good[:, 1])  # rank deficient
+  for x in (x_good, x_bad):
+    q, r = subspace._orthonormalize(x)
+    np.testing.assert_allclose(q.T @ q, np.eye(8), atol=1e-5)
+    np.testing.assert_allclose(q @ r, x, atol=1e-4 * float(jnp.max(jnp.abs(x))))
+
+
+def test_extra_iterations_absorb_a_moderate_change_before_any_refresh():
+  # Fast decay: one iteration leaves the statistic above tolerance, a second converges.
+  rank = 6
+  w0 = _with_spectrum(0.7 ** np.arange(48), 64, 48)
+  state = _init(w0, rank)
+  w = _perturbation(w0, 2e-2, seed=7)
+  adaptive = subspace.update_subspace(w, state, rank)
+  assert int(adaptive.extra_iterations) >= 1 and int(adaptive.refreshes) == 0
+  assert float(adaptive.drift) < subspace.DEFAULT_TOLERANCE
+  assert _excess(w, adaptive, rank) < 1e-6
+  fixed = subspace.update_subspace(w, state, rank, max_extra_iterations=0)
+  assert int(fixed.extra_iterations) == 0 and int(fixed.refreshes) == 1
+  # iterations=2 runs the same two iterations unconditionally.
+  twice = subspace.update_subspace(w, state, rank, iterations=2, max_extra_iterations=0)
+  np.testing.assert_allclose(twice.ritz_values, adaptive.ritz_values, rtol=1e-6)
+
+
+# --- (d), (e): refreshes ---------------------------------------------------------------------
+
+def test_sudden_change_triggers_a_refresh_and_recovers():
+  rank = 8
+  w_a = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=1)
+  w_b = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=2)  # unrelated matrix
+  _, state = _track(w_a, steps=3, rank=rank)
+  assert int(state.refreshes) == 0
+  state = subspace.update_subspace(w_b, state, rank)
+  assert int(state.refreshes) == 1
+  assert float(state.drift) > subspace.DEFAULT_TOLERANCE
+  assert _excess(w_b, state, rank) < 1e-5
+  # Without the refresh, one iteration from the stale basis would have been far from optimal.
+  stale = _init(w_a, rank)
+  no_refresh = subspace.update_subspace(w_b, stale, rank, tolerance=np.inf)
+  assert _excess(w_b, no_refresh, rank) > 1e-2
+
+
+def test_growing_direction_outside_the_subspace_is_caught_by_the_probe():
+  # W + c·a bᵀ with b ⟂ the tracked k columns and a ⟂ the top-k left vectors leaves span(V)
+  # invariant: subspace iteration gains nothing, yet the new direction beats σ_r.
+  rank, k = 4, K
+  s = np.linspace(2.0, 1.0, 48)
+  w = _with_spectrum(s, 64, 48, seed=3)
+  state = _init(w, rank)
+  u, _, vt = np.linalg.svd(np.asarray(w, np.float64))
+  a = u[:, k + 5]
+  b = vt[k:].T @ np.random.default_rng(0).normal(size=48 - k)
+  b /= np.linalg.norm(b)
+  w_new = w + jnp.asarray(5.0 * np.outer(a, b), jnp.float32)
+  blind = subspace.update_subspace(w_new, state, rank, tolerance=np.inf)
+  assert _excess(w_new, blind, rank) > 0.1  # the iteration alone stays on the wrong subspace
+  state = subspace.update_subspace(w_new, state, rank)
+  assert int(state.refreshes) == 1
+  assert _excess(w_new, state, rank) < 1e-5
+
+
+def test_zero_tolerance_forces_an_exact_refresh_every_call():
+  w = jax.random.normal(jax.random.PRNGKey(5), (64, 48))
+  state = _init(w, 6)
+  for call in range(1, 4):
+    w = _perturbation(w, 1e-2, seed=call)
+    state = subspace.update_subspace(w, state, 6, tolerance=0.0)
+    assert int(state.refreshes) == call
+    exact = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+    np.testing.assert_allclose(state.ritz_values, exact[:K], rtol=1e-5)
+    np.testing.assert_allclose(subspace.project(w, state, 6), svd.truncate(w, 6), atol=1e-4)
+
+
+# --- (f): a trajectory -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank", [5, 20])
+def test_trajectory_of_small_steps_stays_within_one_per_mille_without_refresh(rank):
+  w = _with_spectrum(1 / np.sqrt(np.arange(1, 97)), 128, 96, seed=4)
+  state = subspace.init_subspace(w, rank, oversample=30 - rank)
+  worst = 0.0
+  for step in range(50):
+    w = _perturbation(w, 2e-2, seed=step)
+    state = subspace.update_subspace(w, state, rank)
+    worst = max(worst, _excess(w, state, rank))
+  assert worst <= 1e-3
+  assert int(state.refreshes) == 0
+  # Ritz values track the singular values they approximate.
+  s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+  np.testing.assert_allclose(state.ritz_values[:rank], s[:rank], rtol=1e-3)
+
+
+# --- (g), (h): traced ranks, vmap ------------------------------------------------------------
+
+def test_traced_rank_compiles_once_and_matches_static_ranks():
+  w0 = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=5)
+  w1 = _perturbation(w0, 2e-2, seed=0)
+  state = _init(w0, 12)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def traced_update(w, state, rank):
+    new_state = subspace.update_subspace(w, state, rank)
+    return new_state, subspace.project(w, new_state, rank)
+
+  for rank in (1, 5, 12):
+    traced_state, traced_w_hat = traced_update(w1, state, jnp.int32(rank))
+    static_state = subspace.update_subspace(w1, state, rank)
+    np.testing.assert_allclose(traced_w_hat, subspace.project(w1, static_state, rank),
+                               atol=1e-5)
+    np.testing.assert_allclose(traced_state.drift, static_state.drift, atol=1e-7)
+
+
+def test_vmap_over_ranks_matches_per_rank_updates():
+  w0 = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=6)
+  ranks = jnp.array([2, 7, 12], jnp.int32)
+  states = jax.tree.map(lambda x: jnp.stack([x] * 3), _init(w0, 12))
+  ws = jnp.stack([_perturbation(w0, 2e-2, seed=i) for i in range(3)])  # one student per rank
+  ws = ws.at[2].set(_with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=7))  # drifts
+  new_states = jax.jit(jax.vmap(subspace.update_subspace))(ws, states, ranks)
+  np.testing.assert_array_equal(new_states.refreshes, [0, 0, 1])
+  w_hats = jax.vmap(subspace.project)(ws, new_states, ranks)
+  for i, rank in enumerate((2, 7, 12)):
+    state_i = jax.tree.map(lambda x: x[i], states)
+    single = subspace.update_subspace(ws[i], state_i, rank)
+    assert int(single.refreshes) == int(new_states.refreshes[i])
+    np.testing.assert_allclose(w_hats[i], subspace.project(ws[i], single, rank), atol=1e-5)
+    assert _excess(ws[i], jax.tree.map(lambda x: x[i], new_states), rank) < 1e-3
+
+
+def test_vmap_over_a_batch_of_matrices_refreshes_only_the_member_that_drifted():
+  rank = 4
+  spectrum = 1 / np.sqrt(np.arange(1, 49))
+  ws = jnp.stack([_with_spectrum(spectrum, 64, 48, seed=i) for i in range(3)])
+  states = jax.vmap(lambda w: _init(w, rank))(ws)
+  chex.assert_shape(states.basis, (3, 48, K))
+  moved = jnp.stack([_perturbation(w, 1e-2, seed=i) for i, w in enumerate(ws)])
+  moved = moved.at[1].set(_with_spectrum(spectrum, 64, 48, seed=9))  # replaced: must refresh
+  new_states = jax.vmap(lambda w, s: subspace.update_subspace(w, s, rank))(moved, states)
+  np.testing.assert_array_equal(new_states.refreshes, [0, 1, 0])
+  for i in range(3):
+    single = subspace.update_subspace(moved[i], jax.tree.map(lambda x: x[i], states), rank)
+    np.testing.assert_allclose(new_states.ritz_values[i], single.ritz_values, rtol=1e-5)
+    np.testing.assert_allclose(
+        subspace.project(moved[i], jax.tree.map(lambda x: x[i], new_states), rank),
+        subspace.project(moved[i], single, rank), atol=1e-5)
+
+
+def test_no_gradient_flows_through_the_update():
+  w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48)
+  state = _init(w, 3)
+  grad = jax.grad(lambda w: jnp.sum(subspace.update_subspace(w, state, 3).ritz_values))(w)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+# --- (i): rank bounds ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rank", [0, -1, 49, 2.0, True])
+def test_init_rejects_ranks_out_of_range(rank):
+  w = jnp.zeros((64, 48))
+  with pytest.raises(ValueError, match=r"1\.\.48.*\(64, 48\)"):
+    subspace.init_subspace(w, rank)
+
+
+def test_update_and_right_basis_reject_ranks_out_of_range():
+  w = jax.random.normal(jax.random.PRNGKey(9), (64, 48))
+  state = subspace.init_subspace(w, 5)  # k = 15
+  with pytest.raises(ValueError, match=r"1\.\.48.*\(64, 48\)"):
+    subspace.update_subspace(w, state, 0)
+  with pytest.raises(ValueError, match=r"1\.\.15.*\(48, 15\)"):
+    subspace.update_subspace(w, state, 16)
+  with pytest.raises(ValueError, match=r"1\.\.15"):
+    subspace.right_basis(state, 20)
+  with pytest.raises(ValueError, match=r"1\.\.48.*\(64, 48\)"):
+    subspace.optimality_ratio(w, w, 49)
+  with pytest.raises(ValueError, match="does not fit"):
+    subspace.update_subspace(w.T, state, 5)
+  with pytest.raises(ValueError, match="iterations"):
+    subspace.update_subspace(w, state, 5, iterations=0)
