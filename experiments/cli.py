@@ -1,5 +1,6 @@
 """What every lrnet entry point shares: the config flag and user-facing error handling."""
 
+import os
 import signal
 import sys
 
@@ -16,6 +17,22 @@ CONFIG = config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config"])
 
 USER_ERRORS = (config_lib.ConfigError, data.DataError)
+
+
+def check_config_file(argv: list[str]) -> None:
+  """Exits with one line if the --config file does not exist (ml_collections would print a traceback)."""
+  for i, arg in enumerate(argv):
+    path = None
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    if path is not None:
+      path = path.split(":", 1)[0]  # config_flags allows "file.py:arg"
+      if not os.path.isfile(path):
+        print(f"error: config file --config={path} does not exist (e.g. configs/mnist.py, "
+              f"configs/fashion_mnist.py, configs/digits.py)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _terminate(signum, frame):

@@ -6,6 +6,8 @@ r"""The rank sweep: teacher → every rank → truncated, straight-through and f
 Writes results.json, results.csv and plots into --config.workdir; run it again to resume.
 """
 
+import sys
+
 from absl import app
 
 from experiments import cli
@@ -19,4 +21,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.check_config_file(sys.argv)
   app.run(main)

@@ -3,6 +3,8 @@ r"""Trains and saves the dense teacher of a config alone (a later sweep reuses i
   python -m experiments.train --config=configs/fashion_mnist.py
 """
 
+import sys
+
 from absl import app
 
 from experiments import cli
@@ -16,4 +18,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.check_config_file(sys.argv)
   app.run(main)

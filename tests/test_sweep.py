@@ -1,0 +1,153 @@
+"""End-to-end tests of lrnet/sweep.py and the experiments entry points on the digits data."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import digits
+from lrnet import config as config_lib
+from lrnet import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULT_FIELDS = {"rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
+                 "factorized_accuracy", "latency_dense_ms", "latency_factorized_ms"}
+
+
+def small_config(workdir, **overrides):
+  config = digits.get_config()
+  config.workdir = str(workdir)
+  config.model.hidden = (64, 64)
+  config.teacher.epochs = 4
+  config.student.epochs = 2
+  config.sweep.ranks = (2, "full")
+  config.latency.repeats = 2
+  for field, value in overrides.items():
+    node = config
+    *path, last = field.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("digits")
+  lines = []
+  results = sweep.run_sweep(small_config(workdir), log=lines.append)
+  return workdir, results, lines
+
+
+def test_sweep_writes_results_files_with_the_schema(finished_sweep):
+  workdir, results, lines = finished_sweep
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["dataset"] == "digits"
+  assert on_disk["config"]["model"]["hidden"] == [64, 64]
+  teacher = on_disk["teacher"]
+  assert set(teacher) == {"test_accuracy", "val_accuracy", "params", "epochs", "seconds"}
+  assert teacher["params"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+  assert 0.8 < teacher["test_accuracy"] <= 1.0 and teacher["epochs"] == 4
+  assert [entry["rank"] for entry in on_disk["ranks"]] == [2, "full"]
+  low, full = on_disk["ranks"]
+  for entry in on_disk["ranks"]:
+    assert RESULT_FIELDS <= set(entry) and "error" not in entry
+    for key in ("truncated_accuracy", "straight_through_accuracy", "factorized_accuracy"):
+      assert 0.0 <= entry[key] <= 1.0
+    assert entry["latency_dense_ms"] > 0 and entry["latency_factorized_ms"] > 0
+  assert low["params"] == 2 * (64 + 64) + 64 + 2 * (64 + 64) + 64 + 650
+  assert low["compression"] == pytest.approx(teacher["params"] / low["params"])
+  # Full rank truncation is the teacher itself.
+  assert full["truncated_accuracy"] == pytest.approx(teacher["test_accuracy"])
+  # Training wins back accuracy lost to a rank-2 truncation.
+  assert low["straight_through_accuracy"] > low["truncated_accuracy"]
+  assert low["factorized_accuracy"] > low["truncated_accuracy"]
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [row["rank"] for row in rows] == ["2", "full"]
+  for name in ("accuracy_vs_params.png", "latency_vs_rank.png"):
+    assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  metrics = (workdir / "metrics" / "teacher.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4]
+  assert list((workdir / "tensorboard" / "teacher").iterdir())
+  assert any("rank" in line and "truncated" in line for line in lines)
+  assert "teacher test accuracy" in lines[-1].splitlines()[0]
+
+
+def test_rerun_reuses_finished_work_and_gives_same_results(finished_sweep):
+  workdir, results, _ = finished_sweep
+  lines = []
+  again = sweep.run_sweep(small_config(workdir), log=lines.append)
+  assert not any(" epoch " in line for line in lines), "finished runs must not train again"
+  assert any("reusing the trained teacher" in line for line in lines)
+  strip = lambda r: [{k: v for k, v in e.items() if "latency" not in k} for e in r["ranks"]]
+  assert strip(again) == strip(results)
+  assert again["teacher"] == results["teacher"]
+
+
+def test_workdir_of_another_config_is_refused(finished_sweep):
+  workdir, _, _ = finished_sweep
+  with pytest.raises(config_lib.ConfigError, match=r"different config .*teacher\.epochs.*overwrite"):
+    sweep.run_sweep(small_config(workdir, **{"teacher.epochs": 5}), log=lambda _: None)
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("data.name", "cifar", r"data\.name='cifar' .*allowed: mnist, fashion_mnist, digits"),
+    ("sweep.ranks", (0,), r"sweep\.ranks=0 .*1\.\.64"),
+    ("sweep.ranks", (65,), r"sweep\.ranks=65 .*1\.\.64"),
+    ("sweep.ranks", (1.5,), r"sweep\.ranks=1\.5 .*\(0, 1\]"),
+    ("sweep.ranks", (), r"sweep\.ranks=\(\) .*non-empty"),
+    ("sweep.ranks", ("half",), r"sweep\.ranks='half'"),
+    ("teacher.epochs", 0, r"teacher\.epochs=0 .*>= 1"),
+    ("student.batch_size", -3, r"student\.batch_size=-3 .*>= 1"),
+    ("teacher.learning_rate", 0.0, r"teacher\.learning_rate=0\.0 .*> 0"),
+    ("data.val_fraction", 1.0, r"data\.val_fraction=1\.0 .*\(0, 1\)"),
+    ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace"),
+    ("model.hidden", (), r"model\.hidden"),
+])
+def test_validation_errors_name_field_value_and_allowed(tmp_path, field, value, pattern):
+  config = small_config(tmp_path / "w", **{field: value})
+  with pytest.raises(config_lib.ConfigError, match=pattern) as error:
+    sweep.run_sweep(config, log=lambda _: None)
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / "w").exists(), "nothing may be written before validation passes"
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_errors_are_one_line_with_nonzero_exit(tmp_path):
+  bad_rank = _cli("--config=configs/digits.py", f"--config.workdir={tmp_path}",
+                  "--config.sweep.ranks=(0,)")
+  assert bad_rank.returncode == 2
+  assert bad_rank.stderr.strip().splitlines()[-1].startswith("error: config field sweep.ranks=0")
+  assert "Traceback" not in bad_rank.stderr
+  missing = _cli("--config=configs/nope.py")
+  assert missing.returncode == 2 and "Traceback" not in missing.stderr
+  assert "nope.py" in missing.stderr
+
+
+def test_cli_runs_a_tiny_sweep(tmp_path):
+  result = _cli("--config=configs/digits.py", f"--config.workdir={tmp_path}",
+                "--config.model.hidden=(32,)", "--config.teacher.epochs=2",
+                "--config.student.epochs=1", "--config.sweep.ranks=(4,)",
+                "--config.latency.repeats=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "truncated" in result.stdout and "rank" in result.stdout
+  assert json.loads((tmp_path / "results.json").read_text())["ranks"][0]["rank"] == 4
+
+
+def test_non_finite_student_is_recorded_and_the_sweep_goes_on(tmp_path):
+  config = small_config(tmp_path, **{"student.learning_rate": 1e30, "sweep.ranks": (2, 4)})
+  results = sweep.run_sweep(config, log=lambda _: None)
+  assert [entry["rank"] for entry in results["ranks"]] == [2, 4]
+  for entry in results["ranks"]:
+    assert "non-finite" in entry["error"] and "step" in entry["error"]
+    assert entry["truncated_accuracy"] is not None
