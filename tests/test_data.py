@@ -34,7 +34,7 @@ def _idx_bytes(array):
 
 def _write(path, payload):
   path = Path(path)
-  path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+  path.write_bytes(gzip.compress(payload, mtime=0) if path.suffix == ".gz" else payload)
   return path
 
 
@@ -137,7 +137,7 @@ def test_read_idx_round_trip(tmp_path, file_name, array):
 def test_read_idx_detects_gzip_without_suffix(tmp_path):
   array = np.arange(6, dtype=np.uint8)
   path = tmp_path / "labels"
-  path.write_bytes(gzip.compress(_idx_bytes(array)))
+  path.write_bytes(gzip.compress(_idx_bytes(array), mtime=0))
   np.testing.assert_array_equal(data.read_idx(path), array)
 
 
@@ -150,9 +150,9 @@ _GOOD = _idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
     ("short_header.idx", _GOOD[:6], "truncated IDX header"),
     ("tiny.idx", b"\x00\x00", "truncated IDX header"),
     ("truncated.idx", _GOOD[:-1], "payload is 11 bytes .* need 12 .*truncated"),
-    ("trailing.idx.gz", gzip.compress(_GOOD + b"\x00"), "payload is 13 bytes .* need 12 .*trailing"),
+    ("trailing.idx.gz", gzip.compress(_GOOD + b"\x00", mtime=0), "payload is 13 bytes .* need 12 .*trailing"),
     ("garbage.idx.gz", b"this is not gzip at all", "unreadable gzip"),
-    ("cut.idx.gz", gzip.compress(_GOOD)[:20], "unreadable gzip"),
+    ("cut.idx.gz", gzip.compress(_GOOD, mtime=0)[:20], "unreadable gzip"),
 ])
 def test_read_idx_rejects_corrupt_files_naming_them(tmp_path, file_name, payload, message):
   path = tmp_path / file_name
