@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -53,3 +54,15 @@ def run_guarded(job) -> None:
     print("interrupted: everything finished so far is saved; run the same command again to resume",
           file=sys.stderr, flush=True)
     sys.exit(130)
+
+
+def run_app(job) -> None:
+  """The whole entry point: checks the config file, parses flags, runs `job(config)` guarded."""
+  check_config_file(sys.argv)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run_guarded(lambda: job(CONFIG.value))
+
+  app.run(main)

@@ -61,14 +61,14 @@ class SubspaceState(NamedTuple):
 
   k = `basis.shape[1]` is static; the rank r ≤ k is chosen per call.
   """
-  basis: jax.Array           # [n, k] orthonormal Ritz vectors, by descending Ritz value
-  ritz_values: jax.Array     # [k] descending; approximate top-k singular values of W
-  probe: jax.Array           # [n] unit vector ⟂ basis tracking W's top direction outside it
-                             #     (zeros when k = min(m, n): nothing lies outside)
-  drift: jax.Array           # [] drift statistic of the last update (≈ estimated ρ − 1)
-  residual_level: jax.Array  # [] exponential moving average of `drift` (diagnostic)
-  extra_iterations: jax.Array  # [] int32, iterations run beyond `iterations`, summed over calls
-  refreshes: jax.Array       # [] int32, number of exact (SVD) refreshes so far
+  basis: jax.Array             # [n, k] orthonormal Ritz vectors, by descending Ritz value
+  ritz_values: jax.Array       # [k] descending; approximate top-k singular values of W
+  probe: jax.Array             # [n] unit vector ⟂ basis tracking W's top direction outside
+                               #     it (zeros when k = min(m, n): nothing lies outside)
+  drift: jax.Array             # [] drift statistic of the last update (≈ estimated ρ − 1)
+  residual_level: jax.Array    # [] exponential moving average of `drift` (diagnostic)
+  extra_iterations: jax.Array  # [] int32, iterations run beyond `iterations`, all calls
+  refreshes: jax.Array         # [] int32, number of exact (SVD) refreshes so far
 
 
 def _run_once_if(pred: jax.Array, fn: Callable[[_T], _T], operand: _T) -> _T:

@@ -151,3 +151,19 @@ def test_non_finite_student_is_recorded_and_the_sweep_goes_on(tmp_path):
   for entry in results["ranks"]:
     assert "non-finite" in entry["error"] and "step" in entry["error"]
     assert entry["truncated_accuracy"] is not None
+
+
+def test_train_entry_point_saves_a_teacher_the_sweep_reuses(tmp_path):
+  args = ["--config=configs/digits.py", f"--config.workdir={tmp_path}", "--config.model.hidden=(16,)",
+          "--config.teacher.epochs=1", "--config.student.epochs=1", "--config.sweep.ranks=(2,)",
+          "--config.latency.repeats=2"]
+  trained = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-2000:]
+  assert (tmp_path / "runs" / "teacher.json").exists() and (tmp_path / "models" / "teacher").is_dir()
+  assert not (tmp_path / "results.json").exists()
+  lines = []
+  config = small_config(tmp_path, **{"model.hidden": (16,), "teacher.epochs": 1, "student.epochs": 1,
+                                     "sweep.ranks": (2,)})
+  sweep.run_sweep(config, log=lines.append)
+  assert any("reusing the trained teacher" in line for line in lines)
