@@ -40,7 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
-  config.sweep.parallel_ranks = False  # train the straight-through students of all ranks in one step
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   config.projection.method = "exact"   # exact | subspace
