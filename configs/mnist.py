@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.workdir = "workdirs/mnist"  # results, checkpoints, logs and plots go here
   config.seed = 0                    # initialisation, validation split and shuffling
   config.overwrite = False           # allow a workdir holding results of another config
+  config.checkpoint_every_secs = 30.0  # training checkpoints at most this often; 0: every epoch
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mnist"         # mnist | fashion_mnist | digits
@@ -40,10 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
+  # Integer-rank students share one compiled program (width: the largest integer rank).
+  # True: they train side by side, vmapped over ranks; False: one after the other.
+  config.sweep.parallel_ranks = False
+  config.sweep.kinds = ("straight_through", "factorized")  # students to train; (): truncation only
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   config.projection.method = "exact"   # exact | subspace
   config.projection.oversample = 10    # subspace: extra directions tracked beyond the rank
+  config.projection.update_every = 1   # subspace: refine the tracked subspaces every k-th step
 
   config.latency = ml_collections.ConfigDict()  # forward latency, dense vs factorized
   config.latency.batch_size = 100

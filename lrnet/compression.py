@@ -126,6 +126,17 @@ def project(params: Params, rank: RankRule, include: Patterns = None,
           for name, leaves in params.items()}
 
 
+def project_masked(params: Params, rank, include: Patterns = None,
+                   exclude: Patterns = None) -> dict:
+  """`project` at one integer rank that may be traced (e.g. `vmap` over ranks): one compiled
+  function for every rank. Selects modules like `project`; no range check is possible on a
+  traced rank (see `svd.truncate_masked`)."""
+  selected = select_ranks(params, 1, include, exclude)
+  return {name: ({**leaves, "w": svd.truncate_masked(leaves["w"], rank)} if name in selected
+                 else leaves)
+          for name, leaves in params.items()}
+
+
 def count_params(tree) -> int:
   """Total number of scalars in the leaves of `tree`."""
   return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))

@@ -16,6 +16,7 @@ from lrnet import models
 INPUT_DIMS = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "digits": 8 * 8}
 NUM_CLASSES = 10
 PROJECTION_METHODS = models.PROJECTIONS
+STUDENT_KINDS = ("straight_through", "factorized")
 
 
 class ConfigError(ValueError):
@@ -35,14 +36,14 @@ def _get(config, field: str):
   return node
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _positive_int(config, field: str, allow_zero: bool = False):
   value = _get(config, field)
   low = 0 if allow_zero else 1
-  if not _is_int(value) or value < low:
+  if not is_int(value) or value < low:
     _fail(field, value, f"must be an integer >= {low}")
 
 
@@ -71,7 +72,7 @@ def check_rank_value(value, shapes, field: str) -> None:
   max_rank = min(min(shape) for shape in shapes)
   if value == "full":
     return
-  if _is_int(value):
+  if is_int(value):
     if not 1 <= value <= max_rank:
       _fail(field, value, f"an integer rank must be in 1..{max_rank} (the smallest hidden "
                           f"layer {min(shapes, key=min)} allows at most {max_rank}); or a "
@@ -93,7 +94,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   workdir = _get(config, "workdir")
   if not isinstance(workdir, str) or not workdir:
     _fail("workdir", workdir, "must be a non-empty directory path")
-  if not _is_int(_get(config, "seed")):
+  if not is_int(_get(config, "seed")):
     _fail("seed", config.seed, "must be an integer")
   name = _get(config, "data.name")
   if name not in data.DATASETS:
@@ -105,7 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   hidden = _get(config, "model.hidden")
   if (not isinstance(hidden, (tuple, list)) or not hidden
-      or not all(_is_int(h) and h >= 1 for h in hidden)):
+      or not all(is_int(h) and h >= 1 for h in hidden)):
     _fail("model.hidden", hidden, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
 
   for run in ("teacher", "student"):
@@ -128,13 +129,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if method not in PROJECTION_METHODS:
     _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}")
   _positive_int(config, "projection.oversample", allow_zero=True)
+  _positive_int(config, "projection.update_every")
+  kinds = _get(config, "sweep.kinds")
+  if (not isinstance(kinds, (tuple, list)) or len(set(kinds)) != len(kinds)
+      or not set(kinds) <= set(STUDENT_KINDS)):
+    _fail("sweep.kinds", kinds, f"must be a tuple of distinct student kinds from {STUDENT_KINDS} "
+                                "(empty: truncation only)")
+  if not isinstance(_get(config, "sweep.parallel_ranks"), bool):
+    _fail("sweep.parallel_ranks", config.sweep.parallel_ranks, "must be True or False")
+  every = _get(config, "checkpoint_every_secs")
+  if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
+    _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
   _positive_int(config, "latency.batch_size")
   _positive_int(config, "latency.repeats")
 
 
 def experiment_fields(config: ml_collections.ConfigDict) -> dict:
-  """The config as a dict, less the fields that do not change results (workdir, overwrite)."""
+  """The config as a dict, less the fields that do not change results (workdir, overwrite,
+  checkpoint_every_secs)."""
   fields = config.to_dict()
-  for key in ("workdir", "overwrite"):
+  for key in ("workdir", "overwrite", "checkpoint_every_secs"):
     fields.pop(key, None)
   return fields

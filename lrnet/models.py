@@ -61,12 +61,13 @@ class ProjectedLinear(hk.Module):
   """
 
   def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
-               method: str = "exact", name: Optional[str] = None):
+               method: str = "exact", update_every: int = 1, name: Optional[str] = None):
     super().__init__(name=name)
     self.output_size = output_size
     self.rank = rank
     self.with_bias = with_bias
     self.method = method
+    self.update_every = update_every
 
   def __call__(self, x: jax.Array, rank_override=None) -> jax.Array:
     """x: [batch, m] → [batch, n]. `rank_override`: a traced rank (vmap over ranks)."""
@@ -78,9 +79,14 @@ class ProjectedLinear(hk.Module):
     elif self.method == "subspace":
       # The tracked top right singular subspace rides along as Haiku state: one warm-started
       # iteration per call instead of an SVD, and x Ŵ = ((x W) V) Vᵀ without forming Ŵ.
+      # With update_every = k the subspace is refined on every k-th call only (calls 0, k, 2k,
+      # …) and reused in between.
       state = hk.get_state("subspace", init=lambda *_: subspace.init_subspace(w, rank))
-      state = subspace.update_subspace(jax.lax.stop_gradient(w), state, rank)
+      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
+      state = subspace.update_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
+                                 state, rank)
       hk.set_state("subspace", state)
+      hk.set_state("calls", calls + 1)
       y = projection.st_lowrank_matmul(x, w, subspace.right_basis(state, rank))
     elif rank_override is None:
       y = x @ projection.st_truncate(w, rank)
@@ -113,7 +119,7 @@ PROJECTIONS = ("exact", "subspace")
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
-        projection_method: str = "exact"):
+        projection_method: str = "exact", projection_update_every: int = 1):
   """A ReLU MLP, dense, factorized or straight-through projected.
 
   The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
@@ -130,6 +136,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
       `"subspace"` (a tracked singular subspace per layer, held in Haiku state; see
       `lrnet.subspace`). The subspace student is an `hk.TransformedWithState`; build its
       initial state from given params with `projection_state`.
+    projection_update_every: subspace method: refine each tracked subspace on every k-th step
+      only, reusing it in between (amortises its cost; see the benchmark in BUILD_NOTES.md).
 
   Returns:
     `hk.Transformed` without apply rng. `apply(params, images)` maps images
@@ -146,6 +154,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
   widths = hidden + (int(num_classes),)
   if projection_method not in PROJECTIONS:
     raise ValueError(f"projection_method must be one of {PROJECTIONS}, got {projection_method!r}")
+  if not isinstance(projection_update_every, int) or projection_update_every < 1:
+    raise ValueError(f"projection_update_every must be an integer ≥ 1, got {projection_update_every!r}")
 
   def forward(images: jax.Array, rank=None) -> jax.Array:
     x = hk.Flatten()(images)  # [batch, m]
@@ -155,7 +165,7 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         x = LowRankLinear(width, layer_ranks[i], name=name)(x)
       elif layer_projections[i] is not None:
         x = ProjectedLinear(width, layer_projections[i], method=projection_method,
-                            name=name)(x, rank)
+                            update_every=projection_update_every, name=name)(x, rank)
       else:
         x = hk.Linear(width, w_init=_fan_in_init(x.shape[-1]), name=name)(x)
       if i < len(hidden):
@@ -171,8 +181,9 @@ def projection_state(params, project_rank, num_hidden: int,
                      oversample: int = subspace.DEFAULT_OVERSAMPLE) -> dict:
   """Initial Haiku state of a `projection_method="subspace"` student at `params`.
 
-  Each projected layer `linear_i` gets `{"subspace": init_subspace(w, r, oversample)}`: the
-  exact top-(r + oversample) right singular subspace of its current weight.
+  Each projected layer `linear_i` gets `{"subspace": init_subspace(w, r, oversample),
+  "calls": 0}`: the exact top-(r + oversample) right singular subspace of its current weight
+  and a call counter (for `projection_update_every`).
   """
   layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
   state = {}
@@ -180,5 +191,5 @@ def projection_state(params, project_rank, num_hidden: int,
     if rank is not None:
       w = params[f"linear_{i}"]["w"]
       state[f"linear_{i}"] = {"subspace": subspace.init_subspace(
-          w, svd.resolve_rank(w.shape, rank), oversample)}
+          w, svd.resolve_rank(w.shape, rank), oversample), "calls": jnp.zeros([], jnp.int32)}
   return state

@@ -16,7 +16,7 @@ import functools
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +31,11 @@ from lrnet import io
 from lrnet import metrics as metrics_lib
 from lrnet import models
 from lrnet import plots
+from lrnet import rank_batch
 from lrnet import svd
 from lrnet import train
 
-KINDS = ("straight_through", "factorized")
+KINDS = config_lib.STUDENT_KINDS
 CSV_FIELDS = ("rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
               "factorized_accuracy", "latency_dense_ms", "latency_factorized_ms",
               "theoretical_latency_ratio", "error")
@@ -60,12 +61,43 @@ class Experiment:
     self.dataset = data.load_dataset(config.data.name, config.data.dir,
                                      val_fraction=config.data.val_fraction, seed=config.seed)
     split = lambda s: (jnp.asarray(s.images), jnp.asarray(s.labels))
-    self.train, self.val, self.test = map(split, (self.dataset.train, self.dataset.val,
-                                                  self.dataset.test))
+    self.train = split(self.dataset.train)
+    # Validation and test padded to one length (label -1: ignored by `train.make_evaluate`),
+    # so that every evaluation function compiles once for both.
+    length = max(self.dataset.val.labels.size, self.dataset.test.labels.size)
+    self.val, self.test = (train.pad_split(*split(s), length)
+                           for s in (self.dataset.val, self.dataset.test))
     self.hidden = tuple(config.model.hidden)
     self.num_classes = self.dataset.num_classes
     self.dense = models.mlp(self.hidden, self.num_classes)
     self.evaluate_dense = train.make_evaluate(self.dense.apply)
+    self.teacher_params = None  # set once the teacher is trained or loaded
+    self.cache = {}             # compiled student programs, shared by every rank
+
+  def periodic_saver(self, checkpointer: checkpoint.Checkpointer) -> Callable[[int, Any], None]:
+    """`save(step, tree)` that writes a checkpoint when `checkpoint_every_secs` have passed
+    since the last one (0: every call). Resume then repeats at most that much training."""
+    last = [time.perf_counter()]
+
+    def save(step: int, tree) -> None:
+      now = time.perf_counter()
+      if now - last[0] >= self.config.checkpoint_every_secs:
+        # Saved from a host copy: handing orbax the live device arrays that the next epoch
+        # reads deadlocked the XLA CPU runtime now and then (jax 0.10.2, orbax 0.12.8).
+        checkpointer.save(step, jax.device_get(tree))
+        last[0] = now
+    return save
+
+  def jitted(self, name: str, fn: Callable) -> Callable:
+    """`jax.jit(fn)`, made once per `name` and reused (one compilation for every rank)."""
+    if name not in self.cache:
+      self.cache[name] = jax.jit(fn)
+    return self.cache[name]
+
+  def log_epoch(self, run: str, metrics: dict) -> None:
+    self.log(f"[{run}] epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
+             f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
+             f"({metrics['seconds']:.1f} s)")
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -89,23 +121,24 @@ class Experiment:
     state = train.init_state(params, optimizer, model_state=model_state,
                              ema=settings.ema_decay > 0)
     progress = train.start_progress(state)
+    # Not donating the state: with donation, an orbax save of the state followed by the next
+    # (donating) epoch deadlocked intermittently in the XLA CPU runtime (jax 0.10.2: the epoch
+    # waited forever on a buffer). The cost is one extra copy of the training state.
     epoch_fn = jax.jit(train.make_train_epoch(apply_fn, optimizer, settings.batch_size,
-                                              ema_decay=settings.ema_decay),
-                       donate_argnums=0)
+                                              ema_decay=settings.ema_decay))
     checkpointer = checkpoint.Checkpointer(self.path("checkpoints", run), max_to_keep=1)
     resumed = checkpointer.latest_step()
     if resumed is not None:
-      progress, _ = checkpointer.restore(progress)
+      progress, _ = checkpointer.restore(jax.device_get(progress))
       self.log(f"[{run}] resuming after epoch {int(progress.epochs_done)}")
     writer = metrics_lib.MetricsWriter(self.workdir, run,
                                        resume_from_step=int(progress.state.step) if resumed is not None else None)
+    saver = self.periodic_saver(checkpointer)
 
     def on_epoch(progress, metrics):
-      checkpointer.save(int(progress.state.step), progress, {"epoch": metrics["epoch"]})
+      saver(int(progress.state.step), progress)
       writer.write(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
-      self.log(f"[{run}] epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
-               f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
-               f"({metrics['seconds']:.1f} s)")
+      self.log_epoch(run, metrics)
 
     try:
       return train.fit(progress, epoch_fn, validate, *self.train, epochs=settings.epochs,
@@ -115,12 +148,13 @@ class Experiment:
       writer.close()
       checkpointer.close()
 
-  def finish(self, run: str, params, record: dict) -> dict:
+  def finish(self, run: str, params, record: dict, keep_checkpoints: bool = False) -> dict:
     """Saves a finished run's parameters and numbers; drops its epoch checkpoints."""
     checkpoint.save_pytree(self.path("models", run), params, overwrite=True)
     os.makedirs(self.path("runs"), exist_ok=True)
     io.atomic_write_json(self.path("runs", f"{run}.json"), record)
-    shutil.rmtree(self.path("checkpoints", run), ignore_errors=True)
+    if not keep_checkpoints:
+      shutil.rmtree(self.path("checkpoints", run), ignore_errors=True)
     return record
 
 
@@ -188,9 +222,14 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   return params, exp.finish(run, params, record)
 
 
+def run_name(rank, kind: str) -> str:
+  return f"rank_{rank_label(rank)}_{kind}"
+
+
 def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
-  """Trains one student of `kind` at `rank` from the teacher, or returns its finished record."""
-  run = f"rank_{rank_label(rank)}_{kind}"
+  """Trains one student of `kind` at a non-integer `rank` ('full' or a fraction) from the
+  teacher, or returns its finished record. Integer ranks train in batches (`_student_batches`)."""
+  run = run_name(rank, kind)
   record = exp.finished(run)
   if record is not None:
     return record
@@ -198,7 +237,8 @@ def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
   model_state = None
   if kind == "straight_through":
     method = exp.config.projection.method
-    net = models.mlp(exp.hidden, exp.num_classes, project_rank=rank, projection_method=method)
+    net = models.mlp(exp.hidden, exp.num_classes, project_rank=rank, projection_method=method,
+                     projection_update_every=exp.config.projection.update_every)
     params = teacher_params
     if method == "subspace":
       model_state = models.projection_state(teacher_params, rank, len(exp.hidden),
@@ -218,32 +258,175 @@ def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
     return {"error": str(error)}  # not saved as finished: a later run may try again
   record = {"test_accuracy": evaluate(progress.best_params, exp.test),
             "val_accuracy": float(progress.best_val_accuracy),
-            "epochs": int(progress.epochs_done), "seconds": time.perf_counter() - start}
+            "epochs": int(progress.epochs_done), "best_epoch": int(progress.best_epoch),
+            "seconds": time.perf_counter() - start}
   exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
   return exp.finish(run, progress.best_params, record)
 
 
-def run_rank(exp: Experiment, rank, teacher_params) -> dict:
-  """All numbers of one rank: truncation, both students, size and latency."""
+def batch_width(config) -> Optional[int]:
+  """The static width k shared by the integer-rank students: the largest integer rank."""
+  ints = [r for r in config.sweep.ranks if config_lib.is_int(r)]
+  return max(ints) if ints else None
+
+
+class StudentProgram(NamedTuple):
+  """One compiled student program of a kind, shared by every batch of integer ranks."""
+  epoch_fn: Callable         # rank_batch.batch_epoch(...)
+  accuracy: Callable         # (stacked params, ranks [n], images, labels) -> accuracies [n]
+  start: Callable            # rank -> (params, model_state) of a fresh member
+  final_params: Callable     # (params, rank) -> the parameters to save
+  uses_rank_arg: bool        # the epoch takes the ranks as an extra argument
+
+
+def student_program(exp: Experiment, kind: str) -> StudentProgram:
+  """The (cached) batched program of `kind` at width `batch_width(config)`."""
+  key = ("program", kind)
+  if key in exp.cache:
+    return exp.cache[key]
+  config, width = exp.config, batch_width(exp.config)
+  settings = config.student
+  optimizer = train.adam(settings.learning_rate)
+  if kind == "straight_through":
+    method = config.projection.method
+    net = models.mlp(exp.hidden, exp.num_classes, project_rank=width, projection_method=method,
+                     projection_update_every=config.projection.update_every)
+    state = (models.projection_state(exp.teacher_params, width, len(exp.hidden),
+                                     config.projection.oversample) if method == "subspace" else None)
+    evaluate = lambda p, r, x, y: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)[0]
+    program = StudentProgram(
+        epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
+            train.stateful_apply(net), optimizer, settings.batch_size, settings.ema_decay), 1),
+        accuracy=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
+        start=lambda rank: (exp.teacher_params, state),
+        final_params=lambda params, rank: params, uses_rank_arg=True)
+  else:
+    net = models.mlp(exp.hidden, exp.num_classes, ranks=width)
+    evaluate_factorized = train.make_evaluate(net.apply)
+    evaluate = lambda p, r, x, y: evaluate_factorized(p, x, y)[0]
+    program = StudentProgram(
+        epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
+            train.stateful_apply(net), optimizer, settings.batch_size, settings.ema_decay), 0),
+        accuracy=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
+        start=lambda rank: (rank_batch.pad_factors(
+            compress_lib.compress(exp.teacher_params, rank), width), None),
+        final_params=rank_batch.unpad_factors, uses_rank_arg=False)
+  exp.cache[key] = program
+  return program
+
+
+def train_student_batch(exp: Experiment, kind: str, ranks: list) -> dict:
+  """Trains the `kind` students of integer `ranks` as one batch; returns {rank: record}.
+
+  Finished members are saved like single runs (models/<run>, runs/<run>.json); a member that
+  hit NaN/Inf gets {"error": ...} and is not saved, so a later run retries it.
+  """
+  program = student_program(exp, kind)
+  settings = exp.config.student
+  names = [run_name(r, kind) for r in ranks]
+  batch_run = f"{kind}_ranks_{'-'.join(rank_label(r) for r in ranks)}"
+  start = time.perf_counter()
+  optimizer = train.adam(settings.learning_rate)
+  states = []
+  for rank in ranks:
+    params, model_state = program.start(rank)
+    states.append(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+                                   model_state=model_state, ema=settings.ema_decay > 0))
+  batch = rank_batch.start_batch(states)
+  rank_array = jnp.asarray(ranks, jnp.int32)
+  checkpointer = checkpoint.Checkpointer(exp.path("checkpoints", batch_run), max_to_keep=1)
+  resumed = checkpointer.latest_step() is not None
+  if resumed:
+    batch, _ = checkpointer.restore(jax.device_get(batch))
+    exp.log(f"[{batch_run}] resuming after epoch {int(batch.epoch)}")
+  steps = np.asarray(batch.progress.state.step)
+  writers = [metrics_lib.MetricsWriter(exp.workdir, name,
+                                       resume_from_step=int(steps[i]) if resumed else None)
+             for i, name in enumerate(names)]
+  saver = exp.periodic_saver(checkpointer)
+
+  def on_epoch(batch, member_metrics):
+    saver(int(batch.epoch), batch)
+    for name, writer, metrics in zip(names, writers, member_metrics):
+      if metrics is not None:
+        writer.write(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
+        exp.log_epoch(name, metrics)
+
+  try:
+    batch = rank_batch.fit_batch(
+        batch, program.epoch_fn, lambda p: program.accuracy(p, rank_array, *exp.val),
+        *exp.train, epochs=settings.epochs, seed=exp.config.seed + 1,
+        patience=settings.patience or None,
+        apply_args=(rank_array,) if program.uses_rank_arg else (), on_epoch=on_epoch)
+  finally:
+    for writer in writers:
+      writer.close()
+    checkpointer.close()
+  progress = batch.progress
+  test_accuracy = np.asarray(program.accuracy(progress.best_params, rank_array, *exp.test))
+  seconds = time.perf_counter() - start
+  records = {}
+  for i, (rank, name, params) in enumerate(zip(ranks, names,
+                                               rank_batch.unstack(progress.best_params, len(ranks)))):
+    failed_step = int(batch.failed_step[i])
+    if failed_step:
+      message = rank_batch.failure_message(name, failed_step)
+      exp.log(f"[{name}] FAILED: {message}")
+      records[rank] = {"error": message}
+      continue
+    record = {"test_accuracy": float(test_accuracy[i]),
+              "val_accuracy": float(progress.best_val_accuracy[i]),
+              "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
+              "seconds": seconds, "trained_with_ranks": list(ranks)}
+    exp.log(f"[{name}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
+    records[rank] = exp.finish(name, program.final_params(params, rank), record, keep_checkpoints=True)
+  shutil.rmtree(exp.path("checkpoints", batch_run), ignore_errors=True)
+  return records
+
+
+def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:
+  """Every `kind` student of the sweep: integer ranks in batches (all at once with
+  `sweep.parallel_ranks`, else one by one through the same compiled program), other ranks
+  alone. Calls `on_records({rank: record})` as runs finish (or were finished before)."""
+  pending, done = [], {}
+  for rank in exp.config.sweep.ranks:
+    record = exp.finished(run_name(rank, kind))
+    if record is not None:
+      done[rank] = record
+    elif config_lib.is_int(rank):
+      pending.append(rank)
+  if done:
+    on_records(done)
+  for rank in exp.config.sweep.ranks:
+    if rank not in done and not config_lib.is_int(rank):
+      on_records({rank: _student_run(exp, kind, rank, exp.teacher_params)})
+  batches = [pending] if exp.config.sweep.parallel_ranks else [[rank] for rank in pending]
+  for ranks in batches:
+    if ranks:
+      on_records(train_student_batch(exp, kind, ranks))
+
+
+def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
+  """What needs no training at `rank`: size, truncated accuracy, latency."""
   config = exp.config
   shapes = config_lib.hidden_layer_shapes(config)
   compressed = jax.eval_shape(lambda p: compress_lib.compress(p, rank), teacher_params)
   params = compress_lib.count_params(compressed)
-  truncated = exp.accuracy(exp.evaluate_dense, jax.jit(lambda p: compress_lib.project(p, rank))(teacher_params), exp.test)
+  if config_lib.is_int(rank):
+    projected = exp.jitted("project_masked", compress_lib.project_masked)(teacher_params, rank)
+  else:
+    projected = jax.jit(lambda p: compress_lib.project(p, rank))(teacher_params)
+  truncated = exp.accuracy(exp.evaluate_dense, projected, exp.test)
   exp.log(f"[rank {rank}] truncated test accuracy {truncated:.4f}")
   entry = {"rank": rank, "params": params,
            "compression": compress_lib.count_params(teacher_params) / params,
-           "truncated_accuracy": truncated}
-  errors = []
-  for kind in KINDS:
-    record = _student_run(exp, kind, rank, teacher_params)
-    entry[f"{kind}_accuracy"] = record.get("test_accuracy")
-    if "error" in record:
-      errors.append(f"{kind}: {record['error']}")
+           "truncated_accuracy": truncated,
+           "straight_through_accuracy": None, "factorized_accuracy": None}
   factorized = models.mlp(exp.hidden, exp.num_classes, ranks=rank)
   batch = exp.test[0][:config.latency.batch_size]
   factorized_params = compress_lib.compress(teacher_params, rank)
-  entry["latency_dense_ms"] = train.measure_latency(exp.dense.apply, teacher_params, batch,
+  entry["latency_dense_ms"] = train.measure_latency(exp.jitted("dense", exp.dense.apply),
+                                                    teacher_params, batch,
                                                     repeats=config.latency.repeats)
   entry["latency_factorized_ms"] = train.measure_latency(factorized.apply, factorized_params, batch,
                                                          repeats=config.latency.repeats)
@@ -251,8 +434,6 @@ def run_rank(exp: Experiment, rank, teacher_params) -> dict:
   layer_ranks = [svd.resolve_rank(shape, rank) for shape in shapes]
   dense_flops = sum(m * n for m, n in shapes)
   entry["theoretical_latency_ratio"] = sum(r * (m + n) for r, (m, n) in zip(layer_ranks, shapes)) / dense_flops
-  if errors:
-    entry["error"] = "; ".join(errors)
   return entry
 
 
@@ -288,6 +469,9 @@ def format_table(results: dict) -> str:
 def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   """Runs (or resumes) the whole sweep of `config`; returns the results dict.
 
+  Order: teacher; every rank's truncation, size and latency; the straight-through students;
+  the factorized students. The results files are rewritten after each of these steps.
+
   Raises:
     config_lib.ConfigError: an invalid config or a workdir of another config.
     data.DataError: the dataset cannot be found or read.
@@ -298,13 +482,23 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   log(f"{config.data.name}: {exp.dataset.train.labels.size} train / {exp.dataset.val.labels.size} val / "
       f"{exp.dataset.test.labels.size} test examples from {exp.dataset.source}; workdir {exp.workdir}")
   teacher_params, teacher = run_teacher(exp)
+  exp.teacher_params = teacher_params
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
              "teacher": {key: teacher[key] for key in ("test_accuracy", "val_accuracy", "params",
                                                       "epochs", "seconds")},
-             "ranks": []}
-  for rank in config.sweep.ranks:
-    results["ranks"].append(run_rank(exp, rank, teacher_params))
-    write_results(exp, results)
+             "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks]}
+  write_results(exp, results)
+  entries = dict(zip(config.sweep.ranks, results["ranks"]))
+
+  for kind in config.sweep.kinds:
+    def on_records(records, kind=kind):
+      for rank, record in records.items():
+        entry = entries[rank]
+        entry[f"{kind}_accuracy"] = record.get("test_accuracy")
+        if "error" in record:
+          entry["error"] = "; ".join(filter(None, [entry.get("error"), f"{kind}: {record['error']}"]))
+      write_results(exp, results)
+    train_students(exp, kind, on_records)
   log(format_table(results))
   return results
 
