@@ -20,7 +20,6 @@ def get_config():
   config.student.patience = 0
   config.student.ema_decay = 0.0
   config.projection.method = "subspace"
-  config.projection.update_every = 4
   config.sweep.ranks = (4, 8, 16, 32)
   config.sweep.parallel_ranks = True
   config.latency.repeats = 10
