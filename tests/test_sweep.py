@@ -4,8 +4,11 @@ import csv
 import json
 import os
 import pathlib
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -167,3 +170,45 @@ def test_train_entry_point_saves_a_teacher_the_sweep_reuses(tmp_path):
                                      "sweep.ranks": (2,)})
   sweep.run_sweep(config, log=lines.append)
   assert any("reusing the trained teacher" in line for line in lines)
+
+
+def _reproducible(results):
+  """Everything in results.json but timings (latencies, seconds), which differ run to run."""
+  return {"teacher": {k: v for k, v in results["teacher"].items() if k != "seconds"},
+          "ranks": [{k: v for k, v in entry.items() if "latency" not in k}
+                    for entry in results["ranks"]]}
+
+
+def test_same_config_and_seed_give_identical_results(finished_sweep, tmp_path):
+  _, results, _ = finished_sweep
+  again = sweep.run_sweep(small_config(tmp_path), log=lambda _: None)
+  assert _reproducible(again) == _reproducible(json.loads(json.dumps(results)))
+
+
+def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_results(finished_sweep,
+                                                                              tmp_path):
+  _, results, _ = finished_sweep
+  args = ["-m", "experiments.sweep", "--config=configs/digits.py", f"--config.workdir={tmp_path}",
+          "--config.model.hidden=(64,64)", "--config.teacher.epochs=4",
+          "--config.student.epochs=2", "--config.sweep.ranks=(2,'full')",
+          "--config.latency.repeats=2", "--config.checkpoint_every_secs=0"]
+  process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  # Wait until training has started, then kill at a random moment of the rest of the sweep.
+  teacher_metrics = tmp_path / "metrics" / "teacher.jsonl"
+  deadline = time.monotonic() + 240
+  while not teacher_metrics.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  delay = random.uniform(0.0, 8.0)
+  time.sleep(delay)
+  process.send_signal(signal.SIGKILL)
+  output, _ = process.communicate(timeout=60)
+  killed = process.returncode == -signal.SIGKILL
+  resumed = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert _reproducible(on_disk) == _reproducible(json.loads(json.dumps(results))), (
+      f"killed after {delay:.2f} s (killed={killed}); first run's output:\n{output[-2000:]}")
+  with open(tmp_path / "results.csv", newline="") as f:
+    assert len(list(csv.DictReader(f))) == len(results["ranks"])
