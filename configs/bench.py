@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.ranks = (10, 20, 50, 100, 200)
   config.exact_ranks = (10, 200)        # the exact SVD step is slow: fewer ranks
   config.update_every = (1, 4)          # subspace refinement periods to time
-  config.repeats = 5                    # timed calls per measurement (median), after warm-up
-  config.exact_repeats = 2
+  config.repeats = 5                    # train steps: 4·repeats timed steps; latency: 4·repeats calls
+  config.exact_repeats = 1
   config.optimality_steps = 60          # real Adam steps of a subspace student per rank ...
   config.optimality_every = 5           # ... with the exact optimality ratio every k-th step
   config.optimality_ranks = (10, 200)
