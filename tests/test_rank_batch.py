@@ -22,6 +22,17 @@ def _teacher():
   return models.mlp(HIDDEN, 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))
 
 
+def _factorized_program(width=8):
+  """Data, teacher, optimizer, batched epoch and batched accuracy of a width-8 factorized MLP."""
+  images, labels = _data()
+  optimizer = train.adam(1e-2)
+  net = models.mlp(HIDDEN, 3, ranks=width)
+  epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch_size=16)
+  evaluate = train.make_evaluate(net.apply)
+  accuracy = jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0]))
+  return images, labels, _teacher(), optimizer, rank_batch.batch_epoch(epoch, 0), accuracy
+
+
 def test_pad_unpad_roundtrip_and_same_function():
   params = compression.compress(_teacher(), 3)
   padded = rank_batch.pad_factors(params, 8)
@@ -36,14 +47,7 @@ def test_pad_unpad_roundtrip_and_same_function():
 
 
 def test_factorized_batch_keeps_padding_zero_and_matches_single_runs():
-  images, labels = _data()
-  teacher = _teacher()
-  optimizer = train.adam(1e-2)
-  net = models.mlp(HIDDEN, 3, ranks=8)
-  epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch_size=16)
-  evaluate = train.make_evaluate(net.apply)
-  accuracy = jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0]))
-  epoch_fn = rank_batch.batch_epoch(epoch, 0)
+  images, labels, teacher, optimizer, epoch_fn, accuracy = _factorized_program()
 
   def run(ranks):
     states = [train.init_state(rank_batch.pad_factors(compression.compress(teacher, r), 8),
@@ -64,18 +68,12 @@ def test_factorized_batch_keeps_padding_zero_and_matches_single_runs():
 
 
 def test_fit_batch_records_a_failing_member_and_keeps_the_other():
-  images, labels = _data()
-  teacher = _teacher()
-  optimizer = train.adam(1e-2)
-  net = models.mlp(HIDDEN, 3, ranks=8)
-  epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch_size=16)
-  evaluate = train.make_evaluate(net.apply)
-  accuracy = jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0]))
+  images, labels, teacher, optimizer, epoch_fn, accuracy = _factorized_program()
   good = rank_batch.pad_factors(compression.compress(teacher, 4), 8)
   bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), good)
   states = [train.init_state(p, optimizer) for p in (good, bad)]
-  batch = rank_batch.fit_batch(rank_batch.start_batch(states), rank_batch.batch_epoch(epoch, 0),
-                               accuracy, images, labels, epochs=2, seed=0)
+  batch = rank_batch.fit_batch(rank_batch.start_batch(states), epoch_fn, accuracy, images, labels,
+                               epochs=2, seed=0)
   failed = np.asarray(batch.failed_step)
   assert failed[0] == 0 and failed[1] == 1
   assert list(np.asarray(batch.active)) == [True, False]
