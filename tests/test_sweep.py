@@ -112,6 +112,9 @@ def test_workdir_of_another_config_is_refused(finished_sweep):
     ("data.val_fraction", 1.0, r"data\.val_fraction=1\.0 .*\(0, 1\)"),
     ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace"),
     ("model.hidden", (), r"model\.hidden"),
+    ("sweep.kinds", ("distilled",), r"sweep\.kinds=\('distilled',\) .*straight_through"),
+    ("projection.update_every", 0, r"projection\.update_every=0 .*>= 1"),
+    ("checkpoint_every_secs", -1.0, r"checkpoint_every_secs=-1\.0 .*>= 0"),
 ])
 def test_validation_errors_name_field_value_and_allowed(tmp_path, field, value, pattern):
   config = small_config(tmp_path / "w", **{field: value})
