@@ -66,6 +66,12 @@ def _new_figure() -> Figure:
   return fig
 
 
+def _entries_by(results: Mapping[str, Any], position) -> list:
+  """The rank entries for which `position(entry)` is a number, sorted by it."""
+  entries = [entry for entry in _rank_entries(results) if position(entry) is not None]
+  return sorted(entries, key=position)
+
+
 def _rank_entries(results: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
   return [entry for entry in results.get("ranks") or ()
           if isinstance(entry, Mapping)]
@@ -87,10 +93,7 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   """
   fig = _new_figure()
   ax = fig.add_subplot()
-  entries = sorted(
-      (entry for entry in _rank_entries(results)
-       if _finite(entry.get("params")) is not None),
-      key=lambda entry: _finite(entry["params"]))
+  entries = _entries_by(results, lambda entry: _finite(entry.get("params")))
   for key, label in ACCURACY_SERIES:
     points = [(_finite(entry["params"]), _finite(entry.get(key)))
               for entry in entries]
@@ -158,10 +161,7 @@ def plot_latency_vs_rank(results: Mapping[str, Any],
   """
   fig = _new_figure()
   ax = fig.add_subplot()
-  entries = sorted(
-      (entry for entry in _rank_entries(results)
-       if _numeric_rank(entry.get("rank")) is not None),
-      key=lambda entry: _numeric_rank(entry["rank"]))
+  entries = _entries_by(results, lambda entry: _numeric_rank(entry.get("rank")))
 
   def line(values, **style):
     points = [(_numeric_rank(entry["rank"]), value)

@@ -6,7 +6,8 @@ or one call each (n = 1, the same program reused):
 
 * straight-through: a projected MLP built at rank k whose `apply` takes the member's rank as a
   traced argument; singular directions ≥ r_i are masked (`st_truncate_masked`, or the first
-  r_i columns of a tracked subspace of k + oversample columns);
+  r_i columns of a tracked subspace of k + oversample columns). The sweep does not use this: it
+  deadlocked intermittently on the XLA CPU runtime (BUILD_NOTES.md, known limits);
 * factorized: factors padded with zeros to k columns (`pad_factors`). A zero column of U meets a
   zero row of V, so both gradients are exactly zero, Adam's update 0 / (√0 + ε) is exactly zero,
   and the padding stays zero: the member is exactly a rank-r_i network.
@@ -65,10 +66,9 @@ def unpad_factors(params: Params, rank: int) -> Params:
   return {name: cut(module) for name, module in params.items()}
 
 
-def batch_epoch(epoch_fn: Callable, num_args: int) -> Callable:
+def batch_epoch(epoch_fn: Callable) -> Callable:
   """`train.make_train_epoch`'s epoch mapped over a leading member axis of the state and of
-  each of the `num_args` extra apply arguments (e.g. the rank); data and order are shared.
-  Jitted.
+  each extra apply argument (e.g. the rank); data and order are shared. Jitted.
 
   The members run one after the other inside the one program (`lax.map`), not batched by
   `vmap`: the subspace tracker's lazy refresh and extra iterations are `while` loops, and
@@ -81,8 +81,7 @@ def batch_epoch(epoch_fn: Callable, num_args: int) -> Callable:
       return epoch_fn(state, images, labels, order, soft_targets, *member_args)
     return jax.lax.map(member, (states, tuple(args)))
 
-  del num_args  # the arguments' leading axes say it all
-  return jax.jit(mapped)  # no donation: see `lrnet.sweep.Experiment.fit`
+  return jax.jit(mapped)
 
 
 class BatchProgress(NamedTuple):
@@ -105,7 +104,7 @@ def _member_mask(mask: np.ndarray, leaf: jax.Array) -> jax.Array:
 
 
 def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
-  """Per member: `new` where mask, else `old` (new buffers, safe against donation)."""
+  """Per member: `new` where mask, else `old`."""
   return jax.tree_util.tree_map(lambda a, b: jnp.where(_member_mask(mask, a), a, b), new, old)
 
 
@@ -175,11 +174,7 @@ def fit_batch(batch: BatchProgress, epoch_fn, validate: Callable[[Params], np.nd
         best_epoch=jnp.where(improved, epoch, progress.best_epoch).astype(jnp.int32),
         epochs_done=jnp.where(active, epoch, progress.epochs_done).astype(jnp.int32),
         seconds=progress.seconds + (time.perf_counter() - start))
-    # Wait for every pending computation before the next epoch starts: with several XLA CPU
-    # programs in flight at once (this epoch's selects, the next epoch's while loops) the
-    # runtime deadlocked now and then on 2 cores (jax 0.10.2), every thread waiting.
-    batch = jax.block_until_ready(
-        BatchProgress(progress, jnp.asarray(active), jnp.asarray(failed_step), jnp.int32(epoch)))
+    batch = BatchProgress(progress, jnp.asarray(active), jnp.asarray(failed_step), jnp.int32(epoch))
     if on_epoch is not None:
       train_accuracy = np.asarray(metrics["accuracy"])
       step = np.asarray(state.step)

@@ -12,7 +12,6 @@ Every file is written atomically and the results are rewritten after every finis
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import time
@@ -82,9 +81,7 @@ class Experiment:
     def save(step: int, tree) -> None:
       now = time.perf_counter()
       if now - last[0] >= self.config.checkpoint_every_secs:
-        # Saved from a host copy: handing orbax the live device arrays that the next epoch
-        # reads deadlocked the XLA CPU runtime now and then (jax 0.10.2, orbax 0.12.8).
-        checkpointer.save(step, jax.device_get(tree))
+        checkpointer.save(step, tree)
         last[0] = now
     return save
 
@@ -121,15 +118,14 @@ class Experiment:
     state = train.init_state(params, optimizer, model_state=model_state,
                              ema=settings.ema_decay > 0)
     progress = train.start_progress(state)
-    # Not donating the state: with donation, an orbax save of the state followed by the next
-    # (donating) epoch deadlocked intermittently in the XLA CPU runtime (jax 0.10.2: the epoch
-    # waited forever on a buffer). The cost is one extra copy of the training state.
+    # Not donating the state: donation was ruled out while chasing the batched straight-through
+    # deadlock (BUILD_NOTES.md, known limits) and left off; it costs one extra state copy.
     epoch_fn = jax.jit(train.make_train_epoch(apply_fn, optimizer, settings.batch_size,
                                               ema_decay=settings.ema_decay))
     checkpointer = checkpoint.Checkpointer(self.path("checkpoints", run), max_to_keep=1)
     resumed = checkpointer.latest_step()
     if resumed is not None:
-      progress, _ = checkpointer.restore(jax.device_get(progress))
+      progress, _ = checkpointer.restore(progress)
       self.log(f"[{run}] resuming after epoch {int(progress.epochs_done)}")
     writer = metrics_lib.MetricsWriter(self.workdir, run,
                                        resume_from_step=int(progress.state.step) if resumed is not None else None)
@@ -148,13 +144,12 @@ class Experiment:
       writer.close()
       checkpointer.close()
 
-  def finish(self, run: str, params, record: dict, keep_checkpoints: bool = False) -> dict:
+  def finish(self, run: str, params, record: dict) -> dict:
     """Saves a finished run's parameters and numbers; drops its epoch checkpoints."""
     checkpoint.save_pytree(self.path("models", run), params, overwrite=True)
     os.makedirs(self.path("runs"), exist_ok=True)
     io.atomic_write_json(self.path("runs", f"{run}.json"), record)
-    if not keep_checkpoints:
-      shutil.rmtree(self.path("checkpoints", run), ignore_errors=True)
+    shutil.rmtree(self.path("checkpoints", run), ignore_errors=True)
     return record
 
 
@@ -227,8 +222,8 @@ def run_name(rank, kind: str) -> str:
 
 
 def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
-  """Trains one student of `kind` at a non-integer `rank` ('full' or a fraction) from the
-  teacher, or returns its finished record. Integer ranks train in batches (`_student_batches`)."""
+  """Trains one student of `kind` at `rank` from the teacher with its own compiled program, or
+  returns its finished record. (Factorized students of integer ranks train in batches.)"""
   run = run_name(rank, kind)
   record = exp.finished(run)
   if record is not None:
@@ -270,74 +265,49 @@ def batch_width(config) -> Optional[int]:
   return max(ints) if ints else None
 
 
-class StudentProgram(NamedTuple):
-  """One compiled student program of a kind, shared by every batch of integer ranks."""
-  epoch_fn: Callable         # rank_batch.batch_epoch(...)
-  accuracy: Callable         # (stacked params, ranks [n], images, labels) -> accuracies [n]
-  start: Callable            # rank -> (params, model_state) of a fresh member
-  final_params: Callable     # (params, rank) -> the parameters to save
-  uses_rank_arg: bool        # the epoch takes the ranks as an extra argument
+class FactorizedProgram(NamedTuple):
+  """The compiled factorized-student program shared by every batch of integer ranks."""
+  epoch_fn: Callable  # rank_batch.batch_epoch(...)
+  accuracy: Callable  # (stacked params, images, labels) -> accuracies [n]
 
 
-def student_program(exp: Experiment, kind: str) -> StudentProgram:
-  """The (cached) batched program of `kind` at width `batch_width(config)`."""
-  key = ("program", kind)
-  if key in exp.cache:
-    return exp.cache[key]
-  config, width = exp.config, batch_width(exp.config)
-  settings = config.student
-  optimizer = train.adam(settings.learning_rate)
-  if kind == "straight_through":
-    method = config.projection.method
-    net = models.mlp(exp.hidden, exp.num_classes, project_rank=width, projection_method=method,
-                     projection_update_every=config.projection.update_every)
-    state = (models.projection_state(exp.teacher_params, width, len(exp.hidden),
-                                     config.projection.oversample) if method == "subspace" else None)
-    evaluate = lambda p, r, x, y: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)[0]
-    program = StudentProgram(
+def factorized_program(exp: Experiment) -> FactorizedProgram:
+  """The (cached) batched factorized program at width `batch_width(config)`: each member's
+  factors are zero-padded to that width (`rank_batch.pad_factors`)."""
+  if "factorized_program" not in exp.cache:
+    settings = exp.config.student
+    net = models.mlp(exp.hidden, exp.num_classes, ranks=batch_width(exp.config))
+    evaluate = train.make_evaluate(net.apply)
+    exp.cache["factorized_program"] = FactorizedProgram(
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
-            train.stateful_apply(net), optimizer, settings.batch_size, settings.ema_decay), 1),
-        accuracy=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
-        start=lambda rank: (exp.teacher_params, state),
-        final_params=lambda params, rank: params, uses_rank_arg=True)
-  else:
-    net = models.mlp(exp.hidden, exp.num_classes, ranks=width)
-    evaluate_factorized = train.make_evaluate(net.apply)
-    evaluate = lambda p, r, x, y: evaluate_factorized(p, x, y)[0]
-    program = StudentProgram(
-        epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
-            train.stateful_apply(net), optimizer, settings.batch_size, settings.ema_decay), 0),
-        accuracy=jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None))),
-        start=lambda rank: (rank_batch.pad_factors(
-            compress_lib.compress(exp.teacher_params, rank), width), None),
-        final_params=rank_batch.unpad_factors, uses_rank_arg=False)
-  exp.cache[key] = program
-  return program
+            train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
+            settings.ema_decay)),
+        accuracy=jax.jit(jax.vmap(lambda p, x, y: evaluate(p, x, y)[0], in_axes=(0, None, None))))
+  return exp.cache["factorized_program"]
 
 
-def train_student_batch(exp: Experiment, kind: str, ranks: list) -> dict:
-  """Trains the `kind` students of integer `ranks` as one batch; returns {rank: record}.
+def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
+  """Trains the factorized students of integer `ranks` as one batch; returns {rank: record}.
 
   Finished members are saved like single runs (models/<run>, runs/<run>.json); a member that
   hit NaN/Inf gets {"error": ...} and is not saved, so a later run retries it.
   """
-  program = student_program(exp, kind)
+  kind, program = "factorized", factorized_program(exp)
   settings = exp.config.student
+  width = batch_width(exp.config)
   names = [run_name(r, kind) for r in ranks]
   batch_run = f"{kind}_ranks_{'-'.join(rank_label(r) for r in ranks)}"
   start = time.perf_counter()
   optimizer = train.adam(settings.learning_rate)
   states = []
   for rank in ranks:
-    params, model_state = program.start(rank)
-    states.append(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
-                                   model_state=model_state, ema=settings.ema_decay > 0))
+    params = rank_batch.pad_factors(compress_lib.compress(exp.teacher_params, rank), width)
+    states.append(train.init_state(params, optimizer, ema=settings.ema_decay > 0))
   batch = rank_batch.start_batch(states)
-  rank_array = jnp.asarray(ranks, jnp.int32)
   checkpointer = checkpoint.Checkpointer(exp.path("checkpoints", batch_run), max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
   if resumed:
-    batch, _ = checkpointer.restore(jax.device_get(batch))
+    batch, _ = checkpointer.restore(batch)
     exp.log(f"[{batch_run}] resuming after epoch {int(batch.epoch)}")
   steps = np.asarray(batch.progress.state.step)
   writers = [metrics_lib.MetricsWriter(exp.workdir, name,
@@ -354,16 +324,15 @@ def train_student_batch(exp: Experiment, kind: str, ranks: list) -> dict:
 
   try:
     batch = rank_batch.fit_batch(
-        batch, program.epoch_fn, lambda p: program.accuracy(p, rank_array, *exp.val),
-        *exp.train, epochs=settings.epochs, seed=exp.config.seed + 1,
-        patience=settings.patience or None,
-        apply_args=(rank_array,) if program.uses_rank_arg else (), on_epoch=on_epoch)
+        batch, program.epoch_fn, lambda p: program.accuracy(p, *exp.val), *exp.train,
+        epochs=settings.epochs, seed=exp.config.seed + 1, patience=settings.patience or None,
+        on_epoch=on_epoch)
   finally:
     for writer in writers:
       writer.close()
     checkpointer.close()
   progress = batch.progress
-  test_accuracy = np.asarray(program.accuracy(progress.best_params, rank_array, *exp.test))
+  test_accuracy = np.asarray(program.accuracy(progress.best_params, *exp.test))
   seconds = time.perf_counter() - start
   records = {}
   for i, (rank, name, params) in enumerate(zip(ranks, names,
@@ -379,7 +348,7 @@ def train_student_batch(exp: Experiment, kind: str, ranks: list) -> dict:
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
               "seconds": seconds, "trained_with_ranks": list(ranks)}
     exp.log(f"[{name}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
-    records[rank] = exp.finish(name, program.final_params(params, rank), record, keep_checkpoints=True)
+    records[rank] = exp.finish(name, rank_batch.unpad_factors(params, rank), record)
   shutil.rmtree(exp.path("checkpoints", batch_run), ignore_errors=True)
   return records
 
@@ -390,9 +359,9 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
 
   Factorized students of integer ranks train in batches (all at once with
   `sweep.parallel_ranks`, else one by one through the same compiled program). Straight-through
-  students train one by one, each with its own program (`_student_run`): their batched program
-  (`student_program`) deadlocked intermittently in the XLA CPU runtime (see BUILD_NOTES.md,
-  known limits), so the sweep does not use it.
+  students train one by one, each with its own program (`_student_run`): a batched
+  straight-through program deadlocked intermittently in the XLA CPU runtime (see BUILD_NOTES.md,
+  known limits).
   """
   pending, done = [], {}
   for rank in exp.config.sweep.ranks:
@@ -409,7 +378,7 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   batches = [pending] if exp.config.sweep.parallel_ranks else [[rank] for rank in pending]
   for ranks in batches:
     if ranks:
-      on_records(train_student_batch(exp, kind, ranks))
+      on_records(train_factorized_batch(exp, ranks))
 
 
 def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:

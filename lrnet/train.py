@@ -8,7 +8,6 @@ where `model_state` carries per-layer projection state (empty for plain networks
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -276,7 +275,6 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], float], image
         best_epoch=jnp.int32(epoch) if improved else progress.best_epoch,
         epochs_done=jnp.int32(epoch),
         seconds=progress.seconds + (time.perf_counter() - start))
-    progress = jax.block_until_ready(progress)  # one program in flight at a time (rank_batch)
     if on_epoch is not None:
       on_epoch(progress, {"epoch": epoch, "step": int(state.step), "loss": float(np.mean(losses)),
                           "train_accuracy": float(metrics["accuracy"]),

@@ -30,7 +30,7 @@ def _factorized_program(width=8):
   epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch_size=16)
   evaluate = train.make_evaluate(net.apply)
   accuracy = jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0]))
-  return images, labels, _teacher(), optimizer, rank_batch.batch_epoch(epoch, 0), accuracy
+  return images, labels, _teacher(), optimizer, rank_batch.batch_epoch(epoch), accuracy
 
 
 def test_pad_unpad_roundtrip_and_same_function():
