@@ -1,11 +1,17 @@
 r"""Benchmark: dense vs straight-through train steps, the fast projection's optimality over real
-steps, factorized vs dense inference, and the machine's matmul throughput, in ONE run.
+steps, sequential vs parallel-rank students, factorized vs dense inference, the machine's matmul
+throughput, and straight-through training with the exact vs the fast projection, in ONE run.
 
   python -m experiments.bench --config=configs/bench.py --config.workdir=/tmp/lrnet_bench
 
 Writes `bench.json` (atomically) into the workdir and prints a table. Train steps are timed as the
 mean of consecutive jitted steps after warm-up, forward latencies as medians of repeated jitted calls
 (`lrnet.train.measure_latency`); ratios compare numbers taken in this one run.
+
+Straight-through students start from a trained teacher, so the projection is measured where it
+is used: from `teacher_dir` (a sweep workdir holding models/teacher) when given, else from the
+reference MLP trained `pretrain_steps` Adam steps on `data_name` here (its weight spectra then
+decay like a teacher's; a random initialisation has a flat spectrum, the tracker's worst case).
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
+from lrnet import checkpoint
 from lrnet import compression
+from lrnet import data
 from lrnet import io
 from lrnet import models
+from lrnet import rank_batch
 from lrnet import subspace
 from lrnet import train
 
@@ -47,33 +56,84 @@ def _matmul_gflops(repeats: int) -> float:
   return 2 * 1024**3 / (ms * 1e-3) / 1e9
 
 
+def _flat(images: np.ndarray) -> jax.Array:
+  return jnp.asarray(images.reshape(images.shape[0], -1))
+
+
+def _bench_data(config, log):
+  """(train images [N, d], train labels, test images, test labels, num_classes, description).
+
+  `data_name` from `lrnet.data` when set, else uniform random images of `input_dim` pixels.
+  """
+  if config.data_name:
+    dataset = data.load_dataset(config.data_name, config.data_dir, seed=config.seed)
+    log(f"data: {config.data_name} from {dataset.source}")
+    return (_flat(dataset.train.images), jnp.asarray(dataset.train.labels),
+            _flat(dataset.test.images), jnp.asarray(dataset.test.labels), dataset.num_classes,
+            f"{config.data_name} ({dataset.source})")
+  key = jax.random.PRNGKey(config.seed + 1)
+  n = 20 * config.batch_size
+  images = jax.random.uniform(key, (n, config.input_dim))
+  labels = jax.random.randint(key, (n,), 0, config.num_classes)
+  return images, labels, images, labels, config.num_classes, "random"
+
+
+def _epoch_call(epoch_fn, state, images, labels, steps, batch, seed, *args):
+  """Compiles `epoch_fn` on `steps` batches, then times one call. Returns (state, metrics, s, compile_s)."""
+  order = jnp.asarray(train.epoch_order(seed, 1, images.shape[0])[:steps * batch])
+  arguments = (state, images, labels, order, None, *args)
+  start = time.perf_counter()
+  compiled = jax.jit(epoch_fn).lower(*arguments).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  state, metrics = jax.block_until_ready(compiled(*arguments))
+  return state, metrics, time.perf_counter() - start, compile_s
+
+
 def run_bench(config, log=print) -> dict:
   os.makedirs(config.workdir, exist_ok=True)
   key = jax.random.PRNGKey(config.seed)
   hidden, batch = tuple(config.hidden), config.batch_size
-  images = jax.random.uniform(key, (batch, config.input_dim))
-  labels = jax.random.randint(key, (batch,), 0, config.num_classes)
-  dense = models.mlp(hidden, config.num_classes)
-  params = dense.init(key, images[:1])
+  train_images, train_labels, test_images, test_labels, num_classes, source = _bench_data(config, log)
+  input_dim = train_images.shape[1]
+  dense = models.mlp(hidden, num_classes)
   optimizer = train.adam(1e-3)
-  widths = [config.input_dim, *hidden, config.num_classes]
+  widths = [input_dim, *hidden, num_classes]
   shapes = list(zip(widths[:-1], widths[1:]))
   out = {"device": str(jax.devices()[0]), "platform": platform.platform(),
-         "cpu_count": os.cpu_count(), "jax": jax.__version__, "config": config.to_dict()}
+         "cpu_count": os.cpu_count(), "jax": jax.__version__, "config": config.to_dict(),
+         "data": source}
 
   gflops = _matmul_gflops(config.repeats)
   out["matmul_1024_gflops"] = gflops
   log(f"matmul 1024²: {gflops:.1f} GFLOP/s")
 
+  # The starting point of every straight-through student: a trained network.
+  params = dense.init(key, train_images[:1])
+  if config.teacher_dir:
+    params = checkpoint.load_pytree(os.path.join(config.teacher_dir, "models", "teacher"), params)
+    out["start"] = f"teacher from {config.teacher_dir}"
+  else:
+    state, _, seconds, _ = _epoch_call(train.make_train_epoch(train.stateful_apply(dense),
+                                                              optimizer, batch),
+                                       train.commit(train.init_state(params, optimizer)),
+                                       train_images, train_labels,
+                                       min(config.pretrain_steps, train_images.shape[0] // batch),
+                                       batch, config.seed)
+    params = state.params
+    out["start"] = f"reference MLP after {int(state.step)} Adam steps on {source} ({seconds:.1f} s)"
+  log(f"start: {out['start']}")
+  images, labels = train_images[:batch], train_labels[:batch]
+
   def time_step(net, model_state=None, repeats=config.repeats):
-    """Mean ms per step over 4·repeats consecutive steps (the state advances, so amortised
+    """Mean ms per step over 8·repeats consecutive steps (the state advances, so amortised
     subspace refinements count at their real frequency), after two warm-up steps."""
     state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
                                           model_state=model_state))
     step = _step_fn(net, optimizer)
     for _ in range(2):
       state = jax.block_until_ready(step(state, images, labels))
-    count = 4 * repeats
+    count = 8 * repeats
     start = time.perf_counter()
     for _ in range(count):
       state = step(state, images, labels)
@@ -91,11 +151,11 @@ def run_bench(config, log=print) -> dict:
   for rank in config.ranks:
     row = {"rank": rank}
     if rank in config.exact_ranks:
-      ms = time_step(models.mlp(hidden, config.num_classes, project_rank=rank),
+      ms = time_step(models.mlp(hidden, num_classes, project_rank=rank),
                      repeats=config.exact_repeats)
       row["exact_ms"], row["exact_ratio"] = ms, ms / dense_ms
     for every in config.update_every:
-      net = models.mlp(hidden, config.num_classes, project_rank=rank, projection_method="subspace",
+      net = models.mlp(hidden, num_classes, project_rank=rank, projection_method="subspace",
                        projection_update_every=every)
       ms = time_step(net, models.projection_state(params, rank, len(hidden)))
       row[f"subspace_every{every}_ms"], row[f"subspace_every{every}_ratio"] = ms, ms / dense_ms
@@ -105,28 +165,26 @@ def run_bench(config, log=print) -> dict:
   out["train_steps"] = steps
 
   # Optimality of the tracked projection along real training: a subspace student trained with
-  # Adam on fixed random data; exact ratio ‖W − Ŵ‖_F / ‖W − W_r‖_F of every hidden layer.
+  # Adam on the benchmark data; exact ratio ‖W − Ŵ‖_F / ‖W − W_r‖_F of every projected layer.
   optimality = []
-  data_images = jax.random.uniform(jax.random.PRNGKey(1), (batch * 20, config.input_dim))
-  data_labels = jax.random.randint(jax.random.PRNGKey(2), (batch * 20,), 0, config.num_classes)
   ratio_fn = jax.jit(subspace.optimality_ratio, static_argnums=2)
+  num_batches = train_images.shape[0] // batch
   for rank in config.optimality_ranks:
     for every in config.update_every:
-      net = models.mlp(hidden, config.num_classes, project_rank=rank,
-                       projection_method="subspace", projection_update_every=every)
+      net = models.mlp(hidden, num_classes, project_rank=rank, projection_method="subspace",
+                       projection_update_every=every)
       step = _step_fn(net, optimizer)
       state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
                                             model_state=models.projection_state(params, rank,
                                                                                 len(hidden))))
       ratios = []
       for i in range(config.optimality_steps):
-        start = (i % 20) * batch
-        state = step(state, data_images[start:start + batch], data_labels[start:start + batch])
+        start = (i % num_batches) * batch
+        state = step(state, train_images[start:start + batch], train_labels[start:start + batch])
         if (i + 1) % config.optimality_every == 0:
           for layer in range(len(hidden)):
             name = f"linear_{layer}"
-            w = state.params[name]
-            w = w["w"]
+            w = state.params[name]["w"]
             basis = subspace.right_basis(state.model_state[name]["subspace"], rank)
             ratios.append(float(ratio_fn(w, (w @ basis) @ basis.T, rank)))
       optimality.append({"rank": rank, "update_every": every, "max": max(ratios),
@@ -135,12 +193,15 @@ def run_bench(config, log=print) -> dict:
           f"median {np.median(ratios):.5f} over {len(ratios)} layer-steps")
   out["optimality"] = optimality
 
+  out["parallel_ranks"] = _parallel_ranks(config, params, hidden, num_classes, train_images,
+                                          train_labels, log)
+
   latency = []
   for size in config.latency_batch_sizes:
-    x = jax.random.uniform(key, (size, config.input_dim))
+    x = jax.random.uniform(key, (size, input_dim))
     dense_fwd = train.measure_latency(jax.jit(dense.apply), params, x, repeats=config.repeats * 4)
     for rank in config.ranks:
-      factorized = models.mlp(hidden, config.num_classes, ranks=rank)
+      factorized = models.mlp(hidden, num_classes, ranks=rank)
       ms = train.measure_latency(jax.jit(factorized.apply), compression.compress(params, rank), x,
                                  repeats=config.repeats * 4)
       theory = sum(rank * (m + n) for m, n in shapes[:-1]) / sum(m * n for m, n in shapes[:-1])
@@ -149,9 +210,92 @@ def run_bench(config, log=print) -> dict:
       log(f"latency batch {size:>5} rank {rank:>4}: dense {dense_fwd:.3f} ms, factorized "
           f"{ms:.3f} ms, ratio {ms / dense_fwd:.3f} (theory {theory:.3f})")
   out["latency"] = latency
+
+  out["exact_vs_subspace"] = _exact_vs_subspace(config, params, hidden, num_classes, train_images,
+                                                train_labels, test_images, test_labels, log)
   io.atomic_write_json(os.path.join(config.workdir, "bench.json"), out)
   log(f"wrote {os.path.join(config.workdir, 'bench.json')}")
   return out
+
+
+def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) -> dict:
+  """Factorized students of `config.ranks` for `parallel_steps` steps each: one by one, each
+  with its own program (a notebook's loop), vs one program for all (factors zero-padded to the
+  largest rank) run side by side (`vmap`) or member after member (`lax.map`). Seconds
+  excluding compilation (reported apart), and the largest parameter difference to one by one."""
+  optimizer = train.adam(1e-3)
+  batch, steps = config.batch_size, config.parallel_steps
+  ranks = list(config.ranks)
+  width = max(ranks)
+  sequential_s, sequential_compile_s, alone = 0.0, 0.0, []
+  for rank in ranks:
+    net = models.mlp(hidden, num_classes, ranks=rank)
+    epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch)
+    state = train.commit(train.init_state(compression.compress(params, rank), optimizer))
+    state, _, seconds, compile_s = _epoch_call(epoch, state, images, labels, steps, batch, config.seed)
+    sequential_s += seconds
+    sequential_compile_s += compile_s
+    alone.append(state.params)
+  out = {"ranks": ranks, "steps": steps, "sequential_s": sequential_s,
+         "sequential_compile_s": sequential_compile_s}
+  net = models.mlp(hidden, num_classes, ranks=width)
+  epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch)
+  for name, vectorize in (("vmap", True), ("map", False)):
+    states = rank_batch.stack([
+        train.init_state(rank_batch.pad_factors(compression.compress(params, r), width), optimizer)
+        for r in ranks])
+    mapped = rank_batch.batch_epoch(epoch, vectorize=vectorize)
+    states, _, seconds, compile_s = _epoch_call(mapped, train.commit(states), images, labels,
+                                                steps, batch, config.seed)
+    members = rank_batch.unstack(states.params, len(ranks))
+    difference = max(float(jnp.max(jnp.abs(a - b)))
+                     for rank, p, q in zip(ranks, members, alone)
+                     for a, b in zip(jax.tree_util.tree_leaves(rank_batch.unpad_factors(p, rank)),
+                                     jax.tree_util.tree_leaves(q)))
+    out[f"{name}_s"], out[f"{name}_compile_s"] = seconds, compile_s
+    out[f"{name}_ratio"] = seconds / sequential_s
+    out[f"{name}_max_param_difference"] = difference
+  log(f"parallel ranks {ranks}, {steps} steps each: one by one {sequential_s:.2f} s "
+      f"(+{sequential_compile_s:.1f} s compiling); side by side (vmap) {out['vmap_s']:.2f} s = "
+      f"{out['vmap_ratio']:.2f}× (+{out['vmap_compile_s']:.1f} s); member by member (lax.map) "
+      f"{out['map_s']:.2f} s = {out['map_ratio']:.2f}× (+{out['map_compile_s']:.1f} s); "
+      f"max |Δparam| vmap {out['vmap_max_param_difference']:.1e}, "
+      f"map {out['map_max_param_difference']:.1e}")
+  return out
+
+
+def _exact_vs_subspace(config, params, hidden, num_classes, train_images, train_labels,
+                       test_images, test_labels, log) -> list:
+  """Straight-through students trained `compare_steps` steps on the same batches with the exact
+  and with the subspace projection (refined every `compare_update_every` steps): wall time
+  (compilation apart) and test accuracy of the exactly projected final weights."""
+  optimizer = train.adam(1e-3)
+  evaluate = train.make_evaluate(models.mlp(hidden, num_classes).apply)
+  rows = []
+  for rank in config.compare_ranks:
+    row = {"rank": rank, "steps": config.compare_steps,
+           "update_every": config.compare_update_every}
+    for method in ("exact", "subspace"):
+      net = models.mlp(hidden, num_classes, project_rank=rank, projection_method=method,
+                       projection_update_every=config.compare_update_every)
+      model_state = (models.projection_state(params, rank, len(hidden))
+                     if method == "subspace" else None)
+      state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+                                            model_state=model_state))
+      epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, config.batch_size)
+      state, _, seconds, _ = _epoch_call(epoch, state, train_images, train_labels,
+                                         config.compare_steps, config.batch_size, config.seed)
+      projected = compression.project(state.params, rank)
+      row[f"{method}_s"] = seconds
+      row[f"{method}_accuracy"] = float(evaluate(projected, test_images, test_labels)[0])
+    row["speedup"] = row["exact_s"] / row["subspace_s"]
+    row["accuracy_difference_points"] = 100 * (row["subspace_accuracy"] - row["exact_accuracy"])
+    rows.append(row)
+    log(f"exact vs subspace (every {config.compare_update_every}) rank {rank}, "
+        f"{config.compare_steps} steps: {row['exact_s']:.1f} s vs {row['subspace_s']:.1f} s "
+        f"= {row['speedup']:.1f}× faster; test accuracy {100 * row['exact_accuracy']:.2f} % vs "
+        f"{100 * row['subspace_accuracy']:.2f} % ({row['accuracy_difference_points']:+.2f} points)")
+  return rows
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Students of several ranks trained as one batch: one jitted epoch mapped over a rank axis.
 
 The members r_1 … r_n share one network of a static width k ≥ max r_i, so one compiled program
-serves every rank, whether the members train in one call (`lax.map` over n, see `batch_epoch`)
-or one call each (n = 1, the same program reused):
+serves every rank, whether the members train in one call (`vmap` or `lax.map` over n, see
+`batch_epoch`) or one call each (n = 1, the same program reused):
 
 * straight-through: a projected MLP built at rank k whose `apply` takes the member's rank as a
   traced argument; singular directions ≥ r_i are masked (`st_truncate_masked`, or the first
@@ -66,20 +66,23 @@ def unpad_factors(params: Params, rank: int) -> Params:
   return {name: cut(module) for name, module in params.items()}
 
 
-def batch_epoch(epoch_fn: Callable) -> Callable:
+def batch_epoch(epoch_fn: Callable, vectorize: bool = False) -> Callable:
   """`train.make_train_epoch`'s epoch mapped over a leading member axis of the state and of
   each extra apply argument (e.g. the rank); data and order are shared. Jitted.
 
-  The members run one after the other inside the one program (`lax.map`), not batched by
-  `vmap`: the subspace tracker's lazy refresh and extra iterations are `while` loops, and
-  batched `while` loops with per-member predicates hung intermittently on the XLA CPU runtime
-  (jax 0.10.2) in our runs; mapped, every member's loops keep scalar predicates.
+  `vectorize=False`: the members run one after the other inside the one program (`lax.map`).
+  Use it for networks with `while` loops (the subspace tracker's lazy refresh and extra
+  iterations): batched `while` loops with per-member predicates hung intermittently on the XLA
+  CPU runtime (jax 0.10.2) in our runs; mapped, every member's loops keep scalar predicates.
+  `vectorize=True`: the members train side by side (`vmap`; every product gets a member axis),
+  for loop-free networks such as the factorized students.
   """
   def mapped(states, images, labels, order, soft_targets, *args):
-    def member(carry):
-      state, member_args = carry
+    def member(state, member_args):
       return epoch_fn(state, images, labels, order, soft_targets, *member_args)
-    return jax.lax.map(member, (states, tuple(args)))
+    if vectorize:
+      return jax.vmap(member)(states, tuple(args))
+    return jax.lax.map(lambda carry: member(*carry), (states, tuple(args)))
 
   return jax.jit(mapped)
 

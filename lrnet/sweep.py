@@ -39,6 +39,7 @@ CSV_FIELDS = ("rank", "params", "compression", "truncated_accuracy", "straight_t
               "factorized_accuracy", "latency_dense_ms", "latency_factorized_ms",
               "theoretical_latency_ratio", "error")
 Log = Callable[[str], None]
+PLOT_EVERY_SECS = 30.0
 
 
 def _print(line: str) -> None:
@@ -110,8 +111,12 @@ class Experiment:
     return io.read_json(path) if os.path.exists(path) else None
 
   def fit(self, run: str, params, apply_fn, validate, settings, seed_offset: int,
-          apply_args: tuple = (), model_state=None):
-    """Trains `params` (resuming from the run's last epoch checkpoint); returns final progress."""
+          apply_args: tuple = (), model_state=None, epoch_fn: Optional[Callable] = None):
+    """Trains `params` (resuming from the run's last epoch checkpoint); returns final progress.
+
+    `epoch_fn`: a jitted epoch of `apply_fn` shared with other runs (compiled once); None:
+    one is built (and compiled) for this run.
+    """
     optimizer = train.adam(settings.learning_rate)
     # A copy: the jitted epoch donates the state, which must not delete the caller's arrays.
     params = jax.tree_util.tree_map(jnp.copy, params)
@@ -120,8 +125,9 @@ class Experiment:
     progress = train.start_progress(state)
     # Not donating the state: donation was ruled out while chasing the batched straight-through
     # deadlock (BUILD_NOTES.md, known limits) and left off; it costs one extra state copy.
-    epoch_fn = jax.jit(train.make_train_epoch(apply_fn, optimizer, settings.batch_size,
-                                              ema_decay=settings.ema_decay))
+    if epoch_fn is None:
+      epoch_fn = jax.jit(train.make_train_epoch(apply_fn, optimizer, settings.batch_size,
+                                                ema_decay=settings.ema_decay))
     checkpointer = checkpoint.Checkpointer(self.path("checkpoints", run), max_to_keep=1)
     resumed = checkpointer.latest_step()
     if resumed is not None:
@@ -221,16 +227,51 @@ def run_name(rank, kind: str) -> str:
   return f"rank_{rank_label(rank)}_{kind}"
 
 
-def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
-  """Trains one student of `kind` at `rank` from the teacher with its own compiled program, or
-  returns its finished record. (Factorized students of integer ranks train in batches.)"""
+class StraightThroughProgram(NamedTuple):
+  """The compiled straight-through program shared by the integer ranks (`sweep.parallel_ranks`):
+  a student projected at a traced rank, its subspaces tracked at `batch_width` + oversample."""
+  net: Any            # models.mlp(..., project_rank=width): apply(params, state, x, rank)
+  epoch_fn: Callable  # jitted train epoch; the rank is its last argument
+  width: int
+
+
+def straight_through_program(exp: Experiment) -> StraightThroughProgram:
+  if "straight_through_program" not in exp.cache:
+    settings, projection = exp.config.student, exp.config.projection
+    width = batch_width(exp.config)
+    net = models.mlp(exp.hidden, exp.num_classes, project_rank=width,
+                     projection_method=projection.method,
+                     projection_update_every=projection.update_every)
+    epoch_fn = jax.jit(train.make_train_epoch(train.stateful_apply(net),
+                                              train.adam(settings.learning_rate),
+                                              settings.batch_size, ema_decay=settings.ema_decay))
+    exp.cache["straight_through_program"] = StraightThroughProgram(net, epoch_fn, width)
+  return exp.cache["straight_through_program"]
+
+
+def _student_run(exp: Experiment, kind: str, rank, teacher_params, shared: bool = False) -> dict:
+  """Trains one student of `kind` at `rank` from the teacher, or returns its finished record.
+
+  With `shared` (straight-through, integer rank), through the program every integer rank uses
+  (`straight_through_program`: one compilation; subspaces of `width + oversample` columns),
+  else with a program of its own. (Factorized students of integer ranks train in batches.)
+  """
   run = run_name(rank, kind)
   record = exp.finished(run)
   if record is not None:
     return record
   start = time.perf_counter()
-  model_state = None
-  if kind == "straight_through":
+  model_state, apply_args, epoch_fn = None, (), None
+  if kind == "straight_through" and shared:
+    program = straight_through_program(exp)
+    net, epoch_fn, params = program.net, program.epoch_fn, teacher_params
+    apply_args = (jnp.int32(rank),)
+    if exp.config.projection.method == "subspace":
+      model_state = models.projection_state(teacher_params, program.width, len(exp.hidden),
+                                            exp.config.projection.oversample)
+    project = exp.jitted("project_masked", compress_lib.project_masked)
+    evaluate = lambda p, split: exp.accuracy(exp.evaluate_dense, project(p, rank), split)
+  elif kind == "straight_through":
     method = exp.config.projection.method
     net = models.mlp(exp.hidden, exp.num_classes, project_rank=rank, projection_method=method,
                      projection_update_every=exp.config.projection.update_every)
@@ -247,7 +288,8 @@ def _student_run(exp: Experiment, kind: str, rank, teacher_params) -> dict:
     evaluate = lambda p, split: exp.accuracy(evaluate_factorized, p, split)
   try:
     progress = exp.fit(run, params, train.stateful_apply(net), lambda p: evaluate(p, exp.val),
-                       exp.config.student, seed_offset=1, model_state=model_state)
+                       exp.config.student, seed_offset=1, model_state=model_state,
+                       apply_args=apply_args, epoch_fn=epoch_fn)
   except train.NonFiniteError as error:
     exp.log(f"[{run}] FAILED: {error}")
     return {"error": str(error)}  # not saved as finished: a later run may try again
@@ -279,9 +321,10 @@ def factorized_program(exp: Experiment) -> FactorizedProgram:
     net = models.mlp(exp.hidden, exp.num_classes, ranks=batch_width(exp.config))
     evaluate = train.make_evaluate(net.apply)
     exp.cache["factorized_program"] = FactorizedProgram(
+        # Side by side (vmap) when the members train in one call, else one member per call.
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
             train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
-            settings.ema_decay)),
+            settings.ema_decay), vectorize=exp.config.sweep.parallel_ranks),
         accuracy=jax.jit(jax.vmap(lambda p, x, y: evaluate(p, x, y)[0], in_axes=(0, None, None))))
   return exp.cache["factorized_program"]
 
@@ -359,9 +402,10 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
 
   Factorized students of integer ranks train in batches (all at once with
   `sweep.parallel_ranks`, else one by one through the same compiled program). Straight-through
-  students train one by one, each with its own program (`_student_run`): a batched
-  straight-through program deadlocked intermittently in the XLA CPU runtime (see BUILD_NOTES.md,
-  known limits).
+  students train one by one (`_student_run`): with `sweep.parallel_ranks` the integer ranks share
+  one compiled program, else each has its own (subspaces of r + oversample columns, cheaper per
+  step at small r). A vmapped straight-through batch deadlocked intermittently in the XLA CPU
+  runtime (see BUILD_NOTES.md, known limits), so they do not train side by side.
   """
   pending, done = [], {}
   for rank in exp.config.sweep.ranks:
@@ -372,9 +416,11 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
       pending.append(rank)
   if done:
     on_records(done)
+  shared = exp.config.sweep.parallel_ranks
   for rank in exp.config.sweep.ranks:
     if rank not in done and rank not in pending:
-      on_records({rank: _student_run(exp, kind, rank, exp.teacher_params)})
+      on_records({rank: _student_run(exp, kind, rank, exp.teacher_params,
+                                     shared=shared and config_lib.is_int(rank))})
   batches = [pending] if exp.config.sweep.parallel_ranks else [[rank] for rank in pending]
   for ranks in batches:
     if ranks:
@@ -418,11 +464,13 @@ def break_even_rank(config) -> float:
   return m * n / (m + n)
 
 
-def write_results(exp: Experiment, results: dict) -> None:
+def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> None:
+  """results.json and results.csv, and with `with_plots` both plots (≈ 0.8 s), atomically."""
   io.atomic_write_json(exp.path("results.json"), results)
   rows = [{field: entry.get(field) for field in CSV_FIELDS} for entry in results["ranks"]]
   io.atomic_write_csv(exp.path("results.csv"), rows, CSV_FIELDS)
-  plots.write_plots(results, exp.workdir, break_even_rank=break_even_rank(exp.config))
+  if with_plots:
+    plots.write_plots(results, exp.workdir, break_even_rank=break_even_rank(exp.config))
 
 
 def format_table(results: dict) -> str:
@@ -464,6 +512,10 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
              "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks]}
   write_results(exp, results)
   entries = dict(zip(config.sweep.ranks, results["ranks"]))
+  # Plots are redrawn after a finished run only if PLOT_EVERY_SECS have passed since the last
+  # drawing (≈ 0.8 s each; the quick start finishes runs every few seconds), and always once
+  # every kind is done; results.json/csv after every run.
+  last_plot = [time.perf_counter()]
 
   for kind in config.sweep.kinds:
     def on_records(records, kind=kind):
@@ -472,8 +524,13 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
         entry[f"{kind}_accuracy"] = record.get("test_accuracy")
         if "error" in record:
           entry["error"] = "; ".join(filter(None, [entry.get("error"), f"{kind}: {record['error']}"]))
-      write_results(exp, results)
+      with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
+      write_results(exp, results, with_plots=with_plots)
+      if with_plots:
+        last_plot[0] = time.perf_counter()
     train_students(exp, kind, on_records)
+    write_results(exp, results)
+    last_plot[0] = time.perf_counter()
   log(format_table(results))
   return results
 

@@ -1,4 +1,4 @@
-"""experiments/bench.py on a tiny MLP: every section measured and written to bench.json."""
+"""experiments/bench.py on a tiny MLP and the digits: every section measured and written."""
 
 import json
 
@@ -9,21 +9,36 @@ from experiments import bench
 def test_bench_writes_every_section(tmp_path):
   config = bench_config.get_config()
   config.workdir = str(tmp_path)
-  config.input_dim, config.hidden = 32, (48, 48)
+  config.data_name = "digits"  # offline; 64 inputs
+  config.hidden = (48, 48)
+  config.batch_size = 32
+  config.pretrain_steps = 20
   config.ranks, config.exact_ranks, config.optimality_ranks = (4, 8), (4,), (4,)
   config.repeats, config.exact_repeats = 2, 1
   config.optimality_steps, config.optimality_every = 6, 3
+  config.parallel_steps = 5
   config.latency_batch_sizes = (8,)
+  config.compare_ranks, config.compare_steps, config.compare_update_every = (4,), 10, 2
   result = bench.run_bench(config, log=lambda _: None)
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   assert on_disk == json.loads(json.dumps(result))
+  assert on_disk["start"].startswith("reference MLP after 20 Adam steps on digits")
   assert on_disk["matmul_1024_gflops"] > 0 and on_disk["dense_step_ms"] > 0
   assert [row["rank"] for row in on_disk["train_steps"]] == [4, 8]
   assert "exact_ratio" in on_disk["train_steps"][0] and "exact_ratio" not in on_disk["train_steps"][1]
-  assert all(row["subspace_every4_ratio"] > 0 for row in on_disk["train_steps"])
+  assert all(row["subspace_every8_ratio"] > 0 for row in on_disk["train_steps"])
   for entry in on_disk["optimality"]:
     # Eckart–Young: no rank-r projection beats the truncated SVD, and the tracker stays close.
     assert 1.0 - 1e-4 <= entry["median"] <= entry["max"] < 1.01
     assert entry["measurements"] == 2 * 2
+  parallel = on_disk["parallel_ranks"]
+  assert parallel["ranks"] == [4, 8] and parallel["sequential_s"] > 0
+  # Zero-padded members train exactly like rank-r networks: same parameters as one by one.
+  assert parallel["vmap_max_param_difference"] < 1e-4
+  assert parallel["map_max_param_difference"] < 1e-4
   theory = {row["rank"]: row["theoretical_ratio"] for row in on_disk["latency"]}
-  assert theory[4] == (4 * (32 + 48) + 4 * (48 + 48)) / (32 * 48 + 48 * 48)
+  assert theory[4] == (4 * (64 + 48) + 4 * (48 + 48)) / (64 * 48 + 48 * 48)
+  (compare,) = on_disk["exact_vs_subspace"]
+  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["speedup"] > 0
+  # Ten steps from the same start on the same batches: the two projections agree closely.
+  assert abs(compare["accuracy_difference_points"]) < 3.0

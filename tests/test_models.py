@@ -109,3 +109,22 @@ def test_student_rank_override_vmaps_over_ranks():
   dense = lrnet.models.mlp(HIDDEN, 10)
   for i, r in enumerate([2, 5]):
     np.testing.assert_allclose(logits[i], dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
+
+
+def test_subspace_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike():
+  """The shared straight-through program (`sweep.parallel_ranks`): a subspace student built at
+  width 5 and run at a traced rank r gives the exact rank-r projection's logits, and its
+  gradient is the straight-through one of the rank-r student."""
+  params = _dense_params()
+  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method="subspace")
+  wide_state = lrnet.models.projection_state(params, 5, len(HIDDEN))
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  for r in (2, 4):
+    logits, new_state = jax.jit(wide.apply)(params, wide_state, IMAGES, jnp.int32(r))
+    np.testing.assert_allclose(logits, dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
+    assert int(new_state["linear_0"]["calls"]) == 1
+    loss = lambda p: _cross_entropy(wide.apply(p, wide_state, IMAGES, jnp.int32(r))[0], LABELS)
+    exact = lrnet.models.mlp(HIDDEN, 10, project_rank=r)
+    exact_loss = lambda p: _cross_entropy(exact.apply(p, IMAGES), LABELS)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                           jax.grad(loss)(params), jax.grad(exact_loss)(params))

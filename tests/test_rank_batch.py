@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lrnet import compression
 from lrnet import models
@@ -22,7 +23,7 @@ def _teacher():
   return models.mlp(HIDDEN, 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))
 
 
-def _factorized_program(width=8):
+def _factorized_program(width=8, vectorize=False):
   """Data, teacher, optimizer, batched epoch and batched accuracy of a width-8 factorized MLP."""
   images, labels = _data()
   optimizer = train.adam(1e-2)
@@ -30,7 +31,8 @@ def _factorized_program(width=8):
   epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch_size=16)
   evaluate = train.make_evaluate(net.apply)
   accuracy = jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0]))
-  return images, labels, _teacher(), optimizer, rank_batch.batch_epoch(epoch), accuracy
+  return (images, labels, _teacher(), optimizer,
+          rank_batch.batch_epoch(epoch, vectorize=vectorize), accuracy)
 
 
 def test_pad_unpad_roundtrip_and_same_function():
@@ -46,8 +48,9 @@ def test_pad_unpad_roundtrip_and_same_function():
   np.testing.assert_allclose(small, wide, rtol=1e-5, atol=1e-6)
 
 
-def test_factorized_batch_keeps_padding_zero_and_matches_single_runs():
-  images, labels, teacher, optimizer, epoch_fn, accuracy = _factorized_program()
+@pytest.mark.parametrize("vectorize", [False, True], ids=["lax_map", "vmap"])
+def test_factorized_batch_keeps_padding_zero_and_matches_single_runs(vectorize):
+  images, labels, teacher, optimizer, epoch_fn, accuracy = _factorized_program(vectorize=vectorize)
 
   def run(ranks):
     states = [train.init_state(rank_batch.pad_factors(compression.compress(teacher, r), 8),
@@ -62,8 +65,18 @@ def test_factorized_batch_keeps_padding_zero_and_matches_single_runs():
       assert not np.any(np.asarray(params[name]["u"][:, rank:]))
       assert not np.any(np.asarray(params[name]["v"][rank:, :]))
   assert int(batch.epoch) == 3 and np.all(np.asarray(batch.progress.epochs_done) == 3)
-  _, alone = run([5])
-  for a, b in zip(jax.tree_util.tree_leaves(members[1]), jax.tree_util.tree_leaves(alone[0])):
+  # One by one: a program of its own per member, at its own (unpadded) rank.
+  net = models.mlp(HIDDEN, 3, ranks=5)
+  single = rank_batch.batch_epoch(train.make_train_epoch(train.stateful_apply(net), optimizer,
+                                                         batch_size=16))
+  evaluate = train.make_evaluate(net.apply)
+  batch_alone = rank_batch.fit_batch(
+      rank_batch.start_batch([train.init_state(compression.compress(teacher, 5), optimizer)]),
+      single, jax.jit(jax.vmap(lambda p: evaluate(p, images, labels)[0])), images, labels,
+      epochs=3, seed=0)
+  alone = [rank_batch.unpad_factors(members[1], 5),
+           rank_batch.unstack(batch_alone.progress.state.params, 1)[0]]
+  for a, b in zip(jax.tree_util.tree_leaves(alone[0]), jax.tree_util.tree_leaves(alone[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
