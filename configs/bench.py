@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.workdir = "workdirs/bench"     # bench.json goes here
   config.seed = 0
   # Data for pre-training, the optimality trajectory and the exact-vs-subspace students:
-  # a dataset of lrnet.data (its input size wins over input_dim), or None: random images.
+  # a dataset of lrnet.data (its input size wins over input_dim), or "random": random images.
   config.data_name = "fashion_mnist"
   config.data_dir = config_dict.placeholder(str)
   config.input_dim = 784                # random images only

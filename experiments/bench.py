@@ -63,9 +63,9 @@ def _flat(images: np.ndarray) -> jax.Array:
 def _bench_data(config, log):
   """(train images [N, d], train labels, test images, test labels, num_classes, description).
 
-  `data_name` from `lrnet.data` when set, else uniform random images of `input_dim` pixels.
+  `data_name` from `lrnet.data`, or "random": uniform random images of `input_dim` pixels.
   """
-  if config.data_name:
+  if config.data_name != "random":
     dataset = data.load_dataset(config.data_name, config.data_dir, seed=config.seed)
     log(f"data: {config.data_name} from {dataset.source}")
     return (_flat(dataset.train.images), jnp.asarray(dataset.train.labels),
