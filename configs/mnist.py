@@ -41,10 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
-  # Factorized students of integer ranks share one program (factors zero-padded to the largest
-  # integer rank). True: they train side by side (vmap over ranks), and the straight-through
-  # students of integer ranks share one program too (traced rank; trained one after another);
-  # False: one after the other, straight-through students each with a program of its own.
+  # True: the factorized students of integer ranks train side by side in one program (factors
+  # zero-padded to the largest integer rank), and the straight-through ones share one program
+  # (traced rank, trained one after another): one compilation each, every member costing the
+  # largest rank. False: one by one, each with a program at its own rank. On a 2-core CPU False is
+  # faster unless compilation dominates (the digits quick start); see BUILD_NOTES.md.
   config.sweep.parallel_ranks = False
   config.sweep.kinds = ("straight_through", "factorized")  # students to train; (): truncation only
 

@@ -313,20 +313,21 @@ class FactorizedProgram(NamedTuple):
   accuracy: Callable  # (stacked params, images, labels) -> accuracies [n]
 
 
-def factorized_program(exp: Experiment) -> FactorizedProgram:
-  """The (cached) batched factorized program at width `batch_width(config)`: each member's
-  factors are zero-padded to that width (`rank_batch.pad_factors`)."""
-  if "factorized_program" not in exp.cache:
+def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
+  """The (cached) factorized program of rank `width`, mapped over a member axis: each member's
+  factors are zero-padded to `width` (`rank_batch.pad_factors`). Members train side by side
+  (`vmap`) with `sweep.parallel_ranks`; else every batch has one member at its own rank."""
+  key = ("factorized_program", width)
+  if key not in exp.cache:
     settings = exp.config.student
-    net = models.mlp(exp.hidden, exp.num_classes, ranks=batch_width(exp.config))
+    net = models.mlp(exp.hidden, exp.num_classes, ranks=width)
     evaluate = train.make_evaluate(net.apply)
-    exp.cache["factorized_program"] = FactorizedProgram(
-        # Side by side (vmap) when the members train in one call, else one member per call.
+    exp.cache[key] = FactorizedProgram(
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
             train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
             settings.ema_decay), vectorize=exp.config.sweep.parallel_ranks),
         accuracy=jax.jit(jax.vmap(lambda p, x, y: evaluate(p, x, y)[0], in_axes=(0, None, None))))
-  return exp.cache["factorized_program"]
+  return exp.cache[key]
 
 
 def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
@@ -335,9 +336,9 @@ def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
   Finished members are saved like single runs (models/<run>, runs/<run>.json); a member that
   hit NaN/Inf gets {"error": ...} and is not saved, so a later run retries it.
   """
-  kind, program = "factorized", factorized_program(exp)
+  kind, width = "factorized", max(ranks)
+  program = factorized_program(exp, width)
   settings = exp.config.student
-  width = batch_width(exp.config)
   names = [run_name(r, kind) for r in ranks]
   batch_run = f"{kind}_ranks_{'-'.join(rank_label(r) for r in ranks)}"
   start = time.perf_counter()
@@ -400,8 +401,10 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   """Every `kind` student of the sweep. Calls `on_records({rank: record})` as runs finish (or
   were finished before).
 
-  Factorized students of integer ranks train in batches (all at once with
-  `sweep.parallel_ranks`, else one by one through the same compiled program). Straight-through
+  Factorized students of integer ranks train in batches: all at once, side by side in one
+  program zero-padded to the largest rank, with `sweep.parallel_ranks`; else one by one, each at
+  its own rank (padding makes every member cost the largest rank: on a CPU one by one is faster,
+  see BUILD_NOTES.md). Straight-through
   students train one by one (`_student_run`): with `sweep.parallel_ranks` the integer ranks share
   one compiled program, else each has its own (subspaces of r + oversample columns, cheaper per
   step at small r). A vmapped straight-through batch deadlocked intermittently in the XLA CPU
