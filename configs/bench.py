@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain_steps = 500
   config.ranks = (10, 20, 50, 100, 200)
   config.exact_ranks = (10, 200)        # the exact SVD step is slow: fewer ranks
-  config.update_every = (1, 8)          # subspace refinement periods to time
+  config.update_every = (1, 2, 8)       # subspace refinement periods to time
   config.repeats = 5                    # train steps: 8·repeats timed steps; latency: 4·repeats calls
   config.exact_repeats = 1
   config.optimality_steps = 64          # real Adam steps of a subspace student per rank ...
@@ -38,5 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Straight-through students with projection.method exact vs subspace on the same batches.
   config.compare_ranks = (20,)
   config.compare_steps = 200
-  config.compare_update_every = 8
+  config.compare_eval_every = 25        # test accuracy of the projected weights every k steps
+  config.compare_update_every = (1, 2, 8)
   return config

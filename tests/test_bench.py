@@ -18,7 +18,9 @@ def test_bench_writes_every_section(tmp_path):
   config.optimality_steps, config.optimality_every = 6, 3
   config.parallel_steps = 5
   config.latency_batch_sizes = (8,)
-  config.compare_ranks, config.compare_steps, config.compare_update_every = (4,), 10, 2
+  config.update_every = (1, 8)
+  config.compare_ranks, config.compare_steps, config.compare_eval_every = (4,), 10, 5
+  config.compare_update_every = (2,)
   result = bench.run_bench(config, log=lambda _: None)
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   assert on_disk == json.loads(json.dumps(result))
@@ -39,6 +41,8 @@ def test_bench_writes_every_section(tmp_path):
   theory = {row["rank"]: row["theoretical_ratio"] for row in on_disk["latency"]}
   assert theory[4] == (4 * (64 + 48) + 4 * (48 + 48)) / (64 * 48 + 48 * 48)
   (compare,) = on_disk["exact_vs_subspace"]
-  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["speedup"] > 0
+  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["subspace_every2_speedup"] > 0
+  assert len(compare["exact_accuracies"]) == len(compare["subspace_every2_accuracies"]) == 2
+  assert compare["exact_accuracy_last4"] == sum(compare["exact_accuracies"]) / 2
   # Ten steps from the same start on the same batches: the two projections agree closely.
-  assert abs(compare["accuracy_difference_points"]) < 3.0
+  assert abs(compare["subspace_every2_accuracy_difference_points"]) < 3.0
