@@ -313,10 +313,19 @@ class FactorizedProgram(NamedTuple):
   accuracy: Callable  # (stacked params, images, labels) -> accuracies [n]
 
 
+def side_by_side(config) -> bool:
+  """Whether a factorized batch trains its members side by side (`vmap`) rather than member by
+  member (`lax.map`) in its one program: with `sweep.parallel_ranks` on an accelerator. On a CPU
+  one matmul already uses every core, and the benchmark measured vmap slower than lax.map there
+  (10.9 vs 9.5 s for the reference ranks, BUILD_NOTES.md)."""
+  return bool(config.sweep.parallel_ranks) and jax.default_backend() != "cpu"
+
+
 def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
   """The (cached) factorized program of rank `width`, mapped over a member axis: each member's
-  factors are zero-padded to `width` (`rank_batch.pad_factors`). Members train side by side
-  (`vmap`) with `sweep.parallel_ranks`; else every batch has one member at its own rank."""
+  factors are zero-padded to `width` (`rank_batch.pad_factors`). With `sweep.parallel_ranks` one
+  batch holds every integer rank (side by side where `side_by_side`); else every batch has one
+  member at its own rank."""
   key = ("factorized_program", width)
   if key not in exp.cache:
     settings = exp.config.student
@@ -325,7 +334,7 @@ def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
     exp.cache[key] = FactorizedProgram(
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
             train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
-            settings.ema_decay), vectorize=exp.config.sweep.parallel_ranks),
+            settings.ema_decay), vectorize=side_by_side(exp.config)),
         accuracy=jax.jit(jax.vmap(lambda p, x, y: evaluate(p, x, y)[0], in_axes=(0, None, None))))
   return exp.cache[key]
 
@@ -401,8 +410,9 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   """Every `kind` student of the sweep. Calls `on_records({rank: record})` as runs finish (or
   were finished before).
 
-  Factorized students of integer ranks train in batches: all at once, side by side in one
-  program zero-padded to the largest rank, with `sweep.parallel_ranks`; else one by one, each at
+  Factorized students of integer ranks train in batches: all in one call of one program
+  zero-padded to the largest rank with `sweep.parallel_ranks` (`side_by_side` on an
+  accelerator, member by member on a CPU); else one by one, each at
   its own rank (padding makes every member cost the largest rank: on a CPU one by one is faster,
   see BUILD_NOTES.md). Straight-through
   students train one by one (`_student_run`): with `sweep.parallel_ranks` the integer ranks share
