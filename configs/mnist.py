@@ -41,8 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
-  # True: the factorized students of integer ranks train side by side in one program (factors
-  # zero-padded to the largest integer rank), and the straight-through ones share one program
+  # True: the factorized students of integer ranks train in one call of one program (factors
+  # zero-padded to the largest integer rank; side by side on an accelerator, member by member on
+  # a CPU), and the straight-through ones share one program
   # (traced rank, trained one after another): one compilation each, every member costing the
   # largest rank. False: one by one, each with a program at its own rank. On a 2-core CPU False is
   # faster unless compilation dominates (the digits quick start); see BUILD_NOTES.md.

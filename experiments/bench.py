@@ -27,6 +27,7 @@ import numpy as np
 from experiments import cli
 from lrnet import checkpoint
 from lrnet import compression
+from lrnet import config as config_lib
 from lrnet import data
 from lrnet import io
 from lrnet import models
@@ -90,7 +91,24 @@ def _epoch_call(epoch_fn, state, images, labels, steps, batch, seed, *args):
   return state, metrics, time.perf_counter() - start, compile_s
 
 
+def validate(config) -> None:
+  """One-line `ConfigError`s for counts that must be positive integers."""
+  for field in ("batch_size", "repeats", "exact_repeats", "optimality_steps", "optimality_every",
+                "parallel_steps", "compare_steps", "compare_eval_every", "input_dim",
+                "num_classes"):
+    config_lib.check_positive_int(config, field)
+  config_lib.check_positive_int(config, "pretrain_steps", allow_zero=True)
+  for field in ("hidden", "ranks", "exact_ranks", "update_every", "optimality_ranks",
+                "latency_batch_sizes", "compare_ranks", "compare_update_every"):
+    values = config[field]
+    if not isinstance(values, (tuple, list)) or not all(config_lib.is_int(v) and v >= 1
+                                                        for v in values):
+      raise config_lib.ConfigError(f"config field {field}={values!r} is invalid: must be a tuple "
+                                   "of integers >= 1")
+
+
 def run_bench(config, log=print) -> dict:
+  validate(config)
   os.makedirs(config.workdir, exist_ok=True)
   key = jax.random.PRNGKey(config.seed)
   hidden, batch = tuple(config.hidden), config.batch_size
@@ -128,7 +146,7 @@ def run_bench(config, log=print) -> dict:
   def time_step(net, model_state=None, repeats=config.repeats):
     """Mean ms per step over 8·repeats consecutive steps (the state advances, so amortised
     subspace refinements count at their real frequency), after two warm-up steps."""
-    state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+    state = train.commit(train.init_state(params, optimizer,
                                           model_state=model_state))
     step = _step_fn(net, optimizer)
     for _ in range(2):
@@ -174,7 +192,7 @@ def run_bench(config, log=print) -> dict:
       net = models.mlp(hidden, num_classes, project_rank=rank, projection_method="subspace",
                        projection_update_every=every)
       step = _step_fn(net, optimizer)
-      state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+      state = train.commit(train.init_state(params, optimizer,
                                             model_state=models.projection_state(params, rank,
                                                                                 len(hidden))))
       ratios = []
@@ -285,7 +303,7 @@ def _exact_vs_subspace(config, params, hidden, num_classes, train_images, train_
                        projection_update_every=every)
       model_state = (models.projection_state(params, rank, len(hidden))
                      if method == "subspace" else None)
-      state = train.commit(train.init_state(jax.tree_util.tree_map(jnp.copy, params), optimizer,
+      state = train.commit(train.init_state(params, optimizer,
                                             model_state=model_state))
       epoch = jax.jit(train.make_train_epoch(train.stateful_apply(net), optimizer, batch))
       seconds, accuracies = 0.0, []

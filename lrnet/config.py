@@ -40,7 +40,8 @@ def is_int(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _positive_int(config, field: str, allow_zero: bool = False):
+def check_positive_int(config, field: str, allow_zero: bool = False):
+  """Raises ConfigError unless `config.<field>` is an integer ≥ 1 (≥ 0 with `allow_zero`)."""
   value = _get(config, field)
   low = 0 if allow_zero else 1
   if not is_int(value) or value < low:
@@ -110,10 +111,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("model.hidden", hidden, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
 
   for run in ("teacher", "student"):
-    _positive_int(config, f"{run}.epochs")
-    _positive_int(config, f"{run}.batch_size")
+    check_positive_int(config, f"{run}.epochs")
+    check_positive_int(config, f"{run}.batch_size")
     _positive_float(config, f"{run}.learning_rate")
-    _positive_int(config, f"{run}.patience", allow_zero=True)
+    check_positive_int(config, f"{run}.patience", allow_zero=True)
     _unit_interval(config, f"{run}.ema_decay", closed_low=True)
 
   ranks = _get(config, "sweep.ranks")
@@ -128,8 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   method = _get(config, "projection.method")
   if method not in PROJECTION_METHODS:
     _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}")
-  _positive_int(config, "projection.oversample", allow_zero=True)
-  _positive_int(config, "projection.update_every")
+  check_positive_int(config, "projection.oversample", allow_zero=True)
+  check_positive_int(config, "projection.update_every")
   kinds = _get(config, "sweep.kinds")
   if (not isinstance(kinds, (tuple, list)) or len(set(kinds)) != len(kinds)
       or not set(kinds) <= set(STUDENT_KINDS)):
@@ -140,8 +141,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   every = _get(config, "checkpoint_every_secs")
   if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
     _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
-  _positive_int(config, "latency.batch_size")
-  _positive_int(config, "latency.repeats")
+  check_positive_int(config, "latency.batch_size")
+  check_positive_int(config, "latency.repeats")
 
 
 def experiment_fields(config: ml_collections.ConfigDict) -> dict:

@@ -118,8 +118,6 @@ class Experiment:
     one is built (and compiled) for this run.
     """
     optimizer = train.adam(settings.learning_rate)
-    # A copy: the jitted epoch donates the state, which must not delete the caller's arrays.
-    params = jax.tree_util.tree_map(jnp.copy, params)
     state = train.init_state(params, optimizer, model_state=model_state,
                              ema=settings.ema_decay > 0)
     progress = train.start_progress(state)
@@ -308,7 +306,7 @@ def batch_width(config) -> Optional[int]:
 
 
 class FactorizedProgram(NamedTuple):
-  """The compiled factorized-student program shared by every batch of integer ranks."""
+  """A compiled factorized-student program of one width, mapped over a member axis."""
   epoch_fn: Callable  # rank_batch.batch_epoch(...)
   accuracy: Callable  # (stacked params, images, labels) -> accuracies [n]
 

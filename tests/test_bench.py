@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+
 from configs import bench as bench_config
 from experiments import bench
+from lrnet import config as config_lib
 
 
 def test_bench_writes_every_section(tmp_path):
@@ -46,3 +49,15 @@ def test_bench_writes_every_section(tmp_path):
   assert compare["exact_accuracy_last4"] == sum(compare["exact_accuracies"]) / 2
   # Ten steps from the same start on the same batches: the two projections agree closely.
   assert abs(compare["subspace_every2_accuracy_difference_points"]) < 3.0
+
+
+def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
+  config = bench_config.get_config()
+  config.workdir = str(tmp_path)
+  config.compare_eval_every = 0
+  with pytest.raises(config_lib.ConfigError, match=r"compare_eval_every=0 .*integer >= 1"):
+    bench.run_bench(config, log=lambda _: None)
+  config.compare_eval_every, config.update_every = 25, (1, 0)
+  with pytest.raises(config_lib.ConfigError, match=r"update_every=\(1, 0\) .*integers >= 1"):
+    bench.run_bench(config, log=lambda _: None)
+  assert not (tmp_path / "bench.json").exists()
