@@ -2,7 +2,7 @@
 
   python -m experiments.bench --config=configs/bench.py --config.workdir=/tmp/lrnet_bench
 
-About 20 minutes on 2 CPU cores, most of it the exact-projection student (`compare_steps`).
+About 25 minutes on 2 CPU cores, most of it the exact-projection student (`compare_steps`).
 """
 
 import ml_collections
@@ -27,17 +27,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain_steps = 500
   config.ranks = (10, 20, 50, 100, 200)
   config.exact_ranks = (10, 200)        # the exact SVD step is slow: fewer ranks
-  config.update_every = (1, 2, 8)       # subspace refinement periods to time
+  config.methods = ("subspace", "streaming")  # fast projections (projection.method) to measure
+  config.update_every = (1, 2, 8)       # refinement periods to time
   config.repeats = 5                    # train steps: 8·repeats timed steps; latency: 4·repeats calls
   config.exact_repeats = 1
   config.optimality_steps = 64          # real Adam steps of a subspace student per rank ...
   config.optimality_every = 3           # ... with the exact optimality ratio every k-th step
   config.optimality_ranks = (10, 200)
+  config.optimality_update_every = (1, 2)
   config.parallel_steps = 100           # factorized students of every rank: one by one vs together
   config.latency_batch_sizes = (1, 100, 1000)
-  # Straight-through students with projection.method exact vs subspace on the same batches.
+  # Straight-through students with projection.method exact vs each of `methods`, same batches.
   config.compare_ranks = (20,)
   config.compare_steps = 200
   config.compare_eval_every = 25        # test accuracy of the projected weights every k steps
-  config.compare_update_every = (1, 2, 8)
+  config.compare_update_every = (1, 2)
   return config

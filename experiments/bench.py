@@ -22,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from experiments import cli
@@ -32,7 +33,9 @@ from lrnet import data
 from lrnet import io
 from lrnet import models
 from lrnet import rank_batch
+from lrnet import runtime
 from lrnet import subspace
+from lrnet import sweep as sweep_lib
 from lrnet import train
 
 
@@ -91,6 +94,17 @@ def _epoch_call(epoch_fn, state, images, labels, steps, batch, seed, *args):
   return state, metrics, time.perf_counter() - start, compile_s
 
 
+FAST_METHODS = tuple(m for m in models.PROJECTIONS if m != "exact")
+_STATE_KEY = {"subspace": "subspace", "streaming": "stream"}
+
+
+def _basis(layer_state, method: str, rank: int) -> jax.Array:
+  """The rank-r basis V ([n, k], columns ≥ r zeroed) a student's layer projects through."""
+  if method == "subspace":
+    return subspace.right_basis(layer_state["subspace"], rank)
+  return subspace.stream_basis(layer_state["stream"].basis, rank)
+
+
 def validate(config) -> None:
   """One-line `ConfigError`s for counts that must be positive integers."""
   for field in ("batch_size", "repeats", "exact_repeats", "optimality_steps", "optimality_every",
@@ -98,8 +112,14 @@ def validate(config) -> None:
                 "num_classes"):
     config_lib.check_positive_int(config, field)
   config_lib.check_positive_int(config, "pretrain_steps", allow_zero=True)
+  methods = config.methods
+  if (not isinstance(methods, (tuple, list)) or not methods
+      or not all(m in FAST_METHODS for m in methods)):
+    raise config_lib.ConfigError(f"config field methods={methods!r} is invalid: must be a "
+                                 f"non-empty tuple of {', '.join(FAST_METHODS)}")
   for field in ("hidden", "ranks", "exact_ranks", "update_every", "optimality_ranks",
-                "latency_batch_sizes", "compare_ranks", "compare_update_every"):
+                "optimality_update_every", "latency_batch_sizes", "compare_ranks",
+                "compare_update_every"):
     values = config[field]
     if not isinstance(values, (tuple, list)) or not all(config_lib.is_int(v) and v >= 1
                                                         for v in values):
@@ -108,7 +128,10 @@ def validate(config) -> None:
 
 
 def run_bench(config, log=print) -> dict:
+  """Every section of the module docstring; SciPy's LAPACK capped at one thread (as in every
+  entry point, `lrnet.runtime`) except for the exact projection's SVDs."""
   validate(config)
+  runtime.limit_lapack_threads(1)
   os.makedirs(config.workdir, exist_ok=True)
   key = jax.random.PRNGKey(config.seed)
   hidden, batch = tuple(config.hidden), config.batch_size
@@ -169,14 +192,16 @@ def run_bench(config, log=print) -> dict:
   for rank in config.ranks:
     row = {"rank": rank}
     if rank in config.exact_ranks:
-      ms = time_step(models.mlp(hidden, num_classes, project_rank=rank),
-                     repeats=config.exact_repeats)
+      with runtime.lapack_threads(os.cpu_count()):  # the SVD of W itself is big: all cores
+        ms = time_step(models.mlp(hidden, num_classes, project_rank=rank),
+                       repeats=config.exact_repeats)
       row["exact_ms"], row["exact_ratio"] = ms, ms / dense_ms
-    for every in config.update_every:
-      net = models.mlp(hidden, num_classes, project_rank=rank, projection_method="subspace",
-                       projection_update_every=every)
-      ms = time_step(net, models.projection_state(params, rank, len(hidden)))
-      row[f"subspace_every{every}_ms"], row[f"subspace_every{every}_ratio"] = ms, ms / dense_ms
+    for method in config.methods:
+      for every in config.update_every:
+        net = models.mlp(hidden, num_classes, project_rank=rank, projection_method=method,
+                         projection_update_every=every)
+        ms = time_step(net, models.projection_state(params, rank, len(hidden), method=method))
+        row[f"{method}_every{every}_ms"], row[f"{method}_every{every}_ratio"] = ms, ms / dense_ms
     steps.append(row)
     log("rank {:>4}: ".format(rank) + ", ".join(
         f"{k[:-6]} {v:.2f}×" for k, v in row.items() if k.endswith("_ratio")))
@@ -188,27 +213,33 @@ def run_bench(config, log=print) -> dict:
   ratio_fn = jax.jit(subspace.optimality_ratio, static_argnums=2)
   num_batches = train_images.shape[0] // batch
   for rank in config.optimality_ranks:
-    for every in config.update_every:
-      net = models.mlp(hidden, num_classes, project_rank=rank, projection_method="subspace",
-                       projection_update_every=every)
-      step = _step_fn(net, optimizer)
-      state = train.commit(train.init_state(params, optimizer,
-                                            model_state=models.projection_state(params, rank,
-                                                                                len(hidden))))
-      ratios = []
-      for i in range(config.optimality_steps):
-        start = (i % num_batches) * batch
-        state = step(state, train_images[start:start + batch], train_labels[start:start + batch])
-        if (i + 1) % config.optimality_every == 0:
-          for layer in range(len(hidden)):
-            name = f"linear_{layer}"
-            w = state.params[name]["w"]
-            basis = subspace.right_basis(state.model_state[name]["subspace"], rank)
-            ratios.append(float(ratio_fn(w, (w @ basis) @ basis.T, rank)))
-      optimality.append({"rank": rank, "update_every": every, "max": max(ratios),
-                         "median": float(np.median(ratios)), "measurements": len(ratios)})
-      log(f"optimality rank {rank} every {every}: max {max(ratios):.5f}, "
-          f"median {np.median(ratios):.5f} over {len(ratios)} layer-steps")
+    for method in config.methods:
+      for every in config.optimality_update_every:
+        net = models.mlp(hidden, num_classes, project_rank=rank, projection_method=method,
+                         projection_update_every=every)
+        step = _step_fn(net, optimizer)
+        state = train.commit(train.init_state(
+            params, optimizer,
+            model_state=models.projection_state(params, rank, len(hidden), method=method)))
+        ratios = []
+        for i in range(config.optimality_steps):
+          start = (i % num_batches) * batch
+          state = step(state, train_images[start:start + batch],
+                       train_labels[start:start + batch])
+          if (i + 1) % config.optimality_every == 0:
+            for layer in range(len(hidden)):
+              name = f"linear_{layer}"
+              w = state.params[name]["w"]
+              basis = _basis(state.model_state[name], method, rank)
+              ratios.append(float(ratio_fn(w, (w @ basis) @ basis.T, rank)))
+        refreshes = sum(int(state.model_state[f"linear_{layer}"][_STATE_KEY[method]].refreshes)
+                        for layer in range(len(hidden)))
+        optimality.append({"rank": rank, "method": method, "update_every": every,
+                           "max": max(ratios), "median": float(np.median(ratios)),
+                           "measurements": len(ratios), "refreshes": refreshes})
+        log(f"optimality rank {rank} {method} every {every}: max {max(ratios):.5f}, "
+            f"median {np.median(ratios):.5f} over {len(ratios)} layer-steps, "
+            f"{refreshes} refreshes")
   out["optimality"] = optimality
 
   out["parallel_ranks"] = _parallel_ranks(config, params, hidden, num_classes, train_images,
@@ -229,7 +260,7 @@ def run_bench(config, log=print) -> dict:
           f"{ms:.3f} ms, ratio {ms / dense_fwd:.3f} (theory {theory:.3f})")
   out["latency"] = latency
 
-  out["exact_vs_subspace"] = _exact_vs_subspace(config, params, hidden, num_classes, train_images,
+  out["exact_vs_fast"] = _exact_vs_fast(config, params, hidden, num_classes, train_images,
                                                 train_labels, test_images, test_labels, log)
   io.atomic_write_json(os.path.join(config.workdir, "bench.json"), out)
   log(f"wrote {os.path.join(config.workdir, 'bench.json')}")
@@ -273,6 +304,37 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
     out[f"{name}_s"], out[f"{name}_compile_s"] = seconds, compile_s
     out[f"{name}_ratio"] = seconds / sequential_s
     out[f"{name}_max_param_difference"] = difference
+  # What the sweep does with `sweep.parallel_ranks` on this backend (`factorized_batches`): on a
+  # CPU only ranks whose padding costs ≤ 10 % more share a program; on an accelerator all do.
+  policy = ml_collections.ConfigDict({"sweep": {"parallel_ranks": True}})
+  batches = sweep_lib.factorized_batches(policy, ranks)
+  seconds_total, compile_total, difference = 0.0, 0.0, 0.0
+  for members_ranks in batches:
+    member_width = max(members_ranks)
+    net = models.mlp(hidden, num_classes, ranks=member_width)
+    epoch = rank_batch.batch_epoch(train.make_train_epoch(train.stateful_apply(net), optimizer,
+                                                          batch),
+                                   vectorize=sweep_lib.side_by_side(policy))
+    states = rank_batch.stack([
+        train.init_state(rank_batch.pad_factors(compression.compress(params, r), member_width),
+                         optimizer) for r in members_ranks])
+    states, _, seconds, compile_s = _epoch_call(epoch, train.commit(states), images, labels,
+                                                steps, batch, config.seed)
+    seconds_total += seconds
+    compile_total += compile_s
+    for rank, p in zip(members_ranks, rank_batch.unstack(states.params, len(members_ranks))):
+      q = alone[ranks.index(rank)]
+      difference = max([difference] + [
+          float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+              jax.tree_util.tree_leaves(rank_batch.unpad_factors(p, rank)),
+              jax.tree_util.tree_leaves(q))])
+  out["sweep_batches"] = batches
+  out["sweep_s"], out["sweep_compile_s"] = seconds_total, compile_total
+  out["sweep_ratio"] = seconds_total / sequential_s
+  out["sweep_max_param_difference"] = difference
+  log(f"parallel ranks as the sweep batches them here ({batches}): {seconds_total:.2f} s = "
+      f"{out['sweep_ratio']:.2f}× one by one (+{compile_total:.1f} s compiling), "
+      f"max |Δparam| {difference:.1e}")
   log(f"parallel ranks {ranks}, {steps} steps each: one by one {sequential_s:.2f} s "
       f"(+{sequential_compile_s:.1f} s compiling); side by side (vmap) {out['vmap_s']:.2f} s = "
       f"{out['vmap_ratio']:.2f}× (+{out['vmap_compile_s']:.1f} s); member by member (lax.map) "
@@ -282,10 +344,10 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
   return out
 
 
-def _exact_vs_subspace(config, params, hidden, num_classes, train_images, train_labels,
+def _exact_vs_fast(config, params, hidden, num_classes, train_images, train_labels,
                        test_images, test_labels, log) -> list:
   """Straight-through students trained `compare_steps` steps on the same batches with the exact
-  projection and with the subspace projection refined every k-th step, k in
+  projection and with each fast projection of `methods` refined every k-th step, k in
   `compare_update_every`: training wall time (compilation and evaluation apart) and the test
   accuracy of the exactly projected weights after every `compare_eval_every` steps; `accuracy`
   is the final one, `accuracy_last4` the mean of the last four (single steps are noisy: the
@@ -298,11 +360,12 @@ def _exact_vs_subspace(config, params, hidden, num_classes, train_images, train_
   for rank in config.compare_ranks:
     project = jax.jit(lambda p, rank=rank: compression.project(p, rank))
     row = {"rank": rank, "steps": config.compare_steps, "eval_every": chunk}
-    for method, every in [("exact", 1)] + [("subspace", k) for k in config.compare_update_every]:
+    fast = [(m, k) for m in config.methods for k in config.compare_update_every]
+    for method, every in [("exact", 1)] + fast:
       net = models.mlp(hidden, num_classes, project_rank=rank, projection_method=method,
                        projection_update_every=every)
-      model_state = (models.projection_state(params, rank, len(hidden))
-                     if method == "subspace" else None)
+      model_state = (models.projection_state(params, rank, len(hidden), method=method)
+                     if method != "exact" else None)
       state = train.commit(train.init_state(params, optimizer,
                                             model_state=model_state))
       epoch = jax.jit(train.make_train_epoch(train.stateful_apply(net), optimizer, batch))
@@ -312,20 +375,23 @@ def _exact_vs_subspace(config, params, hidden, num_classes, train_images, train_
         arguments = (state, train_images, train_labels, chunk_order, None)
         if start == 0:
           epoch = epoch.lower(*arguments).compile()
-        begin = time.perf_counter()
-        state, _ = jax.block_until_ready(epoch(*arguments))
-        seconds += time.perf_counter() - begin
+        # The exact SVD of W is big: LAPACK gets every core there (`runtime`).
+        threads = os.cpu_count() if method == "exact" else 1
+        with runtime.lapack_threads(threads):
+          begin = time.perf_counter()
+          state, _ = jax.block_until_ready(epoch(*arguments))
+          seconds += time.perf_counter() - begin
         accuracies.append(float(evaluate(project(state.params), test_images, test_labels)[0]))
-      name = "exact" if method == "exact" else f"subspace_every{every}"
+      name = "exact" if method == "exact" else f"{method}_every{every}"
       row[f"{name}_s"], row[f"{name}_accuracies"] = seconds, accuracies
       row[f"{name}_accuracy"] = accuracies[-1]
       row[f"{name}_accuracy_last4"] = float(np.mean(accuracies[-4:]))
-      if method == "subspace":
+      if method != "exact":
         row[f"{name}_speedup"] = row["exact_s"] / seconds
         for which in ("accuracy", "accuracy_last4"):
           row[f"{name}_{which}_difference_points"] = 100 * (row[f"{name}_{which}"] -
                                                             row[f"exact_{which}"])
-        log(f"exact vs subspace every {every}, rank {rank}, {config.compare_steps} steps: "
+        log(f"exact vs {method} every {every}, rank {rank}, {config.compare_steps} steps: "
             f"{row['exact_s']:.1f} s vs {seconds:.1f} s = {row[f'{name}_speedup']:.1f}× faster; "
             f"test accuracy final {100 * row['exact_accuracy']:.2f} vs "
             f"{100 * row[f'{name}_accuracy']:.2f} % "

@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from lrnet import config as config_lib
 from lrnet import data
+from lrnet import runtime
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an lrnet config file, e.g. configs/mnist.py; override fields with "
@@ -63,6 +64,7 @@ def run_app(job) -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.limit_lapack_threads(1)  # small LAPACK calls inside jitted steps: BUILD_NOTES.md
     run_guarded(lambda: job(CONFIG.value))
 
   app.run(main)

@@ -88,6 +88,20 @@ class ProjectedLinear(hk.Module):
       hk.set_state("subspace", state)
       hk.set_state("calls", calls + 1)
       y = projection.st_lowrank_matmul(x, w, subspace.right_basis(state, rank))
+    elif self.method == "streaming":
+      # Rayleigh–Ritz of the current W in a subspace iterated on the previous step's W
+      # (`subspace.stream_subspace`): one cheap call per refinement; the Ritz basis of the last
+      # refinement is reused in between (update_every > 1).
+      state = hk.get_state("stream", init=lambda *_: subspace.init_stream(w, rank))
+      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
+      if self.update_every == 1:
+        state, _ = subspace.stream_subspace(jax.lax.stop_gradient(w), state, rank)
+      else:
+        state = subspace.stream_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
+                                   state, rank)
+      hk.set_state("stream", state)
+      hk.set_state("calls", calls + 1)
+      y = projection.st_lowrank_matmul(x, w, subspace.stream_basis(state.basis, rank))
     elif rank_override is None:
       y = x @ projection.st_truncate(w, rank)
     else:
@@ -115,7 +129,7 @@ def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
       f"{num_layers} (all layers) entries, got {len(spec)} entries")
 
 
-PROJECTIONS = ("exact", "subspace")
+PROJECTIONS = ("exact", "subspace", "streaming")
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
@@ -132,10 +146,13 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
       for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
     project_rank: straight-through student: dense parameters, forward through the rank-r
       approximation of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
-    projection_method: how the student projects: `"exact"` (an SVD per step, stateless) or
-      `"subspace"` (a tracked singular subspace per layer, held in Haiku state; see
-      `lrnet.subspace`). The subspace student is an `hk.TransformedWithState`; build its
-      initial state from given params with `projection_state`.
+    projection_method: how the student projects: `"exact"` (an SVD per step, stateless),
+      `"subspace"` (a tracked singular subspace per layer, one full subspace iteration and
+      Rayleigh–Ritz per refinement, held in Haiku state; see `lrnet.subspace`) or
+      `"streaming"` (Rayleigh–Ritz of the current W in a subspace iterated on the previous
+      step's W, `subspace.stream_subspace`: about a third of the cost). Both stateful
+      students are `hk.TransformedWithState`; build their initial state from given params
+      with `projection_state(..., method=projection_method)`.
     projection_update_every: subspace method: refine each tracked subspace on every k-th step
       only, reusing it in between (amortises its cost; see the benchmark in BUILD_NOTES.md).
 
@@ -172,24 +189,32 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         x = jax.nn.relu(x)
     return x
 
-  if project_rank is not None and projection_method == "subspace":
+  if project_rank is not None and projection_method in ("subspace", "streaming"):
     return hk.without_apply_rng(hk.transform_with_state(forward))
   return hk.without_apply_rng(hk.transform(forward))
 
 
 def projection_state(params, project_rank, num_hidden: int,
-                     oversample: int = subspace.DEFAULT_OVERSAMPLE) -> dict:
-  """Initial Haiku state of a `projection_method="subspace"` student at `params`.
+                     oversample: int = subspace.DEFAULT_OVERSAMPLE,
+                     method: str = "subspace") -> dict:
+  """Initial Haiku state of a `projection_method` "subspace" or "streaming" student at `params`.
 
-  Each projected layer `linear_i` gets `{"subspace": init_subspace(w, r, oversample),
-  "calls": 0}`: the exact top-(r + oversample) right singular subspace of its current weight
-  and a call counter (for `projection_update_every`).
+  Each projected layer `linear_i` gets the exact top-(r + oversample) right singular subspace of
+  its current weight, `{"subspace": init_subspace(w, r, oversample)}` or `{"stream":
+  init_stream(w, r, oversample)}`, and `"calls": 0`, a call counter (for
+  `projection_update_every`).
   """
+  if method not in ("subspace", "streaming"):
+    raise ValueError(f"projection_state: method must be 'subspace' or 'streaming', got {method!r}")
   layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
   state = {}
   for i, rank in enumerate(layer_projections):
     if rank is not None:
       w = params[f"linear_{i}"]["w"]
-      state[f"linear_{i}"] = {"subspace": subspace.init_subspace(
-          w, svd.resolve_rank(w.shape, rank), oversample), "calls": jnp.zeros([], jnp.int32)}
+      rank = svd.resolve_rank(w.shape, rank)
+      if method == "subspace":
+        layer = {"subspace": subspace.init_subspace(w, rank, oversample)}
+      else:
+        layer = {"stream": subspace.init_stream(w, rank, oversample)}
+      state[f"linear_{i}"] = {**layer, "calls": jnp.zeros([], jnp.int32)}
   return state

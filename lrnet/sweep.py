@@ -264,9 +264,10 @@ def _student_run(exp: Experiment, kind: str, rank, teacher_params, shared: bool 
     program = straight_through_program(exp)
     net, epoch_fn, params = program.net, program.epoch_fn, teacher_params
     apply_args = (jnp.int32(rank),)
-    if exp.config.projection.method == "subspace":
+    if exp.config.projection.method != "exact":
       model_state = models.projection_state(teacher_params, program.width, len(exp.hidden),
-                                            exp.config.projection.oversample)
+                                            exp.config.projection.oversample,
+                                            exp.config.projection.method)
     project = exp.jitted("project_masked", compress_lib.project_masked)
     evaluate = lambda p, split: exp.accuracy(exp.evaluate_dense, project(p, rank), split)
   elif kind == "straight_through":
@@ -274,9 +275,9 @@ def _student_run(exp: Experiment, kind: str, rank, teacher_params, shared: bool 
     net = models.mlp(exp.hidden, exp.num_classes, project_rank=rank, projection_method=method,
                      projection_update_every=exp.config.projection.update_every)
     params = teacher_params
-    if method == "subspace":
+    if method != "exact":
       model_state = models.projection_state(teacher_params, rank, len(exp.hidden),
-                                            exp.config.projection.oversample)
+                                            exp.config.projection.oversample, method)
     project = jax.jit(lambda p: compress_lib.project(p, rank))
     evaluate = lambda p, split: exp.accuracy(exp.evaluate_dense, project(p), split)
   else:
@@ -335,6 +336,34 @@ def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
             settings.ema_decay), vectorize=side_by_side(exp.config)),
         accuracy=jax.jit(jax.vmap(lambda p, x, y: evaluate(p, x, y)[0], in_axes=(0, None, None))))
   return exp.cache[key]
+
+
+# On a CPU, a zero-padded batch may cost at most this much more matmul work than its members
+# trained one by one at their own ranks.
+CPU_PADDING_BUDGET = 1.1
+
+
+def factorized_batches(config, ranks: list) -> list:
+  """The integer `ranks` of the factorized students, grouped into batches of one program each.
+
+  Without `sweep.parallel_ranks`, one rank per batch. With it on an accelerator, one batch of all
+  ranks, trained side by side. With it on a CPU, where members of a batch run one after the
+  other and padding makes each cost the batch's largest rank: ascending ranks grouped greedily
+  while len(batch) · max(batch) ≤ CPU_PADDING_BUDGET · Σ batch (a factorized layer's FLOPs are
+  proportional to its rank), so `parallel_ranks` never costs more than 1.1× the one-by-one
+  training and still shares one compilation among ranks close together.
+  """
+  if not config.sweep.parallel_ranks:
+    return [[rank] for rank in ranks]
+  if side_by_side(config):
+    return [list(ranks)] if ranks else []
+  batches = []
+  for rank in sorted(ranks):
+    if batches and (len(batches[-1]) + 1) * rank <= CPU_PADDING_BUDGET * (sum(batches[-1]) + rank):
+      batches[-1].append(rank)
+    else:
+      batches.append([rank])
+  return batches
 
 
 def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
@@ -408,11 +437,10 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   """Every `kind` student of the sweep. Calls `on_records({rank: record})` as runs finish (or
   were finished before).
 
-  Factorized students of integer ranks train in batches: all in one call of one program
-  zero-padded to the largest rank with `sweep.parallel_ranks` (`side_by_side` on an
-  accelerator, member by member on a CPU); else one by one, each at
-  its own rank (padding makes every member cost the largest rank: on a CPU one by one is faster,
-  see BUILD_NOTES.md). Straight-through
+  Factorized students of integer ranks train in batches (`factorized_batches`), each in one call
+  of one program zero-padded to its largest rank: with `sweep.parallel_ranks` all ranks side by
+  side on an accelerator, and on a CPU only ranks close enough that padding costs ≤ 10 % more;
+  else one by one, each at its own rank. Straight-through
   students train one by one (`_student_run`): with `sweep.parallel_ranks` the integer ranks share
   one compiled program, else each has its own (subspaces of r + oversample columns, cheaper per
   step at small r). A vmapped straight-through batch deadlocked intermittently in the XLA CPU
@@ -432,8 +460,7 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
     if rank not in done and rank not in pending:
       on_records({rank: _student_run(exp, kind, rank, exp.teacher_params,
                                      shared=shared and config_lib.is_int(rank))})
-  batches = [pending] if exp.config.sweep.parallel_ranks else [[rank] for rank in pending]
-  for ranks in batches:
+  for ranks in factorized_batches(exp.config, pending):
     if ranks:
       on_records(train_factorized_batch(exp, ranks))
 

@@ -22,8 +22,9 @@ def test_bench_writes_every_section(tmp_path):
   config.parallel_steps = 5
   config.latency_batch_sizes = (8,)
   config.update_every = (1, 8)
+  config.optimality_update_every = (1,)
   config.compare_ranks, config.compare_steps, config.compare_eval_every = (4,), 10, 5
-  config.compare_update_every = (2,)
+  config.compare_update_every = (1,)
   result = bench.run_bench(config, log=lambda _: None)
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   assert on_disk == json.loads(json.dumps(result))
@@ -31,7 +32,10 @@ def test_bench_writes_every_section(tmp_path):
   assert on_disk["matmul_1024_gflops"] > 0 and on_disk["dense_step_ms"] > 0
   assert [row["rank"] for row in on_disk["train_steps"]] == [4, 8]
   assert "exact_ratio" in on_disk["train_steps"][0] and "exact_ratio" not in on_disk["train_steps"][1]
-  assert all(row["subspace_every8_ratio"] > 0 for row in on_disk["train_steps"])
+  assert all(row[f"{method}_every{every}_ratio"] > 0 for row in on_disk["train_steps"]
+             for method in ("subspace", "streaming") for every in (1, 8))
+  assert [(e["method"], e["update_every"]) for e in on_disk["optimality"]] == [
+      ("subspace", 1), ("streaming", 1)]
   for entry in on_disk["optimality"]:
     # Eckart–Young: no rank-r projection beats the truncated SVD, and the tracker stays close.
     assert 1.0 - 1e-4 <= entry["median"] <= entry["max"] < 1.01
@@ -41,14 +45,20 @@ def test_bench_writes_every_section(tmp_path):
   # Zero-padded members train exactly like rank-r networks: same parameters as one by one.
   assert parallel["vmap_max_param_difference"] < 1e-4
   assert parallel["map_max_param_difference"] < 1e-4
+  # On the CPU, ranks 4 and 8 padded together would cost 1.33× one by one: the sweep keeps them
+  # apart, so it trains exactly the one-by-one programs.
+  assert parallel["sweep_batches"] == [[4], [8]]
+  assert parallel["sweep_ratio"] > 0 and parallel["sweep_max_param_difference"] < 1e-4
   theory = {row["rank"]: row["theoretical_ratio"] for row in on_disk["latency"]}
   assert theory[4] == (4 * (64 + 48) + 4 * (48 + 48)) / (64 * 48 + 48 * 48)
-  (compare,) = on_disk["exact_vs_subspace"]
-  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["subspace_every2_speedup"] > 0
-  assert len(compare["exact_accuracies"]) == len(compare["subspace_every2_accuracies"]) == 2
+  (compare,) = on_disk["exact_vs_fast"]
+  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["subspace_every1_speedup"] > 0
+  assert compare["streaming_every1_speedup"] > 0
+  assert len(compare["exact_accuracies"]) == len(compare["subspace_every1_accuracies"]) == 2
   assert compare["exact_accuracy_last4"] == sum(compare["exact_accuracies"]) / 2
   # Ten steps from the same start on the same batches: the two projections agree closely.
-  assert abs(compare["subspace_every2_accuracy_difference_points"]) < 3.0
+  assert abs(compare["subspace_every1_accuracy_difference_points"]) < 3.0
+  assert abs(compare["streaming_every1_accuracy_difference_points"]) < 3.0
 
 
 def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
@@ -59,5 +69,8 @@ def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
     bench.run_bench(config, log=lambda _: None)
   config.compare_eval_every, config.update_every = 25, (1, 0)
   with pytest.raises(config_lib.ConfigError, match=r"update_every=\(1, 0\) .*integers >= 1"):
+    bench.run_bench(config, log=lambda _: None)
+  config.update_every, config.methods = (1,), ("subspace", "svd")
+  with pytest.raises(config_lib.ConfigError, match=r"methods=.*subspace, streaming"):
     bench.run_bench(config, log=lambda _: None)
   assert not (tmp_path / "bench.json").exists()

@@ -111,13 +111,14 @@ def test_student_rank_override_vmaps_over_ranks():
     np.testing.assert_allclose(logits[i], dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
 
 
-def test_subspace_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike():
-  """The shared straight-through program (`sweep.parallel_ranks`): a subspace student built at
-  width 5 and run at a traced rank r gives the exact rank-r projection's logits, and its
-  gradient is the straight-through one of the rank-r student."""
+@pytest.mark.parametrize("method", ["subspace", "streaming"])
+def test_subspace_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike(method):
+  """The shared straight-through program (`sweep.parallel_ranks`): a tracked-subspace student
+  built at width 5 and run at a traced rank r gives the exact rank-r projection's logits, and
+  its gradient is the straight-through one of the rank-r student."""
   params = _dense_params()
-  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method="subspace")
-  wide_state = lrnet.models.projection_state(params, 5, len(HIDDEN))
+  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method=method)
+  wide_state = lrnet.models.projection_state(params, 5, len(HIDDEN), method=method)
   dense = lrnet.models.mlp(HIDDEN, 10)
   for r in (2, 4):
     logits, new_state = jax.jit(wide.apply)(params, wide_state, IMAGES, jnp.int32(r))
@@ -128,3 +129,30 @@ def test_subspace_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_a
     exact_loss = lambda p: _cross_entropy(exact.apply(p, IMAGES), LABELS)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                            jax.grad(loss)(params), jax.grad(exact_loss)(params))
+
+
+def test_streaming_student_refines_on_every_kth_call_and_reuses_the_basis_in_between():
+  params = _dense_params()
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="streaming",
+                             projection_update_every=3)
+  state = lrnet.models.projection_state(params, 3, len(HIDDEN), method="streaming")
+  assert set(state["linear_0"]) == {"stream", "calls"}
+  apply = jax.jit(student.apply)
+  moved = jax.tree_util.tree_map(lambda w: w * 1.01 + 1e-3, params)
+  bases = []
+  for call in range(4):
+    _, state = apply(moved, state, IMAGES)
+    bases.append(np.asarray(state["linear_1"]["stream"].basis))
+    assert int(state["linear_1"]["calls"]) == call + 1
+  # Calls 0 and 3 refine; 1 and 2 keep the basis of call 0.
+  np.testing.assert_array_equal(bases[1], bases[0])
+  np.testing.assert_array_equal(bases[2], bases[0])
+  assert not np.array_equal(bases[3], bases[0])
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  logits, _ = apply(moved, state, IMAGES)
+  np.testing.assert_allclose(logits, dense.apply(lrnet.project(moved, 3), IMAGES), atol=1e-3)
+
+
+def test_projection_state_rejects_an_unknown_method():
+  with pytest.raises(ValueError, match="'subspace' or 'streaming'"):
+    lrnet.models.projection_state(_dense_params(), 3, len(HIDDEN), method="exact")

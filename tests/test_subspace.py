@@ -349,3 +349,189 @@ def test_update_and_right_basis_reject_ranks_out_of_range():
     subspace.update_subspace(w.T, state, 5)
   with pytest.raises(ValueError, match="iterations"):
     subspace.update_subspace(w, state, 5, iterations=0)
+
+
+# --- streaming (stream_subspace): the same cases against the exact projection -----------------
+
+def _init_stream(w, rank):
+  return subspace.init_stream(w, rank, oversample=K - rank)
+
+
+def _basis_excess(w, basis, rank):
+  """‖W − W V_r V_rᵀ‖_F / optimum − 1 (float64) for a basis [n, k] by descending Ritz value."""
+  return _excess(w, subspace.SubspaceState(basis, None, None, None, None, None, None), rank)
+
+
+def _stream(w_start, steps, rank, scale=1e-2, **options):
+  """init on w_start, then `steps` perturbed calls; returns the matrices, bases and last state."""
+  state = _init_stream(w_start, rank)
+  w, ws, bases = w_start, [], []
+  for step in range(steps):
+    w = _perturbation(w, scale, seed=100 + step)
+    state, basis = subspace.stream_subspace(w, state, rank, **options)
+    ws.append(w)
+    bases.append(basis)
+  return ws, bases, state
+
+
+def test_stream_basis_is_orthonormal_and_sorted_and_tracks_a_separated_spectrum():
+  rank = 6
+  # Steps of 0.2 % of rms(W) per entry: the subspace iterated on the previous W is good enough
+  # for this W. (At 1 % the estimated excess, 1.2–1.7e-4 against a true 1.5–2.1e-4, is over the
+  # tolerance and every call takes the full path: see the sudden-change test.)
+  ws, bases, state = _stream(_with_spectrum(0.7 ** np.arange(48), 64, 48), steps=5, rank=rank,
+                             scale=2e-3)
+  w, basis = ws[-1], bases[-1]
+  np.testing.assert_allclose(basis.T @ basis, np.eye(K), atol=1e-5)
+  _, s, vt = np.linalg.svd(np.asarray(w, np.float64))
+  # The Rayleigh–Ritz step is on the current W: the subspace is W's own, not the last step's.
+  assert _subspace_distance(basis[:, :rank], jnp.asarray(vt[:rank].T, jnp.float32)) < 1e-2
+  assert max(_basis_excess(w, b, rank) for w, b in zip(ws, bases)) < 2e-5
+  np.testing.assert_allclose(state.ritz_values[:rank], s[:rank], rtol=1e-4)
+  assert np.all(np.diff(np.asarray(state.ritz_values)) <= 0)
+  np.testing.assert_array_equal(state.basis, basis)
+  assert int(state.refreshes) == 0
+
+
+def test_stream_close_singular_values_at_the_cut_are_near_optimal():
+  rank = 10
+  s = np.linspace(3.0, 1.0, 48)
+  s[rank] = s[rank - 1] * (1 - 1e-5)
+  ws, bases, state = _stream(_with_spectrum(s, 64, 48), steps=10, rank=rank)
+  assert max(_basis_excess(w, b, rank) for w, b in zip(ws, bases)) < 1e-4
+  assert int(state.refreshes) == 0
+
+
+@pytest.mark.parametrize("rank", [3, 8, 12])
+def test_stream_repeated_singular_values_give_the_optimal_error(rank):
+  w = _with_spectrum(np.array([4.0] * 8 + [2.0] * 8 + [1.0] * 32), 64, 48)
+  state = _init_stream(w, rank)
+  for _ in range(3):
+    state, basis = subspace.stream_subspace(w, state, rank)
+    w_hat = (w @ subspace.stream_basis(basis, rank)) @ subspace.stream_basis(basis, rank).T
+    np.testing.assert_allclose(subspace.optimality_ratio(w, w_hat, rank), 1.0, atol=1e-5)
+  assert int(state.refreshes) == 0
+
+
+@pytest.mark.parametrize("rank", [5, 12])
+def test_stream_trajectory_of_small_steps_stays_within_one_in_ten_thousand_without_refresh(rank):
+  # Steps of 1 % of rms(W) per entry, half those of `update_subspace`'s trajectory test: the
+  # search subspace lags one iteration. (At 2 % rank 12 drifts around the tolerance and takes
+  # the full path on 6 of 50 calls, worst excess 1.4e-4.)
+  w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=4)
+  state = _init_stream(w, rank)
+  worst = 0.0
+  for step in range(50):
+    w = _perturbation(w, 1e-2, seed=step)
+    state, basis = subspace.stream_subspace(w, state, rank)
+    worst = max(worst, _basis_excess(w, basis, rank))
+  assert worst <= 1e-4
+  assert int(state.refreshes) == 0
+  s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
+  np.testing.assert_allclose(state.ritz_values[:rank], s[:rank], rtol=1e-3)
+
+
+def test_stream_sudden_change_takes_the_full_path_at_that_step():
+  rank = 8
+  spectrum = 1 / np.sqrt(np.arange(1, 49))
+  w_a = _with_spectrum(spectrum, 64, 48, seed=1)
+  w_b = _with_spectrum(spectrum, 64, 48, seed=2)  # unrelated matrix
+  _, _, state = _stream(w_a, steps=3, rank=rank)
+  assert int(state.refreshes) == 0
+  # Without the fallback, Rayleigh–Ritz in the stale subspace is far from optimal ...
+  _, blind = subspace.stream_subspace(w_b, state, rank, tolerance=np.inf)
+  assert _basis_excess(w_b, blind, rank) > 1e-2
+  # ... with it, the very call that sees the new W returns a near-optimal basis.
+  state, basis = subspace.stream_subspace(w_b, state, rank)
+  assert int(state.refreshes) == 1
+  assert _basis_excess(w_b, basis, rank) < 1e-5
+  # And streaming goes on from there without further refreshes.
+  state, basis = subspace.stream_subspace(_perturbation(w_b, 1e-2, seed=5), state, rank)
+  assert int(state.refreshes) == 1
+
+
+def test_stream_growing_direction_outside_the_subspace_is_caught_by_the_probe():
+  rank, k = 4, K
+  w = _with_spectrum(np.linspace(2.0, 1.0, 48), 64, 48, seed=3)
+  state = _init_stream(w, rank)
+  u, _, vt = np.linalg.svd(np.asarray(w, np.float64))
+  b = vt[k:].T @ np.random.default_rng(0).normal(size=48 - k)
+  b /= np.linalg.norm(b)
+  w_new = w + jnp.asarray(5.0 * np.outer(u[:, k + 5], b), jnp.float32)
+  _, blind = subspace.stream_subspace(w_new, state, rank, tolerance=np.inf)
+  assert _basis_excess(w_new, blind, rank) > 0.1
+  for _ in range(2):
+    state, basis = subspace.stream_subspace(w_new, state, rank)
+  assert int(state.refreshes) >= 1
+  assert _basis_excess(w_new, basis, rank) < 1e-5
+
+
+def test_stream_zero_tolerance_takes_the_exact_path_every_call():
+  w = jax.random.normal(jax.random.PRNGKey(5), (64, 48))
+  state = _init_stream(w, 6)
+  for call in range(1, 4):
+    w = _perturbation(w, 1e-2, seed=call)
+    state, basis = subspace.stream_subspace(w, state, 6, tolerance=0.0)
+    assert int(state.refreshes) == call
+    b = subspace.stream_basis(basis, 6)
+    np.testing.assert_allclose((w @ b) @ b.T, svd.truncate(w, 6), atol=1e-4)
+
+
+def test_stream_traced_rank_compiles_once_and_matches_static_ranks():
+  w0 = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=5)
+  w1 = _perturbation(w0, 2e-2, seed=0)
+  state = _init_stream(w0, 12)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def traced(w, state, rank):
+    new_state, basis = subspace.stream_subspace(w, state, rank)
+    return new_state, subspace.stream_basis(basis, rank)
+
+  for rank in (1, 5, 12):
+    traced_state, traced_basis = traced(w1, state, jnp.int32(rank))
+    static_state, static_basis = subspace.stream_subspace(w1, state, rank)
+    np.testing.assert_allclose(traced_basis @ traced_basis.T,
+                               subspace.stream_basis(static_basis, rank)
+                               @ subspace.stream_basis(static_basis, rank).T, atol=1e-5)
+    np.testing.assert_allclose(traced_state.drift, static_state.drift, atol=1e-7)
+
+
+def test_stream_vmap_over_matrices_takes_the_full_path_only_where_needed():
+  rank = 4
+  spectrum = 1 / np.sqrt(np.arange(1, 49))
+  ws = jnp.stack([_with_spectrum(spectrum, 64, 48, seed=i) for i in range(3)])
+  states = jax.vmap(lambda w: _init_stream(w, rank))(ws)
+  moved = jnp.stack([_perturbation(w, 1e-2, seed=i) for i, w in enumerate(ws)])
+  moved = moved.at[1].set(_with_spectrum(spectrum, 64, 48, seed=9))
+  new_states, bases = jax.vmap(lambda w, s: subspace.stream_subspace(w, s, rank))(moved, states)
+  np.testing.assert_array_equal(new_states.refreshes, [0, 1, 0])
+  for i in range(3):
+    single_state, single = subspace.stream_subspace(moved[i], jax.tree.map(lambda x: x[i], states),
+                                                    rank)
+    np.testing.assert_allclose(new_states.ritz_values[i], single_state.ritz_values, rtol=1e-5)
+    assert _basis_excess(moved[i], bases[i], rank) < 1e-4
+
+
+def test_stream_if_is_lazy_and_exact_when_taken():
+  w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=6)
+  state = _init_stream(w, 5)
+  moved = _perturbation(w, 1e-2, seed=1)
+  kept = subspace.stream_if(jnp.bool_(False), moved, state, 5)
+  chex.assert_trees_all_equal(kept, state)
+  taken = subspace.stream_if(jnp.bool_(True), moved, state, 5)
+  expected, _ = subspace.stream_subspace(moved, state, 5)
+  chex.assert_trees_all_close(taken, expected, atol=1e-6)
+
+
+def test_stream_passes_no_gradient_and_rejects_bad_ranks():
+  w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48)
+  state = _init_stream(w, 3)
+  grad = jax.grad(lambda w: jnp.sum(subspace.stream_subspace(w, state, 3)[1]))(w)
+  np.testing.assert_array_equal(grad, 0.0)
+  with pytest.raises(ValueError, match=r"1\.\.48.*\(64, 48\)"):
+    subspace.stream_subspace(w, state, 0)
+  with pytest.raises(ValueError, match=r"1\.\.20"):
+    subspace.stream_subspace(w, state, 21)
+  with pytest.raises(ValueError, match="do not fit"):
+    subspace.stream_subspace(w.T, state, 3)

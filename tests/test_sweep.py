@@ -110,7 +110,7 @@ def test_workdir_of_another_config_is_refused(finished_sweep):
     ("student.batch_size", -3, r"student\.batch_size=-3 .*>= 1"),
     ("teacher.learning_rate", 0.0, r"teacher\.learning_rate=0\.0 .*> 0"),
     ("data.val_fraction", 1.0, r"data\.val_fraction=1\.0 .*\(0, 1\)"),
-    ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace"),
+    ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace, streaming"),
     ("model.hidden", (), r"model\.hidden"),
     ("sweep.kinds", ("distilled",), r"sweep\.kinds=\('distilled',\) .*straight_through"),
     ("projection.update_every", 0, r"projection\.update_every=0 .*>= 1"),
@@ -215,3 +215,22 @@ def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_results(fi
       f"killed after {delay:.2f} s (killed={killed}); first run's output:\n{output[-2000:]}")
   with open(tmp_path / "results.csv", newline="") as f:
     assert len(list(csv.DictReader(f))) == len(results["ranks"])
+
+
+def test_factorized_batches_bound_the_padding_on_cpu_and_batch_everything_on_accelerators(
+    monkeypatch):
+  config = digits.get_config()
+  config.sweep.parallel_ranks = False
+  assert sweep.factorized_batches(config, [8, 4]) == [[8], [4]]
+  config.sweep.parallel_ranks = True
+  monkeypatch.setattr(sweep.jax, "default_backend", lambda: "cpu")
+  # Reference ranks: padding any two together costs ≥ 1.3×, so each trains at its own rank.
+  assert sweep.factorized_batches(config, [10, 20, 50, 100, 200]) == [[10], [20], [50], [100],
+                                                                      [200]]
+  batches = sweep.factorized_batches(config, [110, 4, 100, 105, 5, 300])
+  assert batches == [[4], [5], [100, 105, 110], [300]]
+  for batch in batches:
+    assert len(batch) * max(batch) <= sweep.CPU_PADDING_BUDGET * sum(batch)
+  monkeypatch.setattr(sweep.jax, "default_backend", lambda: "gpu")
+  assert sweep.factorized_batches(config, [4, 8, 16]) == [[4, 8, 16]]
+  assert sweep.factorized_batches(config, []) == []

@@ -1,0 +1,56 @@
+"""Process settings that the CPU training speed depends on.
+
+JAX's CPU kernels for Cholesky, triangular solves, eigh, QR and SVD call LAPACK through SciPy
+(`scipy.linalg.cython_lapack`), whose bundled OpenBLAS starts its own threads. Inside a jitted
+training step those calls are small (k×k, k ≤ a few hundred) and sit between XLA's matmuls,
+which already keep every core busy: the two thread pools then compete. Measured on the 2-core
+CPU, reference MLP, batch 100, `projection.method = "streaming"`: the straight-through step at
+rank 50 took 3.3× the dense step with OpenBLAS's default 2 threads and 1.7× with 1; at rank
+200, 6.9× and 3.6× (BUILD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import threadpoolctl
+
+
+def _scipy_blas() -> list:
+  """threadpoolctl controllers of the BLAS/LAPACK libraries SciPy loaded (not NumPy's own)."""
+  import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS, as JAX does)
+  blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+  return [lib for lib in blas.lib_controllers
+          if "scipy" in lib.filepath.lower() and "numpy" not in lib.filepath.lower()]
+
+
+def limit_lapack_threads(num_threads: int = 1) -> list[str]:
+  """Caps SciPy's LAPACK (used by JAX's CPU linear algebra) at `num_threads` threads, for the
+  rest of the process. NumPy's BLAS is left alone.
+
+  The experiment entry points call this at start; call it yourself before training
+  straight-through students with the `subspace` or `streaming` projection on a CPU.
+
+  Returns:
+    The file paths of the libraries limited (empty when SciPy's LAPACK is not an OpenBLAS or
+    MKL that threadpoolctl can control).
+  """
+  if not isinstance(num_threads, int) or num_threads < 1:
+    raise ValueError(f"num_threads must be an integer ≥ 1, got {num_threads!r}")
+  libraries = _scipy_blas()
+  for lib in libraries:
+    lib.set_num_threads(num_threads)
+  return [lib.filepath for lib in libraries]
+
+
+@contextlib.contextmanager
+def lapack_threads(num_threads: int):
+  """Within the block, SciPy's LAPACK uses `num_threads` threads; restored afterwards."""
+  libraries = _scipy_blas()
+  before = [lib.num_threads for lib in libraries]
+  limit_lapack_threads(num_threads)
+  try:
+    yield
+  finally:
+    for lib, count in zip(libraries, before):
+      lib.set_num_threads(count)
