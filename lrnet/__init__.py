@@ -2,7 +2,8 @@
 
 The front door: truncation and factors (`truncate`, `factorize`), the straight-through
 projection (`st_truncate`), parameter-tree compression (`compress`, `project`,
-`summarize`, `count_params`) and the networks in `lrnet.models`.
+`summarize`, `count_params`), the networks in `lrnet.models`, and `limit_lapack_threads`
+(call it before training straight-through students on a CPU).
 """
 
 from lrnet import models
@@ -17,6 +18,7 @@ from lrnet.compression import summarize
 from lrnet.projection import st_lowrank_matmul
 from lrnet.projection import st_truncate
 from lrnet.projection import st_truncate_masked
+from lrnet.runtime import limit_lapack_threads
 from lrnet.svd import check_rank
 from lrnet.svd import energy_rank
 from lrnet.svd import factorize

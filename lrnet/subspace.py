@@ -196,28 +196,37 @@ def init_subspace(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE)
                        extra_iterations=count, refreshes=count)
 
 
-def _check_state_rank(w: jax.Array, state: SubspaceState, rank) -> None:
-  """Raises ValueError for a static `rank` outside `1..k` or a state of the wrong shape."""
+def _check_fits(w: jax.Array, n: int, k: int, what: str) -> None:
+  """Raises ValueError unless `w` is a matrix [m, n] with min(m, n) ≥ k; `what` names the state."""
   if jnp.ndim(w) != 2:
     raise ValueError(f"expected a 2-D matrix, got shape {tuple(jnp.shape(w))}")
-  n, k = state.basis.shape
   if n != w.shape[1] or k > _max_rank(w.shape):
-    raise ValueError(f"subspace basis of shape {(n, k)} does not fit a matrix of shape "
-                     f"{tuple(w.shape)}")
-  _check_rank(state, rank, shape=w.shape)
+    raise ValueError(f"{what} does not fit a matrix of shape {tuple(w.shape)}")
 
 
-def _check_rank(state: SubspaceState, rank, shape=None) -> None:
-  """Raises ValueError for a Python/NumPy scalar `rank` outside `1..k` (arrays pass unchecked)."""
+def _check_rank_in(k: int, rank, what: str, shape=None) -> None:
+  """Raises ValueError for a Python/NumPy scalar `rank` outside `1..k` (or, given the matrix
+  `shape`, outside `1..min(shape)`); arrays pass unchecked (possibly traced: no value)."""
   if not isinstance(rank, numbers.Number):
-    return  # a (possibly traced) array: no value to check
+    return
   if shape is not None:
     svd.check_rank(shape, rank)
-  k = state.basis.shape[1]
   is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
   if not is_int or not 1 <= rank <= k:
-    raise ValueError(f"rank must be an integer in 1..{k} (the tracked columns) for a subspace "
-                     f"basis of shape {tuple(state.basis.shape)}, got {rank!r}")
+    raise ValueError(f"rank must be an integer in 1..{k} (the tracked columns) for {what}, "
+                     f"got {rank!r}")
+
+
+def _check_state_rank(w: jax.Array, state: SubspaceState, rank) -> None:
+  """Raises ValueError for a static `rank` outside `1..k` or a state of the wrong shape."""
+  n, k = state.basis.shape
+  what = f"a subspace basis of shape {(n, k)}"
+  _check_fits(w, n, k, what)
+  _check_rank_in(k, rank, what, shape=w.shape)
+
+
+def _check_rank(state: SubspaceState, rank) -> None:
+  _check_rank_in(state.basis.shape[1], rank, f"a subspace basis of shape {tuple(state.basis.shape)}")
 
 
 def _rank_mask(k: int, rank) -> jax.Array:
@@ -482,17 +491,10 @@ def init_stream(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE) -
 
 
 def _check_stream_rank(w: jax.Array, state: StreamState, rank) -> None:
-  if jnp.ndim(w) != 2:
-    raise ValueError(f"expected a 2-D matrix, got shape {tuple(jnp.shape(w))}")
   k, n = state.rows.shape
-  if n != w.shape[1] or k > _max_rank(w.shape):
-    raise ValueError(f"stream rows of shape {(k, n)} do not fit a matrix of shape "
-                     f"{tuple(w.shape)}")
-  if isinstance(rank, numbers.Number):
-    svd.check_rank(w.shape, rank)
-    if not isinstance(rank, numbers.Integral) or not 1 <= rank <= k:
-      raise ValueError(f"rank must be an integer in 1..{k} (the tracked rows) for stream rows "
-                       f"of shape {(k, n)}, got {rank!r}")
+  what = f"stream rows of shape {(k, n)}"
+  _check_fits(w, n, k, what)
+  _check_rank_in(k, rank, what, shape=w.shape)
 
 
 def _rows_times_transpose(rows: jax.Array, w: jax.Array) -> jax.Array:

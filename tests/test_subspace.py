@@ -533,5 +533,5 @@ def test_stream_passes_no_gradient_and_rejects_bad_ranks():
     subspace.stream_subspace(w, state, 0)
   with pytest.raises(ValueError, match=r"1\.\.20"):
     subspace.stream_subspace(w, state, 21)
-  with pytest.raises(ValueError, match="do not fit"):
+  with pytest.raises(ValueError, match="does not fit"):
     subspace.stream_subspace(w.T, state, 3)
