@@ -94,8 +94,7 @@ def _epoch_call(epoch_fn, state, images, labels, steps, batch, seed, *args):
   return state, metrics, time.perf_counter() - start, compile_s
 
 
-FAST_METHODS = tuple(m for m in models.PROJECTIONS if m != "exact")
-_STATE_KEY = {"subspace": "subspace", "streaming": "stream"}
+FAST_METHODS = tuple(models.TRACKER_STATE)
 
 
 def _basis(layer_state, method: str, rank: int) -> jax.Array:
@@ -232,7 +231,8 @@ def run_bench(config, log=print) -> dict:
               w = state.params[name]["w"]
               basis = _basis(state.model_state[name], method, rank)
               ratios.append(float(ratio_fn(w, (w @ basis) @ basis.T, rank)))
-        refreshes = sum(int(state.model_state[f"linear_{layer}"][_STATE_KEY[method]].refreshes)
+        refreshes = sum(int(state.model_state[f"linear_{layer}"][models.TRACKER_STATE[method]]
+                            .refreshes)
                         for layer in range(len(hidden)))
         optimality.append({"rank": rank, "method": method, "update_every": every,
                            "max": max(ratios), "median": float(np.median(ratios)),
@@ -261,7 +261,7 @@ def run_bench(config, log=print) -> dict:
   out["latency"] = latency
 
   out["exact_vs_fast"] = _exact_vs_fast(config, params, hidden, num_classes, train_images,
-                                                train_labels, test_images, test_labels, log)
+                                        train_labels, test_images, test_labels, log)
   io.atomic_write_json(os.path.join(config.workdir, "bench.json"), out)
   log(f"wrote {os.path.join(config.workdir, 'bench.json')}")
   return out
@@ -275,7 +275,6 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
   optimizer = train.adam(1e-3)
   batch, steps = config.batch_size, config.parallel_steps
   ranks = list(config.ranks)
-  width = max(ranks)
   sequential_s, sequential_compile_s, alone = 0.0, 0.0, []
   for rank in ranks:
     net = models.mlp(hidden, num_classes, ranks=rank)
@@ -287,20 +286,28 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
     alone.append(state.params)
   out = {"ranks": ranks, "steps": steps, "sequential_s": sequential_s,
          "sequential_compile_s": sequential_compile_s}
-  net = models.mlp(hidden, num_classes, ranks=width)
-  epoch = train.make_train_epoch(train.stateful_apply(net), optimizer, batch)
-  for name, vectorize in (("vmap", True), ("map", False)):
+
+  def padded(members_ranks, vectorize):
+    """One program of the batch's largest rank trains `members_ranks` (factors zero-padded);
+    returns (seconds, compile seconds, largest parameter difference to one by one)."""
+    width = max(members_ranks)
+    net = models.mlp(hidden, num_classes, ranks=width)
+    epoch = rank_batch.batch_epoch(
+        train.make_train_epoch(train.stateful_apply(net), optimizer, batch), vectorize=vectorize)
     states = rank_batch.stack([
         train.init_state(rank_batch.pad_factors(compression.compress(params, r), width), optimizer)
-        for r in ranks])
-    mapped = rank_batch.batch_epoch(epoch, vectorize=vectorize)
-    states, _, seconds, compile_s = _epoch_call(mapped, train.commit(states), images, labels,
+        for r in members_ranks])
+    states, _, seconds, compile_s = _epoch_call(epoch, train.commit(states), images, labels,
                                                 steps, batch, config.seed)
-    members = rank_batch.unstack(states.params, len(ranks))
+    members = rank_batch.unstack(states.params, len(members_ranks))
     difference = max(float(jnp.max(jnp.abs(a - b)))
-                     for rank, p, q in zip(ranks, members, alone)
+                     for rank, p in zip(members_ranks, members)
                      for a, b in zip(jax.tree_util.tree_leaves(rank_batch.unpad_factors(p, rank)),
-                                     jax.tree_util.tree_leaves(q)))
+                                     jax.tree_util.tree_leaves(alone[ranks.index(rank)])))
+    return seconds, compile_s, difference
+
+  for name, vectorize in (("vmap", True), ("map", False)):
+    seconds, compile_s, difference = padded(ranks, vectorize)
     out[f"{name}_s"], out[f"{name}_compile_s"] = seconds, compile_s
     out[f"{name}_ratio"] = seconds / sequential_s
     out[f"{name}_max_param_difference"] = difference
@@ -308,26 +315,10 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
   # CPU only ranks whose padding costs ≤ 10 % more share a program; on an accelerator all do.
   policy = ml_collections.ConfigDict({"sweep": {"parallel_ranks": True}})
   batches = sweep_lib.factorized_batches(policy, ranks)
-  seconds_total, compile_total, difference = 0.0, 0.0, 0.0
-  for members_ranks in batches:
-    member_width = max(members_ranks)
-    net = models.mlp(hidden, num_classes, ranks=member_width)
-    epoch = rank_batch.batch_epoch(train.make_train_epoch(train.stateful_apply(net), optimizer,
-                                                          batch),
-                                   vectorize=sweep_lib.side_by_side(policy))
-    states = rank_batch.stack([
-        train.init_state(rank_batch.pad_factors(compression.compress(params, r), member_width),
-                         optimizer) for r in members_ranks])
-    states, _, seconds, compile_s = _epoch_call(epoch, train.commit(states), images, labels,
-                                                steps, batch, config.seed)
-    seconds_total += seconds
-    compile_total += compile_s
-    for rank, p in zip(members_ranks, rank_batch.unstack(states.params, len(members_ranks))):
-      q = alone[ranks.index(rank)]
-      difference = max([difference] + [
-          float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-              jax.tree_util.tree_leaves(rank_batch.unpad_factors(p, rank)),
-              jax.tree_util.tree_leaves(q))])
+  measured = [padded(members_ranks, sweep_lib.side_by_side(policy)) for members_ranks in batches]
+  seconds_total = sum(seconds for seconds, _, _ in measured)
+  compile_total = sum(compile_s for _, compile_s, _ in measured)
+  difference = max(difference for _, _, difference in measured)
   out["sweep_batches"] = batches
   out["sweep_s"], out["sweep_compile_s"] = seconds_total, compile_total
   out["sweep_ratio"] = seconds_total / sequential_s
@@ -345,7 +336,7 @@ def _parallel_ranks(config, params, hidden, num_classes, images, labels, log) ->
 
 
 def _exact_vs_fast(config, params, hidden, num_classes, train_images, train_labels,
-                       test_images, test_labels, log) -> list:
+                   test_images, test_labels, log) -> list:
   """Straight-through students trained `compare_steps` steps on the same batches with the exact
   projection and with each fast projection of `methods` refined every k-th step, k in
   `compare_update_every`: training wall time (compilation and evaluation apart) and the test

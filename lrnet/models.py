@@ -130,6 +130,8 @@ def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
 
 
 PROJECTIONS = ("exact", "subspace", "streaming")
+# Projections that track a subspace per layer, and the Haiku state entry that holds it.
+TRACKER_STATE = {"subspace": "subspace", "streaming": "stream"}
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
@@ -153,8 +155,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
       step's W, `subspace.stream_subspace`: about a third of the cost). Both stateful
       students are `hk.TransformedWithState`; build their initial state from given params
       with `projection_state(..., method=projection_method)`.
-    projection_update_every: subspace method: refine each tracked subspace on every k-th step
-      only, reusing it in between (amortises its cost; see the benchmark in BUILD_NOTES.md).
+    projection_update_every: subspace and streaming methods: refine each tracked subspace on
+      every k-th step only, reusing it in between (amortises its cost; see the benchmark in BUILD_NOTES.md).
 
   Returns:
     `hk.Transformed` without apply rng. `apply(params, images)` maps images
@@ -189,7 +191,7 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         x = jax.nn.relu(x)
     return x
 
-  if project_rank is not None and projection_method in ("subspace", "streaming"):
+  if project_rank is not None and projection_method in TRACKER_STATE:
     return hk.without_apply_rng(hk.transform_with_state(forward))
   return hk.without_apply_rng(hk.transform(forward))
 
@@ -204,7 +206,7 @@ def projection_state(params, project_rank, num_hidden: int,
   init_stream(w, r, oversample)}`, and `"calls": 0`, a call counter (for
   `projection_update_every`).
   """
-  if method not in ("subspace", "streaming"):
+  if method not in TRACKER_STATE:
     raise ValueError(f"projection_state: method must be 'subspace' or 'streaming', got {method!r}")
   layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
   state = {}
@@ -212,9 +214,7 @@ def projection_state(params, project_rank, num_hidden: int,
     if rank is not None:
       w = params[f"linear_{i}"]["w"]
       rank = svd.resolve_rank(w.shape, rank)
-      if method == "subspace":
-        layer = {"subspace": subspace.init_subspace(w, rank, oversample)}
-      else:
-        layer = {"stream": subspace.init_stream(w, rank, oversample)}
-      state[f"linear_{i}"] = {**layer, "calls": jnp.zeros([], jnp.int32)}
+      init = subspace.init_subspace if method == "subspace" else subspace.init_stream
+      state[f"linear_{i}"] = {TRACKER_STATE[method]: init(w, rank, oversample),
+                              "calls": jnp.zeros([], jnp.int32)}
   return state

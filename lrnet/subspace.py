@@ -226,11 +226,17 @@ def _check_state_rank(w: jax.Array, state: SubspaceState, rank) -> None:
 
 
 def _check_rank(state: SubspaceState, rank) -> None:
-  _check_rank_in(state.basis.shape[1], rank, f"a subspace basis of shape {tuple(state.basis.shape)}")
+  _check_rank_in(state.basis.shape[1], rank,
+                 f"a subspace basis of shape {tuple(state.basis.shape)}")
 
 
 def _rank_mask(k: int, rank) -> jax.Array:
   return jnp.arange(k) < rank
+
+
+def _leading_columns(basis: jax.Array, rank) -> jax.Array:
+  """`basis` [n, k] with columns ≥ `rank` zeroed (rank may be traced)."""
+  return jnp.where(_rank_mask(basis.shape[1], rank), basis, 0.0)
 
 
 def _complement_unit(basis: jax.Array, vector: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -406,8 +412,7 @@ def right_basis(state: SubspaceState, rank) -> jax.Array:
     [n, k].
   """
   _check_rank(state, rank)
-  k = state.basis.shape[1]
-  return jnp.where(_rank_mask(k, rank), state.basis, 0.0)
+  return _leading_columns(state.basis, rank)
 
 
 def project(w: jax.Array, state: SubspaceState, rank) -> jax.Array:
@@ -640,4 +645,4 @@ def stream_if(pred: jax.Array, w: jax.Array, state: StreamState, rank, **options
 
 def stream_basis(basis: jax.Array, rank) -> jax.Array:
   """`basis` [n, k] from `stream_subspace` with columns ≥ `rank` zeroed: W V_r V_rᵀ = x Ŵ's Ŵ."""
-  return jnp.where(_rank_mask(basis.shape[1], rank), basis, 0.0)
+  return _leading_columns(basis, rank)

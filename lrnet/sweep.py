@@ -461,8 +461,7 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
       on_records({rank: _student_run(exp, kind, rank, exp.teacher_params,
                                      shared=shared and config_lib.is_int(rank))})
   for ranks in factorized_batches(exp.config, pending):
-    if ranks:
-      on_records(train_factorized_batch(exp, ranks))
+    on_records(train_factorized_batch(exp, ranks))
 
 
 def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:

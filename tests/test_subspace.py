@@ -35,17 +35,19 @@ def _init(w, rank):
 
 
 def _excess(w, state, rank):
-  """‖W − Ŵ‖_F / optimum − 1, in float64 so that 1e-6 differences are visible."""
+  """‖W − Ŵ‖_F / optimum − 1 for a `SubspaceState`'s projection (see `_basis_excess`)."""
+  return _basis_excess(w, state.basis, rank)
+
+
+def _basis_excess(w, basis, rank):
+  """‖W − W V_r V_rᵀ‖_F / optimum − 1 for V_r the first `rank` columns of `basis` [n, k], in
+  float64 so that 1e-6 differences are visible."""
   with threadpool_limits(1, user_api="blas"):  # tiny LAPACK calls: threads only contend
-    return _excess64(w, state, rank)
-
-
-def _excess64(w, state, rank):
-  w64 = np.asarray(w, np.float64)
-  basis = np.asarray(subspace.right_basis(state, rank), np.float64)
-  error = np.linalg.norm(w64 - w64 @ basis @ basis.T)
-  singular_values = np.linalg.svd(w64, compute_uv=False)
-  return error / np.sqrt(np.sum(singular_values[rank:] ** 2)) - 1.0
+    w64 = np.asarray(w, np.float64)
+    kept = np.asarray(basis, np.float64)[:, :rank]
+    error = np.linalg.norm(w64 - w64 @ kept @ kept.T)
+    singular_values = np.linalg.svd(w64, compute_uv=False)
+    return error / np.sqrt(np.sum(singular_values[rank:] ** 2)) - 1.0
 
 
 def _perturbation(w, scale, seed):
@@ -242,15 +244,27 @@ def test_zero_tolerance_forces_an_exact_refresh_every_call():
 
 # --- (f): a trajectory -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("rank", [5, 12])
-def test_trajectory_of_small_steps_stays_within_one_per_mille_without_refresh(rank):
+def _trajectory(init, track, rank, scale):
+  """50 perturbed steps from a 1/√i spectrum: `state = init(w, rank)`, then per step
+  `state, basis = track(w, state, rank)`. Returns (worst excess of the bases, last W, state)."""
   w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=4)
-  state = _init(w, rank)
+  state = init(w, rank)
   worst = 0.0
   for step in range(50):
-    w = _perturbation(w, 2e-2, seed=step)
-    state = subspace.update_subspace(w, state, rank)
-    worst = max(worst, _excess(w, state, rank))
+    w = _perturbation(w, scale, seed=step)
+    state, basis = track(w, state, rank)
+    worst = max(worst, _basis_excess(w, basis, rank))
+  return worst, w, state
+
+
+def _update_track(w, state, rank):
+  state = subspace.update_subspace(w, state, rank)
+  return state, state.basis
+
+
+@pytest.mark.parametrize("rank", [5, 12])
+def test_trajectory_of_small_steps_stays_within_one_per_mille_without_refresh(rank):
+  worst, w, state = _trajectory(_init, _update_track, rank, scale=2e-2)
   assert worst <= 1e-3
   assert int(state.refreshes) == 0
   # Ritz values track the singular values they approximate.
@@ -357,11 +371,6 @@ def _init_stream(w, rank):
   return subspace.init_stream(w, rank, oversample=K - rank)
 
 
-def _basis_excess(w, basis, rank):
-  """‖W − W V_r V_rᵀ‖_F / optimum − 1 (float64) for a basis [n, k] by descending Ritz value."""
-  return _excess(w, subspace.SubspaceState(basis, None, None, None, None, None, None), rank)
-
-
 def _stream(w_start, steps, rank, scale=1e-2, **options):
   """init on w_start, then `steps` perturbed calls; returns the matrices, bases and last state."""
   state = _init_stream(w_start, rank)
@@ -418,13 +427,7 @@ def test_stream_trajectory_of_small_steps_stays_within_one_in_ten_thousand_witho
   # Steps of 1 % of rms(W) per entry, half those of `update_subspace`'s trajectory test: the
   # search subspace lags one iteration. (At 2 % rank 12 drifts around the tolerance and takes
   # the full path on 6 of 50 calls, worst excess 1.4e-4.)
-  w = _with_spectrum(1 / np.sqrt(np.arange(1, 49)), 64, 48, seed=4)
-  state = _init_stream(w, rank)
-  worst = 0.0
-  for step in range(50):
-    w = _perturbation(w, 1e-2, seed=step)
-    state, basis = subspace.stream_subspace(w, state, rank)
-    worst = max(worst, _basis_excess(w, basis, rank))
+  worst, w, state = _trajectory(_init_stream, subspace.stream_subspace, rank, scale=1e-2)
   assert worst <= 1e-4
   assert int(state.refreshes) == 0
   s = np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
