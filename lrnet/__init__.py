@@ -15,6 +15,7 @@ from lrnet.compression import LayerSummary
 from lrnet.compression import project
 from lrnet.compression import select_ranks
 from lrnet.compression import summarize
+from lrnet.projection import st_factored_matmul
 from lrnet.projection import st_lowrank_matmul
 from lrnet.projection import st_truncate
 from lrnet.projection import st_truncate_masked

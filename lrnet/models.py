@@ -95,13 +95,17 @@ class ProjectedLinear(hk.Module):
       state = hk.get_state("stream", init=lambda *_: subspace.init_stream(w, rank))
       calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
       if self.update_every == 1:
-        state, _ = subspace.stream_subspace(jax.lax.stop_gradient(w), state, rank)
+        # The refinement yields W V for the current W too, so x Ŵ = (x (W V)) Vᵀ and the input
+        # gradient (g V)(W V)ᵀ skip the dense products; only the weight gradient xᵀ g is dense.
+        state, basis, image_rows = subspace.stream_projection(jax.lax.stop_gradient(w), state,
+                                                              rank)
+        y = projection.st_factored_matmul(x, w, image_rows, subspace.stream_basis(basis, rank))
       else:
         state = subspace.stream_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
                                    state, rank)
+        y = projection.st_lowrank_matmul(x, w, subspace.stream_basis(state.basis, rank))
       hk.set_state("stream", state)
       hk.set_state("calls", calls + 1)
-      y = projection.st_lowrank_matmul(x, w, subspace.stream_basis(state.basis, rank))
     elif rank_override is None:
       y = x @ projection.st_truncate(w, rank)
     else:

@@ -106,3 +106,52 @@ def _st_lowrank_matmul_bwd(residuals, g):
 
 
 st_lowrank_matmul.defvjp(_st_lowrank_matmul_fwd, _st_lowrank_matmul_bwd)
+
+
+def _contract_last(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a bᵀ for a [p, q], b [s, q] → [p, s], as one product that reads both in their stored layout."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
+@jax.custom_vjp
+def st_factored_matmul(x: jax.Array, w: jax.Array, image_rows: jax.Array,
+                       basis: jax.Array) -> jax.Array:
+  """x Ŵ with Ŵ = Z Vᵀ given its factors, straight-through in W: W itself is never read.
+
+  When V ([n, k], orthonormal columns, columns past the rank zeroed) spans W's top right singular
+  subspace and Z = W V is its image (held as `image_rows` = Zᵀ, [k, m]), Ŵ = W V Vᵀ = Z Vᵀ and
+
+  .. math:: x \\hat W = (x Z) V^T, \\qquad
+            \\frac{\\partial L}{\\partial x} = g \\hat W^T = (g V) Z^T, \\qquad
+            \\frac{\\partial L}{\\partial W} := x^T g
+
+  so the forward and the input gradient cost 2·batch·k·(m + n) FLOPs each instead of the dense
+  layer's 2·batch·m·n (k = 60: 0.12×, k = 210: 0.41× at 1024²); only the straight-through weight
+  gradient xᵀ g is dense. `w` is an argument only to receive that gradient; Z and V get none.
+  A projection that computes W V anyway (`subspace.stream_projection`) gets Z for free.
+
+  Args:
+    x: inputs, [batch, m].
+    w: dense weights, [m, n] (receives the straight-through gradient).
+    image_rows: Zᵀ = (W V)ᵀ, [k, m].
+    basis: V, [n, k].
+
+  Returns:
+    [batch, n].
+  """
+  del w
+  return _contract_last(_contract_last(x, image_rows), basis)
+
+
+def _st_factored_matmul_fwd(x, w, image_rows, basis):
+  return st_factored_matmul(x, w, image_rows, basis), (x, image_rows, basis)
+
+
+def _st_factored_matmul_bwd(residuals, g):
+  x, image_rows, basis = residuals
+  dx = (g @ basis) @ image_rows
+  dw = x.T @ g
+  return dx, dw, jnp.zeros_like(image_rows), jnp.zeros_like(basis)
+
+
+st_factored_matmul.defvjp(_st_factored_matmul_fwd, _st_factored_matmul_bwd)

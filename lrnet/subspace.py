@@ -513,6 +513,7 @@ def _rows_times_transpose(rows: jax.Array, w: jax.Array) -> jax.Array:
 class _StreamStep(NamedTuple):
   basis: jax.Array        # [n, k] Ritz vectors of WᵀW in span(Y), by descending Ritz value
   ritz_values: jax.Array  # [k] their singular-value estimates, descending
+  image_rows: jax.Array   # [k, m] (W V)ᵀ: the Ritz vectors' images under the current W
   rows: jax.Array         # [k, n] next search rows: (W v_i)ᵀ W, unit-norm rows
   probe: jax.Array        # [n] next probe
   drift: jax.Array        # []
@@ -545,7 +546,8 @@ def _stream_step(w: jax.Array, state: StreamState, rank: jax.Array) -> _StreamSt
   eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
   to_ritz = eigenvectors.T @ chol_inv                                 # [k, k]
   ritz_rows = to_ritz @ state.rows                                    # [k, n] orthonormal
-  powered = jnp.concatenate([to_ritz @ z, w_probe[None]], axis=0) @ w  # [k + 1, n]
+  image_rows = to_ritz @ z                                            # [k, m] (W V)ᵀ
+  powered = jnp.concatenate([image_rows, w_probe[None]], axis=0) @ w  # [k + 1, n]
   powered, powered_probe = powered[:k], powered[k]
   eigenvalues = jnp.maximum(eigenvalues, 0.0)
 
@@ -573,7 +575,7 @@ def _stream_step(w: jax.Array, state: StreamState, rank: jax.Array) -> _StreamSt
     probe = jnp.zeros_like(state.probe)
   norms = jnp.linalg.norm(powered, axis=1, keepdims=True)
   rows = jnp.where(norms > jnp.finfo(dtype).tiny ** 0.5, powered / norms, ritz_rows)
-  return _StreamStep(basis, jnp.sqrt(eigenvalues), rows, probe, drift)
+  return _StreamStep(basis, jnp.sqrt(eigenvalues), image_rows, rows, probe, drift)
 
 
 def stream_subspace(w: jax.Array, state: StreamState, rank, *,
@@ -602,6 +604,26 @@ def stream_subspace(w: jax.Array, state: StreamState, rank, *,
     (new state, basis [n, k]): orthonormal Ritz vectors by descending Ritz value, so that
     `W V_r V_rᵀ` (V_r: the first r columns; see `stream_basis`) is the projection to use now.
   """
+  new_state, basis, _ = stream_projection(w, state, rank, tolerance=tolerance,
+                                          max_extra_iterations=max_extra_iterations,
+                                          level_decay=level_decay)
+  return new_state, basis
+
+
+def stream_projection(w: jax.Array, state: StreamState, rank, *,
+                      tolerance: float = DEFAULT_TOLERANCE,
+                      max_extra_iterations: int = DEFAULT_MAX_EXTRA_ITERATIONS,
+                      level_decay: float = DEFAULT_LEVEL_DECAY
+                      ) -> tuple[StreamState, jax.Array, jax.Array]:
+  """`stream_subspace`, and the Ritz vectors' images under `w`: both factors of Ŵ = (W V) Vᵀ.
+
+  The Rayleigh–Ritz step computes W V exactly (for the current W) on its way, so the factored
+  projection Ŵ_r = (W V_r) V_rᵀ costs nothing more (`projection.st_factored_matmul`).
+
+  Returns:
+    (new state, basis V [n, k], image rows (W V)ᵀ [k, m]); rows ≥ r of the images, like the
+    columns ≥ r of V, belong to directions outside the rank-r projection (see `stream_basis`).
+  """
   _check_stream_rank(w, state, rank)
   return _stream(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance),
                  max_extra_iterations=int(max_extra_iterations), level_decay=float(level_decay))
@@ -624,6 +646,7 @@ def _stream(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
                       max_extra_iterations=max_extra_iterations, tolerance=tolerance,
                       level_decay=level_decay)
     return step._replace(basis=updated.basis, ritz_values=updated.ritz_values,
+                         image_rows=_rows_times_transpose(updated.basis.T, w),
                          rows=updated.basis.T, probe=updated.probe, drift=updated.drift)
 
   step = _run_once_if(needs_full_update, full_update, w, step)
@@ -632,7 +655,7 @@ def _stream(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
       drift=step.drift,
       residual_level=level_decay * state.residual_level + (1.0 - level_decay) * step.drift,
       refreshes=state.refreshes + needs_full_update.astype(jnp.int32))
-  return new_state, step.basis
+  return new_state, step.basis, step.image_rows
 
 
 def stream_if(pred: jax.Array, w: jax.Array, state: StreamState, rank, **options) -> StreamState:

@@ -383,6 +383,22 @@ def _stream(w_start, steps, rank, scale=1e-2, **options):
   return ws, bases, state
 
 
+def test_stream_projection_images_are_w_times_basis_also_on_the_full_path():
+  rank = 6
+  w0 = _with_spectrum(0.7 ** np.arange(48), 64, 48)
+  state = _init_stream(w0, rank)
+  for step, (scale, tolerance) in enumerate([(2e-3, subspace.DEFAULT_TOLERANCE), (2e-3, 0.0)]):
+    w = _perturbation(w0, scale, seed=300 + step)
+    new_state, basis, image_rows = subspace.stream_projection(w, state, rank, tolerance=tolerance)
+    assert int(new_state.refreshes - state.refreshes) == (1 if tolerance == 0.0 else 0)
+    np.testing.assert_allclose(image_rows, (w @ basis).T, atol=1e-5)
+    v = subspace.stream_basis(basis, rank)
+    np.testing.assert_allclose((image_rows.T @ v.T)[:, :], w @ v @ v.T, atol=1e-5)
+    expected_state, expected_basis = subspace.stream_subspace(w, state, rank, tolerance=tolerance)
+    np.testing.assert_array_equal(basis, expected_basis)
+    state = new_state
+
+
 def test_stream_basis_is_orthonormal_and_sorted_and_tracks_a_separated_spectrum():
   rank = 6
   # Steps of 0.2 % of rms(W) per entry: the subspace iterated on the previous W is good enough
