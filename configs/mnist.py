@@ -52,9 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   # streaming: per step, Rayleigh–Ritz of W in a subspace iterated on the previous step's W (one
-  # subspace iteration per step; BUILD_NOTES.md, benchmark). subspace: a whole iteration and
-  # Rayleigh–Ritz per refinement (≈ 2–3× the streaming cost). exact: an SVD of every projected
-  # weight at every step (≈ 35× the dense step on a 2-core CPU).
+  # subspace iteration per step, forward and input gradient through the factors W V and V;
+  # BUILD_NOTES.md, benchmark). subspace: a whole iteration and Rayleigh–Ritz per refinement
+  # (≈ 2–3× the streaming cost). exact: an SVD of every projected weight at every step
+  # (≈ 35–45× the dense step on a 2-core CPU).
   config.projection.method = "streaming"  # exact | subspace | streaming
   config.projection.oversample = 10    # subspace, streaming: extra directions beyond the rank
   # subspace, streaming: refine every k-th step, reuse the subspace in between. Fashion-MNIST rank

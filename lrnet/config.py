@@ -131,6 +131,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}")
   check_positive_int(config, "projection.oversample", allow_zero=True)
   check_positive_int(config, "projection.update_every")
+  if method in models.EVERY_STEP_ONLY and _get(config, "projection.update_every") != 1:
+    _fail("projection.update_every", config.projection.update_every,
+          f"must be 1 with projection.method={method!r} (it refines on every step)")
   kinds = _get(config, "sweep.kinds")
   if (not isinstance(kinds, (tuple, list)) or len(set(kinds)) != len(kinds)
       or not set(kinds) <= set(STUDENT_KINDS)):

@@ -106,6 +106,16 @@ class ProjectedLinear(hk.Module):
         y = projection.st_lowrank_matmul(x, w, subspace.stream_basis(state.basis, rank))
       hk.set_state("stream", state)
       hk.set_state("calls", calls + 1)
+    elif self.method == "alternating":
+      # One product with W per call, searching the right and the left side by turns
+      # (`subspace.alternate_projection`); both factors of Ŵ come out of it, for the current W.
+      state = hk.get_state("alternating", init=lambda *_: subspace.init_alternating(w, rank))
+      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
+      state, basis, image_rows = subspace.alternate_projection(jax.lax.stop_gradient(w), state,
+                                                               rank)
+      hk.set_state("alternating", state)
+      hk.set_state("calls", calls + 1)
+      y = projection.st_factored_matmul(x, w, image_rows, subspace.stream_basis(basis, rank))
     elif rank_override is None:
       y = x @ projection.st_truncate(w, rank)
     else:
@@ -133,9 +143,13 @@ def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
       f"{num_layers} (all layers) entries, got {len(spec)} entries")
 
 
-PROJECTIONS = ("exact", "subspace", "streaming")
+PROJECTIONS = ("exact", "subspace", "streaming", "alternating")
 # Projections that track a subspace per layer, and the Haiku state entry that holds it.
-TRACKER_STATE = {"subspace": "subspace", "streaming": "stream"}
+TRACKER_STATE = {"subspace": "subspace", "streaming": "stream", "alternating": "alternating"}
+# Projections that refine on every call only: a reused pair of factors would be the old Ŵ.
+EVERY_STEP_ONLY = ("alternating",)
+_TRACKER_INIT = {"subspace": subspace.init_subspace, "streaming": subspace.init_stream,
+                 "alternating": subspace.init_alternating}
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
@@ -155,12 +169,17 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
     projection_method: how the student projects: `"exact"` (an SVD per step, stateless),
       `"subspace"` (a tracked singular subspace per layer, one full subspace iteration and
       Rayleigh–Ritz per refinement, held in Haiku state; see `lrnet.subspace`) or
+      `"alternating"` (`subspace.alternate_projection`: one product with W per step instead of
+      streaming's two, the search subspace alternating between W's right and left side), or
       `"streaming"` (Rayleigh–Ritz of the current W in a subspace iterated on the previous
-      step's W, `subspace.stream_subspace`: about a third of the cost). Both stateful
+      step's W, `subspace.stream_projection`: about a third of the cost, and with
+      `projection_update_every` 1 the forward and the input gradient run through the factors
+      W V and V, so only the weight gradient is a dense product). The stateful
       students are `hk.TransformedWithState`; build their initial state from given params
       with `projection_state(..., method=projection_method)`.
-    projection_update_every: subspace and streaming methods: refine each tracked subspace on
-      every k-th step only, reusing it in between (amortises its cost; see the benchmark in BUILD_NOTES.md).
+    projection_update_every: subspace and streaming methods (alternating: 1 only): refine each
+      tracked subspace on every k-th step only, reusing it in between (amortises its cost;
+      see the benchmark in BUILD_NOTES.md).
 
   Returns:
     `hk.Transformed` without apply rng. `apply(params, images)` maps images
@@ -179,6 +198,9 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
     raise ValueError(f"projection_method must be one of {PROJECTIONS}, got {projection_method!r}")
   if not isinstance(projection_update_every, int) or projection_update_every < 1:
     raise ValueError(f"projection_update_every must be an integer ≥ 1, got {projection_update_every!r}")
+  if projection_method in EVERY_STEP_ONLY and projection_update_every != 1:
+    raise ValueError(f"projection_update_every must be 1 with projection_method "
+                     f"{projection_method!r}, got {projection_update_every!r}")
 
   def forward(images: jax.Array, rank=None) -> jax.Array:
     x = hk.Flatten()(images)  # [batch, m]
@@ -203,22 +225,22 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
 def projection_state(params, project_rank, num_hidden: int,
                      oversample: int = subspace.DEFAULT_OVERSAMPLE,
                      method: str = "subspace") -> dict:
-  """Initial Haiku state of a `projection_method` "subspace" or "streaming" student at `params`.
+  """Initial Haiku state of a tracked-subspace student (`TRACKER_STATE` methods) at `params`.
 
-  Each projected layer `linear_i` gets the exact top-(r + oversample) right singular subspace of
-  its current weight, `{"subspace": init_subspace(w, r, oversample)}` or `{"stream":
-  init_stream(w, r, oversample)}`, and `"calls": 0`, a call counter (for
+  Each projected layer `linear_i` gets the exact top-(r + oversample) singular subspace of its
+  current weight, `{"subspace": init_subspace(w, r, oversample)}`, `{"stream": init_stream(...)}`
+  or `{"alternating": init_alternating(...)}`, and `"calls": 0`, a call counter (for
   `projection_update_every`).
   """
   if method not in TRACKER_STATE:
-    raise ValueError(f"projection_state: method must be 'subspace' or 'streaming', got {method!r}")
+    raise ValueError(f"projection_state: method must be one of {tuple(TRACKER_STATE)}, "
+                     f"got {method!r}")
   layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
   state = {}
   for i, rank in enumerate(layer_projections):
     if rank is not None:
       w = params[f"linear_{i}"]["w"]
       rank = svd.resolve_rank(w.shape, rank)
-      init = subspace.init_subspace if method == "subspace" else subspace.init_stream
-      state[f"linear_{i}"] = {TRACKER_STATE[method]: init(w, rank, oversample),
+      state[f"linear_{i}"] = {TRACKER_STATE[method]: _TRACKER_INIT[method](w, rank, oversample),
                               "calls": jnp.zeros([], jnp.int32)}
   return state

@@ -10,6 +10,8 @@ move a little every step; this module keeps V_r up to date without an SVD per st
   two products with W but k×k work in place of n×k orthonormalisations, and no transposed read
   of W (see `_stream_step`). Its drift statistic estimates the same quantity, and a call whose
   statistic is over tolerance takes the `update_subspace` path (extra iterations, exact SVD).
+  `stream_projection` also returns W V for the current W, which the Rayleigh–Ritz step computes
+  anyway: with both factors, x Ŵ = (x (W V)) Vᵀ never needs the dense product x W.
 
 One call of `update_subspace` (k = r + oversample columns, nothing differentiated):
 
@@ -173,6 +175,14 @@ def _exact_state(w: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]
   return basis, singular_values[:k], probe
 
 
+def _tracked_columns(w: jax.Array, rank: int, oversample: int) -> int:
+  """k = min(rank + oversample, min(m, n)) after checking both (ValueError)."""
+  rank = svd.check_rank(w.shape, rank)
+  if not isinstance(oversample, numbers.Integral) or oversample < 0:
+    raise ValueError(f"oversample must be an integer ≥ 0, got {oversample!r}")
+  return min(rank + int(oversample), _max_rank(w.shape))
+
+
 def init_subspace(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE) -> SubspaceState:
   """Exact top-k right singular subspace of `w`, k = min(rank + oversample, min(m, n)).
 
@@ -185,10 +195,7 @@ def init_subspace(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE)
   Returns:
     A `SubspaceState` with k columns, `refreshes` = 0.
   """
-  rank = svd.check_rank(w.shape, rank)
-  if not isinstance(oversample, numbers.Integral) or oversample < 0:
-    raise ValueError(f"oversample must be an integer ≥ 0, got {oversample!r}")
-  k = min(rank + int(oversample), _max_rank(w.shape))
+  k = _tracked_columns(w, rank, oversample)
   basis, ritz_values, probe = _exact_state(lax.stop_gradient(w), k)
   zero = jnp.zeros((), w.dtype)
   count = jnp.zeros((), jnp.int32)
@@ -669,3 +676,230 @@ def stream_if(pred: jax.Array, w: jax.Array, state: StreamState, rank, **options
 def stream_basis(basis: jax.Array, rank) -> jax.Array:
   """`basis` [n, k] from `stream_subspace` with columns ≥ `rank` zeroed: W V_r V_rᵀ = x Ŵ's Ŵ."""
   return _leading_columns(basis, rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alternating: one product with W per training step, the search side alternating.
+# ---------------------------------------------------------------------------------------------
+
+
+class AlternatingState(NamedTuple):
+  """State of `alternate_projection` for a matrix W, [m, n].
+
+  After a call, both sides hold that call's k Ritz pairs: the side it searched holds its Ritz
+  vectors (orthonormal), the other side their images under W or Wᵀ scaled to unit norm, which
+  the next call searches. k = `right_rows.shape[0]` is static; the rank r ≤ k is chosen per call.
+  """
+  right_rows: jax.Array       # [k, n] right Ritz vectors v_i, or unit Wᵀu_i to search next
+  left_rows: jax.Array        # [k, m] left Ritz vectors u_i, or unit W v_i to search next
+  singular_values: jax.Array  # [k] the last call's Ritz values, descending
+  right_probe: jax.Array      # [n] unit vector ⟂ the right rows (zeros if k = min(m, n))
+  left_probe: jax.Array       # [m] unit vector ⟂ the left rows (zeros if k = min(m, n))
+  side: jax.Array             # [] int32: the next call searches 0: the right rows, 1: the left
+  drift: jax.Array            # [] drift statistic of the last call (≈ estimated ρ − 1)
+  residual_level: jax.Array   # [] exponential moving average of `drift` (diagnostic)
+  refreshes: jax.Array        # [] int32, calls whose drift forced the full `update_subspace` path
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _exact_pairs(w: jax.Array, k: int):
+  """Top-k singular triplets by full SVD: u [m, k], s [k], vt [k, n]."""
+  u, singular_values, vt = jnp.linalg.svd(w, full_matrices=False)
+  return u[:, :k], singular_values[:k], vt[:k]
+
+
+def init_alternating(w: jax.Array, rank: int,
+                     oversample: int = DEFAULT_OVERSAMPLE) -> AlternatingState:
+  """Exact top-k singular pairs of `w`; the first call searches the right singular vectors.
+
+  Args:
+    w: matrix, [m, n].
+    rank: static integer in `1..min(m, n)`; the largest rank the state will serve.
+    oversample: extra columns tracked beyond `rank` (≥ 0).
+
+  Returns:
+    An `AlternatingState` with k = min(rank + oversample, min(m, n)) pairs.
+  """
+  k = _tracked_columns(w, rank, oversample)
+  u, singular_values, vt = _exact_pairs(lax.stop_gradient(w), k)
+  if k < _max_rank(w.shape):
+    right_probe, left_probe = _initial_probe(vt.T), _initial_probe(u)
+  else:
+    right_probe, left_probe = jnp.zeros((w.shape[1],), w.dtype), jnp.zeros((w.shape[0],), w.dtype)
+  zero = jnp.zeros((), w.dtype)
+  count = jnp.zeros((), jnp.int32)
+  return AlternatingState(vt, u.T, singular_values, right_probe, left_probe, side=count,
+                          drift=zero, residual_level=zero, refreshes=count)
+
+
+def _unit_rows(rows: jax.Array) -> jax.Array:
+  """Rows scaled to unit norm (zero rows stay zero)."""
+  norms = jnp.linalg.norm(rows, axis=1, keepdims=True)
+  return jnp.where(norms > jnp.finfo(rows.dtype).tiny ** 0.5, rows / norms, 0.0)
+
+
+class _HalfStep(NamedTuple):
+  ritz_rows: jax.Array        # [k, d] orthonormal Ritz vectors on the searched side
+  image_rows: jax.Array       # [k, e] their images under W (or Wᵀ), norms ≈ the Ritz values
+  singular_values: jax.Array  # [k] descending
+  probe: jax.Array            # [e] next probe, on the other side
+  drift: jax.Array            # []
+
+
+def _half_step(w: jax.Array, rows: jax.Array, probe: jax.Array, partners: jax.Array,
+               partner_values: jax.Array, other_probe: jax.Array, rank: jax.Array,
+               search_right: bool) -> _HalfStep:
+  """Rayleigh–Ritz of the current W in span(rows), from one product with W.
+
+  With X = `rows` [k, d] searched on one side (d = n if `search_right`, else m) and their
+  images Z = X Wᵀ (or X W), [k, e]:
+
+  .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad
+            T = S^T L^{-1}, \\quad \\text{Ritz vectors } T X, \\quad \\text{images } T Z
+
+  so the best rank-r approximation of W with rows (or columns) in span(X) is
+  Σ_{i<r} (images_i)(Ritz_i)ᵀ, for the current W, at the cost of one product.
+
+  Drift: X's rows are the unit images of the previous call's Ritz vectors y_i (on the other
+  side, `partners`) with values σ_i (`partner_values`). For an exact singular pair
+  W x_i = σ_i y_i; the residual ‖Z_i − σ_i y_i‖² = ‖R_i‖² / λ_i (R_i = A y_i − λ_i y_i,
+  A = W Wᵀ or Wᵀ W) is the energy one more power step would add, measured against the W of
+  now, so it also sees how far W moved since the last call. gain = Σ_{i<r} of it; miss from
+  the probe (W's top direction outside span(X), one power step per call, alternating sides
+  with the search); drift = sqrt(1 + max(gain, miss) / tail) − 1 as in `update_subspace`.
+  """
+  k = rows.shape[0]
+  dtype = w.dtype
+  mask = _rank_mask(k, rank)
+  search = jnp.concatenate([rows, probe[None]], axis=0)              # [k + 1, d]
+  images_all = _rows_times_transpose(search, w) if search_right else search @ w
+  images, probe_image = images_all[:k], images_all[k]                # [k, e], [e]
+  chol = jnp.linalg.cholesky(rows @ rows.T)
+  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(k, dtype=dtype), lower=True)
+  reduced = chol_inv @ (images @ images.T) @ chol_inv.T
+  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
+  eigenvalues, eigenvectors = jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
+  to_ritz = eigenvectors.T @ chol_inv                                # [k, k]
+  ritz_rows = to_ritz @ rows                                         # [k, d] orthonormal
+  image_rows = to_ritz @ images                                      # [k, e]
+
+  total = jnp.sum(w * w)
+  noise = _NOISE_FACTOR * jnp.finfo(dtype).eps * total
+  kept = jnp.sum(jnp.where(mask, eigenvalues, 0.0))
+  tail = jnp.maximum(total - kept, noise)
+  residuals = jnp.sum((images - partner_values[:, None] * partners) ** 2, axis=1)
+  gain = jnp.maximum(jnp.sum(jnp.where(mask, residuals, 0.0)) - noise, 0.0)
+  cut = jnp.take(eigenvalues, jnp.clip(rank - 1, 0, k - 1))
+  miss = jnp.maximum(jnp.sum(probe_image * probe_image) - cut - noise, 0.0)
+  drift = jnp.sqrt(1.0 + jnp.maximum(gain, miss) / tail) - 1.0
+  drift = jnp.where(jnp.isfinite(drift), drift, jnp.inf)
+
+  if k < _max_rank(w.shape):
+    other_basis = _unit_rows(image_rows).T                           # [e, k]
+    fallback = _complement_unit(other_basis, other_probe, jnp.zeros_like(other_probe))
+    next_probe = _complement_unit(other_basis, probe_image, fallback)
+  else:
+    next_probe = jnp.zeros_like(other_probe)
+  return _HalfStep(ritz_rows, image_rows, jnp.sqrt(eigenvalues), next_probe, drift)
+
+
+class _Alternated(NamedTuple):
+  state: AlternatingState  # residual_level and refreshes not yet updated
+  image_rows: jax.Array    # [k, m] left factor rows: Ŵ_r = Σ_{i<r} image_rows_iᵀ basis_iᵀ
+  basis: jax.Array         # [n, k] right factor columns
+
+
+def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
+                         tolerance: float = DEFAULT_TOLERANCE,
+                         max_extra_iterations: int = DEFAULT_MAX_EXTRA_ITERATIONS,
+                         level_decay: float = DEFAULT_LEVEL_DECAY
+                         ) -> tuple[AlternatingState, jax.Array, jax.Array]:
+  """This call's factors of the rank-r projection of `w`, from ONE product with `w`.
+
+  `stream_projection` runs a whole subspace iteration per call: two products with W. Here a
+  call makes half of one, alternating sides: a right call takes the right search rows Q (unit
+  images Wᵀu_i of the last call's left Ritz vectors), computes W Qᵀ, and returns the best rank-r
+  approximation of the current W with rows in span(Q), Ŵ = (W V_r) V_rᵀ; a left call takes the
+  left search rows P (unit images W v_i), computes P W, and returns the best one with columns in
+  span(P), Ŵ = U_r (Wᵀ U_r)ᵀ (see `_half_step`). Either way the projection is optimal within a
+  subspace one half power step old, for the W of now, and both factors come out of the one
+  product: `projection.st_factored_matmul(x, w, image_rows, stream_basis(basis, r))` is x Ŵ.
+  A call whose drift statistic is not below `tolerance` takes the `update_subspace` path
+  (extra iterations, then an exact SVD) and the next call searches from its result.
+
+  Args:
+    w: matrix, [m, n].
+    state: from `init_alternating` or a previous call, for a matrix of the same shape.
+    rank: r, a Python int in `1..k` (checked) or a traced int32 scalar (clipped into `1..k`).
+    tolerance, max_extra_iterations, level_decay: as in `update_subspace`.
+
+  Returns:
+    (new state, basis [n, k], image rows [k, m]) with Ŵ_r = Σ_{i<r} image_rows_iᵀ basis_iᵀ:
+    after a right call basis = V (orthonormal) and image rows (W V)ᵀ; after a left call image
+    rows Uᵀ (orthonormal) and basis Wᵀ U.
+  """
+  k, n = state.right_rows.shape
+  what = f"alternating rows of shape {(k, n)}"
+  _check_fits(w, n, k, what)
+  if state.left_rows.shape != (k, w.shape[0]):
+    raise ValueError(f"{what} do not fit a matrix of shape {tuple(w.shape)}")
+  _check_rank_in(k, rank, what, shape=w.shape)
+  return _alternate(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance),
+                    max_extra_iterations=int(max_extra_iterations),
+                    level_decay=float(level_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("tolerance", "max_extra_iterations", "level_decay"))
+def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
+  w = lax.stop_gradient(w)
+  state = lax.stop_gradient(state)
+  k = state.right_rows.shape[0]
+  rank = jnp.clip(rank, 1, k)
+
+  def right_call(state):
+    step = _half_step(w, state.right_rows, state.right_probe, state.left_rows,
+                      state.singular_values, state.left_probe, rank, search_right=True)
+    new_state = state._replace(right_rows=step.ritz_rows, left_rows=_unit_rows(step.image_rows),
+                               singular_values=step.singular_values, left_probe=step.probe,
+                               side=jnp.ones((), jnp.int32), drift=step.drift)
+    return _Alternated(new_state, step.image_rows, step.ritz_rows.T)
+
+  def left_call(state):
+    step = _half_step(w, state.left_rows, state.left_probe, state.right_rows,
+                      state.singular_values, state.right_probe, rank, search_right=False)
+    new_state = state._replace(left_rows=step.ritz_rows, right_rows=_unit_rows(step.image_rows),
+                               singular_values=step.singular_values, right_probe=step.probe,
+                               side=jnp.zeros((), jnp.int32), drift=step.drift)
+    return _Alternated(new_state, step.ritz_rows, step.image_rows.T)
+
+  out = lax.cond(state.side == 0, right_call, left_call, state)
+  needs_full_update = ~(out.state.drift < tolerance)
+
+  def full_update(w, out):
+    # Iterate from the right side's vectors (the Ritz vectors or their unit images).
+    incoming = SubspaceState(out.state.right_rows.T, out.state.singular_values,
+                             out.state.right_probe, out.state.drift, state.residual_level,
+                             jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    updated = _update(w, incoming, rank, iterations=1, max_extra_iterations=max_extra_iterations,
+                      tolerance=tolerance, level_decay=level_decay)
+    images_all = _rows_times_transpose(
+        jnp.concatenate([updated.basis.T, updated.probe[None]], axis=0), w)  # [k + 1, m]
+    images = images_all[:k]
+    left_rows = _unit_rows(images)
+    if k < _max_rank(w.shape):
+      fallback = _complement_unit(left_rows.T, out.state.left_probe,
+                                  jnp.zeros_like(out.state.left_probe))
+      left_probe = _complement_unit(left_rows.T, images_all[k], fallback)
+    else:
+      left_probe = out.state.left_probe
+    new_state = out.state._replace(right_rows=updated.basis.T, left_rows=left_rows,
+                                   singular_values=updated.ritz_values,
+                                   right_probe=updated.probe, left_probe=left_probe,
+                                   side=jnp.ones((), jnp.int32), drift=updated.drift)
+    return _Alternated(new_state, images, updated.basis)
+
+  out = _run_once_if(needs_full_update, full_update, w, out)
+  new_state = out.state._replace(
+      residual_level=level_decay * state.residual_level + (1.0 - level_decay) * out.state.drift,
+      refreshes=state.refreshes + needs_full_update.astype(jnp.int32))
+  return new_state, out.basis, out.image_rows

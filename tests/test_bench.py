@@ -32,10 +32,13 @@ def test_bench_writes_every_section(tmp_path):
   assert on_disk["matmul_1024_gflops"] > 0 and on_disk["dense_step_ms"] > 0
   assert [row["rank"] for row in on_disk["train_steps"]] == [4, 8]
   assert "exact_ratio" in on_disk["train_steps"][0] and "exact_ratio" not in on_disk["train_steps"][1]
+  assert config.methods == ("streaming", "alternating")
   assert all(row[f"{method}_every{every}_ratio"] > 0 for row in on_disk["train_steps"]
-             for method in ("subspace", "streaming") for every in (1, 8))
+             for method, every in (("streaming", 1), ("streaming", 8), ("alternating", 1)))
+  # The alternating projection refines on every step only: no period-8 entry.
+  assert all("alternating_every8_ratio" not in row for row in on_disk["train_steps"])
   assert [(e["method"], e["update_every"]) for e in on_disk["optimality"]] == [
-      ("subspace", 1), ("streaming", 1)]
+      ("streaming", 1), ("alternating", 1)]
   for entry in on_disk["optimality"]:
     # Eckart–Young: no rank-r projection beats the truncated SVD, and the tracker stays close.
     assert 1.0 - 1e-4 <= entry["median"] <= entry["max"] < 1.01
@@ -52,13 +55,13 @@ def test_bench_writes_every_section(tmp_path):
   theory = {row["rank"]: row["theoretical_ratio"] for row in on_disk["latency"]}
   assert theory[4] == (4 * (64 + 48) + 4 * (48 + 48)) / (64 * 48 + 48 * 48)
   (compare,) = on_disk["exact_vs_fast"]
-  assert compare["rank"] == 4 and compare["steps"] == 10 and compare["subspace_every1_speedup"] > 0
-  assert compare["streaming_every1_speedup"] > 0
-  assert len(compare["exact_accuracies"]) == len(compare["subspace_every1_accuracies"]) == 2
+  assert compare["rank"] == 4 and compare["steps"] == 10
+  assert compare["streaming_every1_speedup"] > 0 and compare["alternating_every1_speedup"] > 0
+  assert len(compare["exact_accuracies"]) == len(compare["alternating_every1_accuracies"]) == 2
   assert compare["exact_accuracy_last4"] == sum(compare["exact_accuracies"]) / 2
-  # Ten steps from the same start on the same batches: the two projections agree closely.
-  assert abs(compare["subspace_every1_accuracy_difference_points"]) < 3.0
-  assert abs(compare["streaming_every1_accuracy_difference_points"]) < 3.0
+  # Ten steps from the same start on the same batches: the projections agree closely.
+  for method in ("streaming", "alternating"):
+    assert abs(compare[f"{method}_every1_accuracy_difference_points"]) < 3.0
 
 
 def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
@@ -71,6 +74,6 @@ def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"update_every=\(1, 0\) .*integers >= 1"):
     bench.run_bench(config, log=lambda _: None)
   config.update_every, config.methods = (1,), ("subspace", "svd")
-  with pytest.raises(config_lib.ConfigError, match=r"methods=.*subspace, streaming"):
+  with pytest.raises(config_lib.ConfigError, match=r"methods=.*subspace, streaming, alternating"):
     bench.run_bench(config, log=lambda _: None)
   assert not (tmp_path / "bench.json").exists()
