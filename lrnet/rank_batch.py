@@ -6,8 +6,9 @@ serves every rank, whether the members train in one call (`vmap` or `lax.map` ov
 
 * straight-through: a projected MLP built at rank k whose `apply` takes the member's rank as a
   traced argument; singular directions ≥ r_i are masked (`st_truncate_masked`, or the first
-  r_i columns of a tracked subspace of k + oversample columns). The sweep does not use this: it
-  deadlocked intermittently on the XLA CPU runtime (BUILD_NOTES.md, known limits);
+  r_i columns of a tracked subspace of k + oversample columns). The sweep trains these side by
+  side on accelerators only: vmapped on XLA:CPU they wedged its Eigen thread pool
+  (BUILD_NOTES.md, known limits);
 * factorized: factors padded with zeros to k columns (`pad_factors`). A zero column of U meets a
   zero row of V, so both gradients are exactly zero, Adam's update 0 / (√0 + ε) is exactly zero,
   and the padding stays zero: the member is exactly a rank-r_i network.
@@ -70,12 +71,12 @@ def batch_epoch(epoch_fn: Callable, vectorize: bool = False) -> Callable:
   """`train.make_train_epoch`'s epoch mapped over a leading member axis of the state and of
   each extra apply argument (e.g. the rank); data and order are shared. Jitted.
 
-  `vectorize=False`: the members run one after the other inside the one program (`lax.map`).
-  Use it for networks with `while` loops (the subspace tracker's lazy refresh and extra
-  iterations): batched `while` loops with per-member predicates hung intermittently on the XLA
-  CPU runtime (jax 0.10.2) in our runs; mapped, every member's loops keep scalar predicates.
-  `vectorize=True`: the members train side by side (`vmap`; every product gets a member axis),
-  for loop-free networks such as the factorized students.
+  `vectorize=False`: the members run one after the other inside the one program (`lax.map`),
+  every member's `while` loops (the subspace trackers' lazy full path) with scalar predicates.
+  `vectorize=True`: the members train side by side (`vmap`; every product gets a member axis,
+  a `while` loop runs while any member needs it). On XLA:CPU a vmapped straight-through epoch
+  wedged the Eigen thread pool (jax 0.10.2; BUILD_NOTES.md, known limits): use it there only for
+  loop-free networks such as the factorized students.
   """
   def mapped(states, images, labels, order, soft_targets, *args):
     def member(state, member_args):

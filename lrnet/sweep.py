@@ -306,10 +306,10 @@ def batch_width(config) -> Optional[int]:
   return max(ints) if ints else None
 
 
-class FactorizedProgram(NamedTuple):
-  """A compiled factorized-student program of one width, mapped over a member axis."""
+class BatchProgram(NamedTuple):
+  """A compiled student program of one width, mapped over a member axis."""
   epoch_fn: Callable  # rank_batch.batch_epoch(...)
-  accuracy: Callable  # (stacked params, images, labels) -> accuracies [n]
+  accuracy: Callable  # (stacked params, images, labels[, ranks]) -> test accuracies [n]
 
 
 def side_by_side(config) -> bool:
@@ -320,7 +320,7 @@ def side_by_side(config) -> bool:
   return bool(config.sweep.parallel_ranks) and jax.default_backend() != "cpu"
 
 
-def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
+def factorized_program(exp: Experiment, width: int) -> BatchProgram:
   """The (cached) factorized program of rank `width`, mapped over a member axis: each member's
   factors are zero-padded to `width` (`rank_batch.pad_factors`). With `sweep.parallel_ranks` one
   batch holds every integer rank (side by side where `side_by_side`); else every batch has one
@@ -330,7 +330,7 @@ def factorized_program(exp: Experiment, width: int) -> FactorizedProgram:
     settings = exp.config.student
     net = models.mlp(exp.hidden, exp.num_classes, ranks=width)
     evaluate = train.make_evaluate(net.apply)
-    exp.cache[key] = FactorizedProgram(
+    exp.cache[key] = BatchProgram(
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
             train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
             settings.ema_decay), vectorize=side_by_side(exp.config)),
@@ -366,23 +366,73 @@ def factorized_batches(config, ranks: list) -> list:
   return batches
 
 
-def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
-  """Trains the factorized students of integer `ranks` as one batch; returns {rank: record}.
+def straight_through_batch_program(exp: Experiment) -> BatchProgram:
+  """The shared straight-through program (`straight_through_program`) mapped over a member
+  axis: members train side by side (`vmap`), each at its own traced rank, the last argument of
+  the epoch and of `accuracy` (validation of the exactly projected weights)."""
+  if "straight_through_batch_program" not in exp.cache:
+    settings = exp.config.student
+    net = straight_through_program(exp).net
+    project = lambda params, rank: compress_lib.project_masked(params, rank)
+    evaluate = exp.evaluate_dense
+    exp.cache["straight_through_batch_program"] = BatchProgram(
+        epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
+            train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
+            settings.ema_decay), vectorize=True),
+        accuracy=jax.jit(jax.vmap(lambda p, x, y, r: evaluate(project(p, r), x, y)[0],
+                                  in_axes=(0, None, None, 0))))
+  return exp.cache["straight_through_batch_program"]
 
-  Finished members are saved like single runs (models/<run>, runs/<run>.json); a member that
-  hit NaN/Inf gets {"error": ...} and is not saved, so a later run retries it.
+
+def straight_through_batches(config, ranks: list) -> list:
+  """The integer `ranks` of the straight-through students, grouped into batches trained side by
+  side in one program: with `sweep.parallel_ranks` on an accelerator, one batch of all of them.
+
+  On a CPU none: a vmapped straight-through epoch wedged XLA:CPU's Eigen thread pool (every
+  worker idle, the epoch never done; BUILD_NOTES.md, known limits), and member by member would
+  gain nothing there over the shared program one run at a time, which is what they use instead.
   """
-  kind, width = "factorized", max(ranks)
-  program = factorized_program(exp, width)
+  return [list(ranks)] if side_by_side(config) and ranks else []
+
+
+def train_rank_batch(exp: Experiment, kind: str, ranks: list) -> dict:
+  """Trains the `kind` students of integer `ranks` as one batch; returns {rank: record}.
+
+  Factorized members are zero-padded to the largest rank (`factorized_program`); straight-through
+  members all start from the teacher's weights and the shared program's subspaces, each projected
+  at its own rank (`straight_through_batch_program`). Finished members are saved like single
+  runs (models/<run>, runs/<run>.json); a member that hit NaN/Inf gets {"error": ...} and is not
+  saved, so a later run retries it.
+  """
+  width = max(ranks)
   settings = exp.config.student
   names = [run_name(r, kind) for r in ranks]
   batch_run = f"{kind}_ranks_{'-'.join(rank_label(r) for r in ranks)}"
   start = time.perf_counter()
   optimizer = train.adam(settings.learning_rate)
   states = []
-  for rank in ranks:
-    params = rank_batch.pad_factors(compress_lib.compress(exp.teacher_params, rank), width)
-    states.append(train.init_state(params, optimizer, ema=settings.ema_decay > 0))
+  if kind == "factorized":
+    program, apply_args = factorized_program(exp, width), ()
+    for rank in ranks:
+      params = rank_batch.pad_factors(compress_lib.compress(exp.teacher_params, rank), width)
+      states.append(train.init_state(params, optimizer, ema=settings.ema_decay > 0))
+    accuracy = program.accuracy
+    final_params = lambda params, rank: rank_batch.unpad_factors(params, rank)
+  else:
+    program = straight_through_batch_program(exp)
+    member_ranks = jnp.asarray(ranks, jnp.int32)
+    apply_args = (member_ranks,)
+    model_state = None
+    if exp.config.projection.method != "exact":
+      model_state = models.projection_state(exp.teacher_params, straight_through_program(exp).width,
+                                            len(exp.hidden), exp.config.projection.oversample,
+                                            exp.config.projection.method)
+    for _ in ranks:
+      states.append(train.init_state(exp.teacher_params, optimizer, model_state=model_state,
+                                     ema=settings.ema_decay > 0))
+    accuracy = lambda params, images, labels: program.accuracy(params, images, labels,
+                                                               member_ranks)
+    final_params = lambda params, rank: params
   batch = rank_batch.start_batch(states)
   checkpointer = checkpoint.Checkpointer(exp.path("checkpoints", batch_run), max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
@@ -404,15 +454,15 @@ def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
 
   try:
     batch = rank_batch.fit_batch(
-        batch, program.epoch_fn, lambda p: program.accuracy(p, *exp.val), *exp.train,
+        batch, program.epoch_fn, lambda p: accuracy(p, *exp.val), *exp.train,
         epochs=settings.epochs, seed=exp.config.seed + 1, patience=settings.patience or None,
-        on_epoch=on_epoch)
+        apply_args=apply_args, on_epoch=on_epoch)
   finally:
     for writer in writers:
       writer.close()
     checkpointer.close()
   progress = batch.progress
-  test_accuracy = np.asarray(program.accuracy(progress.best_params, *exp.test))
+  test_accuracy = np.asarray(accuracy(progress.best_params, *exp.test))
   seconds = time.perf_counter() - start
   records = {}
   for i, (rank, name, params) in enumerate(zip(ranks, names,
@@ -428,7 +478,7 @@ def train_factorized_batch(exp: Experiment, ranks: list) -> dict:
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
               "seconds": seconds, "trained_with_ranks": list(ranks)}
     exp.log(f"[{name}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
-    records[rank] = exp.finish(name, rank_batch.unpad_factors(params, rank), record)
+    records[rank] = exp.finish(name, final_params(params, rank), record)
   shutil.rmtree(exp.path("checkpoints", batch_run), ignore_errors=True)
   return records
 
@@ -440,19 +490,24 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   Factorized students of integer ranks train in batches (`factorized_batches`), each in one call
   of one program zero-padded to its largest rank: with `sweep.parallel_ranks` all ranks side by
   side on an accelerator, and on a CPU only ranks close enough that padding costs ≤ 10 % more;
-  else one by one, each at its own rank. Straight-through
-  students train one by one (`_student_run`): with `sweep.parallel_ranks` the integer ranks share
-  one compiled program, else each has its own (subspaces of r + oversample columns, cheaper per
-  step at small r). A vmapped straight-through batch deadlocked intermittently in the XLA CPU
-  runtime (see BUILD_NOTES.md, known limits), so they do not train side by side.
+  else one by one, each at its own rank. Straight-through students of integer ranks with
+  `sweep.parallel_ranks` share one compiled program: on an accelerator they train side by side
+  in one call of it (`straight_through_batches`), on a CPU one by one through it
+  (`_student_run`); without `parallel_ranks` each has its own program (subspaces of
+  r + oversample columns, cheaper per step at small r).
   """
-  pending, done = [], {}
+  batchable, done = [], {}
   for rank in exp.config.sweep.ranks:
     record = exp.finished(run_name(rank, kind))
     if record is not None:
       done[rank] = record
-    elif config_lib.is_int(rank) and kind == "factorized":
-      pending.append(rank)
+    elif config_lib.is_int(rank):
+      batchable.append(rank)
+  if kind == "factorized":
+    batches = factorized_batches(exp.config, batchable)
+  else:
+    batches = straight_through_batches(exp.config, batchable)
+  pending = [rank for ranks in batches for rank in ranks]
   if done:
     on_records(done)
   shared = exp.config.sweep.parallel_ranks
@@ -460,8 +515,8 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
     if rank not in done and rank not in pending:
       on_records({rank: _student_run(exp, kind, rank, exp.teacher_params,
                                      shared=shared and config_lib.is_int(rank))})
-  for ranks in factorized_batches(exp.config, pending):
-    on_records(train_factorized_batch(exp, ranks))
+  for ranks in batches:
+    on_records(train_rank_batch(exp, kind, ranks))
 
 
 def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:

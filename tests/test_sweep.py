@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import pathlib
 import random
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import digits
@@ -109,7 +111,7 @@ def test_workdir_of_another_config_is_refused(finished_sweep):
     ("student.batch_size", -3, r"student\.batch_size=-3 .*>= 1"),
     ("teacher.learning_rate", 0.0, r"teacher\.learning_rate=0\.0 .*> 0"),
     ("data.val_fraction", 1.0, r"data\.val_fraction=1\.0 .*\(0, 1\)"),
-    ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace, streaming"),
+    ("projection.method", "svd", r"projection\.method='svd' .*exact, subspace, streaming, alternating"),
     ("model.hidden", (), r"model\.hidden"),
     ("sweep.kinds", ("distilled",), r"sweep\.kinds=\('distilled',\) .*straight_through"),
     ("projection.update_every", 0, r"projection\.update_every=0 .*>= 1"),
@@ -121,6 +123,16 @@ def test_validation_errors_name_field_value_and_allowed(tmp_path, field, value, 
     sweep.run_sweep(config, log=lambda _: None)
   assert "\n" not in str(error.value)
   assert not (tmp_path / "w").exists(), "nothing may be written before validation passes"
+
+
+def test_update_every_is_refused_for_a_projection_that_refines_every_step(tmp_path):
+  config = small_config(tmp_path / "w", **{"projection.method": "alternating",
+                                           "projection.update_every": 2})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"projection\.update_every=2 .*must be 1 with "
+                           r"projection\.method='alternating'"):
+    sweep.run_sweep(config, log=lambda _: None)
+  assert not (tmp_path / "w").exists()
 
 
 def _cli(*args):
@@ -233,3 +245,68 @@ def test_factorized_batches_bound_the_padding_on_cpu_and_batch_everything_on_acc
   monkeypatch.setattr(sweep.jax, "default_backend", lambda: "gpu")
   assert sweep.factorized_batches(config, [4, 8, 16]) == [[4, 8, 16]]
   assert sweep.factorized_batches(config, []) == []
+
+
+# Runs in a fresh interpreter: XLA_FLAGS must be set before JAX starts. Prints, as JSON, the
+# straight-through records and parameters of a sweep trained one by one through the shared
+# program, then of the same sweep with the accelerator path forced: one batched program, its
+# members member by member (lax.map), then side by side (vmap, as on an accelerator).
+_SIDE_BY_SIDE_SCRIPT = r"""
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from configs import digits
+from lrnet import checkpoint, models, rank_batch, sweep
+
+def config(workdir):
+  c = digits.get_config()
+  c.workdir = workdir
+  c.model.hidden = (64, 64)
+  c.teacher.epochs, c.student.epochs = 4, 2
+  c.sweep.ranks, c.sweep.kinds = (4, 8), ("straight_through",)
+  c.latency.repeats = 2
+  return c
+
+out = {}
+batch_epoch = rank_batch.batch_epoch
+for name in ("one_by_one", "member_by_member", "side_by_side"):
+  sweep.side_by_side = lambda c: bool(c.sweep.parallel_ranks)  # the accelerator choice ...
+  if name == "one_by_one":
+    sweep.side_by_side = lambda c: False                      # ... and the CPU's
+  rank_batch.batch_epoch = lambda fn, vectorize=False, name=name: batch_epoch(
+      fn, vectorize=vectorize and name == "side_by_side")
+  workdir = os.path.join(sys.argv[1], name)
+  results = sweep.run_sweep(config(workdir), log=lambda _: None)
+  teacher = models.mlp((64, 64), 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))
+  out[name] = {"accuracy": [r["straight_through_accuracy"] for r in results["ranks"]],
+               "runs": [json.load(open(os.path.join(workdir, "runs", f"rank_{r}_straight_through.json")))
+                        for r in (4, 8)],
+               "params": [jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), checkpoint.load_pytree(
+                   os.path.join(workdir, "models", f"rank_{r}_straight_through"), teacher))
+                          for r in (4, 8)]}
+print(json.dumps(out))
+"""
+
+
+def test_straight_through_students_side_by_side_train_like_one_by_one(tmp_path):
+  """`sweep.parallel_ranks` on an accelerator trains the straight-through students of integer
+  ranks in one batched program, side by side (vmap). Forced here on the CPU (with Eigen
+  single-threaded: its thread pool wedges on that program, BUILD_NOTES.md): run member by member
+  the batch reproduces the one-by-one training exactly, so the batching itself (members, ranks,
+  states, seeds, best epochs) is right; run side by side it differs only by rounding."""
+  environment = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+  process = subprocess.run([sys.executable, "-c", _SIDE_BY_SIDE_SCRIPT, str(tmp_path)], cwd=ROOT,
+                           env=environment, capture_output=True, text=True, timeout=400)
+  assert process.returncode == 0, process.stderr[-3000:]
+  out = json.loads(process.stdout.strip().splitlines()[-1])
+  apart, mapped, together = out["one_by_one"], out["member_by_member"], out["side_by_side"]
+  assert all("trained_with_ranks" not in run for run in apart["runs"])
+  for batched in (mapped, together):
+    assert [run["trained_with_ranks"] for run in batched["runs"]] == [[4, 8], [4, 8]]
+  assert mapped["params"] == apart["params"]
+  assert mapped["accuracy"] == apart["accuracy"]
+  assert ([(run["epochs"], run["best_epoch"], run["val_accuracy"]) for run in mapped["runs"]]
+          == [(run["epochs"], run["best_epoch"], run["val_accuracy"]) for run in apart["runs"]])
+  # Side by side, products round differently in the last bits and Adam (steps of ≈ the
+  # learning rate where second moments are tiny) carries that into the weights; the students
+  # still land within a few test images (1/359 each) of the one-by-one ones.
+  np.testing.assert_allclose(together["accuracy"], apart["accuracy"], atol=4 / 359)
