@@ -42,22 +42,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
   # True: one compilation for many ranks. The straight-through students of integer ranks share
-  # one program (traced rank, trained one after another, every member tracking the largest
-  # rank's subspace); the factorized ones are zero-padded into shared programs, all side by side
-  # on an accelerator, on a CPU only ranks whose padding costs ≤ 10 % more
-  # (sweep.factorized_batches). False: one by one, each with a program at its own rank, the
-  # faster choice on a 2-core CPU unless compilation dominates (digits); see BUILD_NOTES.md.
+  # one program (traced rank, every member tracking the largest rank's subspace): side by side
+  # in one call on an accelerator, one after another on a CPU. The factorized ones are
+  # zero-padded into shared programs, all side by side on an accelerator, on a CPU only ranks
+  # whose padding costs ≤ 10 % more (sweep.factorized_batches). False: one by one, each with a
+  # program at its own rank, the faster choice on a 2-core CPU unless compilation dominates
+  # (digits); see BUILD_NOTES.md.
   config.sweep.parallel_ranks = False
   config.sweep.kinds = ("straight_through", "factorized")  # students to train; (): truncation only
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   # streaming: per step, Rayleigh–Ritz of W in a subspace iterated on the previous step's W (one
   # subspace iteration per step, forward and input gradient through the factors W V and V;
-  # BUILD_NOTES.md, benchmark). subspace: a whole iteration and Rayleigh–Ritz per refinement
-  # (≈ 2–3× the streaming cost). exact: an SVD of every projected weight at every step
-  # (≈ 35–45× the dense step on a 2-core CPU).
-  config.projection.method = "streaming"  # exact | subspace | streaming
-  config.projection.oversample = 10    # subspace, streaming: extra directions beyond the rank
+  # BUILD_NOTES.md, benchmark). alternating: the same with one product with W per step, the
+  # search subspace on W's right and left side by turns (5–15 % faster per step; update_every 1
+  # only). subspace: a whole iteration and Rayleigh–Ritz per refinement (≈ 2–3× the streaming
+  # cost). exact: an SVD of every projected weight at every step (≈ 35–45× the dense step on a
+  # 2-core CPU).
+  config.projection.method = "streaming"  # exact | subspace | streaming | alternating
+  config.projection.oversample = 10    # tracked methods: extra directions beyond the rank
   # subspace, streaming: refine every k-th step, reuse the subspace in between. Fashion-MNIST rank
   # 20, 200 steps from the teacher: streaming with k = 1 stayed within 0.3 points of the exact
   # projection's test accuracy (−0.03 and −0.23, mean of the last 4 evaluations, two runs) at

@@ -517,6 +517,46 @@ def _rows_times_transpose(rows: jax.Array, w: jax.Array) -> jax.Array:
   return lax.dot_general(rows, w, (((1,), (1,)), ((), ())))
 
 
+def _rayleigh_ritz(rows: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rayleigh–Ritz of W in span(rows), from rows X [k, d] (not necessarily orthonormal) and
+  their images Z = X Wᵀ or X W [k, e], with k×k algebra only.
+
+  .. math:: X X^T = L L^T, \quad L^{-1} (Z Z^T) L^{-T} = S \Lambda S^T, \quad T = S^T L^{-1}
+
+  Returns:
+    (λ [k], descending, ≥ 0: the squared Ritz values; T [k, k]: T X are the orthonormal Ritz
+    vectors and T Z their images).
+  """
+  k = rows.shape[0]
+  chol = jnp.linalg.cholesky(rows @ rows.T)
+  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(k, dtype=rows.dtype), lower=True)
+  reduced = chol_inv @ (images @ images.T) @ chol_inv.T
+  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
+  return jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1].T @ chol_inv
+
+
+def _energies(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(‖W‖_F², the rounding noise floor of energy differences _NOISE_FACTOR·eps·‖W‖_F²)."""
+  total = jnp.sum(w * w)
+  return total, _NOISE_FACTOR * jnp.finfo(w.dtype).eps * total
+
+
+def _drift(total: jax.Array, noise: jax.Array, eigenvalues: jax.Array, rank: jax.Array,
+           gain: jax.Array, probe_energy: jax.Array) -> jax.Array:
+  """sqrt(1 + max(gain, miss) / tail) − 1 (∞ if not finite), the statistic of `update_subspace`.
+
+  `gain` is the energy one more iteration would add to the top r; miss = ‖W p‖² − λ_r, the
+  probe's excess over the cut; tail = ‖W‖_F² − Σ_{i<r} λ_i. Both numerators lose `noise`.
+  """
+  k = eigenvalues.shape[0]
+  kept = jnp.sum(jnp.where(_rank_mask(k, rank), eigenvalues, 0.0))
+  tail = jnp.maximum(total - kept, noise)
+  cut = jnp.take(eigenvalues, jnp.clip(rank - 1, 0, k - 1))
+  miss = jnp.maximum(probe_energy - cut - noise, 0.0)
+  drift = jnp.sqrt(1.0 + jnp.maximum(jnp.maximum(gain - noise, 0.0), miss) / tail) - 1.0
+  return jnp.where(jnp.isfinite(drift), drift, jnp.inf)
+
+
 class _StreamStep(NamedTuple):
   basis: jax.Array        # [n, k] Ritz vectors of WᵀW in span(Y), by descending Ritz value
   ritz_values: jax.Array  # [k] their singular-value estimates, descending
@@ -545,34 +585,19 @@ def _stream_step(w: jax.Array, state: StreamState, rank: jax.Array) -> _StreamSt
   search = jnp.concatenate([state.rows, state.probe[None]], axis=0)   # [k + 1, n]
   z_all = _rows_times_transpose(search, w)                            # [k + 1, m]
   z, w_probe = z_all[:k], z_all[k]
-  gram = state.rows @ state.rows.T                                    # [k, k]
-  chol = jnp.linalg.cholesky(gram)
-  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(k, dtype=dtype), lower=True)
-  reduced = chol_inv @ (z @ z.T) @ chol_inv.T
-  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
-  eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
-  to_ritz = eigenvectors.T @ chol_inv                                 # [k, k]
+  eigenvalues, to_ritz = _rayleigh_ritz(state.rows, z)
   ritz_rows = to_ritz @ state.rows                                    # [k, n] orthonormal
   image_rows = to_ritz @ z                                            # [k, m] (W V)ᵀ
   powered = jnp.concatenate([image_rows, w_probe[None]], axis=0) @ w  # [k + 1, n]
   powered, powered_probe = powered[:k], powered[k]
-  eigenvalues = jnp.maximum(eigenvalues, 0.0)
 
-  total = jnp.sum(w * w)
-  noise = _NOISE_FACTOR * jnp.finfo(dtype).eps * total
-  kept = jnp.sum(jnp.where(mask, eigenvalues, 0.0))
-  tail = jnp.maximum(total - kept, noise)
+  total, noise = _energies(w)
   residuals = jnp.sum((powered - eigenvalues[:, None] * ritz_rows) ** 2, axis=1)
-  probe_energy = jnp.sum(w_probe * w_probe)
-  cut = jnp.take(eigenvalues, jnp.clip(rank - 1, 0, k - 1))
   # What one more iteration would add to the top r energies (the statistic `update_subspace`
   # measures directly): a power step on a Ritz pair (λ, v) with residual R ⟂ v raises the
   # Rayleigh quotient by (λ‖R‖² + RᵀAR) / (λ² + ‖R‖²) ≈ ‖R‖² / λ.
   gain = jnp.sum(jnp.where(mask, residuals / jnp.maximum(eigenvalues, noise), 0.0))
-  gain = jnp.maximum(gain - noise, 0.0)
-  miss = jnp.maximum(probe_energy - cut - noise, 0.0)
-  drift = jnp.sqrt(1.0 + jnp.maximum(gain, miss) / tail) - 1.0
-  drift = jnp.where(jnp.isfinite(drift), drift, jnp.inf)
+  drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(w_probe * w_probe))
 
   basis = ritz_rows.T
   if k < _max_rank(w.shape):
@@ -769,30 +794,17 @@ def _half_step(w: jax.Array, rows: jax.Array, probe: jax.Array, partners: jax.Ar
   with the search); drift = sqrt(1 + max(gain, miss) / tail) − 1 as in `update_subspace`.
   """
   k = rows.shape[0]
-  dtype = w.dtype
-  mask = _rank_mask(k, rank)
   search = jnp.concatenate([rows, probe[None]], axis=0)              # [k + 1, d]
   images_all = _rows_times_transpose(search, w) if search_right else search @ w
   images, probe_image = images_all[:k], images_all[k]                # [k, e], [e]
-  chol = jnp.linalg.cholesky(rows @ rows.T)
-  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(k, dtype=dtype), lower=True)
-  reduced = chol_inv @ (images @ images.T) @ chol_inv.T
-  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
-  eigenvalues, eigenvectors = jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
-  to_ritz = eigenvectors.T @ chol_inv                                # [k, k]
+  eigenvalues, to_ritz = _rayleigh_ritz(rows, images)
   ritz_rows = to_ritz @ rows                                         # [k, d] orthonormal
   image_rows = to_ritz @ images                                      # [k, e]
 
-  total = jnp.sum(w * w)
-  noise = _NOISE_FACTOR * jnp.finfo(dtype).eps * total
-  kept = jnp.sum(jnp.where(mask, eigenvalues, 0.0))
-  tail = jnp.maximum(total - kept, noise)
+  total, noise = _energies(w)
   residuals = jnp.sum((images - partner_values[:, None] * partners) ** 2, axis=1)
-  gain = jnp.maximum(jnp.sum(jnp.where(mask, residuals, 0.0)) - noise, 0.0)
-  cut = jnp.take(eigenvalues, jnp.clip(rank - 1, 0, k - 1))
-  miss = jnp.maximum(jnp.sum(probe_image * probe_image) - cut - noise, 0.0)
-  drift = jnp.sqrt(1.0 + jnp.maximum(gain, miss) / tail) - 1.0
-  drift = jnp.where(jnp.isfinite(drift), drift, jnp.inf)
+  gain = jnp.sum(jnp.where(_rank_mask(k, rank), residuals, 0.0))
+  drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
 
   if k < _max_rank(w.shape):
     other_basis = _unit_rows(image_rows).T                           # [e, k]
