@@ -521,7 +521,7 @@ def _rayleigh_ritz(rows: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.A
   """Rayleigh–Ritz of W in span(rows), from rows X [k, d] (not necessarily orthonormal) and
   their images Z = X Wᵀ or X W [k, e], with k×k algebra only.
 
-  .. math:: X X^T = L L^T, \quad L^{-1} (Z Z^T) L^{-T} = S \Lambda S^T, \quad T = S^T L^{-1}
+  .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad T = S^T L^{-1}
 
   Returns:
     (λ [k], descending, ≥ 0: the squared Ritz values; T [k, k]: T X are the orthonormal Ritz
