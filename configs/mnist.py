@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   # streaming: per step, Rayleigh–Ritz of W in a subspace iterated on the previous step's W (one
   # subspace iteration per step, forward and input gradient through the factors W V and V;
   # BUILD_NOTES.md, benchmark). alternating: the same with one product with W per step, the
-  # search subspace on W's right and left side by turns (5–15 % faster per step; update_every 1
+  # search subspace on W's right and left side by turns (3–25 % faster per step; update_every 1
   # only). subspace: a whole iteration and Rayleigh–Ritz per refinement (≈ 2–3× the streaming
   # cost). exact: an SVD of every projected weight at every step (≈ 35–45× the dense step on a
   # 2-core CPU).
@@ -64,8 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   # subspace, streaming: refine every k-th step, reuse the subspace in between (alternating: 1
   # only). Fashion-MNIST rank 20, 200 steps from the teacher, five data orders: streaming with
   # k = 1 ends −0.09 points from the exact projection's test accuracy on average (−0.74…+0.18;
-  # mean of the last 4 evaluations −0.15) at 56–66× its speed; k = 2 is slower than k = 1 now
-  # (a reused basis needs the dense products) and lost 0.3–0.6 points (session 4).
+  # mean of the last 4 evaluations −0.15) at 56–66× its speed; k = 2 lost 0.3–0.6 points
+  # (session 4) and, a reused basis needing the dense products, is slower up to rank 50.
   config.projection.update_every = 1
 
   config.latency = ml_collections.ConfigDict()  # forward latency, dense vs factorized
