@@ -766,6 +766,7 @@ def _unit_rows(rows: jax.Array) -> jax.Array:
 class _HalfStep(NamedTuple):
   ritz_rows: jax.Array        # [k, d] orthonormal Ritz vectors on the searched side
   image_rows: jax.Array       # [k, e] their images under W (or Wᵀ), norms ≈ the Ritz values
+  unit_image_rows: jax.Array  # [k, e] the images scaled to unit norm: the next call's search
   singular_values: jax.Array  # [k] descending
   probe: jax.Array            # [e] next probe, on the other side
   drift: jax.Array            # []
@@ -806,13 +807,15 @@ def _half_step(w: jax.Array, rows: jax.Array, probe: jax.Array, partners: jax.Ar
   gain = jnp.sum(jnp.where(_rank_mask(k, rank), residuals, 0.0))
   drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
 
+  unit_image_rows = _unit_rows(image_rows)
   if k < _max_rank(w.shape):
-    other_basis = _unit_rows(image_rows).T                           # [e, k]
+    other_basis = unit_image_rows.T                                   # [e, k]
     fallback = _complement_unit(other_basis, other_probe, jnp.zeros_like(other_probe))
     next_probe = _complement_unit(other_basis, probe_image, fallback)
   else:
     next_probe = jnp.zeros_like(other_probe)
-  return _HalfStep(ritz_rows, image_rows, jnp.sqrt(eigenvalues), next_probe, drift)
+  return _HalfStep(ritz_rows, image_rows, unit_image_rows, jnp.sqrt(eigenvalues), next_probe,
+                   drift)
 
 
 class _Alternated(NamedTuple):
@@ -871,7 +874,7 @@ def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
   def right_call(state):
     step = _half_step(w, state.right_rows, state.right_probe, state.left_rows,
                       state.singular_values, state.left_probe, rank, search_right=True)
-    new_state = state._replace(right_rows=step.ritz_rows, left_rows=_unit_rows(step.image_rows),
+    new_state = state._replace(right_rows=step.ritz_rows, left_rows=step.unit_image_rows,
                                singular_values=step.singular_values, left_probe=step.probe,
                                side=jnp.ones((), jnp.int32), drift=step.drift)
     return _Alternated(new_state, step.image_rows, step.ritz_rows.T)
@@ -879,7 +882,7 @@ def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
   def left_call(state):
     step = _half_step(w, state.left_rows, state.left_probe, state.right_rows,
                       state.singular_values, state.right_probe, rank, search_right=False)
-    new_state = state._replace(left_rows=step.ritz_rows, right_rows=_unit_rows(step.image_rows),
+    new_state = state._replace(left_rows=step.ritz_rows, right_rows=step.unit_image_rows,
                                singular_values=step.singular_values, right_probe=step.probe,
                                side=jnp.zeros((), jnp.int32), drift=step.drift)
     return _Alternated(new_state, step.ritz_rows, step.image_rows.T)

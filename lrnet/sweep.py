@@ -373,14 +373,14 @@ def straight_through_batch_program(exp: Experiment) -> BatchProgram:
   if "straight_through_batch_program" not in exp.cache:
     settings = exp.config.student
     net = straight_through_program(exp).net
-    project = lambda params, rank: compress_lib.project_masked(params, rank)
     evaluate = exp.evaluate_dense
     exp.cache["straight_through_batch_program"] = BatchProgram(
         epoch_fn=rank_batch.batch_epoch(train.make_train_epoch(
             train.stateful_apply(net), train.adam(settings.learning_rate), settings.batch_size,
             settings.ema_decay), vectorize=True),
-        accuracy=jax.jit(jax.vmap(lambda p, x, y, r: evaluate(project(p, r), x, y)[0],
-                                  in_axes=(0, None, None, 0))))
+        accuracy=jax.jit(jax.vmap(
+            lambda p, x, y, r: evaluate(compress_lib.project_masked(p, r), x, y)[0],
+            in_axes=(0, None, None, 0))))
   return exp.cache["straight_through_batch_program"]
 
 

@@ -2,11 +2,16 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import bench as bench_config
 from experiments import bench
 from lrnet import config as config_lib
+from lrnet import models
+from lrnet import svd
 
 
 def test_bench_writes_every_section(tmp_path):
@@ -77,3 +82,15 @@ def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"methods=.*subspace, streaming, alternating"):
     bench.run_bench(config, log=lambda _: None)
   assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("method", ["subspace", "streaming", "alternating"])
+def test_w_hat_is_the_projection_a_layer_applies_next_without_advancing_it(method):
+  net = models.mlp((24,), 10)
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32)))
+  state = models.projection_state(params, 5, 1, method=method)["linear_0"]
+  w = params["linear_0"]["w"] * 1.001  # a step later: the tracker's next call projects this W
+  w_hat = bench._w_hat(state, method, w, 5)
+  np.testing.assert_allclose(w_hat, svd.truncate(w, 5), atol=1e-4)
+  assert np.linalg.matrix_rank(np.asarray(w_hat), tol=1e-4) == 5
+  np.testing.assert_array_equal(bench._w_hat(state, method, w, 5), w_hat)  # state untouched
