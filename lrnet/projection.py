@@ -108,11 +108,6 @@ def _st_lowrank_matmul_bwd(residuals, g):
 st_lowrank_matmul.defvjp(_st_lowrank_matmul_fwd, _st_lowrank_matmul_bwd)
 
 
-def _contract_last(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a bᵀ for a [p, q], b [s, q] → [p, s], as one product that reads both in their stored layout."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
-
-
 @jax.custom_vjp
 def st_factored_matmul(x: jax.Array, w: jax.Array, image_rows: jax.Array,
                        basis: jax.Array) -> jax.Array:
@@ -140,7 +135,7 @@ def st_factored_matmul(x: jax.Array, w: jax.Array, image_rows: jax.Array,
     [batch, n].
   """
   del w
-  return _contract_last(_contract_last(x, image_rows), basis)
+  return svd.times_transpose(svd.times_transpose(x, image_rows), basis)
 
 
 def _st_factored_matmul_fwd(x, w, image_rows, basis):

@@ -14,6 +14,15 @@ import jax
 import jax.numpy as jnp
 
 
+def times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a bᵀ for a [p, q], b [s, q] → [p, s], as one product that reads both in their stored layout.
+
+  `a @ b.T`-shaped products can make XLA:CPU transpose b first (measured 3.0 vs 0.8 ms for
+  [20, 1024] times a 1024² matrix).
+  """
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+
 def check_rank(shape: Sequence[int], rank) -> int:
   """Validates `rank` for a matrix of `shape` and returns it as an `int`.
 

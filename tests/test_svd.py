@@ -88,3 +88,9 @@ def test_energy_rank_picks_smallest_rank_with_that_energy():
   assert fractions[1] > 0.9
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
     lrnet.energy_rank(0.0)
+
+
+def test_times_transpose_is_a_times_b_transposed():
+  a = jax.random.normal(jax.random.PRNGKey(0), (5, 7))
+  b = jax.random.normal(jax.random.PRNGKey(1), (3, 7))
+  np.testing.assert_allclose(lrnet.svd.times_transpose(a, b), a @ b.T, rtol=1e-5, atol=1e-6)
