@@ -97,9 +97,8 @@ class ProjectedLinear(hk.Module):
       if self.update_every == 1:
         # The refinement yields W V for the current W too, so x Ŵ = (x (W V)) Vᵀ and the input
         # gradient (g V)(W V)ᵀ skip the dense products; only the weight gradient xᵀ g is dense.
-        state, basis, image_rows = subspace.stream_projection(jax.lax.stop_gradient(w), state,
-                                                              rank)
-        y = projection.st_factored_matmul(x, w, image_rows, subspace.stream_basis(basis, rank))
+        state, left, right = subspace.stream_projection(jax.lax.stop_gradient(w), state, rank)
+        y = projection.st_factored_matmul(x, w, subspace.leading_rows(left, rank), right)
       else:
         state = subspace.stream_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
                                    state, rank)
@@ -111,11 +110,10 @@ class ProjectedLinear(hk.Module):
       # (`subspace.alternate_projection`); both factors of Ŵ come out of it, for the current W.
       state = hk.get_state("alternating", init=lambda *_: subspace.init_alternating(w, rank))
       calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
-      state, basis, image_rows = subspace.alternate_projection(jax.lax.stop_gradient(w), state,
-                                                               rank)
+      state, left, right = subspace.alternate_projection(jax.lax.stop_gradient(w), state, rank)
       hk.set_state("alternating", state)
       hk.set_state("calls", calls + 1)
-      y = projection.st_factored_matmul(x, w, image_rows, subspace.stream_basis(basis, rank))
+      y = projection.st_factored_matmul(x, w, subspace.leading_rows(left, rank), right)
     elif rank_override is None:
       y = x @ projection.st_truncate(w, rank)
     else:

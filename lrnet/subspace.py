@@ -68,6 +68,10 @@ DEFAULT_MAX_EXTRA_ITERATIONS = 2
 _CHOLQR_MAX_ERROR = 0.1
 # Energy differences below this many eps·‖W‖_F² are rounding noise (measured: ≤ 5.4).
 _NOISE_FACTOR = 8.0
+# A left call of `alternate_projection` projects through its search rows as they are (no
+# Rayleigh–Ritz) while the energy their estimated orthogonality error can cost stays below this
+# fraction of the optimal error energy (see `_half_step`).
+_UNRANKED_MAX_EXCESS = 1e-6
 
 _T = TypeVar("_T")
 
@@ -160,7 +164,7 @@ def _initial_probe(basis: jax.Array) -> jax.Array:
   change of W that only rescales singular values, a random mixture does not.
   """
   direction = jax.random.normal(jax.random.PRNGKey(0), basis.shape[:1], basis.dtype)
-  return _complement_unit(basis, direction, jnp.zeros_like(direction))
+  return _complement_unit(basis.T, direction, jnp.zeros_like(direction))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -246,15 +250,17 @@ def _leading_columns(basis: jax.Array, rank) -> jax.Array:
   return jnp.where(_rank_mask(basis.shape[1], rank), basis, 0.0)
 
 
-def _complement_unit(basis: jax.Array, vector: jax.Array, fallback: jax.Array) -> jax.Array:
-  """`vector` projected onto the orthogonal complement of `basis` [n, k], normalised.
+def _complement_unit(rows: jax.Array, vector: jax.Array, fallback: jax.Array) -> jax.Array:
+  """`vector` [d] projected onto the orthogonal complement of span(`rows`) ([k, d], orthonormal
+  rows), normalised.
 
-  Projects twice: after one pass, a vector lying mostly in span(V) keeps rounding components in
-  span(V) as large as its true remainder ("twice is enough"). Returns `fallback` when nothing
-  is left.
+  Projects twice: after one pass, a vector lying mostly in the span keeps rounding components in
+  it as large as its true remainder ("twice is enough"). Returns `fallback` when nothing is
+  left. Reads `rows` in its stored layout (a [d, k] basis used as `basis @ (basis.T @ v)` made
+  XLA:CPU transpose it on every call: 0.6 ms per product at 1024 × 210).
   """
   for _ in range(2):
-    vector = vector - basis @ (basis.T @ vector)
+    vector = vector - (rows @ vector) @ rows
   norm = jnp.linalg.norm(vector)
   return jnp.where(norm > jnp.finfo(vector.dtype).tiny ** 0.5, vector / norm, fallback)
 
@@ -296,8 +302,8 @@ def _iterate(w: jax.Array, basis: jax.Array, probe: jax.Array, mask: jax.Array) 
   p, ritz_values, _ = jnp.linalg.svd(r)
   new_basis = q @ p
   return _Iteration(new_basis, ritz_values, incoming_energy, jnp.sum(w_probe * w_probe),
-                    _complement_unit(new_basis, powered_probe,
-                                     _complement_unit(new_basis, probe, jnp.zeros_like(probe))))
+                    _complement_unit(new_basis.T, powered_probe,
+                                     _complement_unit(new_basis.T, probe, jnp.zeros_like(probe))))
 
 
 def _drift_statistic(w: jax.Array, iteration: _Iteration, mask: jax.Array,
@@ -511,7 +517,8 @@ def _check_stream_rank(w: jax.Array, state: StreamState, rank) -> None:
 
 def _rayleigh_ritz(rows: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Rayleigh–Ritz of W in span(rows), from rows X [k, d] (not necessarily orthonormal) and
-  their images Z = X Wᵀ or X W [k, e], with k×k algebra only.
+  their images Z = X Wᵀ or X W ([k', e], k' ≥ k: rows past k, e.g. a probe's image, are
+  ignored, so that callers need not slice a fresh copy of Z), with k×k algebra only.
 
   .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad T = S^T L^{-1}
 
@@ -522,9 +529,15 @@ def _rayleigh_ritz(rows: jax.Array, images: jax.Array) -> tuple[jax.Array, jax.A
   k = rows.shape[0]
   chol = jnp.linalg.cholesky(rows @ rows.T)
   chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(k, dtype=rows.dtype), lower=True)
-  reduced = chol_inv @ (images @ images.T) @ chol_inv.T
+  reduced = chol_inv @ (images @ images.T)[:k, :k] @ chol_inv.T
   eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
   return jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1].T @ chol_inv
+
+
+def _rotate(to_ritz: jax.Array, images: jax.Array) -> jax.Array:
+  """T Z[:k] for T [k, k] and Z [k', e], k' ≥ k, without slicing Z (a copy on XLA:CPU)."""
+  k = to_ritz.shape[0]
+  return jnp.pad(to_ritz, ((0, 0), (0, images.shape[0] - k))) @ images
 
 
 def _energies(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -550,7 +563,7 @@ def _drift(total: jax.Array, noise: jax.Array, eigenvalues: jax.Array, rank: jax
 
 
 class _StreamStep(NamedTuple):
-  basis: jax.Array        # [n, k] Ritz vectors of WᵀW in span(Y), by descending Ritz value
+  ritz_rows: jax.Array    # [k, n] Vᵀ: Ritz vectors of WᵀW in span(Y), by descending Ritz value
   ritz_values: jax.Array  # [k] their singular-value estimates, descending
   image_rows: jax.Array   # [k, m] (W V)ᵀ: the Ritz vectors' images under the current W
   rows: jax.Array         # [k, n] next search rows: (W v_i)ᵀ W, unit-norm rows
@@ -576,11 +589,13 @@ def _stream_step(w: jax.Array, state: StreamState, rank: jax.Array) -> _StreamSt
   mask = _rank_mask(k, rank)
   search = jnp.concatenate([state.rows, state.probe[None]], axis=0)   # [k + 1, n]
   z_all = svd.times_transpose(search, w)                            # [k + 1, m]
-  z, w_probe = z_all[:k], z_all[k]
-  eigenvalues, to_ritz = _rayleigh_ritz(state.rows, z)
+  w_probe = z_all[k]
+  eigenvalues, to_ritz = _rayleigh_ritz(state.rows, z_all)
   ritz_rows = to_ritz @ state.rows                                    # [k, n] orthonormal
-  image_rows = to_ritz @ z                                            # [k, m] (W V)ᵀ
-  powered = jnp.concatenate([image_rows, w_probe[None]], axis=0) @ w  # [k + 1, n]
+  # [(W V)ᵀ; W p] in one product: the probe's image rides along without a concatenation.
+  rotated = jnp.pad(to_ritz, ((0, 1), (0, 1))).at[k, k].set(1.0) @ z_all  # [k + 1, m]
+  image_rows = rotated[:k]                                            # [k, m] (W V)ᵀ
+  powered = rotated @ w                                               # [k + 1, n]
   powered, powered_probe = powered[:k], powered[k]
 
   total, noise = _energies(w)
@@ -591,15 +606,14 @@ def _stream_step(w: jax.Array, state: StreamState, rank: jax.Array) -> _StreamSt
   gain = jnp.sum(jnp.where(mask, residuals / jnp.maximum(eigenvalues, noise), 0.0))
   drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(w_probe * w_probe))
 
-  basis = ritz_rows.T
   if k < _max_rank(w.shape):
-    fallback = _complement_unit(basis, state.probe, jnp.zeros_like(state.probe))
-    probe = _complement_unit(basis, powered_probe, fallback)
+    fallback = _complement_unit(ritz_rows, state.probe, jnp.zeros_like(state.probe))
+    probe = _complement_unit(ritz_rows, powered_probe, fallback)
   else:
     probe = jnp.zeros_like(state.probe)
   norms = jnp.linalg.norm(powered, axis=1, keepdims=True)
   rows = jnp.where(norms > jnp.finfo(dtype).tiny ** 0.5, powered / norms, ritz_rows)
-  return _StreamStep(basis, jnp.sqrt(eigenvalues), image_rows, rows, probe, drift)
+  return _StreamStep(ritz_rows, jnp.sqrt(eigenvalues), image_rows, rows, probe, drift)
 
 
 def stream_subspace(w: jax.Array, state: StreamState, rank, *,
@@ -628,10 +642,10 @@ def stream_subspace(w: jax.Array, state: StreamState, rank, *,
     (new state, basis [n, k]): orthonormal Ritz vectors by descending Ritz value, so that
     `W V_r V_rᵀ` (V_r: the first r columns; see `stream_basis`) is the projection to use now.
   """
-  new_state, basis, _ = stream_projection(w, state, rank, tolerance=tolerance,
-                                          max_extra_iterations=max_extra_iterations,
-                                          level_decay=level_decay)
-  return new_state, basis
+  new_state, _, _ = stream_projection(w, state, rank, tolerance=tolerance,
+                                      max_extra_iterations=max_extra_iterations,
+                                      level_decay=level_decay)
+  return new_state, new_state.basis
 
 
 def stream_projection(w: jax.Array, state: StreamState, rank, *,
@@ -645,8 +659,9 @@ def stream_projection(w: jax.Array, state: StreamState, rank, *,
   projection Ŵ_r = (W V_r) V_rᵀ costs nothing more (`projection.st_factored_matmul`).
 
   Returns:
-    (new state, basis V [n, k], image rows (W V)ᵀ [k, m]); rows ≥ r of the images, like the
-    columns ≥ r of V, belong to directions outside the rank-r projection (see `stream_basis`).
+    (new state, left rows (W V)ᵀ [k, m], right rows Vᵀ [k, n]): Ŵ_r = Σ_{i<r} left_iᵀ right_i,
+    i.e. `projection.st_factored_matmul(x, w, leading_rows(left, r), right)` is x Ŵ_r. Both are
+    rows, as computed: handing out V as columns would cost a transposed copy per call.
   """
   _check_stream_rank(w, state, rank)
   return _stream(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance),
@@ -663,23 +678,23 @@ def _stream(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
   needs_full_update = ~(step.drift < tolerance)
 
   def full_update(w, step):
-    incoming = SubspaceState(step.basis, step.ritz_values, step.probe, step.drift,
+    incoming = SubspaceState(step.ritz_rows.T, step.ritz_values, step.probe, step.drift,
                              state.residual_level, jnp.zeros((), jnp.int32),
                              jnp.zeros((), jnp.int32))
     updated = _update(w, incoming, rank, iterations=1,
                       max_extra_iterations=max_extra_iterations, tolerance=tolerance,
                       level_decay=level_decay)
-    return step._replace(basis=updated.basis, ritz_values=updated.ritz_values,
+    return step._replace(ritz_rows=updated.basis.T, ritz_values=updated.ritz_values,
                          image_rows=svd.times_transpose(updated.basis.T, w),
                          rows=updated.basis.T, probe=updated.probe, drift=updated.drift)
 
   step = _run_once_if(needs_full_update, full_update, w, step)
   new_state = StreamState(
-      rows=step.rows, probe=step.probe, basis=step.basis, ritz_values=step.ritz_values,
+      rows=step.rows, probe=step.probe, basis=step.ritz_rows.T, ritz_values=step.ritz_values,
       drift=step.drift,
       residual_level=level_decay * state.residual_level + (1.0 - level_decay) * step.drift,
       refreshes=state.refreshes + needs_full_update.astype(jnp.int32))
-  return new_state, step.basis, step.image_rows
+  return new_state, step.image_rows, step.ritz_rows
 
 
 def stream_if(pred: jax.Array, w: jax.Array, state: StreamState, rank, **options) -> StreamState:
@@ -688,6 +703,12 @@ def stream_if(pred: jax.Array, w: jax.Array, state: StreamState, rank, **options
   _check_stream_rank(w, state, rank)
   return _run_once_if(jnp.asarray(pred),
                       lambda w, s: stream_subspace(w, s, rank, **options)[0], w, state)
+
+
+def leading_rows(rows: jax.Array, rank) -> jax.Array:
+  """`rows` [k, d] with rows ≥ `rank` zeroed (rank may be traced): masking one factor of
+  Ŵ = Lᵀ R (`stream_projection`, `alternate_projection`) is enough to keep only the top r."""
+  return jnp.where(_rank_mask(rows.shape[0], rank)[:, None], rows, 0.0)
 
 
 def stream_basis(basis: jax.Array, rank) -> jax.Array:
@@ -756,54 +777,99 @@ def _unit_rows(rows: jax.Array) -> jax.Array:
 
 
 class _HalfStep(NamedTuple):
-  ritz_rows: jax.Array        # [k, d] orthonormal Ritz vectors on the searched side
-  image_rows: jax.Array       # [k, e] their images under W (or Wᵀ), norms ≈ the Ritz values
+  ritz_rows: jax.Array        # [k, d] the searched side's vectors: Ritz vectors, or the rows
+  image_rows: jax.Array       # [k, e] their images under W (or Wᵀ), norms ≈ the singular values
   unit_image_rows: jax.Array  # [k, e] the images scaled to unit norm: the next call's search
-  singular_values: jax.Array  # [k] descending
+  singular_values: jax.Array  # [k] the images' norms; descending after a Rayleigh–Ritz step
   probe: jax.Array            # [e] next probe, on the other side
   drift: jax.Array            # []
+
+
+def _unranked_is_near_optimal(total: jax.Array, noise: jax.Array, values: jax.Array,
+                              rank: jax.Array, eps: float) -> jax.Array:
+  """Whether projecting through the unit image rows of the last Rayleigh–Ritz step as they
+  are keeps the excess energy under `_UNRANKED_MAX_EXCESS` of the optimal error energy.
+
+  Those rows y_i come from a float eigh of a Gram: Y Yᵀ = I + Δ with Δ_ij ≈ eps·σ_1²/(σ_i σ_j)
+  (`values` σ, descending). Ŵ = Y_rᵀ Y_r W then differs from the exact projection on span(Y_r)
+  by Δ Y_r W, second order: ‖Δ Y_r W‖² ≲ eps²·σ_1⁴·r·Σ_{i<r} σ_i⁻², against the optimal
+  ‖W − W_r‖² ≈ ‖W‖_F² − Σ_{i<r} σ_i² (trained layers at r = 200: ≈ 1e-8 of it).
+  """
+  k = values.shape[0]
+  mask = _rank_mask(k, rank)
+  squares = jnp.maximum(values ** 2, jnp.finfo(values.dtype).tiny)
+  excess = eps ** 2 * squares[0] ** 2 * rank * jnp.sum(jnp.where(mask, 1.0 / squares, 0.0))
+  tail = jnp.maximum(total - jnp.sum(jnp.where(mask, squares, 0.0)), noise)
+  return excess <= _UNRANKED_MAX_EXCESS * tail
 
 
 def _half_step(w: jax.Array, rows: jax.Array, probe: jax.Array, partners: jax.Array,
                partner_values: jax.Array, other_probe: jax.Array, rank: jax.Array,
                search_right: bool) -> _HalfStep:
-  """Rayleigh–Ritz of the current W in span(rows), from one product with W.
+  """The rank-r projection of the current W through the search rows, from one product with W.
 
   With X = `rows` [k, d] searched on one side (d = n if `search_right`, else m) and their
-  images Z = X Wᵀ (or X W), [k, e]:
+  images Z = X Wᵀ (or X W), [k, e]. A right call runs Rayleigh–Ritz (`_rayleigh_ritz`):
 
   .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad
             T = S^T L^{-1}, \\quad \\text{Ritz vectors } T X, \\quad \\text{images } T Z
 
-  so the best rank-r approximation of W with rows (or columns) in span(X) is
-  Σ_{i<r} (images_i)(Ritz_i)ᵀ, for the current W, at the cost of one product.
+  so the best rank-r approximation of W with rows in span(X) is Σ_{i<r} (images_i)ᵀ(Ritz_i),
+  for the current W. A left call searches the unit images of those Ritz vectors: orthonormal
+  rows already (T Z Zᵀ Tᵀ = Λ), ordered by the Ritz values, so it projects through them as they
+  are, Ŵ = Σ_{i<r} x_i (x_iᵀ W) with its one product X W and no k×k algebra at all: the
+  projection on span(X_r), the top r Ritz vectors advanced half a power step. Where float
+  rounding of those rows could cost more than `_UNRANKED_MAX_EXCESS` of the optimal error
+  (`_unranked_is_near_optimal`: widely spread singular values), the left call runs
+  Rayleigh–Ritz too. Every other call thus skips the eigh, Cholesky, inverse and both k×d
+  rotations, the larger half of a call's cost at k = 210.
 
-  Drift: X's rows are the unit images of the previous call's Ritz vectors y_i (on the other
-  side, `partners`) with values σ_i (`partner_values`). For an exact singular pair
-  W x_i = σ_i y_i; the residual ‖Z_i − σ_i y_i‖² = ‖R_i‖² / λ_i (R_i = A y_i − λ_i y_i,
-  A = W Wᵀ or Wᵀ W) is the energy one more power step would add, measured against the W of
-  now, so it also sees how far W moved since the last call. gain = Σ_{i<r} of it; miss from
-  the probe (W's top direction outside span(X), one power step per call, alternating sides
-  with the search); drift = sqrt(1 + max(gain, miss) / tail) − 1 as in `update_subspace`.
+  Drift: X's rows are the unit images of the previous call's vectors y_i (on the other side,
+  `partners`) with values σ_i (`partner_values`). For an exact singular pair W x_i = σ_i y_i;
+  the residual ‖Z_i − σ_i y_i‖² = ‖R_i‖² / λ_i (R_i = A y_i − λ_i y_i, A = W Wᵀ or Wᵀ W) is
+  the energy one more power step would add, measured against the W of now, so it also sees
+  how far W moved since the last call. gain = Σ_{i<r} of it; miss from the probe (W's top
+  direction outside span(X), one power step per call, alternating sides with the search);
+  drift = sqrt(1 + max(gain, miss) / tail) − 1 as in `update_subspace`.
   """
   k = rows.shape[0]
   search = jnp.concatenate([rows, probe[None]], axis=0)              # [k + 1, d]
-  images_all = svd.times_transpose(search, w) if search_right else search @ w
-  images, probe_image = images_all[:k], images_all[k]                # [k, e], [e]
-  eigenvalues, to_ritz = _rayleigh_ritz(rows, images)
-  ritz_rows = to_ritz @ rows                                         # [k, d] orthonormal
-  image_rows = to_ritz @ images                                      # [k, e]
-
+  images_all = svd.times_transpose(search, w) if search_right else search @ w   # [k + 1, e]
+  probe_image = images_all[k]
   total, noise = _energies(w)
-  residuals = jnp.sum((images - partner_values[:, None] * partners) ** 2, axis=1)
+
+  def ranked():
+    eigenvalues, to_ritz = _rayleigh_ritz(rows, images_all)
+    return eigenvalues, to_ritz @ rows, _rotate(to_ritz, images_all)
+
+  def unranked():
+    images = images_all[:k]
+    return jnp.sum(images * images, axis=1), rows, images
+
+  if search_right:
+    eigenvalues, ritz_rows, image_rows = ranked()
+  else:
+    eigenvalues, ritz_rows, image_rows = lax.cond(
+        _unranked_is_near_optimal(total, noise, partner_values, rank, jnp.finfo(w.dtype).eps),
+        unranked, ranked)
+
+  if search_right:
+    # The left rows were projected through unranked: within their span they are not Ritz
+    # vectors of the W of now, and ‖Z_i − σ_i y_i‖² would count that rotation, which this
+    # call's Rayleigh–Ritz step removes, as drift. Only the part of Z_i outside span(Y)
+    # (orthonormal rows) is energy a power step would add: ‖Z_i‖² − ‖Y Z_iᵀ‖².
+    inside = svd.times_transpose(images_all, partners)[:k]             # [k, k] Y Z_iᵀ
+    residuals = jnp.maximum(jnp.sum(images_all[:k] ** 2, axis=1)
+                            - jnp.sum(inside * inside, axis=1), 0.0)
+  else:
+    residuals = jnp.sum((images_all[:k] - partner_values[:, None] * partners) ** 2, axis=1)
   gain = jnp.sum(jnp.where(_rank_mask(k, rank), residuals, 0.0))
   drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
 
   unit_image_rows = _unit_rows(image_rows)
   if k < _max_rank(w.shape):
-    other_basis = unit_image_rows.T                                   # [e, k]
-    fallback = _complement_unit(other_basis, other_probe, jnp.zeros_like(other_probe))
-    next_probe = _complement_unit(other_basis, probe_image, fallback)
+    fallback = _complement_unit(unit_image_rows, other_probe, jnp.zeros_like(other_probe))
+    next_probe = _complement_unit(unit_image_rows, probe_image, fallback)
   else:
     next_probe = jnp.zeros_like(other_probe)
   return _HalfStep(ritz_rows, image_rows, unit_image_rows, jnp.sqrt(eigenvalues), next_probe,
@@ -812,8 +878,8 @@ def _half_step(w: jax.Array, rows: jax.Array, probe: jax.Array, partners: jax.Ar
 
 class _Alternated(NamedTuple):
   state: AlternatingState  # residual_level and refreshes not yet updated
-  image_rows: jax.Array    # [k, m] left factor rows: Ŵ_r = Σ_{i<r} image_rows_iᵀ basis_iᵀ
-  basis: jax.Array         # [n, k] right factor columns
+  left_rows: jax.Array     # [k, m] left factor rows: Ŵ_r = Σ_{i<r} left_rows_iᵀ right_rows_i
+  right_rows: jax.Array    # [k, n] right factor rows
 
 
 def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
@@ -830,7 +896,7 @@ def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
   left search rows P (unit images W v_i), computes P W, and returns the best one with columns in
   span(P), Ŵ = U_r (Wᵀ U_r)ᵀ (see `_half_step`). Either way the projection is optimal within a
   subspace one half power step old, for the W of now, and both factors come out of the one
-  product: `projection.st_factored_matmul(x, w, image_rows, stream_basis(basis, r))` is x Ŵ.
+  product: `projection.st_factored_matmul(x, w, leading_rows(left, r), right)` is x Ŵ.
   A call whose drift statistic is not below `tolerance` takes the `update_subspace` path
   (extra iterations, then an exact SVD) and the next call searches from its result.
 
@@ -841,9 +907,9 @@ def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
     tolerance, max_extra_iterations, level_decay: as in `update_subspace`.
 
   Returns:
-    (new state, basis [n, k], image rows [k, m]) with Ŵ_r = Σ_{i<r} image_rows_iᵀ basis_iᵀ:
-    after a right call basis = V (orthonormal) and image rows (W V)ᵀ; after a left call image
-    rows Uᵀ (orthonormal) and basis Wᵀ U.
+    (new state, left rows [k, m], right rows [k, n]) with Ŵ_r = Σ_{i<r} left_iᵀ right_i: after a
+    right call the left rows are (W V)ᵀ and the right rows Vᵀ (orthonormal); after a left call
+    the left rows Uᵀ (orthonormal) and the right rows Uᵀ W.
   """
   k, n = state.right_rows.shape
   what = f"alternating rows of shape {(k, n)}"
@@ -869,7 +935,7 @@ def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
     new_state = state._replace(right_rows=step.ritz_rows, left_rows=step.unit_image_rows,
                                singular_values=step.singular_values, left_probe=step.probe,
                                side=jnp.ones((), jnp.int32), drift=step.drift)
-    return _Alternated(new_state, step.image_rows, step.ritz_rows.T)
+    return _Alternated(new_state, step.image_rows, step.ritz_rows)
 
   def left_call(state):
     step = _half_step(w, state.left_rows, state.left_probe, state.right_rows,
@@ -877,7 +943,7 @@ def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
     new_state = state._replace(left_rows=step.ritz_rows, right_rows=step.unit_image_rows,
                                singular_values=step.singular_values, right_probe=step.probe,
                                side=jnp.zeros((), jnp.int32), drift=step.drift)
-    return _Alternated(new_state, step.ritz_rows, step.image_rows.T)
+    return _Alternated(new_state, step.ritz_rows, step.image_rows)
 
   out = lax.cond(state.side == 0, right_call, left_call, state)
   needs_full_update = ~(out.state.drift < tolerance)
@@ -891,22 +957,25 @@ def _alternate(w, state, rank, *, tolerance, max_extra_iterations, level_decay):
                       tolerance=tolerance, level_decay=level_decay)
     images_all = svd.times_transpose(
         jnp.concatenate([updated.basis.T, updated.probe[None]], axis=0), w)  # [k + 1, m]
-    images = images_all[:k]
+    # Rayleigh–Ritz in the new basis, so that the next (left) call's search rows, the unit
+    # images, are orthogonal and ranked (`_half_step` projects through them as they are).
+    eigenvalues, to_ritz = _rayleigh_ritz(updated.basis.T, images_all)
+    right_rows, images = to_ritz @ updated.basis.T, _rotate(to_ritz, images_all)
     left_rows = _unit_rows(images)
     if k < _max_rank(w.shape):
-      fallback = _complement_unit(left_rows.T, out.state.left_probe,
+      fallback = _complement_unit(left_rows, out.state.left_probe,
                                   jnp.zeros_like(out.state.left_probe))
-      left_probe = _complement_unit(left_rows.T, images_all[k], fallback)
+      left_probe = _complement_unit(left_rows, images_all[k], fallback)
     else:
       left_probe = out.state.left_probe
-    new_state = out.state._replace(right_rows=updated.basis.T, left_rows=left_rows,
-                                   singular_values=updated.ritz_values,
+    new_state = out.state._replace(right_rows=right_rows, left_rows=left_rows,
+                                   singular_values=jnp.sqrt(eigenvalues),
                                    right_probe=updated.probe, left_probe=left_probe,
                                    side=jnp.ones((), jnp.int32), drift=updated.drift)
-    return _Alternated(new_state, images, updated.basis)
+    return _Alternated(new_state, images, right_rows)
 
   out = _run_once_if(needs_full_update, full_update, w, out)
   new_state = out.state._replace(
       residual_level=level_decay * state.residual_level + (1.0 - level_decay) * out.state.drift,
       refreshes=state.refreshes + needs_full_update.astype(jnp.int32))
-  return new_state, out.basis, out.image_rows
+  return new_state, out.left_rows, out.right_rows

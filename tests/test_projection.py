@@ -69,29 +69,41 @@ def test_st_lowrank_matmul_forward_and_straight_through_vjp():
 
 
 def test_st_factored_matmul_forward_and_straight_through_vjp():
-  m, n, r, batch = 12, 10, 3, 5
+  m, n, r, k, batch = 12, 10, 3, 5, 5
   w, x, g = _matrix(m, n), _matrix(batch, m, seed=1), _matrix(batch, n, seed=2)
   _, _, vt = jnp.linalg.svd(w, full_matrices=False)
-  basis = jnp.concatenate([vt[:r].T, jnp.zeros((n, 2))], axis=1)  # padded columns are zero
-  image_rows = (w @ basis).T                                       # Zᵀ = (W V)ᵀ, [k, m]
+  right_rows = vt[:k]                                              # Vᵀ, [k, n], all k rows
+  left_rows = jnp.where(jnp.arange(k)[:, None] < r, (w @ vt[:k].T).T, 0.0)  # (W V)ᵀ, rows ≥ r zero
   w_hat = lrnet.truncate(w, r)
-  y, vjp = jax.vjp(lrnet.st_factored_matmul, x, w, image_rows, basis)
+  y, vjp = jax.vjp(lrnet.st_factored_matmul, x, w, left_rows, right_rows)
   np.testing.assert_allclose(y, x @ w_hat, atol=1e-5)
-  dx, dw, dimage, dbasis = jax.jit(vjp)(g)
+  dx, dw, dleft, dright = jax.jit(vjp)(g)
   np.testing.assert_allclose(dx, g @ w_hat.T, atol=1e-5)
   np.testing.assert_allclose(dw, x.T @ g, atol=1e-5)  # straight-through: not the true dW (0)
-  np.testing.assert_array_equal(dimage, jnp.zeros_like(image_rows))
-  np.testing.assert_array_equal(dbasis, jnp.zeros_like(basis))
+  np.testing.assert_array_equal(dleft, jnp.zeros_like(left_rows))
+  np.testing.assert_array_equal(dright, jnp.zeros_like(right_rows))
+
+
+def test_st_factored_matmul_from_the_left_side():
+  # Ŵ = U Uᵀ W: left rows Uᵀ (orthonormal), right rows Uᵀ W.
+  m, n, r, batch = 9, 11, 4, 3
+  w, x, g = _matrix(m, n, seed=6), _matrix(batch, m, seed=7), _matrix(batch, n, seed=8)
+  u, _, _ = jnp.linalg.svd(w, full_matrices=False)
+  left_rows = u[:, :r].T
+  w_hat = lrnet.truncate(w, r)
+  y, vjp = jax.vjp(lrnet.st_factored_matmul, x, w, left_rows, left_rows @ w)
+  np.testing.assert_allclose(y, x @ w_hat, atol=1e-5)
+  np.testing.assert_allclose(vjp(g)[0], g @ w_hat.T, atol=1e-5)
 
 
 def test_st_factored_matmul_never_reads_w():
   # The primal uses only the factors: a W inconsistent with them changes nothing in the forward,
   # and its gradient is still xᵀ g.
-  x, image_rows, basis = _matrix(4, 6, seed=1), _matrix(2, 6, seed=2), _matrix(5, 2, seed=3)
+  x, left_rows, right_rows = _matrix(4, 6, seed=1), _matrix(2, 6, seed=2), _matrix(2, 5, seed=3)
   g = _matrix(4, 5, seed=4)
-  y_zero = lrnet.st_factored_matmul(x, jnp.zeros((6, 5)), image_rows, basis)
-  y_other = lrnet.st_factored_matmul(x, _matrix(6, 5, seed=5), image_rows, basis)
+  y_zero = lrnet.st_factored_matmul(x, jnp.zeros((6, 5)), left_rows, right_rows)
+  y_other = lrnet.st_factored_matmul(x, _matrix(6, 5, seed=5), left_rows, right_rows)
   np.testing.assert_array_equal(y_zero, y_other)
-  dw = jax.grad(lambda w: jnp.sum(lrnet.st_factored_matmul(x, w, image_rows, basis) * g))(
+  dw = jax.grad(lambda w: jnp.sum(lrnet.st_factored_matmul(x, w, left_rows, right_rows) * g))(
       jnp.zeros((6, 5)))
   np.testing.assert_allclose(dw, x.T @ g, atol=1e-5)
