@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Fast projections (projection.method) to measure; "subspace" is the slowest of them.
   config.methods = ("streaming", "alternating")
   config.update_every = (1, 2)          # refinement periods to time (alternating: 1 only)
-  config.repeats = 5                    # train steps: 8·repeats timed steps; latency: 4·repeats calls
+  config.repeats = 5                    # train steps: `repeats` blocks of 8 steps, each after 8
+                                        # dense steps (ratios); latency: 4·repeats calls
   config.exact_repeats = 1
   config.optimality_steps = 64          # real Adam steps of a subspace student per rank ...
   config.optimality_every = 3           # ... with the exact optimality ratio every k-th step
