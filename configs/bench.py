@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ranks = (10, 20, 50, 100, 200)
   config.exact_ranks = (10, 200)        # the exact SVD step is slow: fewer ranks
   # Fast projections (projection.method) to measure; "subspace" is the slowest of them.
-  config.methods = ("streaming", "alternating")
+  config.methods = ("alternating", "streaming")
   config.update_every = (1, 2)          # refinement periods to time (alternating: 1 only)
   config.repeats = 5                    # train steps: `repeats` blocks of 8 steps, each after 8
                                         # dense steps (ratios); latency: 4·repeats calls

@@ -168,7 +168,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
       `"subspace"` (a tracked singular subspace per layer, one full subspace iteration and
       Rayleigh–Ritz per refinement, held in Haiku state; see `lrnet.subspace`) or
       `"alternating"` (`subspace.alternate_projection`: one product with W per step instead of
-      streaming's two, the search subspace alternating between W's right and left side), or
+      streaming's two, the search subspace alternating between W's right and left side, and
+      Rayleigh–Ritz only on every other step; the fastest), or
       `"streaming"` (Rayleigh–Ritz of the current W in a subspace iterated on the previous
       step's W, `subspace.stream_projection`: about a third of the cost, and with
       `projection_update_every` 1 the forward and the input gradient run through the factors

@@ -724,13 +724,15 @@ def stream_basis(basis: jax.Array, rank) -> jax.Array:
 class AlternatingState(NamedTuple):
   """State of `alternate_projection` for a matrix W, [m, n].
 
-  After a call, both sides hold that call's k Ritz pairs: the side it searched holds its Ritz
-  vectors (orthonormal), the other side their images under W or Wᵀ scaled to unit norm, which
-  the next call searches. k = `right_rows.shape[0]` is static; the rank r ≤ k is chosen per call.
+  After a call, both sides hold that call's k pairs: the side it searched holds its vectors
+  (right: Ritz vectors, orthonormal; left: the search rows it projected through), the other side
+  their images under W or Wᵀ scaled to unit norm, which the next call searches. k =
+  `right_rows.shape[0]` is static; the rank r ≤ k is chosen per call.
   """
   right_rows: jax.Array       # [k, n] right Ritz vectors v_i, or unit Wᵀu_i to search next
-  left_rows: jax.Array        # [k, m] left Ritz vectors u_i, or unit W v_i to search next
-  singular_values: jax.Array  # [k] the last call's Ritz values, descending
+  left_rows: jax.Array        # [k, m] left vectors u_i, or unit W v_i to search next
+  singular_values: jax.Array  # [k] the last call's values: Ritz values (descending) after a
+                              #     right call, the norms ‖Wᵀu_i‖ after a left call
   right_probe: jax.Array      # [n] unit vector ⟂ the right rows (zeros if k = min(m, n))
   left_probe: jax.Array       # [m] unit vector ⟂ the left rows (zeros if k = min(m, n))
   side: jax.Array             # [] int32: the next call searches 0: the right rows, 1: the left
@@ -890,13 +892,14 @@ def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
   """This call's factors of the rank-r projection of `w`, from ONE product with `w`.
 
   `stream_projection` runs a whole subspace iteration per call: two products with W. Here a
-  call makes half of one, alternating sides: a right call takes the right search rows Q (unit
-  images Wᵀu_i of the last call's left Ritz vectors), computes W Qᵀ, and returns the best rank-r
-  approximation of the current W with rows in span(Q), Ŵ = (W V_r) V_rᵀ; a left call takes the
-  left search rows P (unit images W v_i), computes P W, and returns the best one with columns in
-  span(P), Ŵ = U_r (Wᵀ U_r)ᵀ (see `_half_step`). Either way the projection is optimal within a
-  subspace one half power step old, for the W of now, and both factors come out of the one
-  product: `projection.st_factored_matmul(x, w, leading_rows(left, r), right)` is x Ŵ.
+  call makes half of one, alternating sides. A right call takes the right search rows Q (unit
+  images Wᵀu_i of the last call's left vectors), computes W Qᵀ, and returns the best rank-r
+  approximation of the current W with rows in span(Q), Ŵ = (W V_r) V_rᵀ (Rayleigh–Ritz). A left
+  call takes the left search rows U (the unit images W v_i of those Ritz vectors: orthonormal
+  and ranked already), computes Uᵀ W, and projects through its first r rows as they are,
+  Ŵ = U_r (U_rᵀ W), with no k×k algebra (see `_half_step`). Either way the projection is onto
+  a subspace at most one half power step old, for the W of now, and both factors come out of
+  the one product: `projection.st_factored_matmul(x, w, leading_rows(left, r), right)` is x Ŵ.
   A call whose drift statistic is not below `tolerance` takes the `update_subspace` path
   (extra iterations, then an exact SVD) and the next call searches from its result.
 
@@ -909,7 +912,7 @@ def alternate_projection(w: jax.Array, state: AlternatingState, rank, *,
   Returns:
     (new state, left rows [k, m], right rows [k, n]) with Ŵ_r = Σ_{i<r} left_iᵀ right_i: after a
     right call the left rows are (W V)ᵀ and the right rows Vᵀ (orthonormal); after a left call
-    the left rows Uᵀ (orthonormal) and the right rows Uᵀ W.
+    the left rows Uᵀ (orthonormal up to rounding, see `_half_step`) and the right rows Uᵀ W.
   """
   k, n = state.right_rows.shape
   what = f"alternating rows of shape {(k, n)}"

@@ -37,13 +37,13 @@ def test_bench_writes_every_section(tmp_path):
   assert on_disk["matmul_1024_gflops"] > 0 and on_disk["dense_step_ms"] > 0
   assert [row["rank"] for row in on_disk["train_steps"]] == [4, 8]
   assert "exact_ratio" in on_disk["train_steps"][0] and "exact_ratio" not in on_disk["train_steps"][1]
-  assert config.methods == ("streaming", "alternating")
+  assert config.methods == ("alternating", "streaming")
   assert all(row[f"{method}_every{every}_ratio"] > 0 for row in on_disk["train_steps"]
              for method, every in (("streaming", 1), ("streaming", 8), ("alternating", 1)))
   # The alternating projection refines on every step only: no period-8 entry.
   assert all("alternating_every8_ratio" not in row for row in on_disk["train_steps"])
   assert [(e["method"], e["update_every"]) for e in on_disk["optimality"]] == [
-      ("streaming", 1), ("alternating", 1)]
+      ("alternating", 1), ("streaming", 1)]
   for entry in on_disk["optimality"]:
     # Eckart–Young: no rank-r projection beats the truncated SVD, and the tracker stays close.
     assert 1.0 - 1e-4 <= entry["median"] <= entry["max"] < 1.01
