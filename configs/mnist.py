@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (Rayleigh–Ritz), a left step projects through the unit images of those vectors; forward and
   # input gradient through the two factors (BUILD_NOTES.md, benchmark: on 2 CPU cores ≈ 0.7×
   # the dense step at r = 10, ≈ 1.9× at r = 200; update_every 1 only). streaming: Rayleigh–Ritz
-  # every step in a subspace iterated on the previous step's W (two products per step, ≈ 1.2–1.5×
+  # every step in a subspace iterated on the previous step's W (two products per step, ≈ 1.1–1.5×
   # the alternating cost). subspace: a whole iteration and Rayleigh–Ritz per refinement (slower
   # still). exact: an SVD of every projected weight at every step (≈ 35–45× the dense step on a
   # 2-core CPU).
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   # subspace, streaming: refine every k-th step, reuse the subspace in between (alternating: 1
   # only). Fashion-MNIST rank 20, 200 steps from the teacher, five data orders: alternating ends
   # −0.01 points from the exact projection's test accuracy on average (−0.44…+0.37; mean of the
-  # last 4 evaluations −0.15), streaming −0.09 (−0.74…+0.18; −0.15), at 60–80× its speed;
+  # last 4 evaluations −0.15), streaming −0.09 (−0.74…+0.18; −0.15), at 70–90× its speed;
   # streaming with k = 2 lost 0.3–0.6 points (session 4) and, a reused basis needing the dense
   # products again, is slower up to rank 50.
   config.projection.update_every = 1
