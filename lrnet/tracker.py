@@ -1,0 +1,410 @@
+"""The alternating tracker: the rank-r projection of a slowly moving matrix, one product per step.
+
+A straight-through student needs, at every training step, the best rank-r approximation Ŵ of
+weights W that moved a little since the last step. An SVD per step costs 35–45× the dense step;
+this tracker costs one product with W per step.
+
+It keeps k = r + oversample singular pairs of W as rows (right rows [k, n], left rows [k, m]) and
+searches W's right and left side by turns:
+
+* a **right call** multiplies the right search rows X by W (Z = X Wᵀ) and runs Rayleigh–Ritz
+  (`_rayleigh_ritz`): the best rank-r approximation of the current W with rows in span(X),
+  Ŵ = (W V_r) V_rᵀ, from k×k algebra only;
+* a **left call** multiplies the unit images of those Ritz vectors U (orthonormal and ranked
+  already) by W and projects through them as they are, Ŵ = U_r (U_rᵀ W), with no k×k algebra,
+  unless float rounding of those rows could cost more than 1e-6 of the optimal error
+  (`_unranked_is_near_optimal`), when it runs Rayleigh–Ritz too.
+
+Both factors of Ŵ come out of the one product, so the student's forward and input gradient run
+through them (`projection.st_factored_matmul`): only the weight gradient is a dense product.
+
+**Drift certificate.** Each call estimates ρ − 1 for the optimality ratio
+ρ = ‖W − Ŵ‖_F / ‖W − W_r‖_F from by-products: gain, the energy one more power step would add to
+the top r directions (the residuals of the previous pairs under the current W), and miss, the
+excess over the r-th value of a probe ⟂ the tracked rows that one power step per call drives to
+W's top direction outside them (gain is blind to an invariant but wrong subspace);
+drift = sqrt(1 + max(gain, miss) / tail) − 1 with tail = ‖W‖_F² − Σ_{i<r} σ_i². A call whose
+drift is not below `tolerance` (or is not finite) is replaced by an exact refresh: an SVD of W.
+From a trained teacher this never happens in practice (BUILD_NOTES.md: 0 refreshes), so the
+refresh is a guard, not a path that needs to be fast.
+
+**Batches.** Every branch (which side, Rayleigh–Ritz on a left call, the refresh) runs through
+`_run_once_if`, a `while_loop` that runs its body zero or one time: under `vmap` a `lax.cond`
+becomes a select that computes both branches for every member, the loop only the branch some
+member needs. Members of a batch may track different k: the state is padded to a common K with
+zero rows past its own `width`, which stay zero and never enter the projection, so a padded
+member computes what it would alone (up to rounding). The side alternates strictly with the call
+count (a refresh keeps the phase), so the members of a batch always search the same side.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lrnet import svd
+
+DEFAULT_OVERSAMPLE = 10
+DEFAULT_TOLERANCE = 1e-4
+# Energy differences below this many eps·‖W‖_F² are rounding noise (measured: ≤ 5.4).
+_NOISE_FACTOR = 8.0
+# A left call projects through its search rows as they are while the energy their rounding can
+# cost stays below this fraction of the optimal error energy (`_unranked_is_near_optimal`).
+_UNRANKED_MAX_EXCESS = 1e-6
+
+_T = TypeVar("_T")
+
+
+class TrackerState(NamedTuple):
+  """Tracked singular pairs of a matrix W [m, n], padded to K = `right_rows.shape[0]` rows.
+
+  After a call, both sides hold that call's pairs: the side it searched its vectors (right:
+  Ritz vectors, orthonormal; left: the rows it projected through), the other side their images
+  under W or Wᵀ scaled to unit norm, which the next call searches. Rows ≥ `width` are zero.
+  """
+  right_rows: jax.Array       # [K, n] right vectors v_i, or unit Wᵀu_i to search next
+  left_rows: jax.Array        # [K, m] left vectors u_i, or unit W v_i to search next
+  singular_values: jax.Array  # [K] the last call's values, descending after Rayleigh–Ritz
+  right_probe: jax.Array      # [n] unit vector ⟂ the right rows (zeros if k = min(m, n))
+  left_probe: jax.Array       # [m] unit vector ⟂ the left rows (zeros if k = min(m, n))
+  width: jax.Array            # [] int32 k ≤ K: the rows tracked; the others are padding
+  side: jax.Array             # [] int32: the next call searches 0: the right rows, 1: the left
+  drift: jax.Array            # [] drift statistic of the last call (≈ estimated ρ − 1)
+  refreshes: jax.Array        # [] int32: calls replaced by an exact SVD so far
+
+
+def _run_once_if(pred: jax.Array, fn: Callable[[Any, _T], _T], inputs: Any, operand: _T) -> _T:
+  """`fn(inputs, operand)` if `pred` else `operand`, lazily also under `vmap`.
+
+  A `lax.while_loop` whose body clears the predicate: it runs zero or one time. Batched, it runs
+  once if any member's predicate holds and keeps the others' operands. `inputs` ride in the
+  carry through an optimization barrier tied to the predicate: a body computed from
+  loop-invariant values only (an SVD of `w`) would otherwise be hoisted out of the batched loop
+  by XLA and computed on every call.
+  """
+  def body(carry):
+    pred, inputs, value = carry
+    pred, inputs = lax.optimization_barrier((pred, inputs))
+    return jnp.zeros_like(pred), inputs, fn(inputs, value)
+
+  return lax.while_loop(lambda carry: carry[0], body, (pred, inputs, operand))[2]
+
+
+def tracked_width(shape, rank: int, oversample: int = DEFAULT_OVERSAMPLE) -> int:
+  """k = min(rank + oversample, min(m, n)) after checking both (ValueError)."""
+  rank = svd.check_rank(shape, rank)
+  if not isinstance(oversample, numbers.Integral) or oversample < 0:
+    raise ValueError(f"oversample must be an integer ≥ 0, got {oversample!r}")
+  return min(rank + int(oversample), min(int(shape[0]), int(shape[1])))
+
+
+def _rank_mask(size: int, rank) -> jax.Array:
+  return jnp.arange(size) < rank
+
+
+def leading_rows(rows: jax.Array, rank) -> jax.Array:
+  """`rows` [K, d] with rows ≥ `rank` zeroed (rank may be traced): masking one factor of
+  Ŵ = Lᵀ R is enough to keep only the top r pairs."""
+  return jnp.where(_rank_mask(rows.shape[0], rank)[:, None], rows, 0.0)
+
+
+def _complement_unit(rows: jax.Array, vector: jax.Array, fallback: jax.Array) -> jax.Array:
+  """`vector` [d] projected onto the orthogonal complement of span(`rows`) ([K, d], orthonormal
+  or zero rows), normalised; `fallback` when nothing is left.
+
+  Projects twice: after one pass, a vector lying mostly in the span keeps rounding components in
+  it as large as its true remainder ("twice is enough").
+  """
+  for _ in range(2):
+    vector = vector - (rows @ vector) @ rows
+  norm = jnp.linalg.norm(vector)
+  return jnp.where(norm > jnp.finfo(vector.dtype).tiny ** 0.5, vector / norm, fallback)
+
+
+def _unit_rows(rows: jax.Array) -> jax.Array:
+  """Rows scaled to unit norm (zero rows stay zero)."""
+  norms = jnp.linalg.norm(rows, axis=1, keepdims=True)
+  return jnp.where(norms > jnp.finfo(rows.dtype).tiny ** 0.5, rows / norms, 0.0)
+
+
+def _probe(rows: jax.Array, candidate: jax.Array, has_room: bool,
+           fallback: Optional[jax.Array] = None) -> jax.Array:
+  """A unit vector ⟂ `rows` [K, d]: `candidate` projected, else `fallback` projected, else a
+  fixed pseudo-random one; zeros when K = d (nothing lies outside; padded rows included, a
+  static choice). Random rather than the (k+1)-th singular vector: an exact singular vector
+  stays put under a change of W that only rescales singular values, a mixture does not."""
+  if not has_room:
+    return jnp.zeros_like(candidate)
+  direction = jax.random.normal(jax.random.PRNGKey(0), candidate.shape, candidate.dtype)
+  last_resort = _complement_unit(rows, direction, jnp.zeros_like(candidate))
+  if fallback is not None:
+    last_resort = _complement_unit(rows, fallback, last_resort)
+  return _complement_unit(rows, candidate, last_resort)
+
+
+def _exact_pairs(w: jax.Array, size: int, width: jax.Array):
+  """Top-`size` singular triplets of `w` by SVD, rows ≥ `width` zeroed: u [size, m], s, vt."""
+  u, singular_values, vt = jnp.linalg.svd(w, full_matrices=False)
+  keep = _rank_mask(size, width)
+  return (jnp.where(keep[:, None], u[:, :size].T, 0.0), jnp.where(keep, singular_values[:size], 0.0),
+          jnp.where(keep[:, None], vt[:size], 0.0))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init(w: jax.Array, size: int, width: int) -> TrackerState:
+  has_room = size < min(w.shape)
+  width = jnp.asarray(width, jnp.int32)
+  left_rows, singular_values, right_rows = _exact_pairs(w, size, width)
+  zero, count = jnp.zeros((), w.dtype), jnp.zeros((), jnp.int32)
+  return TrackerState(right_rows, left_rows, singular_values,
+                      _probe(right_rows, jnp.zeros((w.shape[1],), w.dtype), has_room),
+                      _probe(left_rows, jnp.zeros((w.shape[0],), w.dtype), has_room),
+                      width=width, side=count, drift=zero, refreshes=count)
+
+
+def init(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE,
+         pad_to: Optional[int] = None) -> TrackerState:
+  """Exact top-k singular pairs of `w`, k = min(rank + oversample, min(m, n)).
+
+  Args:
+    w: matrix, [m, n].
+    rank: static integer in `1..min(m, n)`; the largest rank the state will serve.
+    oversample: extra pairs tracked beyond `rank` (≥ 0): they keep directions near the cut
+      inside the searched subspace, so that one half power step per call is enough.
+    pad_to: K ≥ k rows to hold (members of a batch share one K); default k.
+
+  Returns:
+    A `TrackerState`; the first call searches the right rows.
+  """
+  width = tracked_width(w.shape, rank, oversample)
+  size = width if pad_to is None else int(pad_to)
+  if not width <= size <= min(w.shape):
+    raise ValueError(f"pad_to must be in {width}..{min(w.shape)} for rank {rank} + oversample "
+                     f"{oversample} of a matrix of shape {tuple(w.shape)}, got {pad_to!r}")
+  return _init(lax.stop_gradient(w), size, width)
+
+
+def _energies(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(‖W‖_F², the rounding noise floor of energy differences _NOISE_FACTOR·eps·‖W‖_F²)."""
+  total = jnp.sum(w * w)
+  return total, _NOISE_FACTOR * jnp.finfo(w.dtype).eps * total
+
+
+def _rayleigh_ritz(rows: jax.Array, images: jax.Array,
+                   active: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rayleigh–Ritz of W in span(rows) from rows X [K, d] (not necessarily orthonormal; rows
+  not `active` are zero padding) and their images Z = X Wᵀ or X W ([K', e], K' ≥ K: rows past
+  K, a probe's image, are ignored), with K×K algebra only.
+
+  .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad T = S^T L^{-1}
+
+  Padding gets an identity Gram block and eigenvalue −1, so it sorts last and T keeps it zero.
+
+  Returns:
+    (λ [K], descending, ≥ 0: the squared Ritz values; T [K, K]: T X are the orthonormal Ritz
+    vectors and T Z their images).
+  """
+  size = rows.shape[0]
+  padding = jnp.diag((~active).astype(rows.dtype))
+  chol = jnp.linalg.cholesky(rows @ rows.T + padding)
+  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(size, dtype=rows.dtype), lower=True)
+  reduced = chol_inv @ (images @ images.T)[:size, :size] @ chol_inv.T - padding
+  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
+  return jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1].T @ chol_inv
+
+
+def _rotate(to_ritz: jax.Array, images: jax.Array) -> jax.Array:
+  """T Z[:K] for T [K, K] and Z [K', e], K' ≥ K, without slicing Z (a copy on XLA:CPU)."""
+  size = to_ritz.shape[0]
+  return jnp.pad(to_ritz, ((0, 0), (0, images.shape[0] - size))) @ images
+
+
+def _drift(total: jax.Array, noise: jax.Array, eigenvalues: jax.Array, rank: jax.Array,
+           gain: jax.Array, probe_energy: jax.Array) -> jax.Array:
+  """sqrt(1 + max(gain, miss) / tail) − 1 (∞ if not finite), the drift certificate.
+
+  `gain` is the energy one more power step would add to the top r; miss = ‖W p‖² − λ_r, the
+  probe's excess over the cut; tail = ‖W‖_F² − Σ_{i<r} λ_i. Both numerators lose `noise`.
+  """
+  size = eigenvalues.shape[0]
+  kept = jnp.sum(jnp.where(_rank_mask(size, rank), eigenvalues, 0.0))
+  tail = jnp.maximum(total - kept, noise)
+  cut = jnp.take(eigenvalues, jnp.clip(rank - 1, 0, size - 1))
+  miss = jnp.maximum(probe_energy - cut - noise, 0.0)
+  drift = jnp.sqrt(1.0 + jnp.maximum(jnp.maximum(gain - noise, 0.0), miss) / tail) - 1.0
+  return jnp.where(jnp.isfinite(drift), drift, jnp.inf)
+
+
+def _unranked_is_near_optimal(total: jax.Array, noise: jax.Array, values: jax.Array,
+                              rank: jax.Array, eps: float) -> jax.Array:
+  """Whether projecting through the unit image rows of the last Rayleigh–Ritz step as they
+  are keeps the excess energy under `_UNRANKED_MAX_EXCESS` of the optimal error energy.
+
+  Those rows y_i come from a float eigh of a Gram: Y Yᵀ = I + Δ with Δ_ij ≈ eps·σ_1²/(σ_i σ_j)
+  (`values` σ, descending). Ŵ = Y_rᵀ Y_r W then differs from the exact projection on span(Y_r)
+  by Δ Y_r W, second order: ‖Δ Y_r W‖² ≲ eps²·σ_1⁴·r·Σ_{i<r} σ_i⁻², against the optimal
+  ‖W − W_r‖² ≈ ‖W‖_F² − Σ_{i<r} σ_i² (trained layers at r = 200: ≈ 1e-8 of it).
+  """
+  mask = _rank_mask(values.shape[0], rank)
+  squares = jnp.maximum(values ** 2, jnp.finfo(values.dtype).tiny)
+  excess = eps ** 2 * squares[0] ** 2 * rank * jnp.sum(jnp.where(mask, 1.0 / squares, 0.0))
+  tail = jnp.maximum(total - jnp.sum(jnp.where(mask, squares, 0.0)), noise)
+  return excess <= _UNRANKED_MAX_EXCESS * tail
+
+
+class _Call(NamedTuple):
+  state: TrackerState      # `refreshes` not yet updated
+  left_rows: jax.Array     # [K, m] factor rows of this call: Ŵ_r = Σ_{i<r} left_iᵀ right_i
+  right_rows: jax.Array    # [K, n]
+
+
+def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, search_right: bool) -> _Call:
+  """One call: the rank-r projection of the current W through the search rows of one side.
+
+  With X the searched rows [K, d] and their images Z = X Wᵀ (right) or X W (left), [K, e]. A
+  right call runs Rayleigh–Ritz: the best rank-r approximation of W with rows in span(X) is
+  Σ_{i<r} (T Z)_iᵀ (T X)_i. A left call searches the unit images of the last Ritz vectors, which
+  are orthonormal and ranked, and projects through them as they are: Ŵ = Σ_{i<r} x_i (x_iᵀ W).
+
+  Drift: for an exact singular pair W x_i = σ_i y_i (y_i the previous call's vectors on the
+  other side, `partners`), so the residual ‖Z_i − σ_i y_i‖² is the energy one more power step
+  would add, measured against the W of now: it also sees how far W moved since the last call.
+  A right call follows an unranked left call, whose rows are not Ritz vectors of the W of now;
+  there only the part of Z_i outside span(Y) counts, ‖Z_i‖² − ‖Y Z_iᵀ‖², since the rotation
+  inside the span is what its Rayleigh–Ritz step removes.
+  """
+  if search_right:
+    rows, probe, partners, other_probe = (state.right_rows, state.right_probe, state.left_rows,
+                                          state.left_probe)
+  else:
+    rows, probe, partners, other_probe = (state.left_rows, state.left_probe, state.right_rows,
+                                          state.right_probe)
+  size = rows.shape[0]
+  active = _rank_mask(size, state.width)
+  search = jnp.concatenate([rows, probe[None]], axis=0)                        # [K + 1, d]
+  images_all = svd.times_transpose(search, w) if search_right else search @ w  # [K + 1, e]
+  probe_image = images_all[size]
+  total, noise = _energies(w)
+
+  def ranked(rows, images_all, active):
+    eigenvalues, to_ritz = _rayleigh_ritz(rows, images_all, active)
+    return eigenvalues, to_ritz @ rows, _rotate(to_ritz, images_all)
+
+  images = images_all[:size]
+  if search_right:
+    eigenvalues, ritz_rows, image_rows = ranked(rows, images_all, active)
+    inside = svd.times_transpose(images, partners)                            # [K, K] Y Z_iᵀ
+    residuals = jnp.maximum(jnp.sum(images ** 2, axis=1) - jnp.sum(inside * inside, axis=1), 0.0)
+  else:
+    unranked = (jnp.sum(images * images, axis=1), rows, images)
+    near_optimal = _unranked_is_near_optimal(total, noise, state.singular_values, rank,
+                                             jnp.finfo(w.dtype).eps)
+    eigenvalues, ritz_rows, image_rows = _run_once_if(
+        ~near_optimal, lambda inputs, _: ranked(*inputs), (rows, images_all, active), unranked)
+    residuals = jnp.sum((images - state.singular_values[:, None] * partners) ** 2, axis=1)
+  gain = jnp.sum(jnp.where(_rank_mask(size, rank), residuals, 0.0))
+  drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
+
+  ritz_rows = jnp.where(active[:, None], ritz_rows, 0.0)
+  image_rows = jnp.where(active[:, None], image_rows, 0.0)
+  unit_image_rows = _unit_rows(image_rows)
+  next_probe = _probe(unit_image_rows, probe_image, size < min(w.shape), other_probe)
+  singular_values = jnp.sqrt(eigenvalues)
+  common = dict(singular_values=singular_values, side=1 - state.side, drift=drift)
+  if search_right:
+    new_state = state._replace(right_rows=ritz_rows, left_rows=unit_image_rows,
+                               left_probe=next_probe, **common)
+    return _Call(new_state, image_rows, ritz_rows)
+  new_state = state._replace(left_rows=ritz_rows, right_rows=unit_image_rows,
+                             right_probe=next_probe, **common)
+  return _Call(new_state, ritz_rows, image_rows)
+
+
+def _refresh(w: jax.Array, call: _Call) -> _Call:
+  """The call replaced by an exact SVD of `w`: exact factors now, exact pairs on both sides for
+  the next call (whichever side it searches), the alternation's phase kept."""
+  state = call.state
+  size = state.right_rows.shape[0]
+  left_rows, singular_values, right_rows = _exact_pairs(w, size, state.width)
+  has_room = size < min(w.shape)
+  right_probe = _probe(right_rows, state.right_probe, has_room)
+  left_probe = _probe(left_rows, state.left_probe, has_room)
+  new_state = state._replace(right_rows=right_rows, left_rows=left_rows,
+                             singular_values=singular_values, right_probe=right_probe,
+                             left_probe=left_probe)
+  return _Call(new_state, singular_values[:, None] * left_rows, right_rows)
+
+
+def project(w: jax.Array, state: TrackerState, rank, *,
+            tolerance: float = DEFAULT_TOLERANCE) -> tuple[TrackerState, jax.Array, jax.Array]:
+  """This call's factors of the rank-r projection of `w`, from one product with `w`.
+
+  Args:
+    w: matrix, [m, n] (not differentiated).
+    state: from `init` or a previous call, for a matrix of the same shape.
+    rank: r, a Python int in `1..width` (checked) or a traced int32 scalar (clipped into
+      `1..width`).
+    tolerance: a call whose drift certificate (≈ ρ − 1) is not below this is replaced by an
+      exact SVD; 0 forces an SVD on every call, `inf` never.
+
+  Returns:
+    (new state, left rows [K, m], right rows [K, n]) with Ŵ_r = Σ_{i<r} left_iᵀ right_i, i.e.
+    `projection.st_factored_matmul(x, w, leading_rows(left, r), right)` is x Ŵ_r.
+  """
+  size, n = state.right_rows.shape
+  if jnp.ndim(w) != 2 or w.shape[1] != n or state.left_rows.shape != (size, w.shape[0]):
+    raise ValueError(f"tracker rows of shapes {tuple(state.left_rows.shape)} and {(size, n)} "
+                     f"do not fit a matrix of shape {tuple(jnp.shape(w))}")
+  if isinstance(rank, numbers.Number):
+    svd.check_rank(w.shape, rank)
+    if not rank <= size:
+      raise ValueError(f"rank must be an integer in 1..{size} (the tracked rows), got {rank!r}")
+  return _project(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance))
+
+
+@functools.partial(jax.jit, static_argnames=("tolerance",))
+def _project(w, state, rank, *, tolerance):
+  w = lax.stop_gradient(w)
+  state = lax.stop_gradient(state)
+  rank = jnp.clip(rank, 1, state.width)
+  inputs = (w, state, rank)  # through the loops' barriers: nothing of a branch is hoisted
+  placeholder = jax.tree_util.tree_map(
+      jnp.zeros_like, _Call(state, state.left_rows, state.right_rows))
+  call = _run_once_if(state.side == 0, lambda inputs, _: _half_step(*inputs, True), inputs,
+                      placeholder)
+  call = _run_once_if(state.side == 1, lambda inputs, _: _half_step(*inputs, False), inputs,
+                      call)
+  needs_refresh = ~(call.state.drift < tolerance)  # also on NaN
+  call = _run_once_if(needs_refresh, lambda w, call: _refresh(w, call), w, call)
+  new_state = call.state._replace(refreshes=state.refreshes + needs_refresh.astype(jnp.int32))
+  return new_state, call.left_rows, call.right_rows
+
+
+def optimality_ratio(w: jax.Array, w_hat: jax.Array, rank) -> jax.Array:
+  """‖W − Ŵ‖_F / ‖W − W_r‖_F with W_r the exact truncated SVD: ≥ 1, and 1 is optimal.
+
+  .. math:: \\rho = \\|W - \\hat W\\|_F \\Big/ \\sqrt{\\textstyle\\sum_{i > r} s_i^2}
+
+  Computes an SVD; for tests and benchmarks. When W has rank ≤ r the optimum is 0 and the
+  denominator is floored at eps·‖W‖_F.
+
+  Args:
+    w: matrix, [m, n].
+    w_hat: its approximation, [m, n].
+    rank: integer in `1..min(m, n)` (may be traced).
+
+  Returns:
+    The ratio, [].
+  """
+  if isinstance(rank, numbers.Integral):
+    svd.check_rank(w.shape, rank)
+  singular_values = jnp.linalg.svd(w, compute_uv=False)
+  tail = jnp.where(jnp.arange(singular_values.shape[0]) >= rank, singular_values, 0.0)
+  optimal = jnp.sqrt(jnp.sum(tail**2))
+  floor = jnp.finfo(w.dtype).eps * jnp.linalg.norm(w)
+  return jnp.linalg.norm(w - w_hat) / jnp.maximum(optimal, floor)
