@@ -1,27 +1,36 @@
 """Figures of a rank sweep, drawn from its ``results.json``.
 
-Schema read here (accuracies are fractions in [0, 1]; any value may be
-missing, ``None`` or NaN, and an entry may carry an ``"error"`` string)::
+Schema read here (the sweep's contract; accuracies are fractions in [0, 1],
+latencies in ms)::
 
-  {"dataset": "mnist",
-   "teacher": {"test_accuracy": 0.98, "params": 4235786, ...},
-   "ranks": [{"rank": 10 | "full", "params": 90000,
-              "truncated_accuracy": ..., "straight_through_accuracy": ...,
-              "factorized_accuracy": ..., "latency_dense_ms": ...,
-              "latency_factorized_ms": ..., "theoretical_ratio": ...}, ...],
-   "break_even_rank": 512.0}   # optional
+  {"dataset": "digits",
+   "config": {...},
+   "teacher": {"test_accuracy": 0.97, "val_accuracy": 0.98, "params": 558602,
+               "epochs": 30, "seconds": 12.1,
+               "latency_ms": 0.21},        # the dense network: ONE number
+   "layers": [{"name": "linear_0", "shape": [64, 512]}, ...],
+                                           # the factorized layers, [m, n]
+   "ranks": [{"rank": 4 | 0.25 | "full", "params": 11274, "compression": 49.5,
+              "truncated_accuracy": 0.41, "straight_through_accuracy": 0.93,
+              "factorized_accuracy": 0.92, "latency_factorized_ms": 0.05,
+              "theoretical_latency_ratio": 0.016,
+              "error": "optional string"}, ...]}
 
-Missing values are skipped point by point, so a failed run never breaks a
-figure. Figures are plain ``matplotlib.figure.Figure`` objects on an Agg
-canvas: no pyplot, no display, no global state.
+Any value may be missing, ``None`` or NaN and any entry may carry ``"error"``:
+points are skipped one by one, so a failed run never breaks a figure. A rank
+is an int, a float fraction of each layer's min(m, n), or ``"full"``; only
+int ranks have a place on a rank axis, so the latency figure leaves the others
+out and names them in a note. Figures are plain ``matplotlib.figure.Figure``
+objects on an Agg canvas: no pyplot, no display, no global state.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -39,6 +48,17 @@ LATENCY_FILE = "latency_vs_rank.png"
 _FIGSIZE = (7.0, 4.5)
 _DPI = 150
 
+Points = tuple[list[float], list[float]]  # (x, y), equal lengths
+
+
+class LatencySeries(NamedTuple):
+  """What :func:`plot_latency_vs_rank` draws."""
+  dense_ms: float | None  # teacher.latency_ms: one horizontal line
+  factorized: Points  # (int rank, latency_factorized_ms), sorted by rank
+  theory: Points  # (int rank, theoretical_latency_ratio × dense_ms)
+  break_even: list[tuple[tuple[int, int], float]]  # (m, n), r* inside x-range
+  left_out: list[str]  # labels of the ranks with no place on the rank axis
+
 
 def _finite(value: Any) -> float | None:
   """`value` as a float if it is a finite real number, else None."""
@@ -51,13 +71,92 @@ def _finite(value: Any) -> float | None:
   return number if math.isfinite(number) else None
 
 
-def _numeric_rank(rank: Any) -> float | None:
-  """An int/float rank as a float; ``"full"`` and junk give None."""
-  return _finite(rank) if not isinstance(rank, str) else None
+def _int_rank(rank: Any) -> int | None:
+  """An int rank; fractions (floats), ``"full"`` and junk give None."""
+  if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+    return int(rank)
+  return None
 
 
 def _rank_label(rank: Any) -> str:
+  if isinstance(rank, float):
+    return f"r={rank:.0%}"  # a fraction of min(m, n)
   return "full" if isinstance(rank, str) else f"r={rank}"
+
+
+def _rank_entries(results: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+  return [entry for entry in results.get("ranks") or ()
+          if isinstance(entry, Mapping)]
+
+
+def _teacher(results: Mapping[str, Any], key: str) -> float | None:
+  teacher = results.get("teacher")
+  return _finite(teacher.get(key)) if isinstance(teacher, Mapping) else None
+
+
+def _points(pairs) -> Points:
+  """The (x, y) pairs with both finite, sorted by x, as two lists."""
+  pairs = sorted((x, y) for x, y in pairs if x is not None and y is not None)
+  return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def break_even_rank(m: int, n: int) -> float:
+  r"""Rank at which an m×n layer costs as much factorized as dense.
+
+  :math:`r(m + n) = mn \iff r^* = mn/(m + n)`; above it factorizing costs more.
+  """
+  return m * n / (m + n)
+
+
+def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
+  """The distinct valid ``[m, n]`` shapes of ``results["layers"]``, in order."""
+  shapes = []
+  for layer in results.get("layers") or ():
+    shape = layer.get("shape") if isinstance(layer, Mapping) else None
+    if (isinstance(shape, Sequence) and len(shape) == 2
+        and all(_int_rank(size) is not None and size > 0 for size in shape)):
+      shape = (int(shape[0]), int(shape[1]))
+      if shape not in shapes:
+        shapes.append(shape)
+  return shapes
+
+
+def accuracy_series(results: Mapping[str, Any]) -> dict[str, Points]:
+  """(params, test accuracy) per key of :data:`ACCURACY_SERIES`, by params."""
+  entries = _rank_entries(results)
+  return {key: _points((_finite(entry.get("params")), _finite(entry.get(key)))
+                       for entry in entries)
+          for key, _ in ACCURACY_SERIES}
+
+
+def latency_series(results: Mapping[str, Any]) -> LatencySeries:
+  """The latency figure's data; see :class:`LatencySeries`.
+
+  The x-range is that of the int ranks drawn (factorized or theory points);
+  a layer shape's break-even rank is kept only if it falls inside it.
+  """
+  dense_ms = _teacher(results, "latency_ms")
+  entries = _rank_entries(results)
+  factorized = _points((_int_rank(entry.get("rank")),
+                        _finite(entry.get("latency_factorized_ms")))
+                       for entry in entries)
+  theory = []
+  for entry in entries:
+    ratio = _finite(entry.get("theoretical_latency_ratio"))
+    if ratio is not None and dense_ms is not None:
+      theory.append((_int_rank(entry.get("rank")), ratio * dense_ms))
+  theory = _points(theory)
+  ranks = factorized[0] + theory[0]
+  break_even = []
+  if ranks:
+    for shape in layer_shapes(results):
+      rank = break_even_rank(*shape)
+      if min(ranks) <= rank <= max(ranks):
+        break_even.append((shape, rank))
+  left_out = [_rank_label(entry.get("rank")) for entry in entries
+              if _int_rank(entry.get("rank")) is None
+              and entry.get("rank") is not None]
+  return LatencySeries(dense_ms, factorized, theory, break_even, left_out)
 
 
 def _new_figure() -> Figure:
@@ -66,153 +165,118 @@ def _new_figure() -> Figure:
   return fig
 
 
-def _entries_by(results: Mapping[str, Any], position) -> list:
-  """The rank entries for which `position(entry)` is a number, sorted by it."""
-  entries = [entry for entry in _rank_entries(results) if position(entry) is not None]
-  return sorted(entries, key=position)
-
-
-def _rank_entries(results: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-  return [entry for entry in results.get("ranks") or ()
-          if isinstance(entry, Mapping)]
+def _title(results: Mapping[str, Any], what: str) -> str:
+  dataset = results.get("dataset")
+  return f"{dataset}: {what}" if isinstance(dataset, str) and dataset else what
 
 
 def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   """Test accuracy of the three compression methods vs parameter count.
 
   One line per method in :data:`ACCURACY_SERIES` (always present, possibly
-  empty), x = ``params`` on a log scale, sorted by ``params``; the teacher's
-  test accuracy as a dashed horizontal line (if finite); each entry annotated
-  with its rank below its lowest accuracy.
+  empty; data from :func:`accuracy_series`), x on a log scale; each entry
+  annotated with its rank below its lowest accuracy; the teacher's test
+  accuracy as a dashed horizontal line labelled with its parameter count.
 
   Args:
     results: the sweep results (schema in the module docstring).
 
   Returns:
-    The figure; ``fig.axes[0]`` holds the lines, in the order above.
+    The figure; ``fig.axes[0].get_lines()``: the three methods in order, then
+    the teacher (if its accuracy is finite).
   """
   fig = _new_figure()
   ax = fig.add_subplot()
-  entries = _entries_by(results, lambda entry: _finite(entry.get("params")))
+  series = accuracy_series(results)
   for key, label in ACCURACY_SERIES:
-    points = [(_finite(entry["params"]), _finite(entry.get(key)))
-              for entry in entries]
-    points = [(x, y) for x, y in points if y is not None]
-    ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
-            markersize=4, label=label)
-  for entry in entries:
+    ax.plot(*series[key], marker="o", markersize=4, label=label)
+  for entry in _rank_entries(results):
+    params = _finite(entry.get("params"))
     accuracies = [_finite(entry.get(key)) for key, _ in ACCURACY_SERIES]
     accuracies = [y for y in accuracies if y is not None]
-    if accuracies:
+    if params is not None and accuracies and entry.get("rank") is not None:
       # Below the lowest point: the top is crowded by the teacher line.
-      ax.annotate(_rank_label(entry.get("rank")),
-                  (_finite(entry["params"]), min(accuracies)),
+      ax.annotate(_rank_label(entry.get("rank")), (params, min(accuracies)),
                   textcoords="offset points", xytext=(0, -6), ha="center",
                   va="top", fontsize=7)
-  teacher_accuracy = _finite((results.get("teacher") or {}).get(
-      "test_accuracy"))
+  teacher_accuracy = _teacher(results, "test_accuracy")
   if teacher_accuracy is not None:
+    teacher_params = _teacher(results, "params")
+    size = "" if teacher_params is None else f", {teacher_params:,.0f} params"
     ax.axhline(teacher_accuracy, color="black", linestyle="--", linewidth=1,
-               label=f"teacher (test) {teacher_accuracy:.2%}")
-  if entries:
+               label=f"teacher (dense{size}): {teacher_accuracy:.2%}")
+  if any(params for params, _ in series.values()):
     ax.set_xscale("log")
   ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-  ax.set_xlabel("parameters (log scale)")
+  ax.set_xlabel("parameters of the compressed network (log scale)")
   ax.set_ylabel("test accuracy")
-  ax.set_title(f"{results.get('dataset', '')}: accuracy vs parameters".strip(
-      ": "))
+  ax.set_title(_title(results, "test accuracy vs parameters"))
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   return fig
 
 
-def theoretical_ratio(entry: Mapping[str, Any],
-                      break_even_rank: float | None) -> float | None:
-  """Factorized/dense cost ratio of one rank entry.
+def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
+  """Forward latency of the factorized network vs rank, against the dense one.
 
-  The entry's ``theoretical_ratio`` if finite; else, for one m×n layer,
-  :math:`r(m+n)/(mn) = r / r^*` with the break-even rank
-  :math:`r^* = mn/(m+n)`; None if neither is known.
-  """
-  ratio = _finite(entry.get("theoretical_ratio"))
-  if ratio is not None:
-    return ratio
-  rank = _numeric_rank(entry.get("rank"))
-  if rank is None or _finite(break_even_rank) in (None, 0.0):
-    return None
-  return rank / float(break_even_rank)
-
-
-def plot_latency_vs_rank(results: Mapping[str, Any],
-                         break_even_rank: float | None = None) -> Figure:
-  """Measured dense and factorized latency vs rank, with the theory.
-
-  Lines, in order: dense, factorized, theoretical factorized
-  (``latency_dense_ms`` × :func:`theoretical_ratio`), then a vertical line at
-  `break_even_rank` if given. Entries whose rank is not a number (``"full"``)
-  are left out; x is the rank on a log scale.
+  Lines, in order (data from :func:`latency_series`): factorized (measured),
+  factorized (theory: ``theoretical_latency_ratio`` × dense latency), the dense
+  latency as a horizontal line, then one vertical line per distinct layer
+  shape whose break-even rank lies within the plotted ranks. x is the int rank
+  on a log scale; fractional and ``"full"`` ranks are named under the x label.
 
   Args:
     results: the sweep results (schema in the module docstring).
-    break_even_rank: :math:`mn/(m+n)` of the compressed layer, or None.
 
   Returns:
     The figure; ``fig.axes[0]`` holds the lines.
   """
+  series = latency_series(results)
   fig = _new_figure()
   ax = fig.add_subplot()
-  entries = _entries_by(results, lambda entry: _numeric_rank(entry.get("rank")))
-
-  def line(values, **style):
-    points = [(_numeric_rank(entry["rank"]), value)
-              for entry, value in zip(entries, values) if value is not None]
-    ax.plot([x for x, _ in points], [y for _, y in points], **style)
-
-  dense = [_finite(entry.get("latency_dense_ms")) for entry in entries]
-  line(dense, marker="o", markersize=4, label="dense (measured)")
-  line([_finite(entry.get("latency_factorized_ms")) for entry in entries],
-       marker="s", markersize=4, label="factorized (measured)")
-  theory = []
-  for entry, dense_ms in zip(entries, dense):
-    ratio = theoretical_ratio(entry, break_even_rank)
-    theory.append(None if ratio is None or dense_ms is None
-                  else dense_ms * ratio)
-  line(theory, linestyle=":", marker="x", markersize=4,
-       label="factorized (theory: dense × r(m+n)/mn)")
-  if _finite(break_even_rank) is not None:
-    ax.axvline(float(break_even_rank), color="gray", linestyle="--",
-               linewidth=1,
-               label=f"break-even r = mn/(m+n) = {break_even_rank:.4g}")
-  if entries:
+  ax.plot(*series.factorized, marker="s", markersize=4,
+          label="factorized (measured)")
+  ax.plot(*series.theory, linestyle=":", marker="x", markersize=4,
+          label="factorized (theory: FLOP ratio × dense)")
+  if series.dense_ms is not None:
+    ax.axhline(series.dense_ms, color="black", linestyle="--", linewidth=1,
+               label=f"dense (measured): {series.dense_ms:.3g} ms")
+  for (m, n), rank in series.break_even:
+    ax.axvline(rank, color="gray", linestyle="-.", linewidth=1,
+               label=f"break-even {m}×{n}: r={rank:.4g}")
+  ranks = sorted(set(series.factorized[0] + series.theory[0]))
+  if ranks:
     ax.set_xscale("log")
-  ax.set_xlabel("rank (log scale)")
-  ax.set_ylabel("latency (ms)")
+    # Tick the measured ranks themselves; log ticks would read "4×10⁰".
+    ax.set_xticks(ranks, [str(rank) for rank in ranks])
+    ax.set_xticks([], minor=True)
+  xlabel = "rank of every factorized layer (log scale)"
+  if series.left_out:
+    xlabel += "\nnot on the rank axis: " + ", ".join(series.left_out)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("forward latency (ms)")
   ax.set_ylim(bottom=0)
-  ax.set_title(f"{results.get('dataset', '')}: latency vs rank".strip(": "))
+  ax.set_title(_title(results, "latency vs rank"))
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   return fig
 
 
-def write_plots(results: Mapping[str, Any], workdir: str | os.PathLike,
-                break_even_rank: float | None = None) -> list[str]:
+def write_plots(results: Mapping[str, Any],
+                workdir: str | os.PathLike) -> list[str]:
   """Writes :data:`ACCURACY_FILE` and :data:`LATENCY_FILE` into `workdir`.
 
   Args:
-    results: the sweep results.
+    results: the sweep results (schema in the module docstring).
     workdir: output directory (created if missing).
-    break_even_rank: as in :func:`plot_latency_vs_rank`; default:
-      ``results["break_even_rank"]`` if present.
 
   Returns:
     The two paths written (atomically, see :func:`lrnet.io.atomic_savefig`).
   """
-  if break_even_rank is None:
-    break_even_rank = _finite(results.get("break_even_rank"))
   os.makedirs(workdir, exist_ok=True)
   figures = {
       ACCURACY_FILE: plot_accuracy_vs_params(results),
-      LATENCY_FILE: plot_latency_vs_rank(results, break_even_rank),
+      LATENCY_FILE: plot_latency_vs_rank(results),
   }
   paths = []
   for name, fig in figures.items():

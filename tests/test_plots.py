@@ -1,6 +1,7 @@
 """Tests for lrnet/plots.py: the data drawn, robustness, PNG output."""
 
-import math
+import copy
+import inspect
 import os
 import pathlib
 
@@ -10,35 +11,55 @@ import pytest
 from lrnet import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SHAPES = [(64, 512), (512, 512), (512, 512)]
+DENSE_FLOPS = sum(m * n for m, n in SHAPES)  # 557056
 
 
-def _results():
-  """A sweep over one 784x1024 layer: break-even rank 784*1024/1808."""
-  return {
-      "dataset": "mnist",
-      "config": {"ranks": [10, 50, 200, "full"]},
-      "teacher": {"test_accuracy": 0.98, "val_accuracy": 0.979,
-                  "params": 4_235_786, "epochs": 12, "seconds": 100.0},
-      "ranks": [
-          # Deliberately unsorted.
-          {"rank": 200, "params": 400_000, "compression": 10.6,
-           "truncated_accuracy": 0.95, "straight_through_accuracy": 0.975,
-           "factorized_accuracy": 0.978, "latency_dense_ms": 1.0,
-           "latency_factorized_ms": 0.5},
-          {"rank": 10, "params": 90_000, "compression": 47.1,
-           "truncated_accuracy": 0.75, "straight_through_accuracy": 0.96,
-           "factorized_accuracy": 0.97, "latency_dense_ms": 1.2,
-           "latency_factorized_ms": 0.3, "theoretical_ratio": 0.05},
-          {"rank": 50, "params": 150_000, "compression": 28.2,
-           "truncated_accuracy": 0.9, "straight_through_accuracy": 0.97,
-           "factorized_accuracy": 0.975, "latency_dense_ms": 1.1,
-           "latency_factorized_ms": 0.35},
-          {"rank": "full", "params": 4_235_786, "compression": 1.0,
-           "truncated_accuracy": 0.98, "straight_through_accuracy": 0.98,
-           "factorized_accuracy": 0.98, "latency_dense_ms": 1.0,
-           "latency_factorized_ms": 1.0},
-      ],
-  }
+def _ratio(layer_ranks):
+  """The sweep's theoretical_latency_ratio: factorized over dense FLOPs."""
+  return sum(r * (m + n) for r, (m, n) in zip(layer_ranks, SHAPES)) / DENSE_FLOPS
+
+
+# Exactly what the sweep writes for a digits MLP 64-512-512-512-10 (the output
+# layer stays dense). Entries deliberately unsorted; rank 64 lost a run.
+RESULTS = {
+    "dataset": "digits",
+    "config": {"seed": 0, "sweep": {"ranks": [16, 4, 64, 0.25, "full"]}},
+    "teacher": {"test_accuracy": 0.97, "val_accuracy": 0.98, "params": 563_722,
+                "epochs": 30, "seconds": 12.1, "latency_ms": 0.21},
+    "layers": [{"name": f"linear_{i}", "shape": list(shape)}
+               for i, shape in enumerate(SHAPES)],
+    "ranks": [
+        {"rank": 16, "params": 48_650, "compression": 11.59,
+         "truncated_accuracy": 0.62, "straight_through_accuracy": 0.955,
+         "factorized_accuracy": 0.95, "latency_factorized_ms": 0.07,
+         "theoretical_latency_ratio": _ratio([16, 16, 16])},
+        {"rank": 4, "params": 17_162, "compression": 32.85,
+         "truncated_accuracy": 0.41, "straight_through_accuracy": 0.93,
+         "factorized_accuracy": 0.92, "latency_factorized_ms": 0.05,
+         "theoretical_latency_ratio": _ratio([4, 4, 4])},
+        {"rank": 64, "params": 174_602, "compression": 3.229,
+         "truncated_accuracy": 0.9, "straight_through_accuracy": None,
+         "factorized_accuracy": 0.965, "latency_factorized_ms": 0.12,
+         "theoretical_latency_ratio": _ratio([64, 64, 64]),
+         "error": "straight_through: non-finite loss at epoch 3"},
+        {"rank": 0.25, "params": 278_026, "compression": 2.028,
+         "truncated_accuracy": 0.94, "straight_through_accuracy": 0.968,
+         "factorized_accuracy": 0.966, "latency_factorized_ms": 0.15,
+         "theoretical_latency_ratio": _ratio([16, 128, 128])},
+        {"rank": "full", "params": 1_092_106, "compression": 0.516,
+         "truncated_accuracy": 0.97, "straight_through_accuracy": 0.97,
+         "factorized_accuracy": 0.97, "latency_factorized_ms": 0.3,
+         "theoretical_latency_ratio": _ratio([64, 512, 512])},
+    ],
+}
+INT_RANKS = [4, 16, 64]
+BREAK_EVEN_64x512 = 64 * 512 / (64 + 512)  # 56.9; 512x512's 256 is > 64
+
+
+def _results(**changes):
+  """A deep copy of RESULTS with top-level keys replaced."""
+  return dict(copy.deepcopy(RESULTS), **changes)
 
 
 def _line(ax, label):
@@ -46,97 +67,137 @@ def _line(ax, label):
   return line
 
 
-def test_accuracy_vs_params_data():
-  fig = plots.plot_accuracy_vs_params(_results())
-  (ax,) = fig.axes
+def test_accuracy_series():
+  series = plots.accuracy_series(RESULTS)
+  assert list(series) == [key for key, _ in plots.ACCURACY_SERIES]
+  params = [17_162, 48_650, 174_602, 278_026, 1_092_106]
+  assert series["truncated_accuracy"] == (params, [0.41, 0.62, 0.9, 0.94, 0.97])
+  # The failed straight-through run at rank 64 is skipped, the rest kept.
+  assert series["straight_through_accuracy"] == (
+      [17_162, 48_650, 278_026, 1_092_106], [0.93, 0.955, 0.968, 0.97])
+  assert series["factorized_accuracy"] == (
+      params, [0.92, 0.95, 0.965, 0.966, 0.97])
+
+
+def test_accuracy_figure_draws_the_series_and_teacher():
+  ax, = plots.plot_accuracy_vs_params(RESULTS).axes
   lines = ax.get_lines()
-  assert len(lines) == 4  # three methods + teacher reference
-  assert ax.get_xscale() == "log"
-  params = [90_000, 150_000, 400_000, 4_235_786]  # sorted by params
-  expected = {
-      "truncated SVD (no retraining)": [0.75, 0.9, 0.95, 0.98],
-      "straight-through retrained": [0.96, 0.97, 0.975, 0.98],
-      "factorized fine-tuned": [0.97, 0.975, 0.978, 0.98],
-  }
-  for label, accuracies in expected.items():
-    line = _line(ax, label)
-    np.testing.assert_array_equal(line.get_xdata(), params)
-    np.testing.assert_array_equal(line.get_ydata(), accuracies)
+  assert len(lines) == 4  # three methods + teacher
+  for (key, label), line in zip(plots.ACCURACY_SERIES, lines):
+    assert line.get_label() == label
+    xs, ys = plots.accuracy_series(RESULTS)[key]
+    np.testing.assert_array_equal(line.get_xdata(), xs)
+    np.testing.assert_array_equal(line.get_ydata(), ys)
   teacher = lines[3]
-  assert teacher.get_label().startswith("teacher (test)")
-  np.testing.assert_array_equal(teacher.get_ydata(), [0.98, 0.98])
-  annotations = {text.get_text(): text.xy for text in ax.texts}
-  assert annotations == {"r=10": (90_000, 0.75), "r=50": (150_000, 0.9),
-                         "r=200": (400_000, 0.95), "full": (4_235_786, 0.98)}
-  legend = [text.get_text() for text in ax.get_legend().get_texts()]
-  assert legend[:3] == list(expected)
-
-
-def test_latency_vs_rank_data():
-  break_even = 784 * 1024 / (784 + 1024)
-  fig = plots.plot_latency_vs_rank(_results(), break_even_rank=break_even)
-  (ax,) = fig.axes
-  lines = ax.get_lines()
-  assert len(lines) == 4  # dense, factorized, theory, break-even
-  ranks = [10, 50, 200]  # "full" has no numeric rank
-  dense, factorized, theory, vertical = lines
-  np.testing.assert_array_equal(dense.get_xdata(), ranks)
-  np.testing.assert_array_equal(dense.get_ydata(), [1.2, 1.1, 1.0])
-  np.testing.assert_array_equal(factorized.get_ydata(), [0.3, 0.35, 0.5])
-  np.testing.assert_allclose(
-      theory.get_ydata(),
-      # rank 10 has its own theoretical_ratio; the others r(m+n)/(mn).
-      [1.2 * 0.05, 1.1 * 50 * 1808 / (784 * 1024),
-       1.0 * 200 * 1808 / (784 * 1024)])
-  np.testing.assert_allclose(vertical.get_xdata(), [break_even, break_even])
-  assert "break-even" in vertical.get_label()
+  np.testing.assert_array_equal(teacher.get_ydata(), [0.97, 0.97])
+  assert "563,722 params" in teacher.get_label()
+  assert "97.00%" in teacher.get_label()
   assert ax.get_xscale() == "log"
+  assert "parameters" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+  legend = [text.get_text() for text in ax.get_legend().get_texts()]
+  assert legend == [line.get_label() for line in lines]
+  annotations = {text.get_text(): text.xy for text in ax.texts}
+  assert annotations == {"r=4": (17_162, 0.41), "r=16": (48_650, 0.62),
+                         "r=64": (174_602, 0.9), "r=25%": (278_026, 0.94),
+                         "full": (1_092_106, 0.97)}
 
 
-def test_latency_without_break_even_has_no_theory_for_plain_entries():
-  fig = plots.plot_latency_vs_rank(_results())
-  lines = fig.axes[0].get_lines()
-  assert len(lines) == 3
-  np.testing.assert_array_equal(lines[2].get_xdata(), [10])  # only the field
+def test_latency_series_reads_theoretical_latency_ratio():
+  series = plots.latency_series(RESULTS)
+  assert series.dense_ms == 0.21
+  assert series.factorized == (INT_RANKS, [0.05, 0.07, 0.12])
+  assert series.theory[0] == INT_RANKS
+  # ratio × dense latency, ratio = r(m+n) summed over layers / dense FLOPs.
+  np.testing.assert_allclose(
+      series.theory[1], [0.21 * r * 2624 / DENSE_FLOPS for r in INT_RANKS])
+  assert series.left_out == ["r=25%", "full"]  # no place on a rank axis
+
+
+def test_latency_ignores_a_misnamed_ratio():
+  results = _results()
+  for entry in results["ranks"]:
+    entry["theoretical_ratio"] = entry.pop("theoretical_latency_ratio")
+  assert plots.latency_series(results).theory == ([], [])
+
+
+def test_latency_figure_dense_is_one_horizontal_line():
+  ax, = plots.plot_latency_vs_rank(RESULTS).axes
+  factorized, theory, dense, break_even = ax.get_lines()
+  np.testing.assert_array_equal(factorized.get_xdata(), INT_RANKS)
+  np.testing.assert_array_equal(factorized.get_ydata(), [0.05, 0.07, 0.12])
+  np.testing.assert_allclose(theory.get_ydata(),
+                             plots.latency_series(RESULTS).theory[1])
+  np.testing.assert_array_equal(dense.get_ydata(), [0.21, 0.21])
+  np.testing.assert_array_equal(dense.get_xdata(), [0, 1])  # axes-wide
+  assert dense.get_label() == "dense (measured): 0.21 ms"
+  np.testing.assert_allclose(break_even.get_xdata(), [BREAK_EVEN_64x512] * 2)
+  assert break_even.get_label() == "break-even 64×512: r=56.89"
+  assert ax.get_xscale() == "log"
+  assert [tick.get_text() for tick in ax.get_xticklabels()] == ["4", "16", "64"]
+  low, high = ax.get_xlim()
+  assert low < 4 and 64 < high < 256  # the measured ranks, not 512x512's r*
+  assert "r=25%, full" in ax.get_xlabel()
+  legend = [text.get_text() for text in ax.get_legend().get_texts()]
+  assert legend == [line.get_label() for line in ax.get_lines()]
+
+
+@pytest.mark.parametrize("shapes, expected", [
+    # 64x64 appears twice but is marked once; both r* lie in [4, 64].
+    ([(64, 512), (64, 64), (64, 64)],
+     [((64, 512), BREAK_EVEN_64x512), ((64, 64), 32.0)]),
+    ([(512, 512), (512, 512)], []),  # r* = 256 is past the largest rank
+    ([(64, 512), "junk", {"shape": [0, 5]}, {"shape": None}],
+     [((64, 512), BREAK_EVEN_64x512)]),
+])
+def test_break_even_once_per_distinct_shape_in_range(shapes, expected):
+  layers = [{"name": f"l{i}", "shape": list(s)} if isinstance(s, tuple) else s
+            for i, s in enumerate(shapes)]
+  results = _results(layers=layers)
+  assert plots.latency_series(results).break_even == expected
+  ax, = plots.plot_latency_vs_rank(results).axes
+  labels = [line.get_label() for line in ax.get_lines()]
+  assert sum(label.startswith("break-even") for label in labels) == len(
+      expected)
 
 
 @pytest.mark.parametrize("bad", [None, float("nan"), "n/a"])
 def test_missing_values_and_errors_are_skipped(bad):
   results = _results()
-  results["teacher"]["test_accuracy"] = bad
-  results["ranks"][0].update(factorized_accuracy=bad, latency_dense_ms=bad,
-                             error="OOM in factorized fine-tuning")
-  results["ranks"].append({"rank": 5, "error": "diverged"})  # nothing else
-  results["ranks"].append({"rank": 7, "params": bad,
-                           "truncated_accuracy": 0.5})
-  fig = plots.plot_accuracy_vs_params(results)
-  ax = fig.axes[0]
+  results["teacher"].update(test_accuracy=bad, latency_ms=bad)
+  results["ranks"][0].update(factorized_accuracy=bad,
+                             latency_factorized_ms=bad, error="OOM")
+  results["ranks"].append({"rank": 8, "error": "diverged"})  # nothing else
+  results["ranks"].append({"rank": 32, "params": bad,
+                           "truncated_accuracy": 0.5,
+                           "theoretical_latency_ratio": bad})
+  ax, = plots.plot_accuracy_vs_params(results).axes
   assert len(ax.get_lines()) == 3  # no teacher line
   np.testing.assert_array_equal(
       _line(ax, "factorized fine-tuned").get_xdata(),
-      [90_000, 150_000, 4_235_786])  # rank 200 dropped from this line only
-  assert len(_line(ax, "truncated SVD (no retraining)").get_xdata()) == 4
-  assert "r=5" not in [text.get_text() for text in ax.texts]
-  lat = plots.plot_latency_vs_rank(results, break_even_rank=434.0).axes[0]
-  dense = lat.get_lines()[0]
-  np.testing.assert_array_equal(dense.get_xdata(), [10, 50])
-  theory = lat.get_lines()[2]
-  np.testing.assert_array_equal(theory.get_xdata(), [10, 50])
-  assert all(math.isfinite(y) for y in theory.get_ydata())
+      [17_162, 174_602, 278_026, 1_092_106])  # rank 16 dropped here only
+  assert len(_line(ax, "truncated SVD (no retraining)").get_xdata()) == 5
+  assert {"r=8", "r=32"}.isdisjoint(text.get_text() for text in ax.texts)
+  series = plots.latency_series(results)
+  assert series.dense_ms is None
+  assert series.factorized == ([4, 64], [0.05, 0.12])
+  assert series.theory == ([], [])  # no dense latency to scale
+  ax, = plots.plot_latency_vs_rank(results).axes
+  assert len(ax.get_lines()) == 3  # factorized, theory (empty), break-even
 
 
 def test_empty_or_all_failed_results_still_plot(tmp_path):
   for results in ({}, {"ranks": [{"rank": 10, "error": "boom"}],
-                       "teacher": None}):
-    paths = plots.write_plots(results, tmp_path)
-    for path in paths:
+                       "teacher": None, "layers": None}):
+    assert plots.latency_series(results) == (None, ([], []), ([], []), [], [])
+    for path in plots.write_plots(results, tmp_path):
       assert pathlib.Path(path).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_write_plots_writes_pngs_atomically(tmp_path):
+  assert list(inspect.signature(plots.write_plots).parameters) == [
+      "results", "workdir"]
   workdir = tmp_path / "sweep"
-  results = dict(_results(), break_even_rank=434.0)
-  paths = plots.write_plots(results, workdir)
+  paths = plots.write_plots(RESULTS, workdir)
   assert [os.path.basename(p) for p in paths] == [
       "accuracy_vs_params.png", "latency_vs_rank.png"]
   assert sorted(os.listdir(workdir)) == [
