@@ -6,16 +6,17 @@ Errors are `ConfigError`s with one line naming the field, its value and what is 
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import ml_collections
 
 from lrnet import data
-from lrnet import models
 
 INPUT_DIMS = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "digits": 8 * 8}
 NUM_CLASSES = 10
-PROJECTION_METHODS = models.PROJECTIONS
+PROJECTION_METHODS = ("exact", "alternating")
+REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
 STUDENT_KINDS = ("straight_through", "factorized")
 
 
@@ -62,6 +63,34 @@ def _unit_interval(config, field: str, closed_low: bool):
     _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
 
 
+def check_workdir(path: str) -> None:
+  """Raises ConfigError unless `path` is a writable directory or could be created as one.
+
+  Creates nothing: the nearest existing ancestor must be a writable directory.
+  """
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      _fail("workdir", path, "it is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+      _fail("workdir", path, "the directory is not writable")
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    _fail("workdir", path, f"cannot be created: {parent} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    _fail("workdir", path, f"cannot be created: {parent} is not writable")
+
+
+def check_teacher_dir(path) -> None:
+  """Raises ConfigError unless `path` is None or a sweep workdir holding models/teacher."""
+  if path is not None and not os.path.isdir(os.path.join(path, "models", "teacher")):
+    _fail("teacher_dir", path,
+          "expected a sweep workdir holding models/teacher (from python -m experiments.train)")
+
+
 def hidden_layer_shapes(config) -> list[tuple[int, int]]:
   """(m, n) of each hidden layer's weight: the layers a sweep rank applies to."""
   widths = [INPUT_DIMS[config.data.name]] + list(config.model.hidden)
@@ -95,6 +124,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   workdir = _get(config, "workdir")
   if not isinstance(workdir, str) or not workdir:
     _fail("workdir", workdir, "must be a non-empty directory path")
+  check_workdir(workdir)
   if not is_int(_get(config, "seed")):
     _fail("seed", config.seed, "must be an integer")
   name = _get(config, "data.name")
@@ -128,12 +158,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   method = _get(config, "projection.method")
   if method not in PROJECTION_METHODS:
-    _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}")
+    removed = (" (streaming and subspace were removed)"
+               if method in REMOVED_PROJECTION_METHODS else "")
+    _fail("projection.method", method, f"allowed: {', '.join(PROJECTION_METHODS)}{removed}")
   check_positive_int(config, "projection.oversample", allow_zero=True)
-  check_positive_int(config, "projection.update_every")
-  if method in models.EVERY_STEP_ONLY and _get(config, "projection.update_every") != 1:
-    _fail("projection.update_every", config.projection.update_every,
-          f"must be 1 with projection.method={method!r} (it refines on every step)")
   kinds = _get(config, "sweep.kinds")
   if (not isinstance(kinds, (tuple, list)) or len(set(kinds)) != len(kinds)
       or not set(kinds) <= set(STUDENT_KINDS)):
