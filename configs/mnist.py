@@ -41,35 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
-  # True: one compilation for many ranks. The straight-through students of integer ranks share
-  # one program (traced rank, every member tracking the largest rank's subspace): side by side
-  # in one call on an accelerator, one after another on a CPU. The factorized ones are
-  # zero-padded into shared programs, all side by side on an accelerator, on a CPU only ranks
-  # whose padding costs ≤ 10 % more (sweep.factorized_batches). False: one by one, each with a
-  # program at its own rank, the faster choice on a 2-core CPU unless compilation dominates
-  # (digits); see BUILD_NOTES.md.
-  config.sweep.parallel_ranks = False
+  config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
   config.sweep.kinds = ("straight_through", "factorized")  # students to train; (): truncation only
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
-  # alternating (the fastest): per step one product with W, the search subspace on W's right and
-  # left side by turns; a right step finds the best rank-r approximation of the current W in it
-  # (Rayleigh–Ritz), a left step projects through the unit images of those vectors; forward and
-  # input gradient through the two factors (BUILD_NOTES.md, benchmark: on 2 CPU cores ≈ 0.7×
-  # the dense step at r = 10, ≈ 1.9× at r = 200; update_every 1 only). streaming: Rayleigh–Ritz
-  # every step in a subspace iterated on the previous step's W (two products per step, ≈ 1.1–1.5×
-  # the alternating cost). subspace: a whole iteration and Rayleigh–Ritz per refinement (slower
-  # still). exact: an SVD of every projected weight at every step (≈ 35–45× the dense step on a
-  # 2-core CPU).
-  config.projection.method = "alternating"  # exact | subspace | streaming | alternating
-  config.projection.oversample = 10    # tracked methods: extra directions beyond the rank
-  # subspace, streaming: refine every k-th step, reuse the subspace in between (alternating: 1
-  # only). Fashion-MNIST rank 20, 200 steps from the teacher, five data orders: alternating ends
-  # −0.01 points from the exact projection's test accuracy on average (−0.44…+0.37; mean of the
-  # last 4 evaluations −0.15), streaming −0.09 (−0.74…+0.18; −0.15), at 70–90× its speed;
-  # streaming with k = 2 lost 0.3–0.6 points (session 4) and, a reused basis needing the dense
-  # products again, is slower up to rank 50.
-  config.projection.update_every = 1
+  config.projection.method = "alternating"  # alternating (tracked, fast) | exact (SVD per step)
+  config.projection.oversample = 10    # alternating: singular pairs tracked beyond the rank
 
   config.latency = ml_collections.ConfigDict()  # forward latency, dense vs factorized
   config.latency.batch_size = 100

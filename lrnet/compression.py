@@ -2,8 +2,11 @@
 
 A Haiku parameter tree maps module names to `{param_name: array}`. A module is a candidate
 when it holds a 2-D `w` (a linear layer, `w` [m, n] with y = x W + b). By default every
-candidate except the last one (in the tree's order, i.e. the order the modules were
-created: the output layer of a feed-forward net) is selected.
+candidate except the output layer is selected. The output layer is found from the shapes, not
+from the tree's key order (which `tree_map`, optax and orbax sort: `linear_10` before
+`linear_2`): it is the one candidate whose output width is no candidate's input width, i.e.
+whose output feeds no other layer. Where the shapes do not single it out (e.g. an autoencoder
+whose output width is its input width), `include`/`exclude` must say what to compress.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import fnmatch
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lrnet import svd
@@ -37,6 +41,24 @@ def candidate_modules(params: Params) -> list[str]:
   """Names of modules holding a 2-D `w`, in the tree's order."""
   return [name for name, leaves in params.items()
           if isinstance(leaves, Mapping) and "w" in leaves and np.ndim(leaves["w"]) == 2]
+
+
+def output_module(params: Params) -> str:
+  """The candidate whose output feeds no other candidate: its output width n is no candidate's
+  input width m (see the module docstring).
+
+  Raises:
+    ValueError: no candidate, or the shapes do not single one out.
+  """
+  candidates = candidate_modules(params)
+  inputs = {np.shape(params[name]["w"])[0] for name in candidates}
+  sinks = [name for name in candidates if np.shape(params[name]["w"])[1] not in inputs]
+  if len(sinks) != 1:
+    shapes = {name: tuple(np.shape(params[name]["w"])) for name in candidates}
+    raise ValueError(f"cannot tell the output layer from the shapes {shapes} (a layer whose "
+                     f"output width is no layer's input width); pass include= or exclude= to "
+                     f"choose the modules to compress")
+  return sinks[0]
 
 
 def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
@@ -72,7 +94,8 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     rules = {name: rank[name] for name in candidates if name in rank}
   else:
     if include is None:
-      selected = candidates[:-1]
+      output = output_module(params)
+      selected = [name for name in candidates if name != output]
     else:
       selected = [name for name in candidates if _matches(name, include)]
       if not selected:
@@ -80,6 +103,9 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     if exclude is not None:
       selected = [name for name in selected if not _matches(name, exclude)]
     rules = {name: rank for name in selected}
+  if not rules:
+    raise ValueError(f"no module selected for compression (candidates with a 2-D weight 'w': "
+                     f"{candidates}, include={include}, exclude={exclude})")
 
   ranks = {}
   for name, rule in rules.items():
@@ -124,6 +150,34 @@ def project(params: Params, rank: RankRule, include: Patterns = None,
   ranks = select_ranks(params, rank, include, exclude)
   return {name: ({**leaves, "w": svd.truncate(leaves["w"], ranks[name])} if name in ranks else leaves)
           for name, leaves in params.items()}
+
+
+def pad_factors(params: Params, width: int) -> dict:
+  """Every factorized module (`u` [m, r], `v` [r, n]) zero-padded to rank `width`: a zero
+  column of U meets a zero row of V, so the function is unchanged, the padding gets exactly
+  zero gradients, and Adam's update 0 / (√0 + ε) keeps it zero.
+
+  Raises:
+    ValueError: a module's rank exceeds `width`.
+  """
+  def pad(leaves):
+    if not isinstance(leaves, Mapping) or "u" not in leaves:
+      return leaves
+    rank = leaves["u"].shape[1]
+    if rank > width:
+      raise ValueError(f"pad_factors: a module has rank {rank} > width {width}")
+    return {**leaves, "u": jnp.pad(leaves["u"], ((0, 0), (0, width - rank))),
+            "v": jnp.pad(leaves["v"], ((0, width - rank), (0, 0)))}
+  return {name: pad(leaves) for name, leaves in params.items()}
+
+
+def unpad_factors(params: Params, rank: int) -> dict:
+  """The first `rank` columns of every `u` and rows of every `v` (inverse of `pad_factors`)."""
+  def cut(leaves):
+    if not isinstance(leaves, Mapping) or "u" not in leaves:
+      return leaves
+    return {**leaves, "u": leaves["u"][:, :rank], "v": leaves["v"][:rank, :]}
+  return {name: cut(leaves) for name, leaves in params.items()}
 
 
 def project_masked(params: Params, rank, include: Patterns = None,

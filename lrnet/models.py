@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lrnet import projection
-from lrnet import subspace
+from lrnet import tracker
 from lrnet import svd
 
 RankSpec = Union[None, int, float, str]
@@ -55,67 +55,46 @@ class LowRankLinear(hk.Module):
 class ProjectedLinear(hk.Module):
   """Dense parameters `w`, `b` used through their rank-r approximation (straight-through).
 
-  Forward: y = x Ŵ + b with Ŵ = truncate(W, r); backward: ∂L/∂W := ∂L/∂Ŵ (see
+  Forward: y = x Ŵ + b with Ŵ the rank-r projection of W; backward: ∂L/∂W := ∂L/∂Ŵ (see
   `lrnet.st_truncate`). The parameter tree is that of `hk.Linear`, so a dense teacher's
-  parameters are a valid starting point.
+  parameters are a valid starting point. Projection methods:
+
+  * `"exact"`: Ŵ = truncate(W, r) by an SVD at every call; stateless.
+  * `"alternating"`: `lrnet.tracker` keeps r + oversample singular pairs in Haiku state
+    (`"tracker"`) and updates them with one product with W per call; the forward and the input
+    gradient run through the two factors (`projection.st_factored_matmul`).
   """
 
   def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
-               method: str = "exact", update_every: int = 1, name: Optional[str] = None):
+               method: str = "alternating", oversample: int = tracker.DEFAULT_OVERSAMPLE,
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.output_size = output_size
     self.rank = rank
     self.with_bias = with_bias
     self.method = method
-    self.update_every = update_every
+    self.oversample = oversample
 
-  def __call__(self, x: jax.Array, rank_override=None) -> jax.Array:
-    """x: [batch, m] → [batch, n]. `rank_override`: a traced rank (vmap over ranks)."""
+  def __call__(self, x: jax.Array, rank=None) -> jax.Array:
+    """x: [batch, m] → [batch, n]. `rank`: a traced rank ≤ the static one (vmap over ranks)."""
     m, n = x.shape[-1], self.output_size
     w = hk.get_parameter("w", [m, n], x.dtype, init=_fan_in_init(m))
-    rank = svd.resolve_rank((m, n), self.rank) if rank_override is None else rank_override
-    if rank_override is None and rank == min(m, n):
+    static_rank = svd.resolve_rank((m, n), self.rank)
+    if rank is None and static_rank == min(m, n):
       y = x @ w  # full rank: the projection is the identity
-    elif self.method == "subspace":
-      # The tracked top right singular subspace rides along as Haiku state: one warm-started
-      # iteration per call instead of an SVD, and x Ŵ = ((x W) V) Vᵀ without forming Ŵ.
-      # With update_every = k the subspace is refined on every k-th call only (calls 0, k, 2k,
-      # …) and reused in between.
-      state = hk.get_state("subspace", init=lambda *_: subspace.init_subspace(w, rank))
-      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
-      state = subspace.update_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
-                                 state, rank)
-      hk.set_state("subspace", state)
-      hk.set_state("calls", calls + 1)
-      y = projection.st_lowrank_matmul(x, w, subspace.right_basis(state, rank))
-    elif self.method == "streaming":
-      # Rayleigh–Ritz of the current W in a subspace iterated on the previous step's W
-      # (`subspace.stream_subspace`): one cheap call per refinement; the Ritz basis of the last
-      # refinement is reused in between (update_every > 1).
-      state = hk.get_state("stream", init=lambda *_: subspace.init_stream(w, rank))
-      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
-      if self.update_every == 1:
-        # The refinement yields W V for the current W too, so x Ŵ = (x (W V)) Vᵀ and the input
-        # gradient (g V)(W V)ᵀ skip the dense products; only the weight gradient xᵀ g is dense.
-        state, left, right = subspace.stream_projection(jax.lax.stop_gradient(w), state, rank)
-        y = projection.st_factored_matmul(x, w, subspace.leading_rows(left, rank), right)
-      else:
-        state = subspace.stream_if(calls % self.update_every == 0, jax.lax.stop_gradient(w),
-                                   state, rank)
-        y = projection.st_lowrank_matmul(x, w, subspace.stream_basis(state.basis, rank))
-      hk.set_state("stream", state)
-      hk.set_state("calls", calls + 1)
     elif self.method == "alternating":
-      # One product with W per call, searching the right and the left side by turns
-      # (`subspace.alternate_projection`); both factors of Ŵ come out of it, for the current W.
-      state = hk.get_state("alternating", init=lambda *_: subspace.init_alternating(w, rank))
-      calls = hk.get_state("calls", [], jnp.int32, init=jnp.zeros)
-      state, left, right = subspace.alternate_projection(jax.lax.stop_gradient(w), state, rank)
-      hk.set_state("alternating", state)
-      hk.set_state("calls", calls + 1)
-      y = projection.st_factored_matmul(x, w, subspace.leading_rows(left, rank), right)
-    elif rank_override is None:
-      y = x @ projection.st_truncate(w, rank)
+      rank = static_rank if rank is None else rank
+      if hk.running_init():
+        state = tracker.init(w, static_rank, self.oversample)
+        hk.set_state("tracker", state)
+        _, left, right = tracker.project(jax.lax.stop_gradient(w), state, rank)
+      else:
+        state, left, right = tracker.project(jax.lax.stop_gradient(w), hk.get_state("tracker"),
+                                             rank)
+        hk.set_state("tracker", state)
+      y = projection.st_factored_matmul(x, w, tracker.leading_rows(left, rank), right)
+    elif rank is None:
+      y = x @ projection.st_truncate(w, static_rank)
     else:
       y = x @ projection.st_truncate_masked(w, rank)
     if self.with_bias:
@@ -141,17 +120,11 @@ def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
       f"{num_layers} (all layers) entries, got {len(spec)} entries")
 
 
-PROJECTIONS = ("exact", "subspace", "streaming", "alternating")
-# Projections that track a subspace per layer, and the Haiku state entry that holds it.
-TRACKER_STATE = {"subspace": "subspace", "streaming": "stream", "alternating": "alternating"}
-# Projections that refine on every call only: a reused pair of factors would be the old Ŵ.
-EVERY_STEP_ONLY = ("alternating",)
-_TRACKER_INIT = {"subspace": subspace.init_subspace, "streaming": subspace.init_stream,
-                 "alternating": subspace.init_alternating}
+PROJECTIONS = ("exact", "alternating")
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
-        projection_method: str = "exact", projection_update_every: int = 1):
+        projection_method: str = "alternating", oversample: int = tracker.DEFAULT_OVERSAMPLE):
   """A ReLU MLP, dense, factorized or straight-through projected.
 
   The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
@@ -163,28 +136,17 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
       layer, or one entry per hidden layer (or per layer, the output layer last), `None`
       for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
     project_rank: straight-through student: dense parameters, forward through the rank-r
-      approximation of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
-    projection_method: how the student projects: `"exact"` (an SVD per step, stateless),
-      `"subspace"` (a tracked singular subspace per layer, one full subspace iteration and
-      Rayleigh–Ritz per refinement, held in Haiku state; see `lrnet.subspace`) or
-      `"alternating"` (`subspace.alternate_projection`: one product with W per step instead of
-      streaming's two, the search subspace alternating between W's right and left side, and
-      Rayleigh–Ritz only on every other step; the fastest), or
-      `"streaming"` (Rayleigh–Ritz of the current W in a subspace iterated on the previous
-      step's W, `subspace.stream_projection`: about a third of the cost, and with
-      `projection_update_every` 1 the forward and the input gradient run through the factors
-      W V and V, so only the weight gradient is a dense product). The stateful
-      students are `hk.TransformedWithState`; build their initial state from given params
-      with `projection_state(..., method=projection_method)`.
-    projection_update_every: subspace and streaming methods (alternating: 1 only): refine each
-      tracked subspace on every k-th step only, reusing it in between (amortises its cost;
-      see the benchmark in BUILD_NOTES.md).
+      projection of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
+    projection_method: `"alternating"` (tracked singular pairs in Haiku state, one product
+      with W per step; see `lrnet.tracker`) or `"exact"` (an SVD per step, stateless).
+    oversample: alternating: singular pairs tracked beyond the rank.
 
   Returns:
-    `hk.Transformed` without apply rng. `apply(params, images)` maps images
-    [batch, ...] (flattened inside) to logits [batch, num_classes]. For a projected
-    student, `apply(params, images, rank)` takes an optional integer `rank` (may be
-    traced, e.g. under `vmap` over ranks) that overrides every projected layer's rank.
+    `hk.Transformed` without apply rng, or `hk.TransformedWithState` for an alternating
+    student (its state for given params: `projection_state`). `apply(params, images)` maps
+    images [batch, ...] (flattened inside) to logits [batch, num_classes]. A straight-through
+    student's `apply` takes an optional integer `rank` after the images (may be traced, e.g.
+    under `vmap` over ranks; at most its static rank) that overrides every projected layer's rank.
   """
   hidden = tuple(int(h) for h in hidden)
   num_layers = len(hidden) + 1
@@ -195,11 +157,6 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
   widths = hidden + (int(num_classes),)
   if projection_method not in PROJECTIONS:
     raise ValueError(f"projection_method must be one of {PROJECTIONS}, got {projection_method!r}")
-  if not isinstance(projection_update_every, int) or projection_update_every < 1:
-    raise ValueError(f"projection_update_every must be an integer ≥ 1, got {projection_update_every!r}")
-  if projection_method in EVERY_STEP_ONLY and projection_update_every != 1:
-    raise ValueError(f"projection_update_every must be 1 with projection_method "
-                     f"{projection_method!r}, got {projection_update_every!r}")
 
   def forward(images: jax.Array, rank=None) -> jax.Array:
     x = hk.Flatten()(images)  # [batch, m]
@@ -209,37 +166,37 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         x = LowRankLinear(width, layer_ranks[i], name=name)(x)
       elif layer_projections[i] is not None:
         x = ProjectedLinear(width, layer_projections[i], method=projection_method,
-                            update_every=projection_update_every, name=name)(x, rank)
+                            oversample=oversample, name=name)(x, rank)
       else:
         x = hk.Linear(width, w_init=_fan_in_init(x.shape[-1]), name=name)(x)
       if i < len(hidden):
         x = jax.nn.relu(x)
     return x
 
-  if project_rank is not None and projection_method in TRACKER_STATE:
+  if project_rank is not None and projection_method == "alternating":
     return hk.without_apply_rng(hk.transform_with_state(forward))
   return hk.without_apply_rng(hk.transform(forward))
 
 
 def projection_state(params, project_rank, num_hidden: int,
-                     oversample: int = subspace.DEFAULT_OVERSAMPLE,
-                     method: str = "subspace") -> dict:
-  """Initial Haiku state of a tracked-subspace student (`TRACKER_STATE` methods) at `params`.
+                     oversample: int = tracker.DEFAULT_OVERSAMPLE,
+                     pad_to_rank: Optional[int] = None) -> dict:
+  """Initial Haiku state of an alternating student of `mlp(..., project_rank)` at `params`.
 
-  Each projected layer `linear_i` gets the exact top-(r + oversample) singular subspace of its
-  current weight, `{"subspace": init_subspace(w, r, oversample)}`, `{"stream": init_stream(...)}`
-  or `{"alternating": init_alternating(...)}`, and `"calls": 0`, a call counter (for
-  `projection_update_every`).
+  Each projected layer `linear_i` with weight [m, n] gets `{"tracker": tracker.init(w, r,
+  oversample, pad_to)}`: the exact top r + oversample singular pairs of its current weight.
+  `pad_to_rank`: the static rank of a batch this student is a member of (members share shapes:
+  K = min(pad_to_rank + oversample, min(m, n)) rows, the rows past the member's own zero).
   """
-  if method not in TRACKER_STATE:
-    raise ValueError(f"projection_state: method must be one of {tuple(TRACKER_STATE)}, "
-                     f"got {method!r}")
   layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
   state = {}
   for i, rank in enumerate(layer_projections):
-    if rank is not None:
-      w = params[f"linear_{i}"]["w"]
-      rank = svd.resolve_rank(w.shape, rank)
-      state[f"linear_{i}"] = {TRACKER_STATE[method]: _TRACKER_INIT[method](w, rank, oversample),
-                              "calls": jnp.zeros([], jnp.int32)}
+    if rank is None:
+      continue
+    w = params[f"linear_{i}"]["w"]
+    rank = svd.resolve_rank(w.shape, rank)
+    if pad_to_rank is None and rank == min(w.shape):
+      continue  # full rank: a plain dense layer, no state
+    pad_to = None if pad_to_rank is None else tracker.tracked_width(w.shape, pad_to_rank, oversample)
+    state[f"linear_{i}"] = {"tracker": tracker.init(w, rank, oversample, pad_to)}
   return state

@@ -72,43 +72,6 @@ def st_truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def st_lowrank_matmul(x: jax.Array, w: jax.Array, basis: jax.Array) -> jax.Array:
-  """x Ŵ with Ŵ = W V Vᵀ, straight-through in W, without forming Ŵ.
-
-  When `basis` V ([n, k], orthonormal columns, columns past the rank zeroed) spans the
-  top right singular subspace of W, W V Vᵀ is W's best rank approximation, and
-
-  .. math:: x \\hat W = ((x W) V) V^T
-
-  costs the dense product plus O(batch · n · k). The VJP is the straight-through one:
-  ∂L/∂x = g Ŵᵀ = ((g V) Vᵀ) Wᵀ and ∂L/∂W = xᵀ g; the basis gets no gradient.
-
-  Args:
-    x: inputs, [batch, m].
-    w: dense weights, [m, n].
-    basis: V, [n, k].
-
-  Returns:
-    [batch, n].
-  """
-  return ((x @ w) @ basis) @ basis.T
-
-
-def _st_lowrank_matmul_fwd(x, w, basis):
-  return st_lowrank_matmul(x, w, basis), (x, w, basis)
-
-
-def _st_lowrank_matmul_bwd(residuals, g):
-  x, w, basis = residuals
-  dx = ((g @ basis) @ basis.T) @ w.T
-  dw = x.T @ g
-  return dx, dw, jnp.zeros_like(basis)
-
-
-st_lowrank_matmul.defvjp(_st_lowrank_matmul_fwd, _st_lowrank_matmul_bwd)
-
-
-@jax.custom_vjp
 def st_factored_matmul(x: jax.Array, w: jax.Array, left_rows: jax.Array,
                        right_rows: jax.Array) -> jax.Array:
   """x Ŵ with Ŵ = Lᵀ R given its factors' rows, straight-through in W: W itself is never read.
@@ -125,8 +88,7 @@ def st_factored_matmul(x: jax.Array, w: jax.Array, left_rows: jax.Array,
   layer's 2·batch·m·n (k = 60: 0.12×, k = 210: 0.41× at 1024²); only the straight-through weight
   gradient xᵀ g is dense. Both factors are read as rows, in their stored layout (a transposed
   operand can cost XLA:CPU a copy per product). `w` is an argument only to receive that gradient;
-  the factors get none. A projection that computes W V anyway (`subspace.stream_projection`)
-  gets both for free.
+  the factors get none. `lrnet.tracker.project` hands out both factors from its one product.
 
   Args:
     x: inputs, [batch, m].

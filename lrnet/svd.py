@@ -121,6 +121,9 @@ def energy_rank(energy: float):
     raise ValueError(f"energy must be in (0, 1], got {energy!r}")
 
   def rank_for(w: jax.Array) -> int:
+    if isinstance(w, jax.core.Tracer):
+      raise ValueError(f"energy_rank({energy}) decides parameter shapes, so it needs concrete "
+                       f"weights: call compress/project/summarize outside jax.jit")
     s = jnp.linalg.svd(w, compute_uv=False)
     captured = jnp.cumsum(s**2) / jnp.sum(s**2)
     # Tolerance so that energy=1.0 does not fall past the end through rounding.

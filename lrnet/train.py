@@ -1,15 +1,21 @@
-"""Training: explicit state, a jitted epoch (lax.scan over batches), jitted evaluation.
+"""Training: explicit state, a jitted epoch, and one `fit` loop for one or many members.
 
 Everything that runs per step is inside one jitted `lax.scan` per epoch, so the host
 dispatches once per epoch and reads metrics back once per epoch. Networks are used through
 a stateful signature `apply(params, model_state, images, *args) -> (logits, model_state)`,
-where `model_state` carries per-layer projection state (empty for plain networks).
+where `model_state` carries per-layer tracker state (empty for plain networks).
+
+Every training run is a batch of members with a leading member axis on every leaf of its
+state: a teacher is a batch of one, students of several ranks are members of one batch that
+share data and shuffles. `members_epoch` maps the epoch over the members (one member: the
+epoch itself; several: `vmap`, side by side, or `lax.map`, one after the other in one
+program); `fit` stops each member on its own (patience, NaN/Inf).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -79,49 +85,36 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature:
   return temperature**2 * jnp.mean(kl)
 
 
-class Distillation(NamedTuple):
-  """Distillation from a teacher: loss = (1 − weight)·CE + weight·T²·KL."""
-  weight: float = 0.5
-  temperature: float = 4.0
-
-
 def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
-                     batch_size: int, ema_decay: float = 0.0,
-                     distillation: Optional[Distillation] = None):
-  """Builds `epoch(state, images, labels, order, soft_targets, *args) -> (state, metrics)`.
+                     batch_size: int, ema_decay: float = 0.0):
+  """Builds `epoch(state, images, labels, order, *args) -> (state, metrics)` for one member.
 
   One epoch is a `lax.scan` over `len(order) // batch_size` batches (the remainder of the
-  shuffled order is dropped; a new order each epoch sees it later).
+  shuffled order is dropped; a new order each epoch sees it later). With `ema_params` in the
+  state, after each step ema ← ema_decay · ema + (1 − ema_decay) · params.
 
   Args:
     apply_fn: stateful apply (see `stateful_apply`).
     optimizer: an optax transformation.
     batch_size: examples per step.
     ema_decay: decay of the parameter EMA (used only if the state holds `ema_params`).
-    distillation: soft-target loss settings; `soft_targets` must then be teacher logits.
 
   Returns:
-    An unjitted function (jit it, or vmap then jit it). Its inputs: `images` [N, ...],
-    `labels` [N], `order` [N] int32 permutation, `soft_targets` [N, classes] or None,
-    `*args` passed to `apply_fn` (e.g. a rank). Metrics: `loss` [steps] per step and
-    `accuracy` [] training accuracy over the epoch.
+    An unjitted function (see `members_epoch`). Its inputs: `images` [N, ...], `labels` [N],
+    `order` [N] int32 permutation, `*args` passed to `apply_fn` (e.g. a rank). Metrics: `loss`
+    [steps] per step and `accuracy` [] training accuracy over the epoch.
   """
 
-  def loss_fn(params, model_state, images, labels, soft_targets, args):
+  def loss_fn(params, model_state, images, labels, args):
     logits, model_state = apply_fn(params, model_state, images, *args)
-    loss = cross_entropy(logits, labels)
-    if distillation is not None:
-      soft = distillation_loss(logits, soft_targets, distillation.temperature)
-      loss = (1.0 - distillation.weight) * loss + distillation.weight * soft
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return loss, (model_state, correct)
+    return cross_entropy(logits, labels), (model_state, correct)
 
-  def step(state: TrainState, batch_index, images, labels, soft_targets, args):
+  def step(state: TrainState, batch_index, images, labels, args):
     batch_images = jnp.take(images, batch_index, axis=0)
     batch_labels = jnp.take(labels, batch_index, axis=0)
-    batch_soft = None if soft_targets is None else jnp.take(soft_targets, batch_index, axis=0)
     (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch_images, batch_labels, batch_soft, args)
+        state.params, state.model_state, batch_images, batch_labels, args)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -130,14 +123,47 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     state = TrainState(params, opt_state, model_state, ema_params, state.step + 1)
     return state, (loss, correct)
 
-  def epoch(state: TrainState, images, labels, order, soft_targets, *args):
+  def epoch(state: TrainState, images, labels, order, *args):
     num_steps = order.shape[0] // batch_size
     batch_indices = order[:num_steps * batch_size].reshape(num_steps, batch_size)
-    body = lambda s, idx: step(s, idx, images, labels, soft_targets, args)
+    body = lambda s, idx: step(s, idx, images, labels, args)
     state, (losses, correct) = jax.lax.scan(body, state, batch_indices)
     return state, {"loss": losses, "accuracy": jnp.sum(correct) / (num_steps * batch_size)}
 
   return epoch
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Trees of equal structure → one tree whose leaves have a leading member axis [n, ...]."""
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack(tree: Any, n: int) -> list:
+  """Inverse of `stack`: the n member trees."""
+  return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], tree) for i in range(n)]
+
+
+def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = False) -> Callable:
+  """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state and of each
+  extra argument (e.g. the rank); data and order are shared. Jitted; the state is donated
+  (checkpoints are synchronous and best parameters are copies, so nothing reads it later).
+
+  One member runs the epoch itself. Several run side by side (`vmap`: every product gets a
+  member axis) with `side_by_side`, else one after the other in one program (`lax.map`): on
+  XLA:CPU a vmapped straight-through epoch wedges the Eigen thread pool (BUILD_NOTES.md).
+  """
+  def mapped(states, images, labels, order, *args):
+    def member(state, member_args):
+      return epoch_fn(state, images, labels, order, *member_args)
+    if num_members == 1:
+      squeeze = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[0], tree)
+      out = member(squeeze(states), squeeze(tuple(args)))
+      return jax.tree_util.tree_map(lambda leaf: leaf[None], out)
+    if side_by_side:
+      return jax.vmap(member)(states, tuple(args))
+    return jax.lax.map(lambda carry: member(*carry), (states, tuple(args)))
+
+  return jax.jit(mapped, donate_argnums=0)
 
 
 def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000):
@@ -188,16 +214,6 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
 
 
-def check_finite(losses: np.ndarray, params: Params, first_step: int, what: str) -> None:
-  """Raises `NonFiniteError` naming the first non-finite step of an epoch."""
-  losses = np.asarray(losses)
-  bad = np.flatnonzero(~np.isfinite(losses))
-  if bad.size:
-    raise NonFiniteError(f"{what}: non-finite loss {losses[bad[0]]} at step {first_step + int(bad[0]) + 1}")
-  if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(params)):
-    raise NonFiniteError(f"{what}: non-finite parameters after step {first_step + losses.size}")
-
-
 def measure_latency(fn: Callable[..., jax.Array], *args, repeats: int = 20, warmup: int = 2) -> float:
   """Median wall time in milliseconds of the jitted call `fn(*args)`, after warm-up."""
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # already jitted: reuse its compilation
@@ -212,71 +228,105 @@ def measure_latency(fn: Callable[..., jax.Array], *args, repeats: int = 20, warm
 
 
 class Progress(NamedTuple):
-  """Everything a run needs to resume after its last finished epoch (checkpointed)."""
-  state: TrainState
-  best_params: Params          # parameters of the best validation epoch so far
-  best_val_accuracy: jax.Array  # [] float32, -1 before the first epoch
-  best_epoch: jax.Array        # [] int32, 0 before the first epoch
-  epochs_done: jax.Array       # [] int32
-  seconds: jax.Array           # [] float32, training wall time so far
+  """Everything a batch of members needs to resume after its last finished epoch
+  (checkpointed). Every leaf but `epoch` and `seconds` has a leading member axis [n, ...]."""
+  state: TrainState            # the members' training states
+  best_params: Params          # parameters of each member's best validation epoch so far
+  best_val_accuracy: jax.Array  # [n] float32, -1 before the first epoch
+  best_epoch: jax.Array        # [n] int32, 0 before the first epoch
+  epochs_done: jax.Array       # [n] int32, epochs each member trained
+  active: jax.Array            # [n] bool: still training (not stopped early, not failed)
+  failed_step: jax.Array       # [n] int32: first non-finite step, 0 if none
+  epoch: jax.Array             # [] int32: epochs the batch has run
+  seconds: jax.Array           # [] float32: training wall time so far
 
 
-def start_progress(state: TrainState) -> Progress:
-  return Progress(state, state.params, jnp.float32(-1.0), jnp.int32(0), jnp.int32(0),
-                  jnp.float32(0.0))
+def start_progress(states: Sequence[TrainState]) -> Progress:
+  """Fresh progress for members starting from `states` (one per member)."""
+  n = len(states)
+  state = stack(states)
+  # A copy: the first epoch donates (and so deletes) the state's buffers.
+  return Progress(state, jax.tree_util.tree_map(jnp.copy, state.params), jnp.full([n], -1.0, jnp.float32),
+                  jnp.zeros([n], jnp.int32), jnp.zeros([n], jnp.int32), jnp.ones([n], bool),
+                  jnp.zeros([n], jnp.int32), jnp.int32(0), jnp.float32(0.0))
 
 
-def fit(progress: Progress, epoch_fn, validate: Callable[[Params], float], images, labels, *,
-        epochs: int, seed: int, patience: Optional[int] = None, what: str = "training",
-        soft_targets=None, apply_args: tuple = (),
-        on_epoch: Optional[Callable[[Progress, dict], None]] = None) -> Progress:
-  """Trains until `epochs` or until validation accuracy has not improved for `patience` epochs.
+def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
+  """Per member: `new` where mask, else `old` (new buffers either way)."""
+  def pick(a, b):
+    return jnp.where(jnp.asarray(mask).reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree_util.tree_map(pick, new, old)
+
+
+def _finite_members(params: Params) -> np.ndarray:
+  leaves = jax.tree_util.tree_leaves(params)
+  per_leaf = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves]
+  return np.asarray(jnp.all(jnp.stack(per_leaf), axis=0))
+
+
+def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images, labels, *,
+        epochs: int, seed: int, patience: Optional[int] = None, member_args: tuple = (),
+        on_epoch: Optional[Callable[[Progress, list], None]] = None) -> Progress:
+  """Trains every member until `epochs`, or until its validation accuracy has not improved for
+  `patience` epochs, or until its loss or parameters stop being finite.
+
+  All members see the same shuffles (`epoch_order(seed, e, N)` in epoch e). A stopped member
+  keeps being computed (the batch shape is static) but its progress no longer changes; the
+  loop ends when every member has stopped.
 
   Args:
-    progress: where to start (fresh from `start_progress`, or restored from a checkpoint).
-    epoch_fn: a jitted epoch from `make_train_epoch`.
-    validate: `params -> validation accuracy` (model choice and early stopping).
+    progress: from `start_progress`, or restored from a checkpoint.
+    epoch_fn: from `members_epoch`.
+    validate: stacked params → validation accuracies [n] (model choice and early stopping).
     images, labels: the training split, [N, ...] and [N].
     epochs: the maximum number of epochs.
-    seed: shuffling seed; epoch e uses `epoch_order(seed, e, N)`.
-    patience: stop after this many epochs without a better validation accuracy; None: never.
-    what: a name for messages, e.g. "teacher" or "rank 20 straight-through".
-    soft_targets: teacher logits [N, classes] for distillation, else None.
-    apply_args: extra arguments for the network (e.g. a rank).
-    on_epoch: called after every epoch with the new progress and that epoch's metrics (for
-      logging and checkpoints).
+    seed: shuffling seed.
+    patience: stop a member after this many epochs without a better validation accuracy;
+      None: never.
+    member_args: extra apply arguments, each with a leading member axis [n] (e.g. ranks).
+    on_epoch: called after every epoch with the new progress and, per member, that epoch's
+      metrics dict, or None for a member that did not train in it.
 
   Returns:
-    The final progress; `best_params` are the parameters to report.
-
-  Raises:
-    NonFiniteError: the loss or parameters became NaN/Inf (message names `what` and the step).
+    The final progress: `best_params` are the parameters to report; a member with
+    `failed_step` > 0 hit a non-finite loss or parameters at that step.
   """
   num_examples = labels.shape[0]
   progress = commit(progress)
-  while int(progress.epochs_done) < epochs:
-    epoch = int(progress.epochs_done) + 1
-    if patience is not None and epoch - int(progress.best_epoch) > patience and int(progress.best_epoch) > 0:
-      break
+  while int(progress.epoch) < epochs:
+    epoch = int(progress.epoch) + 1
+    active = np.asarray(progress.active).copy()
+    best_epoch = np.asarray(progress.best_epoch)
+    if patience is not None:
+      active &= ~((best_epoch > 0) & (epoch - best_epoch > patience))
+    if not active.any():
+      return progress._replace(active=jnp.asarray(active))
     start = time.perf_counter()
-    first_step = int(progress.state.step)
+    first_step = np.asarray(progress.state.step)
     order = jnp.asarray(epoch_order(seed, epoch, num_examples))
-    state, metrics = epoch_fn(progress.state, images, labels, order, soft_targets, *apply_args)
-    losses = np.asarray(metrics["loss"])  # the one host sync of the epoch
-    check_finite(losses, state.params, first_step, what)
+    state, metrics = epoch_fn(progress.state, images, labels, order, *member_args)
+    losses = np.asarray(metrics["loss"])  # [n, steps], the one host sync of the epoch
+    finite_losses = np.isfinite(losses).all(axis=1)
+    finite = finite_losses & _finite_members(state.params)
+    first_bad = np.where(finite_losses, losses.shape[1], np.argmax(~np.isfinite(losses), axis=1) + 1)
+    failed_step = np.where(active & ~finite, first_step + first_bad, np.asarray(progress.failed_step))
+    active &= finite
     eval_params = state.ema_params if state.ema_params is not None else state.params
-    val_accuracy = float(validate(eval_params))
-    improved = val_accuracy > float(progress.best_val_accuracy)
+    val_accuracy = np.asarray(validate(eval_params), np.float32)
+    improved = active & (val_accuracy > np.asarray(progress.best_val_accuracy))
     progress = Progress(
         state=state,
-        # A copy: the next epoch donates (and so deletes) the state's buffers.
-        best_params=jax.tree_util.tree_map(jnp.copy, eval_params) if improved else progress.best_params,
-        best_val_accuracy=jnp.float32(val_accuracy) if improved else progress.best_val_accuracy,
-        best_epoch=jnp.int32(epoch) if improved else progress.best_epoch,
-        epochs_done=jnp.int32(epoch),
-        seconds=progress.seconds + (time.perf_counter() - start))
+        best_params=_select(improved, eval_params, progress.best_params),
+        best_val_accuracy=jnp.where(improved, val_accuracy, progress.best_val_accuracy),
+        best_epoch=jnp.where(improved, epoch, progress.best_epoch).astype(jnp.int32),
+        epochs_done=jnp.where(active, epoch, progress.epochs_done).astype(jnp.int32),
+        active=jnp.asarray(active), failed_step=jnp.asarray(failed_step, jnp.int32),
+        epoch=jnp.int32(epoch), seconds=progress.seconds + (time.perf_counter() - start))
     if on_epoch is not None:
-      on_epoch(progress, {"epoch": epoch, "step": int(state.step), "loss": float(np.mean(losses)),
-                          "train_accuracy": float(metrics["accuracy"]),
-                          "val_accuracy": val_accuracy, "seconds": float(progress.seconds)})
+      train_accuracy, steps = np.asarray(metrics["accuracy"]), np.asarray(state.step)
+      on_epoch(progress, [
+          {"epoch": epoch, "step": int(steps[i]), "loss": float(np.mean(losses[i])),
+           "train_accuracy": float(train_accuracy[i]), "val_accuracy": float(val_accuracy[i]),
+           "seconds": float(progress.seconds)} if active[i] else None
+          for i in range(len(active))])
   return progress

@@ -79,3 +79,43 @@ def test_summary_counts_and_ratio():
   assert lrnet.compression_ratio(rows) == pytest.approx(lrnet.count_params(params) / lrnet.count_params(compressed))
   table = lrnet.format_summary(rows)
   assert "linear_5" in table and "total" in table
+
+
+def test_default_selection_does_not_depend_on_key_order():
+  """After a tree_map (optax, orbax restore) keys are sorted: `linear_10` before `linear_2`,
+  and an hk.nets.MLP's `logits` head before `mlp/~/linear_*`. The output layer is still found
+  (the one whose output feeds no other layer) and left dense."""
+  deep = lrnet.models.mlp((16,) * 11, 10)
+  params = jax.tree_util.tree_map(lambda x: x, deep.init(jax.random.PRNGKey(0), jnp.zeros((1, 8))))
+  assert list(params)[:3] == ["linear_0", "linear_1", "linear_10"]  # sorted, not forward order
+  assert set(lrnet.select_ranks(params, 2)) == {f"linear_{i}" for i in range(11)}
+
+  def forward(x):
+    return hk.Linear(3, name="logits")(jax.nn.relu(hk.nets.MLP([12, 12])(x)))
+  params = hk.transform(forward).init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
+  params = jax.tree_util.tree_map(lambda x: x, params)
+  assert list(params)[0] == "logits"
+  assert set(lrnet.select_ranks(params, 2)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+
+
+def test_shapes_that_do_not_single_out_the_output_layer_ask_for_include():
+  def autoencoder(x):
+    return hk.Linear(8, name="decode")(jax.nn.relu(hk.Linear(4, name="encode")(x)))
+  params = hk.transform(autoencoder).init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
+  with pytest.raises(ValueError, match="cannot tell the output layer .*include= or exclude="):
+    lrnet.compress(params, 2)
+  assert set(lrnet.compress(params, 2, include="encode")["encode"]) == {"u", "v", "b"}
+
+
+@pytest.mark.parametrize("function", [lrnet.compress, lrnet.project, lrnet.summarize])
+def test_an_empty_selection_is_an_error_not_an_unchanged_tree(function):
+  params = _conv_mlp_params()
+  with pytest.raises(ValueError, match="no module selected"):
+    function(params, 2, include="dense_*", exclude="dense_*")
+
+
+def test_energy_rank_under_jit_says_it_needs_concrete_weights():
+  params = _conv_mlp_params()
+  assert lrnet.select_ranks(params, lrnet.energy_rank(0.9))["dense_a"] >= 1
+  with pytest.raises(ValueError, match=r"energy_rank\(0\.9\) .*concrete .*outside jax\.jit"):
+    jax.jit(lambda p: lrnet.project(p, lrnet.energy_rank(0.9)))(params)

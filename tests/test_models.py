@@ -83,27 +83,27 @@ def _cross_entropy(logits, labels):
   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
 
 
-def test_student_grad_equals_dense_grad_at_projected_weights():
+def test_exact_student_grad_equals_dense_grad_at_projected_weights():
   params = _dense_params()
   rank = 3
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=rank)
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=rank, projection_method="exact")
   dense = lrnet.models.mlp(HIDDEN, 10)
   student_loss = lambda p: _cross_entropy(student.apply(p, IMAGES), LABELS)
   dense_loss = lambda p: _cross_entropy(dense.apply(p, IMAGES), LABELS)
   student_grads = jax.jit(jax.grad(student_loss))(params)
   projected = lrnet.project(params, rank)
   dense_grads = jax.grad(dense_loss)(projected)
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  jax.tree_util.tree_map(chex_close, student_grads, dense_grads)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree_util.tree_map(close, student_grads, dense_grads)
   np.testing.assert_allclose(student_loss(params), dense_loss(projected), rtol=1e-5)
   # The projection matters: the gradient at the unprojected weights differs.
   assert not np.allclose(jax.grad(dense_loss)(params)["linear_0"]["w"],
                          student_grads["linear_0"]["w"], atol=1e-4)
 
 
-def test_student_rank_override_vmaps_over_ranks():
+def test_exact_student_rank_override_vmaps_over_ranks():
   params = _dense_params()
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=1)
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method="exact")
   ranks = jnp.array([2, 5])
   logits = jax.jit(jax.vmap(student.apply, in_axes=(None, None, 0)))(params, IMAGES, ranks)
   dense = lrnet.models.mlp(HIDDEN, 10)
@@ -111,71 +111,55 @@ def test_student_rank_override_vmaps_over_ranks():
     np.testing.assert_allclose(logits[i], dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["subspace", "streaming", "alternating"])
-def test_subspace_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike(method):
-  """The shared straight-through program (`sweep.parallel_ranks`): a tracked-subspace student
-  built at width 5 and run at a traced rank r gives the exact rank-r projection's logits, and
-  its gradient is the straight-through one of the rank-r student."""
+def test_alternating_student_init_works_on_its_own_and_matches_projection_state():
+  """`init` alone gives a usable state (it used to fail: "Must provide shape and dtype"), the
+  exact pairs of the initial weights, as `projection_state` builds them for given params."""
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3)
+  params, state = student.init(jax.random.PRNGKey(0), IMAGES)
+  assert set(state) == {"linear_0", "linear_1", "linear_2"}
+  built = lrnet.models.projection_state(params, 3, len(HIDDEN))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state, built)
+  logits, _ = student.apply(params, state, IMAGES)
+  dense = lrnet.models.mlp(HIDDEN, 10)
+  np.testing.assert_allclose(logits, dense.apply(lrnet.project(params, 3), IMAGES), atol=1e-4)
+
+
+def test_alternating_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike():
+  """A batch member: built at width 5, its own rank r traced, its tracker padded to the batch's
+  size; its logits are the exact rank-r projection's and its gradient the straight-through one."""
   params = _dense_params()
-  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method=method)
-  wide_state = lrnet.models.projection_state(params, 5, len(HIDDEN), method=method)
+  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5)
   dense = lrnet.models.mlp(HIDDEN, 10)
   for r in (2, 4):
-    logits, new_state = jax.jit(wide.apply)(params, wide_state, IMAGES, jnp.int32(r))
+    state = lrnet.models.projection_state(params, r, len(HIDDEN), pad_to_rank=5)
+    logits, new_state = jax.jit(wide.apply)(params, state, IMAGES, jnp.int32(r))
     np.testing.assert_allclose(logits, dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
-    assert int(new_state["linear_0"]["calls"]) == 1
-    loss = lambda p: _cross_entropy(wide.apply(p, wide_state, IMAGES, jnp.int32(r))[0], LABELS)
-    exact = lrnet.models.mlp(HIDDEN, 10, project_rank=r)
+    assert int(new_state["linear_0"]["tracker"].side) == 1
+    loss = lambda p: _cross_entropy(wide.apply(p, state, IMAGES, jnp.int32(r))[0], LABELS)
+    exact = lrnet.models.mlp(HIDDEN, 10, project_rank=r, projection_method="exact")
     exact_loss = lambda p: _cross_entropy(exact.apply(p, IMAGES), LABELS)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                            jax.grad(loss)(params), jax.grad(exact_loss)(params))
 
 
-def test_streaming_student_refines_on_every_kth_call_and_reuses_the_basis_in_between():
-  params = _dense_params()
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="streaming",
-                             projection_update_every=3)
-  state = lrnet.models.projection_state(params, 3, len(HIDDEN), method="streaming")
-  assert set(state["linear_0"]) == {"stream", "calls"}
-  apply = jax.jit(student.apply)
-  moved = jax.tree_util.tree_map(lambda w: w * 1.01 + 1e-3, params)
-  bases = []
-  for call in range(4):
-    _, state = apply(moved, state, IMAGES)
-    bases.append(np.asarray(state["linear_1"]["stream"].basis))
-    assert int(state["linear_1"]["calls"]) == call + 1
-  # Calls 0 and 3 refine; 1 and 2 keep the basis of call 0.
-  np.testing.assert_array_equal(bases[1], bases[0])
-  np.testing.assert_array_equal(bases[2], bases[0])
-  assert not np.array_equal(bases[3], bases[0])
-  dense = lrnet.models.mlp(HIDDEN, 10)
-  logits, _ = apply(moved, state, IMAGES)
-  np.testing.assert_allclose(logits, dense.apply(lrnet.project(moved, 3), IMAGES), atol=1e-3)
-
-
-def test_projection_state_rejects_an_unknown_method():
-  with pytest.raises(ValueError, match="one of .*'subspace', 'streaming', 'alternating'"):
-    lrnet.models.projection_state(_dense_params(), 3, len(HIDDEN), method="exact")
-
-
-def test_alternating_student_searches_both_sides_and_projects_exactly_each_call():
+def test_alternating_student_searches_both_sides_and_projects_each_call():
   """Calls alternate between the right and the left search; each one's logits are those of the
-  exact rank-r projection of the weights it is given, and its gradient is straight-through."""
+  rank-r projection of the weights it is given (near-exact: a random init's flat spectra are the
+  tracker's worst case; tests/test_tracker.py checks the optimality itself)."""
   params = _dense_params()
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="alternating")
-  state = lrnet.models.projection_state(params, 3, len(HIDDEN), method="alternating")
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3)
+  state = lrnet.models.projection_state(params, 3, len(HIDDEN))
   apply = jax.jit(student.apply)
   dense = lrnet.models.mlp(HIDDEN, 10)
   moved = params
   for call in range(4):
     moved = jax.tree_util.tree_map(lambda w: w * 1.002 + 1e-4, moved)
-    assert int(state["linear_1"]["alternating"].side) == call % 2
+    assert int(state["linear_1"]["tracker"].side) == call % 2
     logits, state = apply(moved, state, IMAGES)
-    # Near-exact, not exact: a random init's flat spectra are the tracker's worst case (the
-    # streaming test's tolerance; tests/test_subspace.py checks the optimality itself).
     np.testing.assert_allclose(logits, dense.apply(lrnet.project(moved, 3), IMAGES), atol=1e-3)
-  assert int(state["linear_1"]["calls"]) == 4
-  assert sum(int(state[f"linear_{i}"]["alternating"].refreshes) for i in range(3)) == 0
-  with pytest.raises(ValueError, match="projection_update_every must be 1 .*'alternating'"):
-    lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="alternating",
-                     projection_update_every=2)
+  assert sum(int(state[f"linear_{i}"]["tracker"].refreshes) for i in range(3)) == 0
+
+
+def test_removed_projection_methods_are_refused():
+  with pytest.raises(ValueError, match=r"one of \('exact', 'alternating'\), got 'streaming'"):
+    lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="streaming")

@@ -1,12 +1,16 @@
-"""Tests for lrnet/train.py: the jitted epoch, early stopping, EMA, NaN detection, determinism."""
+"""Tests for lrnet/train.py: the jitted epoch, members, early stopping, EMA, NaN, determinism."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lrnet
+from lrnet import compression
 from lrnet import data
+from lrnet import models
 from lrnet import train
 
 DATASET = data.load_dataset("digits", val_fraction=0.1, seed=0)
@@ -14,27 +18,26 @@ TRAIN = (jnp.asarray(DATASET.train.images), jnp.asarray(DATASET.train.labels))
 VAL = (jnp.asarray(DATASET.val.images), jnp.asarray(DATASET.val.labels))
 NET = lrnet.models.mlp((64,), 10)
 EVALUATE = train.make_evaluate(NET.apply, batch_size=100)
+VALIDATE = jax.jit(jax.vmap(lambda p: EVALUATE(p, *VAL)[0]))
 
 
-def _fit(epochs=3, learning_rate=1e-3, ema_decay=0.0, patience=None, on_epoch=None):
-  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+def _fit(epochs=3, learning_rate=1e-3, patience=None, on_epoch=None, params=None):
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1]) if params is None else params
   optimizer = train.adam(learning_rate)
-  state = train.init_state(params, optimizer, ema=ema_decay > 0)
-  epoch_fn = jax.jit(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32,
-                                            ema_decay=ema_decay), donate_argnums=0)
-  return train.fit(train.start_progress(state), epoch_fn, lambda p: EVALUATE(p, *VAL)[0], *TRAIN,
-                   epochs=epochs, seed=0, patience=patience, what="test run", on_epoch=on_epoch)
+  epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 1)
+  return train.fit(train.start_progress([train.init_state(params, optimizer)]), epoch_fn, VALIDATE,
+                   *TRAIN, epochs=epochs, seed=0, patience=patience, on_epoch=on_epoch)
 
 
 def test_training_learns_and_keeps_best_validation_params():
   history = []
-  progress = _fit(epochs=4, on_epoch=lambda p, m: history.append(m))
+  progress = _fit(epochs=4, on_epoch=lambda p, metrics: history.append(metrics[0]))
   assert [m["epoch"] for m in history] == [1, 2, 3, 4]
   assert history[-1]["loss"] < history[0]["loss"]
   best = max(m["val_accuracy"] for m in history)
-  assert float(progress.best_val_accuracy) == pytest.approx(best)
-  assert float(EVALUATE(progress.best_params, *VAL)[0]) == pytest.approx(best)
-  assert int(progress.state.step) == 4 * (TRAIN[1].shape[0] // 32)
+  assert float(progress.best_val_accuracy[0]) == pytest.approx(best)
+  assert float(VALIDATE(progress.best_params)[0]) == pytest.approx(best)
+  assert int(progress.state.step[0]) == 4 * (TRAIN[1].shape[0] // 32)
   assert best > 0.85
 
 
@@ -44,21 +47,97 @@ def test_training_is_deterministic_on_cpu():
     np.testing.assert_array_equal(a, b)
 
 
-def test_ema_params_average_the_trajectory():
-  progress = _fit(epochs=2, ema_decay=0.9)
-  ema, raw = progress.state.ema_params, progress.state.params
-  assert not np.allclose(ema["linear_0"]["w"], raw["linear_0"]["w"])
+def test_ema_follows_its_closed_form():
+  """With a constant update u per step, p_t = p_0 + t·u and the EMA (decay d) is
+  e_T = p_0 + u·(T − d(1 − d^T)/(1 − d))."""
+  decay, update = 0.9, 0.01
+  constant = optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda grads, state, params=None: (jax.tree_util.tree_map(
+          lambda g: jnp.full_like(g, update), grads), state))
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  state = train.init_state(params, constant, ema=True)
+  epoch = jax.jit(train.make_train_epoch(train.stateful_apply(NET), constant, 100, ema_decay=decay))
+  order = jnp.arange(TRAIN[1].shape[0], dtype=jnp.int32)
+  state, _ = epoch(state, *TRAIN, order)
+  steps = TRAIN[1].shape[0] // 100
+  expected = steps - decay * (1 - decay ** steps) / (1 - decay)
+  np.testing.assert_allclose(state.params["linear_0"]["w"],
+                             params["linear_0"]["w"] + steps * update, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.ema_params["linear_0"]["w"],
+                             params["linear_0"]["w"] + update * expected, rtol=1e-4, atol=1e-6)
 
 
-def test_patience_stops_early():
-  history = []
-  _fit(epochs=30, patience=1, learning_rate=3e-2, on_epoch=lambda p, m: history.append(m))
-  assert len(history) < 30
+def test_patience_stops_each_member_at_its_exact_epoch():
+  """Member 0's best epoch is 2: with patience 3 it trains epochs 3–5 without improving and
+  stops before epoch 6; member 1 improves until epoch 6 and runs to the end."""
+  scripted = np.array([[0.5, 0.7, 0.6, 0.65, 0.69, 0.99, 0.99, 0.99],
+                       [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6, 0.6]], np.float32)
+  calls = []
+
+  def validate(params):
+    calls.append(None)
+    return scripted[:, len(calls) - 1]
+
+  optimizer = train.adam(1e-3)
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  states = [train.init_state(params, optimizer)] * 2
+  epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 2)
+  progress = train.fit(train.start_progress(states), epoch_fn, validate, *TRAIN, epochs=8, seed=0,
+                       patience=3)
+  np.testing.assert_array_equal(progress.best_epoch, [2, 6])
+  np.testing.assert_array_equal(progress.epochs_done, [5, 8])
+  np.testing.assert_array_equal(progress.active, [False, True])
+  np.testing.assert_allclose(progress.best_val_accuracy, [0.7, 0.6])
 
 
-def test_non_finite_loss_raises_naming_run_and_step():
-  with pytest.raises(train.NonFiniteError, match=r"test run: non-finite .* step \d+"):
-    _fit(epochs=3, learning_rate=1e30)
+def test_a_failing_member_is_recorded_and_the_other_trains_on():
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
+  optimizer = train.adam(1e-3)
+  epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 2)
+  progress = train.fit(train.start_progress([train.init_state(p, optimizer) for p in (params, bad)]),
+                       epoch_fn, VALIDATE, *TRAIN, epochs=2, seed=0)
+  np.testing.assert_array_equal(progress.failed_step, [0, 1])
+  np.testing.assert_array_equal(progress.active, [True, False])
+  np.testing.assert_array_equal(progress.epochs_done, [2, 0])
+
+
+def test_the_epoch_is_traced_once_for_every_epoch():
+  optimizer = train.adam(1e-3)
+  epoch = chex.assert_max_traces(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32),
+                                 n=1)
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  progress = train.fit(train.start_progress([train.init_state(params, optimizer)]),
+                       train.members_epoch(epoch, 1), VALIDATE, *TRAIN, epochs=3, seed=0)
+  assert int(progress.epoch) == 3
+
+
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["lax_map", "vmap"])
+def test_factorized_members_keep_their_padding_zero_and_train_like_one_by_one(side_by_side):
+  """Zero-padded to a common rank, a factorized member is exactly a rank-r network: its padding
+  stays zero, and it trains as it would alone at its own rank."""
+  teacher = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  optimizer = train.adam(1e-2)
+
+  def run(ranks, width):
+    net = models.mlp((64,), 10, ranks=width)
+    evaluate = train.make_evaluate(net.apply, batch_size=100)
+    states = [train.init_state(compression.pad_factors(compression.compress(teacher, r), width),
+                               optimizer) for r in ranks]
+    epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(net), optimizer, 32),
+                                   len(ranks), side_by_side)
+    progress = train.fit(train.start_progress(states), epoch_fn,
+                         jax.jit(jax.vmap(lambda p: evaluate(p, *VAL)[0])), *TRAIN, epochs=2,
+                         seed=0)
+    return train.unstack(progress.state.params, len(ranks))
+
+  together = run([3, 8], 8)
+  assert not np.any(np.asarray(together[0]["linear_0"]["u"][:, 3:]))
+  assert not np.any(np.asarray(together[0]["linear_0"]["v"][3:, :]))
+  [alone] = run([3], 3)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         compression.unpad_factors(together[0], 3), alone)
 
 
 def test_evaluate_handles_sizes_that_are_not_multiples_of_the_chunk():
@@ -70,7 +149,10 @@ def test_evaluate_handles_sizes_that_are_not_multiples_of_the_chunk():
   assert float(loss) == pytest.approx(float(train.cross_entropy(logits, labels)), rel=1e-5)
 
 
-def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
-  logits = jax.random.normal(jax.random.PRNGKey(0), (8, 10))
-  assert float(train.distillation_loss(logits, logits, 4.0)) == pytest.approx(0.0, abs=1e-6)
-  assert float(train.distillation_loss(logits, -logits, 4.0)) > 0.0
+def test_distillation_loss_matches_a_hand_computed_value():
+  student, teacher, temperature = jnp.array([[0.0, 0.0]]), jnp.array([[2.0, 0.0]]), 2.0
+  # Teacher at T = 2: softmax(1, 0) = (e/(e+1), 1/(e+1)); student uniform: KL = Σ p log(2p).
+  p = np.array([np.e / (np.e + 1), 1 / (np.e + 1)])
+  expected = temperature ** 2 * np.sum(p * np.log(2 * p))
+  assert float(train.distillation_loss(student, teacher, temperature)) == pytest.approx(expected,
+                                                                                       rel=1e-5)
