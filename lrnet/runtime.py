@@ -1,12 +1,11 @@
 """Process settings that the CPU training speed depends on.
 
-JAX's CPU kernels for Cholesky, triangular solves, eigh, QR and SVD call LAPACK through SciPy
+JAX's CPU kernels for Cholesky, triangular solves, eigh and SVD call LAPACK through SciPy
 (`scipy.linalg.cython_lapack`), whose bundled OpenBLAS starts its own threads. Inside a jitted
-training step those calls are small (k×k, k ≤ a few hundred) and sit between XLA's matmuls,
-which already keep every core busy: the two thread pools then compete. Measured on the 2-core
-CPU, reference MLP, batch 100, `projection.method = "streaming"`: the straight-through step at
-rank 50 took 3.3× the dense step with OpenBLAS's default 2 threads and 1.7× with 1; at rank
-200, 6.9× and 3.6× (BUILD_NOTES.md).
+straight-through step those calls are small (k×k, k ≤ a few hundred) and sit between XLA's
+matmuls, which already keep every core busy: the two thread pools then compete, and on 2 cores
+the tracked straight-through step took about twice as long with OpenBLAS's default threads as
+with one (BUILD_NOTES.md).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ def limit_lapack_threads(num_threads: int = 1) -> list[str]:
   rest of the process. NumPy's BLAS is left alone.
 
   The experiment entry points call this at start; call it yourself before training
-  straight-through students with the `subspace` or `streaming` projection on a CPU.
+  straight-through students on a CPU.
 
   Returns:
     The file paths of the libraries limited (empty when SciPy's LAPACK is not an OpenBLAS or

@@ -30,7 +30,7 @@ ApplyFn = Callable[..., tuple[jax.Array, Any]]
 class TrainState(NamedTuple):
   params: Params            # trainable parameters (Haiku tree)
   opt_state: optax.OptState  # optimizer state for `params`
-  model_state: Any          # non-trainable network state, e.g. per-layer subspaces; {} if none
+  model_state: Any          # non-trainable network state (per-layer trackers); {} if none
   ema_params: Optional[Params]  # exponential moving average of `params`; None when EMA is off
   step: jax.Array           # [] int32, optimizer steps taken
 
