@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_fraction = 0.1     # carved from the training set (early stopping, model choice)
 
   config.model = ml_collections.ConfigDict()
-  config.model.hidden = (1024,) * 5  # hidden widths of the MLP
+  config.model.name = "mlp"          # mlp | convnet | resmlp | cnn (lrnet.models)
+  config.model.hidden = (1024,) * 5  # mlp: hidden widths
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.epochs = 30         # at most; early stopping on validation accuracy

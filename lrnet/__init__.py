@@ -1,15 +1,18 @@
 """lrnet: low-rank (truncated SVD) compression of JAX/Haiku networks.
 
-The front door: truncation and factors (`truncate`, `factorize`), the straight-through
-projection (`st_truncate`, and `lrnet.tracker` for the fast tracked one), parameter-tree
-compression (`compress`, `project`, `summarize`, `count_params`), the networks in
-`lrnet.models`, and `limit_lapack_threads` (call it before training straight-through
-students on a CPU).
+The front door: any Haiku network's factorized twin and straight-through student
+(`factorized`, `straight_through`, `tracker_state`); parameter-tree compression (`compress`,
+`project`, `summarize`, `decompose`, `count_params`); truncation and factors (`truncate`,
+`factorize`, `st_truncate`; `lrnet.tracker` for the tracked projection); the origin notebooks'
+networks in `lrnet.models`; rank estimation (`estimate_rank` of a black-box map,
+`layer_spectra` of trained weights); and `limit_lapack_threads` (call it before training
+straight-through students on a CPU).
 """
 
 from lrnet import models
 from lrnet import tracker
 from lrnet.compression import compress
+from lrnet.compression import decompose
 from lrnet.compression import compression_ratio
 from lrnet.compression import count_params
 from lrnet.compression import format_summary
@@ -20,7 +23,12 @@ from lrnet.compression import summarize
 from lrnet.projection import st_factored_matmul
 from lrnet.projection import st_truncate
 from lrnet.projection import st_truncate_masked
+from lrnet.rank_estimation import estimate_rank
+from lrnet.rank_estimation import layer_spectra
 from lrnet.runtime import limit_lapack_threads
+from lrnet.students import factorized
+from lrnet.students import straight_through
+from lrnet.students import tracker_state
 from lrnet.svd import check_rank
 from lrnet.svd import energy_rank
 from lrnet.svd import factorize

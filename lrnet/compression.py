@@ -1,17 +1,28 @@
-"""Compression of any Haiku parameter tree: factorize or project selected weight matrices.
+"""Compression of a parameter tree: factorize or project the selected dense and conv weights.
 
-A Haiku parameter tree maps module names to `{param_name: array}`. A module is a candidate
-when it holds a 2-D `w` (a linear layer, `w` [m, n] with y = x W + b). By default every
-candidate except the output layer is selected. The output layer is found from the shapes, not
-from the tree's key order (which `tree_map`, optax and orbax sort: `linear_10` before
-`linear_2`): it is the one candidate whose output width is no candidate's input width, i.e.
-whose output feeds no other layer. Where the shapes do not single it out (e.g. an autoencoder
-whose output width is its input width), `include`/`exclude` must say what to compress.
+A parameter tree maps module names to `{param_name: array}` (Haiku; flax-style `kernel`/`bias`
+names work too). A module is a candidate when it holds a weight `w` (or `kernel`) of 2 dims (a
+dense layer, [m, n], y = x W + b) or 3–5 dims (a conv kernel [*spatial, c_in, c_out], seen as
+the matrix [prod(spatial)·c_in, c_out]). Truncation and factorization act on that matrix.
+
+By default every candidate except the output layer is selected, and never one whose
+factorization at the requested rank would not be smaller (r·(m + n) ≥ m·n; `summarize` says
+which). The output layer is found from the shapes, not from the tree's key order (which
+`tree_map`, optax and orbax sort: `linear_10` before `linear_2`): it is the one dense layer whose
+output width is no dense layer's input width, i.e. whose output feeds no other dense layer. Where
+the shapes do not single it out (an autoencoder whose output width is its input width), a
+`ValueError` asks for `include`/`exclude`. Naming modules (`include`, or a rank dict) selects
+them whatever the size.
+
+Selection and rank rules need shapes only, except rules such as `energy_rank` that read the
+weights. `decompose` computes each selected weight's SVD once; `compress`, `project` and
+`summarize` take it (`decompositions=`) so that a sweep over ranks does not repeat them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
@@ -23,6 +34,7 @@ from lrnet import svd
 Params = Mapping[str, Mapping[str, Any]]
 RankRule = Union[int, float, str, Callable[[Any], int], Mapping[str, Any]]
 Patterns = Optional[Union[str, Iterable[str]]]
+WEIGHT_NAMES = ("w", "kernel")
 
 
 def _as_patterns(patterns: Patterns) -> Optional[list[str]]:
@@ -37,28 +49,64 @@ def _matches(name: str, patterns: list[str]) -> bool:
   return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def weight_name(leaves) -> Optional[str]:
+  """The key of a module's weight (`w` or `kernel`) if it is a dense or conv weight, else None."""
+  if not isinstance(leaves, Mapping):
+    return None
+  for key in WEIGHT_NAMES:
+    if key in leaves and 2 <= len(np.shape(leaves[key])) <= 5:
+      return key
+  return None
+
+
+def _shape(leaf) -> tuple:
+  return tuple(int(d) for d in leaf.shape)
+
+
+def matrix_shapes(params: Params) -> dict[str, tuple[int, int]]:
+  """{candidate module: (m, n)}, the matrix view of its weight, in the tree's order."""
+  shapes = {}
+  for name, leaves in params.items():
+    key = weight_name(leaves)
+    if key is not None:
+      shape = _shape(leaves[key])
+      shapes[name] = (math.prod(shape[:-1]), shape[-1])
+  return shapes
+
+
 def candidate_modules(params: Params) -> list[str]:
-  """Names of modules holding a 2-D `w`, in the tree's order."""
-  return [name for name, leaves in params.items()
-          if isinstance(leaves, Mapping) and "w" in leaves and np.ndim(leaves["w"]) == 2]
+  """Names of modules holding a dense or conv weight, in the tree's order."""
+  return list(matrix_shapes(params))
 
 
 def output_module(params: Params) -> str:
-  """The candidate whose output feeds no other candidate: its output width n is no candidate's
-  input width m (see the module docstring).
+  """The dense candidate whose output feeds no other dense candidate: its output width n is no
+  dense candidate's input width m (see the module docstring).
 
   Raises:
-    ValueError: no candidate, or the shapes do not single one out.
+    ValueError: the shapes do not single one out.
   """
-  candidates = candidate_modules(params)
-  inputs = {np.shape(params[name]["w"])[0] for name in candidates}
-  sinks = [name for name in candidates if np.shape(params[name]["w"])[1] not in inputs]
+  dense = {name: _shape(params[name][weight_name(params[name])])
+           for name in candidate_modules(params)
+           if len(np.shape(params[name][weight_name(params[name])])) == 2}
+  inputs = {shape[0] for shape in dense.values()}
+  sinks = [name for name, shape in dense.items() if shape[1] not in inputs]
   if len(sinks) != 1:
-    shapes = {name: tuple(np.shape(params[name]["w"])) for name in candidates}
-    raise ValueError(f"cannot tell the output layer from the shapes {shapes} (a layer whose "
+    raise ValueError(f"cannot tell the output layer from the dense shapes {dense} (a layer whose "
                      f"output width is no layer's input width); pass include= or exclude= to "
                      f"choose the modules to compress")
   return sinks[0]
+
+
+def compressible_modules(params: Params) -> list[str]:
+  """Every candidate except the output layer, in the tree's order."""
+  output = output_module(params)
+  return [name for name in candidate_modules(params) if name != output]
+
+
+def _smaller(shape: tuple[int, int], rank: int) -> bool:
+  m, n = shape
+  return rank * (m + n) < m * n
 
 
 def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
@@ -66,129 +114,185 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
   """Resolves which modules are compressed, and to which integer rank.
 
   Args:
-    params: a Haiku parameter tree.
-    rank: an int in `1..min(m, n)`; a float in (0, 1] (a fraction of `min(m, n)`,
-      rounded up); `"full"`; a callable `w -> int` (e.g. `lrnet.energy_rank(0.9)`); or a
-      dict from module name to any of these, which selects exactly those modules.
+    params: a parameter tree (arrays, or shapes such as `jax.ShapeDtypeStruct`s).
+    rank: an int in `1..min(m, n)`; a float in (0, 1] (a fraction of `min(m, n)`, rounded up);
+      `"full"`; a callable `matrix -> int` (e.g. `lrnet.energy_rank(0.9)`); or a dict from
+      module name to any of these, which selects exactly those modules.
     include: module-name glob patterns (`fnmatch`, e.g. `"linear_*"`) to select among the
-      candidates; default: every candidate but the last.
+      candidates, whatever their size; default: every candidate but the output layer, less
+      those the rank would not make smaller.
     exclude: glob patterns removed from the selection.
 
   Returns:
     `{module_name: rank}` in the tree's order.
 
   Raises:
-    ValueError: an unknown or non-matrix module in a rank dict, a pattern that selects
-      nothing, or a rank out of range (naming module, shape and allowed values).
+    ValueError: an unknown module in a rank dict, a pattern that selects nothing, an empty
+      selection, or a rank out of range (naming module, shape and allowed values).
   """
-  candidates = candidate_modules(params)
+  shapes = matrix_shapes(params)
+  candidates = list(shapes)
   include, exclude = _as_patterns(include), _as_patterns(exclude)
+  automatic = False
   if isinstance(rank, Mapping):
     if include is not None or exclude is not None:
       raise ValueError("rank given as a dict selects its modules itself: do not pass include/exclude")
     unknown = [name for name in rank if name not in candidates]
     if unknown:
-      raise ValueError(
-          f"rank dict names modules without a 2-D weight 'w': {unknown}; "
-          f"allowed: {candidates}")
+      raise ValueError(f"rank dict names modules without a dense or conv weight: {unknown}; "
+                       f"allowed: {candidates}")
     rules = {name: rank[name] for name in candidates if name in rank}
   else:
     if include is None:
-      output = output_module(params)
-      selected = [name for name in candidates if name != output]
+      selected, automatic = compressible_modules(params), True
     else:
       selected = [name for name in candidates if _matches(name, include)]
       if not selected:
-        raise ValueError(f"include={include} matches no module with a 2-D weight; candidates: {candidates}")
+        raise ValueError(f"include={include} matches no module with a dense or conv weight; "
+                         f"candidates: {candidates}")
     if exclude is not None:
       selected = [name for name in selected if not _matches(name, exclude)]
     rules = {name: rank for name in selected}
-  if not rules:
-    raise ValueError(f"no module selected for compression (candidates with a 2-D weight 'w': "
-                     f"{candidates}, include={include}, exclude={exclude})")
 
   ranks = {}
   for name, rule in rules.items():
-    w = params[name]["w"]
     try:
-      ranks[name] = svd.resolve_rank(w.shape, rule(w) if callable(rule) else rule)
+      if callable(rule):
+        leaves = params[name]
+        rule = rule(_matrix(leaves[weight_name(leaves)]))
+      ranks[name] = svd.resolve_rank(shapes[name], rule)
     except ValueError as error:
       raise ValueError(f"module {name!r}: {error}") from None
+  if automatic:
+    ranks = {name: r for name, r in ranks.items() if _smaller(shapes[name], r)}
+  if not ranks:
+    raise ValueError(f"no module selected for compression (candidates: {candidates}, "
+                     f"include={include}, exclude={exclude}, rank={rank!r}; by default a layer "
+                     f"the rank would not make smaller is left out: name it to force it)")
   return ranks
 
 
-def compress(params: Params, rank: RankRule, include: Patterns = None,
-             exclude: Patterns = None) -> dict:
-  """Factorizes the selected weights: `{w, b}` → `{u, v, b}` with u @ v = truncate(w, r).
+def _matrix(weight) -> jax.Array:
+  return jnp.reshape(weight, (-1, weight.shape[-1]))
 
-  For the `lrnet.models.mlp` networks, `compress(params, r)` has the tree structure and
-  shapes of `mlp(..., ranks=r).init`, and the factorized network computes exactly what the
-  dense network computes with `project(params, r)`.
+
+class Decomposition(NamedTuple):
+  """The SVD of one weight's matrix view W = U diag(s) Vᵀ."""
+  u: jax.Array   # [m, p]
+  s: jax.Array   # [p] descending
+  vt: jax.Array  # [p, n]
+
+
+def decompose(params: Params, include: Patterns = None, exclude: Patterns = None) -> dict:
+  """{module: Decomposition} for every module `select_ranks(params, 1, ...)` selects: one SVD
+  per weight, to pass to `compress`/`project`/`summarize` at as many ranks as wanted."""
+  return {name: Decomposition(*jnp.linalg.svd(_matrix(params[name][weight_name(params[name])]),
+                                              full_matrices=False))
+          for name in select_ranks(params, 1, include, exclude)}
+
+
+def _factors(weight, rank: int, decomposition: Optional[Decomposition]):
+  if decomposition is None:
+    return svd.factorize(_matrix(weight), rank)
+  root_s = jnp.sqrt(decomposition.s[:rank])
+  return decomposition.u[:, :rank] * root_s, root_s[:, None] * decomposition.vt[:rank]
+
+
+def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
+             *, decompositions: Optional[dict] = None) -> dict:
+  """Factorizes the selected weights: `{w, b}` → `{u, v, b}` with u v = truncate(w, r).
+
+  A dense weight [m, n] gives u [m, r], v [r, n]; a conv kernel [*spatial, c_in, c_out] gives
+  u [*spatial, c_in, r] (a conv to r channels) and v [r, c_out] (a 1×1 conv): the parameters of
+  `lrnet.factorized(fn, rank, ...)`. Singular values are split √s on each side.
 
   Args:
-    params: a Haiku parameter tree; see `select_ranks` for `rank`, `include`, `exclude`.
+    params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`.
+    decompositions: from `decompose`, to reuse SVDs.
 
   Returns:
-    A new tree: every selected module's `w` replaced by `u` [m, r] and `v` [r, n]
-    (singular values split √s on each side); every other leaf returned untouched.
+    A new tree: every selected module's weight replaced by `u` and `v`; every other leaf the
+    same object.
   """
   ranks = select_ranks(params, rank, include, exclude)
+  decompositions = decompositions or {}
   compressed = {}
   for name, leaves in params.items():
     if name in ranks:
-      u, v = svd.factorize(leaves["w"], ranks[name])
-      rest = {key: value for key, value in leaves.items() if key != "w"}
-      compressed[name] = {"u": u, "v": v, **rest}
+      key = weight_name(leaves)
+      weight = leaves[key]
+      u, v = _factors(weight, ranks[name], decompositions.get(name))
+      rest = {k: value for k, value in leaves.items() if k != key}
+      compressed[name] = {"u": u.reshape(tuple(weight.shape[:-1]) + (ranks[name],)), "v": v,
+                          **rest}
     else:
       compressed[name] = leaves
   return compressed
 
 
-def project(params: Params, rank: RankRule, include: Patterns = None,
-            exclude: Patterns = None) -> dict:
-  """The same tree with each selected `w` replaced by `truncate(w, r)` (same shapes)."""
+def _truncated(weight, rank: int, decomposition: Optional[Decomposition]):
+  if decomposition is None:
+    return svd.truncate(_matrix(weight), rank).reshape(weight.shape)
+  return ((decomposition.u[:, :rank] * decomposition.s[:rank]) @ decomposition.vt[:rank]
+          ).reshape(weight.shape)
+
+
+def project(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
+            *, decompositions: Optional[dict] = None) -> dict:
+  """The same tree with each selected weight replaced by its rank-r truncation (same shapes)."""
   ranks = select_ranks(params, rank, include, exclude)
-  return {name: ({**leaves, "w": svd.truncate(leaves["w"], ranks[name])} if name in ranks else leaves)
-          for name, leaves in params.items()}
+  decompositions = decompositions or {}
+  out = {}
+  for name, leaves in params.items():
+    if name in ranks:
+      key = weight_name(leaves)
+      leaves = {**leaves, key: _truncated(leaves[key], ranks[name], decompositions.get(name))}
+    out[name] = leaves
+  return out
 
 
-def pad_factors(params: Params, width: int) -> dict:
-  """Every factorized module (`u` [m, r], `v` [r, n]) zero-padded to rank `width`: a zero
-  column of U meets a zero row of V, so the function is unchanged, the padding gets exactly
+def project_masked(params: Params, ranks: Mapping[str, Any]) -> dict:
+  """`project` at integer ranks that may be traced (e.g. `vmap` over ranks): one compiled
+  function for every rank. `ranks`: {module: rank}; no range check is possible on a traced rank
+  (see `svd.truncate_masked`)."""
+  out = {}
+  for name, leaves in params.items():
+    if name in ranks:
+      key = weight_name(leaves)
+      weight = leaves[key]
+      leaves = {**leaves, key: svd.truncate_masked(_matrix(weight), ranks[name]).reshape(weight.shape)}
+    out[name] = leaves
+  return out
+
+
+def pad_factors(params: Params, width: Mapping[str, int]) -> dict:
+  """Every factorized module (`u` [..., r], `v` [r, n]) zero-padded to rank `width[module]`: a
+  zero column of U meets a zero row of V, so the function is unchanged, the padding gets exactly
   zero gradients, and Adam's update 0 / (√0 + ε) keeps it zero.
 
   Raises:
-    ValueError: a module's rank exceeds `width`.
+    ValueError: a module's rank exceeds its width.
   """
-  def pad(leaves):
+  def pad(name, leaves):
     if not isinstance(leaves, Mapping) or "u" not in leaves:
       return leaves
-    rank = leaves["u"].shape[1]
-    if rank > width:
-      raise ValueError(f"pad_factors: a module has rank {rank} > width {width}")
-    return {**leaves, "u": jnp.pad(leaves["u"], ((0, 0), (0, width - rank))),
-            "v": jnp.pad(leaves["v"], ((0, width - rank), (0, 0)))}
-  return {name: pad(leaves) for name, leaves in params.items()}
+    rank, target = leaves["u"].shape[-1], width[name]
+    if rank > target:
+      raise ValueError(f"pad_factors: module {name!r} has rank {rank} > width {target}")
+    u_padding = [(0, 0)] * (leaves["u"].ndim - 1) + [(0, target - rank)]
+    return {**leaves, "u": jnp.pad(leaves["u"], u_padding),
+            "v": jnp.pad(leaves["v"], ((0, target - rank), (0, 0)))}
+  return {name: pad(name, leaves) for name, leaves in params.items()}
 
 
-def unpad_factors(params: Params, rank: int) -> dict:
-  """The first `rank` columns of every `u` and rows of every `v` (inverse of `pad_factors`)."""
-  def cut(leaves):
+def unpad_factors(params: Params, ranks: Mapping[str, int]) -> dict:
+  """The first `ranks[module]` factor columns of every `u` and rows of every `v` (inverse of
+  `pad_factors`)."""
+  def cut(name, leaves):
     if not isinstance(leaves, Mapping) or "u" not in leaves:
       return leaves
-    return {**leaves, "u": leaves["u"][:, :rank], "v": leaves["v"][:rank, :]}
-  return {name: cut(leaves) for name, leaves in params.items()}
-
-
-def project_masked(params: Params, rank, include: Patterns = None,
-                   exclude: Patterns = None) -> dict:
-  """`project` at one integer rank that may be traced (e.g. `vmap` over ranks): one compiled
-  function for every rank. Selects modules like `project`; no range check is possible on a
-  traced rank (see `svd.truncate_masked`)."""
-  selected = select_ranks(params, 1, include, exclude)
-  return {name: ({**leaves, "w": svd.truncate_masked(leaves["w"], rank)} if name in selected
-                 else leaves)
-          for name, leaves in params.items()}
+    return {**leaves, "u": leaves["u"][..., :ranks[name]], "v": leaves["v"][:ranks[name], :]}
+  return {name: cut(name, leaves) for name, leaves in params.items()}
 
 
 def count_params(tree) -> int:
@@ -197,35 +301,48 @@ def count_params(tree) -> int:
 
 
 class LayerSummary(NamedTuple):
-  """One module of a compression summary. FLOPs count multiply + add of the matmul per example."""
+  """One module of a compression summary. FLOPs count multiply + add of the matmul or conv, per
+  example for a dense layer and per output position for a conv layer (`per`)."""
   name: str
-  shape: tuple          # (m, n) of w, or the shapes of the module's leaves if not a matrix
+  shape: tuple          # the weight's shape, or () for a module without one
   rank: Optional[int]   # None: kept as it is
   dense_params: int     # parameters of the module as it is
   compressed_params: int
-  dense_flops: int      # 2·m·n per example (0 for non-matrix modules)
-  compressed_flops: int  # 2·r·(m + n) per example when factorized
+  dense_flops: int      # 2·m·n for the matrix view [m, n]
+  compressed_flops: int  # 2·r·(m + n) when factorized
+  per: str              # "example", "output position" (conv), or "" (no weight)
+  note: str             # why a candidate stays dense, if it does
 
 
-def summarize(params: Params, rank: RankRule, include: Patterns = None,
-              exclude: Patterns = None) -> list[LayerSummary]:
+def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
+              *, decompositions: Optional[dict] = None) -> list[LayerSummary]:
   """Per-module parameter and FLOP counts of `compress(params, rank, ...)` against `params`."""
+  del decompositions  # the counts need shapes only
   ranks = select_ranks(params, rank, include, exclude)
+  shapes = matrix_shapes(params)
+  automatic = include is None and not isinstance(rank, Mapping)
+  output = output_module(params) if automatic else None
   rows = []
   for name, leaves in params.items():
     dense_params = count_params(leaves)
-    w = leaves.get("w") if isinstance(leaves, Mapping) else None
-    is_matrix = w is not None and np.ndim(w) == 2
-    m, n = (w.shape if is_matrix else (0, 0))
-    dense_flops = 2 * m * n
+    if name not in shapes:
+      rows.append(LayerSummary(name, (), None, dense_params, dense_params, 0, 0, "", ""))
+      continue
+    (m, n), weight_shape = shapes[name], _shape(leaves[weight_name(leaves)])
+    per = "example" if len(weight_shape) == 2 else "output position"
     r = ranks.get(name)
     if r is None:
-      rows.append(LayerSummary(name, tuple(w.shape) if is_matrix else (), None,
-                               dense_params, dense_params, dense_flops, dense_flops))
+      note = ""
+      if name == output:
+        note = "output layer"
+      elif automatic:
+        note = "kept dense: this rank would not make it smaller"
+      rows.append(LayerSummary(name, weight_shape, None, dense_params, dense_params, 2 * m * n,
+                               2 * m * n, per, note))
     else:
-      compressed = dense_params - m * n + r * (m + n)
-      rows.append(LayerSummary(name, (m, n), r, dense_params, compressed, dense_flops,
-                               2 * r * (m + n)))
+      rows.append(LayerSummary(name, weight_shape, r, dense_params,
+                               dense_params - m * n + r * (m + n), 2 * m * n, 2 * r * (m + n),
+                               per, ""))
   return rows
 
 
@@ -235,19 +352,23 @@ def compression_ratio(rows: list[LayerSummary]) -> float:
 
 
 def format_summary(rows: list[LayerSummary]) -> str:
-  """A plain-text table of a summary, with totals."""
-  header = f"{'module':<24} {'shape':>12} {'rank':>6} {'params':>12} {'compressed':>12} {'MFLOP':>9} {'MFLOP c.':>9}"
+  """A plain-text table of a summary, with totals. Conv FLOPs are per output position (marked
+  `/pos`): the totals add per-example FLOPs of dense layers only."""
+  header = (f"{'module':<24} {'shape':>14} {'rank':>6} {'params':>12} {'compressed':>12} "
+            f"{'MFLOP':>9} {'MFLOP c.':>9}")
   lines = [header, "-" * len(header)]
   for row in rows:
     shape = "x".join(str(d) for d in row.shape) if row.shape else "-"
     rank = "-" if row.rank is None else str(row.rank)
-    lines.append(f"{row.name:<24} {shape:>12} {rank:>6} {row.dense_params:>12,} "
+    unit = "/pos" if row.per == "output position" else ""
+    lines.append(f"{row.name:<24} {shape:>14} {rank:>6} {row.dense_params:>12,} "
                  f"{row.compressed_params:>12,} {row.dense_flops / 1e6:>9.3f} "
-                 f"{row.compressed_flops / 1e6:>9.3f}")
+                 f"{row.compressed_flops / 1e6:>9.3f}{unit}" + (f"  ({row.note})" if row.note else ""))
   dense = sum(r.dense_params for r in rows)
   compressed = sum(r.compressed_params for r in rows)
+  per_example = [r for r in rows if r.per == "example"]
   lines.append("-" * len(header))
-  lines.append(f"{'total':<24} {'':>12} {'':>6} {dense:>12,} {compressed:>12,} "
-               f"{sum(r.dense_flops for r in rows) / 1e6:>9.3f} "
-               f"{sum(r.compressed_flops for r in rows) / 1e6:>9.3f}   x{dense / compressed:.2f}")
+  lines.append(f"{'total':<24} {'':>14} {'':>6} {dense:>12,} {compressed:>12,} "
+               f"{sum(r.dense_flops for r in per_example) / 1e6:>9.3f} "
+               f"{sum(r.compressed_flops for r in per_example) / 1e6:>9.3f}   x{dense / compressed:.2f}")
   return "\n".join(lines)

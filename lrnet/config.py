@@ -13,7 +13,7 @@ import ml_collections
 
 from lrnet import data
 
-INPUT_DIMS = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "digits": 8 * 8}
+MODELS = ("mlp", "convnet", "resmlp", "cnn")  # lrnet.models.NETWORKS
 NUM_CLASSES = 10
 PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
@@ -91,28 +91,26 @@ def check_teacher_dir(path) -> None:
           "expected a sweep workdir holding models/teacher (from python -m experiments.train)")
 
 
-def hidden_layer_shapes(config) -> list[tuple[int, int]]:
-  """(m, n) of each hidden layer's weight: the layers a sweep rank applies to."""
-  widths = [INPUT_DIMS[config.data.name]] + list(config.model.hidden)
-  return list(zip(widths[:-1], widths[1:]))
-
-
 def check_rank_value(value, shapes, field: str) -> None:
-  """A sweep rank: an int ≤ every hidden layer's min(m, n), a fraction in (0, 1], or 'full'."""
-  max_rank = min(min(shape) for shape in shapes)
+  """A sweep rank: an int ≤ every compressed layer's min(m, n) (`shapes`: their (m, n); None:
+  not known yet, the form alone is checked), a fraction in (0, 1], or 'full'."""
   if value == "full":
     return
   if is_int(value):
-    if not 1 <= value <= max_rank:
-      _fail(field, value, f"an integer rank must be in 1..{max_rank} (the smallest hidden "
-                          f"layer {min(shapes, key=min)} allows at most {max_rank}); or a "
-                          f"fraction in (0, 1], or 'full'")
+    if value < 1:
+      _fail(field, value, "an integer rank must be >= 1; or a fraction in (0, 1], or 'full'")
+    if shapes:
+      max_rank = min(min(shape) for shape in shapes)
+      if value > max_rank:
+        _fail(field, value, f"an integer rank must be in 1..{max_rank} (the smallest compressed "
+                            f"layer {min(shapes, key=min)} allows at most {max_rank}); or a "
+                            f"fraction in (0, 1], or 'full'")
     return
   if isinstance(value, float):
     if not 0.0 < value <= 1.0:
       _fail(field, value, "a rank fraction must be in (0, 1]; or an integer rank, or 'full'")
     return
-  _fail(field, value, f"must be an integer in 1..{max_rank}, a fraction in (0, 1], or 'full'")
+  _fail(field, value, "must be an integer rank, a fraction in (0, 1], or 'full'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -135,10 +133,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.dir", data_dir, "must be a directory path or None")
   _unit_interval(config, "data.val_fraction", closed_low=False)
 
-  hidden = _get(config, "model.hidden")
-  if (not isinstance(hidden, (tuple, list)) or not hidden
-      or not all(is_int(h) and h >= 1 for h in hidden)):
-    _fail("model.hidden", hidden, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
+  model = _get(config, "model.name")
+  if model not in MODELS:
+    _fail("model.name", model, f"allowed: {', '.join(MODELS)}")
+  widths = {"mlp": "hidden", "convnet": "dense"}.get(model)
+  if widths is not None and widths in config.model:
+    value = config.model[widths]
+    if (not isinstance(value, (tuple, list)) or not value
+        or not all(is_int(h) and h >= 1 for h in value)):
+      _fail(f"model.{widths}", value, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
+  if model == "resmlp":
+    for field in ("width", "blocks"):
+      if field in config.model:
+        check_positive_int(config, f"model.{field}")
 
   for run in ("teacher", "student"):
     check_positive_int(config, f"{run}.epochs")
@@ -150,9 +157,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ranks = _get(config, "sweep.ranks")
   if not isinstance(ranks, (tuple, list)) or not ranks:
     _fail("sweep.ranks", ranks, "must be a non-empty tuple of ranks, e.g. (10, 20, 'full')")
-  shapes = hidden_layer_shapes(config)
   for value in ranks:
-    check_rank_value(value, shapes, "sweep.ranks")
+    check_rank_value(value, None, "sweep.ranks")
   if len(set(ranks)) != len(ranks):
     _fail("sweep.ranks", ranks, "must not repeat a rank")
 

@@ -1,12 +1,13 @@
 """Image-classification datasets for lrnet as NumPy train/val/test splits.
 
-MNIST and Fashion-MNIST come from IDX files or TFDS; `digits` is scikit-learn's bundled 8x8 set.
+MNIST and Fashion-MNIST come from IDX files or TFDS, CIFAR-10 from its python-version
+pickles or TFDS; `digits` is scikit-learn's bundled 8x8 set.
 
 `load_dataset` tries these sources in order and uses the first that has the data:
 
-1. `data_dir` when given (IDX files; missing files are an error, never a fallback);
-   `digits` never reads a directory.
-2. `$LRNET_DATA_DIR/<name>/` (IDX files) when that directory exists.
+1. `data_dir` when given (IDX files, or CIFAR-10's `cifar-10-batches-py` folder or its
+   parent; missing files are an error, never a fallback); `digits` never reads a directory.
+2. `$LRNET_DATA_DIR/<name>/` (same layout) when that directory exists.
 3. The Debian package directory (`/usr/share/datasets/fashion-mnist/`, from
    `apt-get install dataset-fashion-mnist`) when it exists.
 4. A TFDS copy already prepared under the TFDS data dir (`$TFDS_DATA_DIR` or
@@ -15,7 +16,8 @@ MNIST and Fashion-MNIST come from IDX files or TFDS; `digits` is scikit-learn's 
 5. IDX files this module downloaded before, in `<TFDS data dir>/downloads/lrnet/<name>/`.
 6. The network, only if a 2 s probe (TLS handshake or HTTP HEAD) reaches TFDS's URL: with TensorFlow,
    TFDS downloads and prepares the dataset; without it, the four IDX files are fetched
-   from the URLs TFDS uses and checked against TFDS's registered SHA-256 sums.
+   from the URLs TFDS uses and checked against TFDS's registered SHA-256 sums. CIFAR-10
+   is only downloaded with TensorFlow, which TFDS's CIFAR-10 builder needs.
 
 With none of these, `DataError` says at once (no download attempt, no tfds import) how to
 supply the data.
@@ -28,6 +30,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+import pickle
 import socket
 import ssl
 import threading
@@ -38,8 +41,9 @@ import zlib
 
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "digits")
-NUM_CLASSES = 10  # All three datasets have digit-like 10-way labels.
+DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10")
+IDX_DATASETS = ("mnist", "fashion_mnist")  # Stored as IDX files.
+NUM_CLASSES = 10  # Every dataset has 10-way labels.
 
 # IDX file stems; each may be stored plain or gzip-compressed (`<stem>.gz`).
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -47,6 +51,20 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 IDX_STEMS = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+
+# CIFAR-10's python version (cifar-10-python.tar.gz): five training batches, one test batch.
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR10_SIDE = 32
+
+# Per-channel (R, G, B) mean and std of [0, 1]-scaled CIFAR-10 pixels, the constants of
+# origin notebook 001. The std values are the widely copied ones, smaller than the true
+# pixel std (about 0.247, 0.243, 0.261); kept so that runs match the notebook.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+# Datasets standardised per channel; the others are scaled to [0, 1].
+CHANNEL_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
 
 DATA_DIR_ENV = "LRNET_DATA_DIR"
 # Distribution packages that install IDX files (Debian: dataset-fashion-mnist).
@@ -78,14 +96,14 @@ class DataError(ValueError):
 
 class Split(NamedTuple):
   """One split of a dataset."""
-  images: np.ndarray  # [N, H, W, 1] float32 in [0, 1]
+  images: np.ndarray  # [N, H, W, C] float32 in [0, 1], or standardised (CHANNEL_STATS)
   labels: np.ndarray  # [N] int32 in [0, num_classes)
 
 
 class Dataset(NamedTuple):
   """A dataset with disjoint train, validation and test splits."""
   name: str  # One of DATASETS.
-  source: str  # Where it came from: "idx:<dir>", "sklearn", "tfds:<dir>", "download:<url>".
+  source: str  # "idx:<dir>", "pickle:<dir>", "sklearn", "tfds:<dir>" or "download:<url>".
   train: Split  # Training examples minus the validation ones.
   val: Split  # Seeded, stratified part of the original training set.
   test: Split  # The dataset's test set, never mixed into train or val.
@@ -94,9 +112,9 @@ class Dataset(NamedTuple):
 
 class _Raw(NamedTuple):
   """Unsplit arrays from a source, before scaling."""
-  train_images: np.ndarray  # [N, H, W] integer or float pixels in [0, max_value]
+  train_images: np.ndarray  # [N, H, W] or [N, H, W, C] pixels in [0, max_value]
   train_labels: np.ndarray  # [N] integer
-  test_images: np.ndarray  # [M, H, W]
+  test_images: np.ndarray  # [M, ...] like train_images
   test_labels: np.ndarray  # [M]
   max_value: float  # Pixel value that maps to 1.0.
   source: str
@@ -205,6 +223,93 @@ def _read_idx_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.n
   return images, labels
 
 
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+class _BatchUnpickler(pickle.Unpickler):
+  """Unpickles only what a CIFAR-10 batch holds, so a crafted file cannot run code."""
+
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),  # Written by NumPy 1.
+              ("numpy._core.multiarray", "_reconstruct"),  # Written by NumPy 2.
+              ("numpy", "ndarray"), ("numpy", "dtype"),
+              ("_codecs", "encode")}  # Python 3 writes bytes this way in protocol 2.
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+    return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Reads one batch file of CIFAR-10's python version.
+
+  The file is a pickled dict (bytes keys) whose `b"data"` is [N, 3072] uint8, each row
+  an image's 1024 red, then 1024 green, then 1024 blue pixels, each plane 32x32 in
+  row-major order, and whose `b"labels"` is a list of N ints in 0..9.
+
+  Args:
+    path: the batch file, e.g. `cifar-10-batches-py/data_batch_1`.
+
+  Returns:
+    images [N, 32, 32, 3] uint8 (channels last) and labels [N] int64.
+
+  Raises:
+    DataError: naming the file, if it is unreadable, not such a pickle, or its data or
+      labels have the wrong type, shape or range.
+  """
+  path = Path(path)
+  try:
+    with path.open("rb") as file:
+      batch = _BatchUnpickler(file, encoding="bytes").load()
+  except OSError as error:
+    raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
+  except Exception as error:  # Corrupt pickles raise many types; the user needs one line.
+    raise DataError(f"{path}: not a readable CIFAR-10 batch ({_one_line(error)})") from error
+  if not isinstance(batch, dict):
+    raise DataError(f"{path}: expected a dict, got {type(batch).__name__}")
+  images, labels = batch.get(b"data"), batch.get(b"labels")
+  pixels = 3 * CIFAR10_SIDE**2
+  if not (isinstance(images, np.ndarray) and images.dtype == np.uint8
+          and images.ndim == 2 and images.shape[1] == pixels):
+    found = (f"{list(images.shape)} {images.dtype}" if isinstance(images, np.ndarray)
+             else type(images).__name__)
+    raise DataError(f"{path}: expected b'data' of shape [N, {pixels}] uint8, got {found}")
+  if not isinstance(labels, list) or len(labels) != len(images):
+    found = len(labels) if isinstance(labels, list) else type(labels).__name__
+    raise DataError(f"{path}: expected b'labels' as a list of {len(images)} ints, got "
+                    f"{found}")
+  bad = [label for label in labels
+         if type(label) is not int or not 0 <= label < NUM_CLASSES]
+  if bad:
+    raise DataError(f"{path}: label {bad[0]!r} is not an int in 0..{NUM_CLASSES - 1}")
+  images = images.reshape(-1, 3, CIFAR10_SIDE, CIFAR10_SIDE).transpose(0, 2, 3, 1)
+  return images, np.array(labels, np.int64)
+
+
+def _read_cifar_dir(directory: Path) -> _Raw:
+  """Reads CIFAR-10's six batch files from `directory` or its `cifar-10-batches-py`."""
+  if (directory / CIFAR10_FOLDER).is_dir():
+    directory = directory / CIFAR10_FOLDER
+  missing = [name for name in CIFAR10_BATCHES if not (directory / name).is_file()]
+  if missing:
+    raise DataError(
+        f"dataset 'cifar10': {directory} has no {missing[0]}; it needs "
+        f"{', '.join(CIFAR10_BATCHES)} (or a {CIFAR10_FOLDER} folder holding them)")
+  arrays = [read_cifar_batch(directory / name) for name in CIFAR10_BATCHES]
+  train_images = np.concatenate([images for images, _ in arrays[:-1]])
+  train_labels = np.concatenate([labels for _, labels in arrays[:-1]])
+  test_images, test_labels = arrays[-1]
+  return _Raw(train_images, train_labels, test_images, test_labels, 255.0,
+              f"pickle:{directory}")
+
+
+def _read_local(directory: Path, name: str) -> _Raw:
+  """Reads `name` from a directory of its files (IDX files or CIFAR-10 batches)."""
+  if name in IDX_DATASETS:
+    return _read_idx_dir(directory, name)
+  return _read_cifar_dir(directory)
+
+
 # ----------------------------------------------------------------------------- digits
 
 
@@ -259,7 +364,7 @@ def _read_tfds_prepared(name: str, version_dir: Path) -> _Raw:
     raise DataError(
         f"the TFDS copy of '{name}' at {version_dir} is in TFRecord format, which needs "
         "TensorFlow (not installed): pip install tensorflow, re-prepare it with "
-        "file_format='array_record', or pass --config.data.dir=<directory with IDX files>")
+        f"file_format='array_record', or {_local_hint(name)}")
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = tfds.builder_from_directory(str(version_dir))
@@ -406,10 +511,20 @@ def _load_online(name: str, root: Path, urls: dict[str, tuple[str, str]]) -> _Ra
   return raw._replace(source=f"download:{urls[f'{TRAIN_IMAGES}.gz'][0].rsplit('/', 1)[0]}/")
 
 
+def _local_hint(name: str) -> str:
+  """How to supply `name` as local files."""
+  if name in IDX_DATASETS:
+    files = ", ".join(f"{stem}.gz" for stem in IDX_STEMS)
+    return f"pass --config.data.dir=<directory with {files}> (IDX files)"
+  return (f"download cifar-10-python.tar.gz from {CIFAR10_URL}, extract it, pass "
+          f"--config.data.dir=<the {CIFAR10_FOLDER} folder>")
+
+
 def _missing_message(name: str) -> str:
-  files = ", ".join(f"{stem}.gz" for stem in IDX_STEMS)
-  return (f"dataset '{name}' not found locally: pass --config.data.dir=<directory with "
-          f"{files}> (IDX files), or connect to the internet so TFDS can download it")
+  online = "connect to the internet so TFDS can download it"
+  if name not in IDX_DATASETS and not _tensorflow_installed():
+    online = "pip install tensorflow and " + online
+  return f"dataset '{name}' not found locally: {_local_hint(name)}, or {online}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -429,23 +544,28 @@ def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
   if data_dir is not None:
     if not Path(data_dir).is_dir():
       raise DataError(f"data.dir={data_dir} is not a directory (dataset '{name}')")
-    return _read_idx_dir(Path(data_dir), name)
+    return _read_local(Path(data_dir), name)
   local_dirs = [SYSTEM_DIRS.get(name)]
   if os.environ.get(DATA_DIR_ENV):
     local_dirs.insert(0, Path(os.environ[DATA_DIR_ENV], name))
   for directory in local_dirs:
     if directory is not None and directory.is_dir():
-      return _read_idx_dir(directory, name)
+      return _read_local(directory, name)
   root = tfds_data_dir()
   prepared = find_prepared_tfds(name, root)
   if prepared is not None:
     return _read_tfds_prepared(name, prepared)
+  idx = name in IDX_DATASETS
   cache = _download_cache(name, root)
-  if all(find_idx_file(cache, stem) for stem in IDX_STEMS):
+  if idx and all(find_idx_file(cache, stem) for stem in IDX_STEMS):
     return _read_idx_dir(cache, name)
   urls = tfds_urls(name)
-  if urls and network_available(urls[f"{TEST_LABELS}.gz"][0]):  # The smallest file.
-    return _load_online(name, root, urls)
+  # Without TensorFlow only IDX files can be downloaded: TFDS's CIFAR-10 builder needs it.
+  if urls and (idx or _tensorflow_installed()):
+    # IDX: the smallest file; CIFAR-10: TFDS's only file.
+    probe_url = urls[f"{TEST_LABELS}.gz"][0] if idx else next(iter(urls.values()))[0]
+    if network_available(probe_url):
+      return _load_online(name, root, urls)
   raise DataError(_missing_message(name))
 
 
@@ -473,10 +593,23 @@ def stratified_split(labels: np.ndarray, fraction: float,
   return kept, held
 
 
-def _make_split(images: np.ndarray, labels: np.ndarray, max_value: float) -> Split:
-  """[N, H, W] pixels in [0, max_value] -> Split of [N, H, W, 1] float32 in [0, 1]."""
+def _make_split(name: str, images: np.ndarray, labels: np.ndarray,
+                max_value: float) -> Split:
+  """[N, H, W(, C)] pixels in [0, max_value] -> Split of [N, H, W, C] float32 images.
+
+  Pixels are scaled to [0, 1], then for datasets in CHANNEL_STATS standardised per
+  channel: (x / max_value - mean) / std.
+  """
   scaled = np.divide(images, np.float32(max_value), dtype=np.float32)
-  return Split(scaled[..., None], labels.astype(np.int32))
+  if scaled.ndim == 3:
+    scaled = scaled[..., None]
+  if name in CHANNEL_STATS:
+    # Notebook 001 meant this but wrote `x /- mean`, an expression whose result was
+    # discarded, so its mean was never subtracted; here it is.
+    mean, std = CHANNEL_STATS[name]
+    scaled -= np.asarray(mean, np.float32)
+    scaled /= np.asarray(std, np.float32)
+  return Split(scaled, labels.astype(np.int32))
 
 
 def _check_labels(raw: _Raw, name: str) -> None:
@@ -494,14 +627,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
 
   Args:
     name: one of DATASETS.
-    data_dir: directory holding the four MNIST-format IDX files (plain or .gz), or
-      None to search the default places.
+    data_dir: directory holding the four MNIST-format IDX files (plain or .gz), or for
+      cifar10 the `cifar-10-batches-py` folder or its parent; None searches the default
+      places.
     val_fraction: share of each training class moved to the validation split, in (0, 1).
     seed: seeds the validation split; the test split does not depend on it.
 
   Returns:
-    Dataset whose splits hold [N, H, W, 1] float32 images in [0, 1] (H = W = 28, or 8
-    for digits) and [N] int32 labels.
+    Dataset whose splits hold [N, H, W, C] float32 images and [N] int32 labels: [N, 28,
+    28, 1] in [0, 1] (digits: [N, 8, 8, 1]), cifar10 [N, 32, 32, 3] standardised per
+    channel with CIFAR10_MEAN and CIFAR10_STD.
 
   Raises:
     DataError: unknown name, bad val_fraction, or data that cannot be found or read.
@@ -521,11 +656,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
   return Dataset(
       name=name,
       source=raw.source,
-      train=_make_split(raw.train_images[train_index], raw.train_labels[train_index],
-                        raw.max_value),
-      val=_make_split(raw.train_images[val_index], raw.train_labels[val_index],
+      train=_make_split(name, raw.train_images[train_index],
+                        raw.train_labels[train_index], raw.max_value),
+      val=_make_split(name, raw.train_images[val_index], raw.train_labels[val_index],
                       raw.max_value),
-      test=_make_split(raw.test_images, raw.test_labels, raw.max_value),
+      test=_make_split(name, raw.test_images, raw.test_labels, raw.max_value),
       num_classes=NUM_CLASSES)
 
 
@@ -552,7 +687,7 @@ def batches(split: Split, batch_size: int, *, seed: int | None,
       examples (one static shape for a jitted step).
 
   Yields:
-    images [B, H, W, 1] float32 and labels [B] int32.
+    images [B, H, W, C] float32 and labels [B] int32.
   """
   n = len(split.labels)
   count = num_batches(n, batch_size, drop_remainder)

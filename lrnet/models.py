@@ -1,202 +1,143 @@
-"""Networks as pure Haiku functions: dense, factorized (W = U·V) and straight-through MLPs.
+"""The origin notebooks' networks as plain Haiku functions of stock modules.
 
-Every layer of `mlp` is named `linear_{i}` (i = 0 … len(hidden)), whatever its kind, so a
-dense teacher, its factorized twin and its straight-through student share module names and
-`lrnet.compress(teacher_params, r)` is a valid parameter tree of the factorized network.
+Each `*_fn` returns `fn(images) -> logits` (what one passes to `hk.transform`); images are
+[batch, height, width, channels] (or [batch, features] for the MLPs). `lrnet.factorized` and
+`lrnet.straight_through` turn any of them into its factorized twin or straight-through student.
+
+* `mlp_fn`: the reference ReLU MLP (origin notebook 000: 784 → 5 × 1024 → 10), layers `linear_i`.
+* `convnet_fn` (notebook 001): conv 5×5·18 → avg-pool → conv 5×5·48 → avg-pool → dense
+  3000-2000-2000-1000 → classes, ReLU after every layer but the last (and after the first pool,
+  as the notebook has it); Haiku's default SAME padding.
+* `resmlp_fn` (notebook 004): dense 1000 → two residual blocks (x ↦ relu(x + W₂ relu(W₁ x)))
+  of 1000-wide dense layers → classes.
+* `cnn_fn` (notebook 003's teacher): conv 3×3·32 → max-pool → conv 3×3·64 → max-pool → dropout
+  → dense 128 → dropout → classes, VALID padding as in Keras. Dropout (rate 0.5) is applied
+  only when the network is run with an rng (`hk.maybe_next_rng_key`); lrnet's training runs
+  without one.
+
+`mlp` is the reference MLP as a dense, factorized or straight-through network in one call.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Sequence
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
-from lrnet import projection
+from lrnet import students
 from lrnet import tracker
-from lrnet import svd
 
-RankSpec = Union[None, int, float, str]
-
-
-def _fan_in_init(fan_in: int) -> hk.initializers.Initializer:
-  return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
+Forward = Callable[[jax.Array], jax.Array]
 
 
-class LowRankLinear(hk.Module):
-  """y = (x U) V + b with U [m, r], V [r, n]: a linear layer of rank ≤ r.
+def mlp_fn(num_classes: int, hidden: Sequence[int] = (1024,) * 5) -> Forward:
+  """ReLU MLP on flattened images: hidden widths, then `num_classes` logits."""
+  hidden = tuple(int(h) for h in hidden)
 
-  Costs r·(m + n) weights and 2·r·(m + n) FLOPs per example instead of m·n and 2·m·n.
-  Initialised so that U·V has the variance of a dense fan-in initialisation
-  (Var(UV)_ij = r · (1/m) · (1/r) = 1/m).
-  """
-
-  def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
-               name: Optional[str] = None):
-    super().__init__(name=name)
-    self.output_size = output_size
-    self.rank = rank
-    self.with_bias = with_bias
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, m] → [batch, n]."""
-    m, n = x.shape[-1], self.output_size
-    rank = svd.resolve_rank((m, n), self.rank)
-    u = hk.get_parameter("u", [m, rank], x.dtype, init=_fan_in_init(m))
-    v = hk.get_parameter("v", [rank, n], x.dtype, init=_fan_in_init(rank))
-    y = (x @ u) @ v
-    if self.with_bias:
-      y = y + hk.get_parameter("b", [n], x.dtype, init=jnp.zeros)
-    return y
+  def forward(images: jax.Array) -> jax.Array:
+    x = hk.Flatten()(images)                       # [batch, m]
+    for i, width in enumerate(hidden):
+      x = jax.nn.relu(hk.Linear(width, name=f"linear_{i}")(x))
+    return hk.Linear(num_classes, name=f"linear_{len(hidden)}")(x)
+  return forward
 
 
-class ProjectedLinear(hk.Module):
-  """Dense parameters `w`, `b` used through their rank-r approximation (straight-through).
-
-  Forward: y = x Ŵ + b with Ŵ the rank-r projection of W; backward: ∂L/∂W := ∂L/∂Ŵ (see
-  `lrnet.st_truncate`). The parameter tree is that of `hk.Linear`, so a dense teacher's
-  parameters are a valid starting point. Projection methods:
-
-  * `"exact"`: Ŵ = truncate(W, r) by an SVD at every call; stateless.
-  * `"alternating"`: `lrnet.tracker` keeps r + oversample singular pairs in Haiku state
-    (`"tracker"`) and updates them with one product with W per call; the forward and the input
-    gradient run through the two factors (`projection.st_factored_matmul`).
-  """
-
-  def __init__(self, output_size: int, rank: RankSpec, with_bias: bool = True,
-               method: str = "alternating", oversample: int = tracker.DEFAULT_OVERSAMPLE,
-               name: Optional[str] = None):
-    super().__init__(name=name)
-    self.output_size = output_size
-    self.rank = rank
-    self.with_bias = with_bias
-    self.method = method
-    self.oversample = oversample
-
-  def __call__(self, x: jax.Array, rank=None) -> jax.Array:
-    """x: [batch, m] → [batch, n]. `rank`: a traced rank ≤ the static one (vmap over ranks)."""
-    m, n = x.shape[-1], self.output_size
-    w = hk.get_parameter("w", [m, n], x.dtype, init=_fan_in_init(m))
-    static_rank = svd.resolve_rank((m, n), self.rank)
-    if rank is None and static_rank == min(m, n):
-      y = x @ w  # full rank: the projection is the identity
-    elif self.method == "alternating":
-      rank = static_rank if rank is None else rank
-      if hk.running_init():
-        state = tracker.init(w, static_rank, self.oversample)
-        hk.set_state("tracker", state)
-        _, left, right = tracker.project(jax.lax.stop_gradient(w), state, rank)
-      else:
-        state, left, right = tracker.project(jax.lax.stop_gradient(w), hk.get_state("tracker"),
-                                             rank)
-        hk.set_state("tracker", state)
-      y = projection.st_factored_matmul(x, w, tracker.leading_rows(left, rank), right)
-    elif rank is None:
-      y = x @ projection.st_truncate(w, static_rank)
-    else:
-      y = x @ projection.st_truncate_masked(w, rank)
-    if self.with_bias:
-      y = y + hk.get_parameter("b", [n], x.dtype, init=jnp.zeros)
-    return y
+def convnet_fn(num_classes: int, dense: Sequence[int] = (3000, 2000, 2000, 1000)) -> Forward:
+  """Origin notebook 001's CIFAR-10 network (module docstring); `dense`: its dense widths."""
+  def forward(images: jax.Array) -> jax.Array:
+    x = jax.nn.relu(hk.Conv2D(18, 5, name="conv_0")(images))
+    x = jax.nn.relu(hk.AvgPool((2, 2, 1), (2, 2, 1), "VALID")(x))
+    x = jax.nn.relu(hk.Conv2D(48, 5, name="conv_1")(x))
+    x = hk.Flatten()(hk.AvgPool((2, 2, 1), (2, 2, 1), "VALID")(x))
+    for i, width in enumerate(dense):
+      x = jax.nn.relu(hk.Linear(width, name=f"linear_{i}")(x))
+    return hk.Linear(num_classes, name=f"linear_{len(dense)}")(x)
+  return forward
 
 
-def _per_layer(spec, num_layers: int, num_hidden: int, field: str) -> list:
-  """Expands an int/float/str/None or a per-layer sequence to one entry per layer.
+def resmlp_fn(num_classes: int, width: int = 1000, blocks: int = 2) -> Forward:
+  """Origin notebook 004's residual MLP (module docstring)."""
+  def forward(images: jax.Array) -> jax.Array:
+    x = jax.nn.relu(hk.Linear(width, name="linear_in")(hk.Flatten()(images)))
+    for i in range(blocks):
+      inner = jax.nn.relu(hk.Linear(width, name=f"block_{i}_a")(x))
+      x = jax.nn.relu(x + hk.Linear(width, name=f"block_{i}_b")(inner))
+    return hk.Linear(num_classes, name="linear_out")(x)
+  return forward
 
-  A scalar applies to the hidden layers only (the output layer stays dense). A sequence
-  gives one entry per hidden layer, or one per layer including the output layer.
-  """
-  if spec is None or isinstance(spec, (int, float, str)):
-    return [spec] * num_hidden + [None]
+
+def cnn_fn(num_classes: int, dropout: float = 0.5) -> Forward:
+  """Origin notebook 003's CNN teacher (module docstring)."""
+  def drop(x: jax.Array) -> jax.Array:
+    key = hk.maybe_next_rng_key()
+    return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
+
+  def forward(images: jax.Array) -> jax.Array:
+    x = jax.nn.relu(hk.Conv2D(32, 3, padding="VALID", name="conv_0")(images))
+    x = hk.MaxPool((2, 2, 1), (2, 2, 1), "VALID")(x)
+    x = jax.nn.relu(hk.Conv2D(64, 3, padding="VALID", name="conv_1")(x))
+    x = drop(hk.Flatten()(hk.MaxPool((2, 2, 1), (2, 2, 1), "VALID")(x)))
+    x = drop(jax.nn.relu(hk.Linear(128, name="linear_0")(x)))
+    return hk.Linear(num_classes, name="linear_1")(x)
+  return forward
+
+
+NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cnn_fn}
+
+
+# The config fields (`model.<field>`) each network takes besides the number of classes.
+NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense",), "resmlp": ("width", "blocks"),
+                  "cnn": ("dropout",)}
+
+
+def network(model_config, num_classes: int) -> Forward:
+  """The network a config's `model` group names (`model.name`), with the fields of
+  `NETWORK_FIELDS` that the group sets (the others keep their defaults)."""
+  fields = {field: model_config[field] for field in NETWORK_FIELDS[model_config.name]
+            if field in model_config}
+  return NETWORKS[model_config.name](num_classes, **fields)
+
+
+def _rank_dict(spec, hidden: Sequence[int], field: str) -> dict:
+  """An int/float/str for every hidden layer, or one entry per hidden layer (or per layer, the
+  output layer last; None: dense) → {"linear_i": rank}."""
+  num_layers = len(hidden) + 1
+  if isinstance(spec, (int, float, str)):
+    spec = [spec] * len(hidden)
   spec = list(spec)
-  if len(spec) == num_hidden:
-    return spec + [None]
-  if len(spec) == num_layers:
-    return spec
-  raise ValueError(
-      f"{field} must be a rank or a sequence of {num_hidden} (hidden layers) or "
-      f"{num_layers} (all layers) entries, got {len(spec)} entries")
-
-
-PROJECTIONS = ("exact", "alternating")
+  if len(spec) not in (len(hidden), num_layers):
+    raise ValueError(f"{field} must be a rank or a sequence of {len(hidden)} (hidden layers) or "
+                     f"{num_layers} (all layers) entries, got {len(spec)} entries")
+  return {f"linear_{i}": rank for i, rank in enumerate(spec) if rank is not None}
 
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         projection_method: str = "alternating", oversample: int = tracker.DEFAULT_OVERSAMPLE):
-  """A ReLU MLP, dense, factorized or straight-through projected.
+  """The ReLU MLP of `mlp_fn`: dense, factorized or straight-through.
 
   The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
 
   Args:
     hidden: hidden layer widths.
     num_classes: output width (logits).
-    ranks: factorized layers. An int, a fraction in (0, 1] or `"full"` for every hidden
-      layer, or one entry per hidden layer (or per layer, the output layer last), `None`
-      for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
-    project_rank: straight-through student: dense parameters, forward through the rank-r
-      projection of each selected weight. Same forms as `ranks`. Exclusive with `ranks`.
-    projection_method: `"alternating"` (tracked singular pairs in Haiku state, one product
-      with W per step; see `lrnet.tracker`) or `"exact"` (an SVD per step, stateless).
-    oversample: alternating: singular pairs tracked beyond the rank.
+    ranks: factorized layers (`lrnet.factorized`): an int, a fraction in (0, 1] or `"full"` for
+      every hidden layer, or one entry per hidden layer (or per layer, the output layer last),
+      `None` for a dense layer. A factorized layer `linear_i` holds `u` [m, r], `v` [r, n], `b`.
+    project_rank: a straight-through student (`lrnet.straight_through`), same forms as `ranks`.
+      Exclusive with `ranks`.
+    projection_method, oversample: of the straight-through student.
 
   Returns:
-    `hk.Transformed` without apply rng, or `hk.TransformedWithState` for an alternating
-    student (its state for given params: `projection_state`). `apply(params, images)` maps
-    images [batch, ...] (flattened inside) to logits [batch, num_classes]. A straight-through
-    student's `apply` takes an optional integer `rank` after the images (may be traced, e.g.
-    under `vmap` over ranks; at most its static rank) that overrides every projected layer's rank.
+    `hk.Transformed` without apply rng (dense or factorized: `apply(params, images)`), or a
+    `lrnet.students.Student` (`apply(params, state, images) -> (logits, state)`).
   """
-  hidden = tuple(int(h) for h in hidden)
-  num_layers = len(hidden) + 1
   if ranks is not None and project_rank is not None:
     raise ValueError("mlp: give either ranks (factorized) or project_rank (straight-through), not both")
-  layer_ranks = _per_layer(ranks, num_layers, len(hidden), "ranks")
-  layer_projections = _per_layer(project_rank, num_layers, len(hidden), "project_rank")
-  widths = hidden + (int(num_classes),)
-  if projection_method not in PROJECTIONS:
-    raise ValueError(f"projection_method must be one of {PROJECTIONS}, got {projection_method!r}")
-
-  def forward(images: jax.Array, rank=None) -> jax.Array:
-    x = hk.Flatten()(images)  # [batch, m]
-    for i, width in enumerate(widths):
-      name = f"linear_{i}"
-      if layer_ranks[i] is not None:
-        x = LowRankLinear(width, layer_ranks[i], name=name)(x)
-      elif layer_projections[i] is not None:
-        x = ProjectedLinear(width, layer_projections[i], method=projection_method,
-                            oversample=oversample, name=name)(x, rank)
-      else:
-        x = hk.Linear(width, w_init=_fan_in_init(x.shape[-1]), name=name)(x)
-      if i < len(hidden):
-        x = jax.nn.relu(x)
-    return x
-
-  if project_rank is not None and projection_method == "alternating":
-    return hk.without_apply_rng(hk.transform_with_state(forward))
-  return hk.without_apply_rng(hk.transform(forward))
-
-
-def projection_state(params, project_rank, num_hidden: int,
-                     oversample: int = tracker.DEFAULT_OVERSAMPLE,
-                     pad_to_rank: Optional[int] = None) -> dict:
-  """Initial Haiku state of an alternating student of `mlp(..., project_rank)` at `params`.
-
-  Each projected layer `linear_i` with weight [m, n] gets `{"tracker": tracker.init(w, r,
-  oversample, pad_to)}`: the exact top r + oversample singular pairs of its current weight.
-  `pad_to_rank`: the static rank of a batch this student is a member of (members share shapes:
-  K = min(pad_to_rank + oversample, min(m, n)) rows, the rows past the member's own zero).
-  """
-  layer_projections = _per_layer(project_rank, num_hidden + 1, num_hidden, "project_rank")
-  state = {}
-  for i, rank in enumerate(layer_projections):
-    if rank is None:
-      continue
-    w = params[f"linear_{i}"]["w"]
-    rank = svd.resolve_rank(w.shape, rank)
-    if pad_to_rank is None and rank == min(w.shape):
-      continue  # full rank: a plain dense layer, no state
-    pad_to = None if pad_to_rank is None else tracker.tracked_width(w.shape, pad_to_rank, oversample)
-    state[f"linear_{i}"] = {"tracker": tracker.init(w, rank, oversample, pad_to)}
-  return state
+  fn = mlp_fn(num_classes, hidden)
+  if ranks is not None:
+    return students.factorized(fn, _rank_dict(ranks, hidden, "ranks"))
+  if project_rank is not None:
+    return students.straight_through(fn, _rank_dict(project_rank, hidden, "project_rank"),
+                                     method=projection_method, oversample=oversample)
+  return hk.without_apply_rng(hk.transform(fn))

@@ -121,7 +121,7 @@ def energy_rank(energy: float):
     raise ValueError(f"energy must be in (0, 1], got {energy!r}")
 
   def rank_for(w: jax.Array) -> int:
-    if isinstance(w, jax.core.Tracer):
+    if isinstance(w, jax.core.Tracer) or not hasattr(w, "dtype") or not hasattr(w, "__array__"):
       raise ValueError(f"energy_rank({energy}) decides parameter shapes, so it needs concrete "
                        f"weights: call compress/project/summarize outside jax.jit")
     s = jnp.linalg.svd(w, compute_uv=False)

@@ -24,6 +24,7 @@ import shutil
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,6 +38,9 @@ from lrnet import io
 from lrnet import metrics as metrics_lib
 from lrnet import models
 from lrnet import plots
+from lrnet import rank_estimation
+from lrnet import students
+from lrnet import svd
 from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
@@ -88,12 +92,22 @@ class Experiment:
     # so that every evaluation function compiles once for both.
     length = max(dataset.val.labels.size, dataset.test.labels.size)
     self.val, self.test = (train.pad_split(*split(s), length) for s in (dataset.val, dataset.test))
-    self.hidden = tuple(config.model.hidden)
     self.num_classes = dataset.num_classes
-    self.dense = models.mlp(self.hidden, self.num_classes)
+    self.fn = models.network(config.model, self.num_classes)
+    self.dense = hk.without_apply_rng(hk.transform(self.fn))
+    self.example = self.train[0][:1]  # input shapes select the layers of the student networks
+    shapes = jax.eval_shape(self.dense.init, jax.random.PRNGKey(0), self.example)
+    # The compressed layers: every dense and conv layer but the output layer.
+    self.layers = {name: compress_lib.matrix_shapes(shapes)[name]
+                   for name in compress_lib.compressible_modules(shapes)}
     self.evaluate_dense = train.make_evaluate(self.dense.apply)
     self.teacher_params = None  # set once the teacher is trained or loaded
+    self.decompositions = None  # the teacher's SVDs, one per compressed layer
     self.cache = {}             # compiled programs, shared by every rank
+
+  def ranks(self, rank) -> dict:
+    """A sweep rank for every compressed layer, resolved: {module: int}."""
+    return {name: svd.resolve_rank(shape, rank) for name, shape in self.layers.items()}
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -225,7 +239,8 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   members = Members([run], [train.init_state(template, optimizer, ema=settings.ema_decay > 0)],
                     epoch_fn, _evaluate_members(exp.evaluate_dense), (),
                     lambda params, _: params)
-  [(record, params)] = train_members(exp, members, settings, exp.config.seed, fingerprint(exp.config))
+  [(record, params)] = train_members(exp, members, settings, exp.config.seed,
+                                     fingerprint(exp.config))
   if params is None:
     raise train.NonFiniteError(f"the teacher diverged ({record['error']}); lower "
                                f"teacher.learning_rate or check the data")
@@ -254,53 +269,45 @@ def rank_batches(config, ranks: list) -> list:
 def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
   """The `kind` students of `ranks` as one batch, all starting from the teacher.
 
-  A batch of several integer ranks shares one program of the largest rank: factorized members
-  have their factors zero-padded to it (a zero column of U meets a zero row of V, so both
-  gradients and Adam's updates are exactly zero and the member stays a rank-r network);
-  straight-through members are projected at their own traced rank, each tracking its own
-  r + oversample pairs padded to a common size (`lrnet.tracker`).
+  A batch of several ranks shares one program of the largest rank: factorized members have
+  their factors zero-padded to it (a zero column of U meets a zero row of V, so both gradients
+  and Adam's updates are exactly zero and the member stays a rank-r network); straight-through
+  members project to their own rank, held in their state, each tracking its own r + oversample
+  pairs padded to a common size (`lrnet.tracker_state`). Either way a member computes what it
+  would alone.
   """
   settings, config = exp.config.student, exp.config
   width = ranks[0] if len(ranks) == 1 else max(ranks)
-  traced = len(ranks) > 1 or config_lib.is_int(width)
+  width_ranks = exp.ranks(width)
+  member_ranks = [exp.ranks(r) for r in ranks]
   optimizer = train.adam(settings.learning_rate)
   ema = settings.ema_decay > 0
-  n = len(ranks)
-  key = (kind, rank_label(width), n)
+  key = (kind, rank_label(width), len(ranks))
   if kind == "factorized":
-    net = models.mlp(exp.hidden, exp.num_classes, ranks=width)
-    pad = (lambda params: compress_lib.pad_factors(params, width)) if traced else (lambda p: p)
-    states = [train.init_state(pad(compress_lib.compress(exp.teacher_params, r)), optimizer,
-                               ema=ema) for r in ranks]
+    net = students.factorized(exp.fn, width_ranks)
+    states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
+        exp.teacher_params, member, decompositions=exp.decompositions), width_ranks),
+        optimizer, ema=ema) for member in member_ranks]
     evaluate = train.make_evaluate(net.apply)
-    member_args = ()
-    final_params = ((lambda params, i: compress_lib.unpad_factors(params, ranks[i])) if traced
-                    else (lambda params, i: params))
+    final_params = lambda params, i: compress_lib.unpad_factors(params, member_ranks[i])
   else:
-    method = config.projection.method
-    net = models.mlp(exp.hidden, exp.num_classes, project_rank=width, projection_method=method,
-                     oversample=config.projection.oversample)
-    states = []
-    for r in ranks:
-      model_state = None
-      if method == "alternating":
-        model_state = models.projection_state(exp.teacher_params, r, len(exp.hidden),
-                                              config.projection.oversample,
-                                              pad_to_rank=width if traced else None)
-      states.append(train.init_state(exp.teacher_params, optimizer, model_state=model_state,
-                                     ema=ema))
-    member_args = (jnp.asarray(ranks, jnp.int32),) if traced else ()
-    if traced:
-      evaluate = lambda p, x, y, r: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)
-    else:
-      evaluate = lambda p, x, y: exp.evaluate_dense(compress_lib.project(p, width), x, y)
+    net = students.straight_through(exp.fn, width_ranks, method=config.projection.method,
+                                    oversample=config.projection.oversample)
+    states = [train.init_state(exp.teacher_params, optimizer, ema=ema,
+                               model_state=students.tracker_state(net, exp.teacher_params,
+                                                                  exp.example, rank=member))
+              for member in member_ranks]
+    # The reported student is its weights truncated exactly at its own ranks.
+    evaluate = lambda p, x, y, r: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)
     final_params = lambda params, i: params
+  stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
+                    for name in width_ranks},) if kind != "factorized" else ()
   epoch_fn = exp.cached(("epoch",) + key, lambda: train.members_epoch(
       train.make_train_epoch(train.stateful_apply(net), optimizer, settings.batch_size,
-                             settings.ema_decay), n, side_by_side(config)))
+                             settings.ema_decay), len(ranks), side_by_side(config)))
   member_accuracy = exp.cached(("accuracy",) + key, lambda: _evaluate_members(evaluate))
-  accuracy = lambda params, images, labels: member_accuracy(params, images, labels, *member_args)
-  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, member_args,
+  accuracy = lambda params, images, labels: member_accuracy(params, images, labels, *stacked_ranks)
+  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, (),
                  final_params)
 
 
@@ -376,26 +383,23 @@ def _differing_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   """What needs no training at `rank`: size, truncated accuracy, factorized latency."""
-  config = exp.config
-  rows = compress_lib.summarize(teacher_params, rank)
+  config, ranks = exp.config, exp.ranks(rank)
+  rows = compress_lib.summarize(teacher_params, ranks)
   params = sum(row.compressed_params for row in rows)
-  if config_lib.is_int(rank):
-    project = exp.cached("project_masked", lambda: jax.jit(compress_lib.project_masked))
-    projected = project(teacher_params, rank)
-  else:
-    projected = jax.jit(lambda p: compress_lib.project(p, rank))(teacher_params)
+  projected = compress_lib.project(teacher_params, ranks, decompositions=exp.decompositions)
   truncated = float(exp.evaluate_dense(projected, *exp.test)[0])
   exp.log(f"[rank {rank}] truncated test accuracy {truncated:.4f}")
-  factorized = models.mlp(exp.hidden, exp.num_classes, ranks=rank)
+  factorized = students.factorized(exp.fn, ranks)
   batch = exp.test[0][:config.latency.batch_size]
+  compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
   return {"rank": rank, "params": params,
           "compression": compress_lib.count_params(teacher_params) / params,
           "truncated_accuracy": truncated,
           "straight_through_accuracy": None, "factorized_accuracy": None,
-          "latency_factorized_ms": train.measure_latency(
-              factorized.apply, compress_lib.compress(teacher_params, rank), batch,
-              repeats=config.latency.repeats),
-          # Matmul FLOPs of the factorized network over the dense one.
+          "latency_factorized_ms": train.measure_latency(factorized.apply, compressed, batch,
+                                                         repeats=config.latency.repeats),
+          # Matmul FLOPs of the factorized network over the dense one (conv layers per output
+          # position: exact for the whole network only when they share one output size).
           "theoretical_latency_ratio": (sum(row.compressed_flops for row in rows)
                                         / sum(row.dense_flops for row in rows))}
 
@@ -440,7 +444,10 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   config_lib.validate(config)
   dataset = data.load_dataset(config.data.name, config.data.dir,
                               val_fraction=config.data.val_fraction, seed=config.seed)
-  workdir = os.path.abspath(config.workdir)
+  exp = Experiment(config, dataset, log)
+  for rank in config.sweep.ranks:
+    config_lib.check_rank_value(rank, list(exp.layers.values()), "sweep.ranks")
+  workdir = exp.workdir
   check_finished_runs(config, workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -450,7 +457,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
                                  f"{error.strerror or error}") from None
   log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "
       f"{dataset.test.labels.size} test examples from {dataset.source}; workdir {workdir}")
-  return Experiment(config, dataset, log)
+  return exp
 
 
 def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
@@ -466,10 +473,12 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   exp = open_experiment(config, log)
   teacher_params, teacher = run_teacher(exp)
   exp.teacher_params = teacher_params
+  exp.decompositions = compress_lib.decompose(teacher_params, include=list(exp.layers))
+  spectra = rank_estimation.layer_spectra({name: teacher_params[name] for name in exp.layers})
+  rank_estimation.write_spectra(spectra, exp.workdir)
+  log(rank_estimation.format_spectra(spectra))
   batch = exp.test[0][:config.latency.batch_size]
-  first_rank = config.sweep.ranks[0]
-  layers = [{"name": name, "shape": list(teacher_params[name]["w"].shape)}
-            for name in compress_lib.select_ranks(teacher_params, first_rank)]
+  layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
              "teacher": {**{key: teacher[key] for key in ("test_accuracy", "val_accuracy",
                                                           "params", "epochs", "seconds")},

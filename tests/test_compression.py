@@ -23,13 +23,14 @@ def _conv_mlp_params():
   return params
 
 
-def test_default_selection_skips_non_matrices_and_last_layer():
+def test_default_selection_takes_dense_and_conv_layers_but_not_the_output_layer():
   params = _conv_mlp_params()
-  assert lrnet.select_ranks(params, 3) == {"dense_a": 3, "dense_b": 3}
+  assert lrnet.select_ranks(params, 3) == {"conv": 3, "dense_a": 3, "dense_b": 3}
   compressed = lrnet.compress(params, 3)
   assert set(compressed["dense_a"]) == {"u", "v", "b"}
   assert set(compressed["dense_b"]) == {"u", "v"}  # no bias: none invented
-  for name in ("conv", "head", "norm"):  # untouched: the very same arrays
+  assert compressed["conv"]["u"].shape == (3, 3, 2, 3) and compressed["conv"]["v"].shape == (3, 4)
+  for name in ("head", "norm"):  # untouched: the very same arrays
     for key, leaf in params[name].items():
       assert compressed[name][key] is leaf
   np.testing.assert_allclose(compressed["dense_a"]["u"] @ compressed["dense_a"]["v"],
@@ -41,24 +42,31 @@ def test_project_keeps_shapes_and_other_leaves():
   projected = lrnet.project(params, 0.25)
   assert jax.tree_util.tree_map(jnp.shape, projected) == jax.tree_util.tree_map(jnp.shape, params)
   np.testing.assert_allclose(projected["dense_b"]["w"], lrnet.truncate(params["dense_b"]["w"], 3), atol=1e-5)
-  assert projected["conv"]["w"] is params["conv"]["w"]
+  # A conv kernel [3, 3, 2, 4] is truncated as its matrix [18, 4]: rank ceil(0.25·4) = 1.
+  conv_matrix = params["conv"]["w"].reshape(18, 4)
+  np.testing.assert_allclose(projected["conv"]["w"].reshape(18, 4), lrnet.truncate(conv_matrix, 1),
+                             atol=1e-5)
   assert projected["head"]["w"] is params["head"]["w"]
 
 
 def test_include_exclude_patterns_and_rank_dict():
   params = _conv_mlp_params()
-  assert lrnet.select_ranks(params, 2, include="*") == {"dense_a": 2, "dense_b": 2, "head": 2}
+  assert lrnet.select_ranks(params, 2, include="*") == {"conv": 2, "dense_a": 2, "dense_b": 2,
+                                                        "head": 2}
   assert lrnet.select_ranks(params, 2, include=["dense_*", "head"], exclude="dense_a") == {"dense_b": 2, "head": 2}
   assert lrnet.select_ranks(params, {"head": "full", "dense_a": 0.5}) == {"dense_a": 10, "head": 5}
-  assert lrnet.select_ranks(params, lrnet.energy_rank(1.0)) == {"dense_a": 20, "dense_b": 12}
+  # energy 1.0 keeps every direction: the full rank, which would grow them, so by default none
+  # is left... but named, they are taken.
+  assert lrnet.select_ranks(params, lrnet.energy_rank(1.0), include="dense_*") == {
+      "dense_a": 20, "dense_b": 12}
 
 
 @pytest.mark.parametrize("rank, kwargs, pattern", [
-    (0, {}, r"module 'dense_a': .*1\.\.20"),
+    (0, {}, r"module 'conv': .*1\.\.4 .*\(18, 4\)"),
     (13, {"include": "dense_b"}, r"module 'dense_b': .*1\.\.12 .*\(20, 12\)"),
     (1.5, {}, r"\(0, 1\]"),
-    ({"conv": 2}, {}, "without a 2-D weight"),
-    ({"nope": 2}, {}, "allowed: \\['dense_a', 'dense_b', 'head'\\]"),
+    ({"norm": 2}, {}, "without a dense or conv weight"),
+    ({"nope": 2}, {}, "allowed: \\['conv', 'dense_a', 'dense_b', 'head'\\]"),
     ({"head": 2}, {"include": "head"}, "do not pass include"),
     (2, {"include": "missing*"}, "matches no module"),
 ])

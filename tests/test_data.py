@@ -1,8 +1,11 @@
-"""Tests for lrnet/data.py: IDX reading, sources and their order, splits, batching."""
+"""Tests for lrnet/data.py: IDX and CIFAR-10 reading, sources and their order, splits,
+batching."""
 
 import gzip
 import hashlib
 from pathlib import Path
+import pickle
+import re
 import shutil
 import socket
 import struct
@@ -251,8 +254,8 @@ def test_data_dir_that_is_not_a_directory(tmp_path, clean_env):
 
 def test_unknown_dataset_lists_allowed_names():
   with pytest.raises(data.DataError,
-                     match="unknown dataset 'cifar10'.*mnist, fashion_mnist, digits"):
-    data.load_dataset("cifar10")
+                     match="unknown dataset 'imagenet'.*mnist, fashion_mnist, digits, cifar10"):
+    data.load_dataset("imagenet")
 
 
 @pytest.mark.parametrize("val_fraction", [0.0, 1.0, -0.1, 1.5])
@@ -404,18 +407,19 @@ def test_tfrecord_copy_without_tensorflow_says_so(tmp_path, monkeypatch, clean_e
     data.load_dataset("mnist")
 
 
-def _prepare_fake_tfds_mnist(data_dir, n_train, n_test):
-  """Prepares an array_record TFDS 'mnist' from _fake_images, as TFDS itself would."""
+def _prepare_fake_tfds(data_dir, dataset_name, version, make_images, n_train, n_test):
+  """Prepares an array_record TFDS dataset from `make_images(n, offset)`, as TFDS would."""
   tfds = pytest.importorskip("tensorflow_datasets")
   image_module = pytest.importorskip("PIL.Image")
+  shape = make_images(1, 0)[0].shape[1:]
 
-  class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    name = "mnist"
-    VERSION = tfds.core.Version("3.0.1")
+  class Fake(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = dataset_name
+    VERSION = tfds.core.Version(version)
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(5, 4, 1)),
+          "image": tfds.features.Image(shape=shape if len(shape) == 3 else (*shape, 1)),
           "label": tfds.features.ClassLabel(num_classes=10)}))
 
     def _split_generators(self, dl_manager):
@@ -423,15 +427,16 @@ def _prepare_fake_tfds_mnist(data_dir, n_train, n_test):
               "test": self._generate_examples(n_test, 100)}
 
     def _generate_examples(self, n, offset):
-      images, labels = _fake_images(n, offset)
+      images, labels = make_images(n, offset)
       for i in range(n):  # PIL images: TFDS encodes them without TensorFlow.
         yield i, {"image": image_module.fromarray(images[i]), "label": int(labels[i])}
 
-  Mnist(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  Fake(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
 def test_prepared_tfds_copy_is_read_without_tensorflow(tmp_path, clean_env):
-  _prepare_fake_tfds_mnist(tmp_path / "tfds", n_train=100, n_test=30)
+  _prepare_fake_tfds(tmp_path / "tfds", "mnist", "3.0.1", _fake_images, n_train=100,
+                     n_test=30)
   dataset = data.load_dataset("mnist", val_fraction=0.2)
   assert dataset.source == f"tfds:{tmp_path / 'tfds' / 'mnist' / '3.0.1'}"
   assert dataset.train.images.shape == (80, 5, 4, 1) and len(dataset.val.labels) == 20
@@ -442,6 +447,179 @@ def test_prepared_tfds_copy_is_read_without_tensorflow(tmp_path, clean_env):
   test_ids = np.rint(dataset.test.images[:, 0, 0, 0] * 255).astype(int)
   np.testing.assert_array_equal(np.sort(test_ids), np.arange(100, 130))
   assert clean_env == []  # A prepared copy needs no network probe.
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# Origin notebook 001's per-channel constants, written out to check the module's copy.
+CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465])
+CIFAR_STD = np.array([0.2023, 0.1994, 0.2010])
+# Pixel (row 1, column 2) of every image has these R, G, B values; normalised by hand.
+CIFAR_RGB = (200, 100, 50)
+CIFAR_RGB_NORMALISED = (np.array(CIFAR_RGB) / 255 - CIFAR_MEAN) / CIFAR_STD
+
+
+def _cifar_images(n, offset):
+  """[n, 32, 32, 3] uint8 images: R of pixel (0, 0) is the example id, G encodes the
+  label, pixel (1, 2) is CIFAR_RGB; all else is 0."""
+  images = np.zeros((n, 32, 32, 3), np.uint8)
+  labels = (np.arange(n) + offset) % 10
+  images[:, 0, 0, 0] = np.arange(n) + offset
+  images[:, 0, 0, 1] = labels * 20
+  images[:, 1, 2] = CIFAR_RGB
+  return images, labels
+
+
+def _cifar_pickle(data_array, labels):
+  """A batch pickled as the python version stores it (protocol 2, bytes keys)."""
+  return pickle.dumps({b"batch_label": b"fake batch", b"labels": labels,
+                       b"data": data_array, b"filenames": [b"x.png"] * len(labels)},
+                      protocol=2)
+
+
+def _write_cifar_dir(directory, n=20):
+  """Writes six batches of `n` images (ids 0..5n-1, the test batch last) to `directory`."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for k, name in enumerate(CIFAR_BATCHES):
+    images, labels = _cifar_images(n, k * n)
+    # Channel-major rows written by hand: 1024 red, 1024 green, 1024 blue values.
+    rows = np.stack([np.concatenate([image[..., c].ravel() for c in range(3)])
+                     for image in images])
+    (directory / name).write_bytes(_cifar_pickle(rows, [int(label) for label in labels]))
+  return directory
+
+
+def _cifar_ids(split):
+  """The example ids (R of pixel (0, 0)), undoing the normalisation by hand."""
+  return np.rint((split.images[:, 0, 0, 0] * CIFAR_STD[0] + CIFAR_MEAN[0]) * 255).astype(int)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["batches_dir", "parent_dir"])
+def test_cifar10_from_data_dir(tmp_path, clean_env, nested):
+  folder = _write_cifar_dir(tmp_path / "cifar-10-batches-py")
+  dataset = data.load_dataset("cifar10", data_dir=tmp_path if nested else folder,
+                              val_fraction=0.2, seed=1)
+  assert dataset.name == "cifar10" and dataset.num_classes == 10
+  assert dataset.source == f"pickle:{folder}"
+  assert dataset.train.images.shape == (80, 32, 32, 3)
+  assert dataset.val.images.shape == (20, 32, 32, 3)
+  assert dataset.test.images.shape == (20, 32, 32, 3)
+  for split in _splits(dataset):
+    assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
+    # R, G, B of pixel (row 1, column 2) land in channels 0, 1, 2; (2, 1) stays 0.
+    shape = (len(split.labels), 3)
+    np.testing.assert_allclose(split.images[:, 1, 2],
+                               np.broadcast_to(CIFAR_RGB_NORMALISED, shape), atol=1e-5)
+    np.testing.assert_allclose(split.images[:, 2, 1],
+                               np.broadcast_to(-CIFAR_MEAN / CIFAR_STD, shape), atol=1e-5)
+    # Images stay paired with their labels (G of pixel (0, 0) is 20 * label).
+    green = (split.images[:, 0, 0, 1] * CIFAR_STD[1] + CIFAR_MEAN[1]) * 255
+    np.testing.assert_allclose(green, split.labels * 20, atol=1e-3)
+  # Stratified: 20 % of each class's 10 training examples; the test batch stays apart.
+  np.testing.assert_array_equal(np.bincount(dataset.val.labels), [2] * 10)
+  train_ids, val_ids = _cifar_ids(dataset.train), _cifar_ids(dataset.val)
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(100))
+  np.testing.assert_array_equal(_cifar_ids(dataset.test), np.arange(100, 120))
+  other = data.load_dataset("cifar10", data_dir=folder, val_fraction=0.2, seed=2)
+  assert set(_cifar_ids(other.val)) != set(val_ids)
+  assert clean_env == []
+
+
+def test_cifar10_from_env_data_dir(tmp_path, monkeypatch, clean_env):
+  folder = _write_cifar_dir(tmp_path / "env" / "cifar10")
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+  dataset = data.load_dataset("cifar10")
+  assert dataset.source == f"pickle:{folder}"
+  assert len(dataset.train.labels) + len(dataset.val.labels) == 100
+  assert clean_env == []
+
+
+def test_cifar10_prepared_tfds_copy(tmp_path, clean_env):
+  _prepare_fake_tfds(tmp_path / "tfds", "cifar10", "3.0.2", _cifar_images, n_train=50,
+                     n_test=20)
+  dataset = data.load_dataset("cifar10", val_fraction=0.2)
+  assert dataset.source == f"tfds:{tmp_path / 'tfds' / 'cifar10' / '3.0.2'}"
+  assert dataset.train.images.shape == (40, 32, 32, 3)
+  np.testing.assert_allclose(dataset.test.images[:, 1, 2],
+                             np.broadcast_to(CIFAR_RGB_NORMALISED, (20, 3)), atol=1e-5)
+  np.testing.assert_array_equal(np.sort(_cifar_ids(dataset.test)), np.arange(100, 120))
+
+
+def _one_line_error(load):
+  with pytest.raises(data.DataError) as error:
+    load()
+  assert "\n" not in str(error.value)
+  return str(error.value)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda path: path.unlink(), "cifar10': .* has no data_batch_3; it needs data_batch_1"),
+    (lambda path: path.write_bytes(path.read_bytes()[:1000]),
+     "data_batch_3: not a readable CIFAR-10 batch"),
+    (lambda path: path.write_bytes(b"not a pickle"), "data_batch_3: not a readable CIFAR-10"),
+    (lambda path: path.write_bytes(pickle.dumps([1, 2], protocol=2)),
+     "data_batch_3: expected a dict, got list"),
+    (lambda path: path.write_bytes(_cifar_pickle(np.zeros((20, 3000), np.uint8), [0] * 20)),
+     r"data_batch_3: expected b'data' of shape \[N, 3072\] uint8, got \[20, 3000\] uint8"),
+    (lambda path: path.write_bytes(_cifar_pickle(np.zeros((20, 3072), np.float32), [0] * 20)),
+     r"data_batch_3: expected b'data' .* got \[20, 3072\] float32"),
+    (lambda path: path.write_bytes(_cifar_pickle(np.zeros((20, 3072), np.uint8), [0] * 19)),
+     "data_batch_3: expected b'labels' as a list of 20 ints, got 19"),
+    (lambda path: path.write_bytes(_cifar_pickle(np.zeros((20, 3072), np.uint8), [0] * 19 + [10])),
+     "data_batch_3: label 10 is not an int in 0..9"),
+    (lambda path: path.write_bytes(_cifar_pickle(np.zeros((20, 3072), np.uint8), [-1] * 20)),
+     "data_batch_3: label -1 is not an int in 0..9"),
+], ids=["missing", "truncated", "garbage", "not_dict", "shape", "dtype", "label_count",
+        "label_10", "label_negative"])
+def test_cifar10_bad_batch_is_named_in_one_line(tmp_path, clean_env, damage, message):
+  folder = _write_cifar_dir(tmp_path / "cifar-10-batches-py")
+  damage(folder / "data_batch_3")
+  text = _one_line_error(lambda: data.load_dataset("cifar10", data_dir=tmp_path))
+  assert re.search(message, text), text
+  assert str(folder) in text
+  assert clean_env == []  # An explicit data.dir never falls back to other sources.
+
+
+class _Exploit:
+  """Unpickles as a call of print: any global outside a batch's structure is refused."""
+
+  def __reduce__(self):
+    return print, ("unpickled code ran",)
+
+
+def test_read_cifar_batch_accepts_numpy1_pickles_and_refuses_other_globals(tmp_path,
+                                                                           capsys):
+  images, labels = _cifar_images(3, 0)
+  rows = images.transpose(0, 3, 1, 2).reshape(3, 3072)
+  payload = _cifar_pickle(rows, [int(label) for label in labels])
+  # NumPy 1 (which wrote the real files) names the array constructor numpy.core.multiarray.
+  old = _write(tmp_path / "old",
+               payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+  read_images, read_labels = data.read_cifar_batch(old)
+  np.testing.assert_array_equal(read_images, images)
+  np.testing.assert_array_equal(read_labels, labels)
+  evil = _write(tmp_path / "evil", pickle.dumps({b"data": _Exploit()}, protocol=2))
+  # Protocol 2 names Python 3's builtins module __builtin__.
+  with pytest.raises(data.DataError, match="evil: .*refusing to load global __builtin__.print"):
+    data.read_cifar_batch(evil)
+  assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("tensorflow", [False, True])
+def test_cifar10_offline_without_local_copy_fails_fast(clean_env, monkeypatch, tensorflow):
+  monkeypatch.setattr(data, "_tensorflow_installed", lambda: tensorflow)
+  start = time.monotonic()
+  text = _one_line_error(lambda: data.load_dataset("cifar10"))
+  assert time.monotonic() - start < 2.0
+  assert text.startswith("dataset 'cifar10' not found locally: download "
+                         "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html")
+  assert "--config.data.dir=<the cifar-10-batches-py folder>" in text
+  assert ("pip install tensorflow" in text) != tensorflow
+  # TFDS can only download CIFAR-10 with TensorFlow, so only then is the network probed.
+  assert clean_env == (["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+                       if tensorflow else [])
 
 
 # ----------------------------------------------------------------------------- digits

@@ -1,5 +1,6 @@
 """Tests for lrnet/models.py: dense, factorized and straight-through MLPs."""
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,95 +72,58 @@ def test_compress_matches_factorized_init_and_projected_dense_outputs():
   params = _dense_params()
   for rank in (1, 5, 0.5, "full"):
     factorized = lrnet.models.mlp(HIDDEN, 10, ranks=rank)
-    compressed = lrnet.compress(params, rank)
+    # Every hidden layer by name: "full" makes them bigger, which only a named selection does.
+    compressed = lrnet.compress(params, rank, include="linear_[0-2]")
     expected = factorized.init(jax.random.PRNGKey(1), IMAGES)
     assert jax.tree_util.tree_structure(compressed) == jax.tree_util.tree_structure(expected)
     assert jax.tree_util.tree_map(jnp.shape, compressed) == jax.tree_util.tree_map(jnp.shape, expected)
     np.testing.assert_allclose(factorized.apply(compressed, IMAGES),
-                               dense.apply(lrnet.project(params, rank), IMAGES), atol=2e-5)
+                               dense.apply(lrnet.project(params, rank, include="linear_[0-2]"),
+                                           IMAGES), atol=2e-5)
 
 
 def _cross_entropy(logits, labels):
   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
 
 
-def test_exact_student_grad_equals_dense_grad_at_projected_weights():
+def test_mlp_straight_through_student_is_the_exact_projection_with_straight_through_grads():
   params = _dense_params()
-  rank = 3
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=rank, projection_method="exact")
+  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="exact")
+  state = lrnet.tracker_state(student, params, IMAGES)
   dense = lrnet.models.mlp(HIDDEN, 10)
-  student_loss = lambda p: _cross_entropy(student.apply(p, IMAGES), LABELS)
+  loss = lambda p: _cross_entropy(student.apply(p, state, IMAGES)[0], LABELS)
   dense_loss = lambda p: _cross_entropy(dense.apply(p, IMAGES), LABELS)
-  student_grads = jax.jit(jax.grad(student_loss))(params)
-  projected = lrnet.project(params, rank)
-  dense_grads = jax.grad(dense_loss)(projected)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  jax.tree_util.tree_map(close, student_grads, dense_grads)
-  np.testing.assert_allclose(student_loss(params), dense_loss(projected), rtol=1e-5)
-  # The projection matters: the gradient at the unprojected weights differs.
-  assert not np.allclose(jax.grad(dense_loss)(params)["linear_0"]["w"],
-                         student_grads["linear_0"]["w"], atol=1e-4)
+  projected = lrnet.project(params, 3)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         jax.jit(jax.grad(loss))(params), jax.grad(dense_loss)(projected))
+  np.testing.assert_allclose(loss(params), dense_loss(projected), rtol=1e-5)
 
 
-def test_exact_student_rank_override_vmaps_over_ranks():
-  params = _dense_params()
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=5, projection_method="exact")
-  ranks = jnp.array([2, 5])
-  logits = jax.jit(jax.vmap(student.apply, in_axes=(None, None, 0)))(params, IMAGES, ranks)
-  dense = lrnet.models.mlp(HIDDEN, 10)
-  for i, r in enumerate([2, 5]):
-    np.testing.assert_allclose(logits[i], dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
+@pytest.mark.parametrize("name, images, parameters", [
+    ("convnet", jnp.zeros((2, 32, 32, 3)),
+     # conv 5×5·3→18, conv 5×5·18→48, dense 8·8·48→3000→2000→2000→1000→10 (SAME padding)
+     (5 * 5 * 3 * 18 + 18) + (5 * 5 * 18 * 48 + 48) + (3072 * 3000 + 3000)
+     + (3000 * 2000 + 2000) + (2000 * 2000 + 2000) + (2000 * 1000 + 1000) + (1000 * 10 + 10)),
+    ("resmlp", jnp.zeros((2, 32, 32, 3)),
+     (3072 * 1000 + 1000) + 4 * (1000 * 1000 + 1000) + (1000 * 10 + 10)),
+    ("cnn", jnp.zeros((2, 28, 28, 1)),
+     # VALID: 28 → 26 → 13 → 11 → 5; 5·5·64 = 1600 features
+     (3 * 3 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (1600 * 128 + 128) + (128 * 10 + 10)),
+])
+def test_origin_networks_have_the_notebooks_shapes(name, images, parameters):
+  net = hk.without_apply_rng(hk.transform(lrnet.models.NETWORKS[name](10)))
+  params = jax.eval_shape(net.init, jax.random.PRNGKey(0), images)
+  assert lrnet.count_params(params) == parameters
+  assert jax.eval_shape(net.apply, params, images).shape == (2, 10)
+  # The default selection: every dense and conv layer but the output layer.
+  output = lrnet.compression.output_module(params)
+  assert set(lrnet.select_ranks(params, 4)) == set(params) - {output}
 
 
-def test_alternating_student_init_works_on_its_own_and_matches_projection_state():
-  """`init` alone gives a usable state (it used to fail: "Must provide shape and dtype"), the
-  exact pairs of the initial weights, as `projection_state` builds them for given params."""
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3)
-  params, state = student.init(jax.random.PRNGKey(0), IMAGES)
-  assert set(state) == {"linear_0", "linear_1", "linear_2"}
-  built = lrnet.models.projection_state(params, 3, len(HIDDEN))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state, built)
-  logits, _ = student.apply(params, state, IMAGES)
-  dense = lrnet.models.mlp(HIDDEN, 10)
-  np.testing.assert_allclose(logits, dense.apply(lrnet.project(params, 3), IMAGES), atol=1e-4)
-
-
-def test_alternating_student_at_a_traced_rank_is_the_rank_r_projection_and_trains_alike():
-  """A batch member: built at width 5, its own rank r traced, its tracker padded to the batch's
-  size; its logits are the exact rank-r projection's and its gradient the straight-through one."""
-  params = _dense_params()
-  wide = lrnet.models.mlp(HIDDEN, 10, project_rank=5)
-  dense = lrnet.models.mlp(HIDDEN, 10)
-  for r in (2, 4):
-    state = lrnet.models.projection_state(params, r, len(HIDDEN), pad_to_rank=5)
-    logits, new_state = jax.jit(wide.apply)(params, state, IMAGES, jnp.int32(r))
-    np.testing.assert_allclose(logits, dense.apply(lrnet.project(params, r), IMAGES), atol=1e-5)
-    assert int(new_state["linear_0"]["tracker"].side) == 1
-    loss = lambda p: _cross_entropy(wide.apply(p, state, IMAGES, jnp.int32(r))[0], LABELS)
-    exact = lrnet.models.mlp(HIDDEN, 10, project_rank=r, projection_method="exact")
-    exact_loss = lambda p: _cross_entropy(exact.apply(p, IMAGES), LABELS)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                           jax.grad(loss)(params), jax.grad(exact_loss)(params))
-
-
-def test_alternating_student_searches_both_sides_and_projects_each_call():
-  """Calls alternate between the right and the left search; each one's logits are those of the
-  rank-r projection of the weights it is given (near-exact: a random init's flat spectra are the
-  tracker's worst case; tests/test_tracker.py checks the optimality itself)."""
-  params = _dense_params()
-  student = lrnet.models.mlp(HIDDEN, 10, project_rank=3)
-  state = lrnet.models.projection_state(params, 3, len(HIDDEN))
-  apply = jax.jit(student.apply)
-  dense = lrnet.models.mlp(HIDDEN, 10)
-  moved = params
-  for call in range(4):
-    moved = jax.tree_util.tree_map(lambda w: w * 1.002 + 1e-4, moved)
-    assert int(state["linear_1"]["tracker"].side) == call % 2
-    logits, state = apply(moved, state, IMAGES)
-    np.testing.assert_allclose(logits, dense.apply(lrnet.project(moved, 3), IMAGES), atol=1e-3)
-  assert sum(int(state[f"linear_{i}"]["tracker"].refreshes) for i in range(3)) == 0
-
-
-def test_removed_projection_methods_are_refused():
-  with pytest.raises(ValueError, match=r"one of \('exact', 'alternating'\), got 'streaming'"):
-    lrnet.models.mlp(HIDDEN, 10, project_rank=3, projection_method="streaming")
+def test_cnn_dropout_only_with_an_rng():
+  net = hk.transform(lrnet.models.cnn_fn(10))
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
+  params = net.init(jax.random.PRNGKey(0), images)
+  plain = net.apply(params, None, images)
+  np.testing.assert_array_equal(plain, net.apply(params, None, images))
+  assert not np.allclose(net.apply(params, jax.random.PRNGKey(1), images), plain)

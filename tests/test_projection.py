@@ -54,20 +54,6 @@ def test_st_truncate_masked_vmaps_over_ranks_with_identity_grad():
   np.testing.assert_allclose(grad, 2 * lrnet.truncate(w, 2), atol=1e-5)
 
 
-def test_st_lowrank_matmul_forward_and_straight_through_vjp():
-  m, n, r, batch = 12, 10, 3, 5
-  w, x, g = _matrix(m, n), _matrix(batch, m, seed=1), _matrix(batch, n, seed=2)
-  _, _, vt = jnp.linalg.svd(w, full_matrices=False)
-  basis = jnp.concatenate([vt[:r].T, jnp.zeros((n, 2))], axis=1)  # padded columns are zero
-  w_hat = lrnet.truncate(w, r)
-  y, vjp = jax.vjp(lrnet.st_lowrank_matmul, x, w, basis)
-  np.testing.assert_allclose(y, x @ w_hat, atol=1e-5)
-  dx, dw, dbasis = jax.jit(vjp)(g)
-  np.testing.assert_allclose(dx, g @ w_hat.T, atol=1e-5)
-  np.testing.assert_allclose(dw, x.T @ g, atol=1e-5)
-  np.testing.assert_array_equal(dbasis, jnp.zeros_like(basis))
-
-
 def test_st_factored_matmul_forward_and_straight_through_vjp():
   m, n, r, k, batch = 12, 10, 3, 5, 5
   w, x, g = _matrix(m, n), _matrix(batch, m, seed=1), _matrix(batch, n, seed=2)

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import pickle
 import random
 import signal
 import subprocess
@@ -13,7 +14,10 @@ import time
 import numpy as np
 import pytest
 
+from configs import cifar10
+from configs import cifar10_resmlp
 from configs import digits
+from configs import fashion_mnist_convnet
 from lrnet import config as config_lib
 from lrnet import data
 from lrnet import plots
@@ -82,7 +86,10 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [row["rank"] for row in rows] == ["2", "full"]
-  for name in ("accuracy_vs_params.png", "latency_vs_rank.png"):
+  spectrum = json.loads((workdir / "teacher_spectrum.json").read_text())
+  assert set(spectrum) == {"linear_0", "linear_1"}
+  assert spectrum["linear_0"]["shape"] == [64, 64] and 1 <= spectrum["linear_0"]["energy_rank_90"] <= 64
+  for name in ("accuracy_vs_params.png", "latency_vs_rank.png", "teacher_spectrum.png"):
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   metrics = (workdir / "metrics" / "teacher.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4]
@@ -289,6 +296,58 @@ def test_sigkill_at_a_seeded_moment_then_rerun_gives_the_uninterrupted_results(f
     assert len(list(csv.DictReader(f))) == len(results["ranks"])
 
 
+def _write_cifar_batches(directory, per_batch=40):
+  """The standard python batches of CIFAR-10 (`cifar-10-batches-py`), with random images."""
+  rng = np.random.default_rng(0)
+  directory.mkdir()
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+             b"labels": [int(label) for label in np.arange(per_batch) % 10]}
+    with open(directory / name, "wb") as f:
+      pickle.dump(batch, f, protocol=2)
+  return directory
+
+
+@pytest.mark.parametrize("module, shrink", [
+    (cifar10, {"model.dense": (48, 32), "sweep.ranks": (0.1, 0.5, 1.0)}),
+    (cifar10_resmlp, {"model.width": 48, "sweep.ranks": (4, "full")}),
+    (fashion_mnist_convnet, {"sweep.ranks": (0.25,)}),
+])
+def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, module, shrink):
+  """The CIFAR-10 configs on CIFAR-format files written here (their networks' widths shrunk),
+  and the Fashion-MNIST CNN config on its first examples: every kind at every rank, with conv
+  layers among the compressed ones."""
+  config = module.get_config()
+  config.workdir = str(tmp_path / "work")
+  if config.data.name == "cifar10":
+    config.data.dir = str(_write_cifar_batches(tmp_path / "cifar-10-batches-py"))
+  elif not pathlib.Path("/usr/share/datasets/fashion-mnist").is_dir():
+    pytest.skip("/usr/share/datasets/fashion-mnist is missing: apt-get install dataset-fashion-mnist")
+  config.teacher.epochs, config.student.epochs, config.latency.repeats = 1, 1, 2
+  for field, value in shrink.items():
+    group, name = field.split(".")
+    config[group][name] = value
+  if config.data.name == "fashion_mnist":
+    monkeypatch.setattr(sweep.data, "load_dataset", _first_examples(sweep.data.load_dataset, 3000))
+  results = sweep.run_sweep(config, log=lambda _: None)
+  assert [entry["rank"] for entry in results["ranks"]] == list(config.sweep.ranks)
+  for entry in results["ranks"]:
+    assert "error" not in entry
+    for kind in ("truncated", "straight_through", "factorized"):
+      assert 0.0 <= entry[f"{kind}_accuracy"] <= 1.0
+  names = [layer["name"] for layer in results["layers"]]
+  if module is not cifar10_resmlp:
+    assert names[:2] == ["conv_0", "conv_1"]  # conv layers are compressed too
+
+
+def _first_examples(load_dataset, count):
+  def load(*args, **kwargs):
+    dataset = load_dataset(*args, **kwargs)
+    cut = lambda split: split._replace(images=split.images[:count], labels=split.labels[:count])
+    return dataset._replace(train=cut(dataset.train), val=cut(dataset.val), test=cut(dataset.test))
+  return load
+
+
 def test_rank_batches_put_the_integer_ranks_of_a_kind_in_one_batch():
   config = digits.get_config()
   config.sweep.parallel_ranks = False
@@ -304,7 +363,10 @@ def test_rank_batches_put_the_integer_ranks_of_a_kind_in_one_batch():
 # on an accelerator).
 _SIDE_BY_SIDE_SCRIPT = r"""
 import json, os, sys
+from configs import cifar10
+from configs import cifar10_resmlp
 from configs import digits
+from configs import fashion_mnist_convnet
 from lrnet import sweep
 
 out = {}

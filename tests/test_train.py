@@ -123,8 +123,9 @@ def test_factorized_members_keep_their_padding_zero_and_train_like_one_by_one(si
   def run(ranks, width):
     net = models.mlp((64,), 10, ranks=width)
     evaluate = train.make_evaluate(net.apply, batch_size=100)
-    states = [train.init_state(compression.pad_factors(compression.compress(teacher, r), width),
-                               optimizer) for r in ranks]
+    states = [train.init_state(compression.pad_factors(compression.compress(teacher, r),
+                                                       {"linear_0": width}), optimizer)
+              for r in ranks]
     epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(net), optimizer, 32),
                                    len(ranks), side_by_side)
     progress = train.fit(train.start_progress(states), epoch_fn,
@@ -137,7 +138,7 @@ def test_factorized_members_keep_their_padding_zero_and_train_like_one_by_one(si
   assert not np.any(np.asarray(together[0]["linear_0"]["v"][3:, :]))
   [alone] = run([3], 3)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                         compression.unpad_factors(together[0], 3), alone)
+                         compression.unpad_factors(together[0], {"linear_0": 3}), alone)
 
 
 def test_evaluate_handles_sizes_that_are_not_multiples_of_the_chunk():

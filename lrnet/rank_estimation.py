@@ -1,0 +1,649 @@
+r"""Ranks from data: the rank of a linear map hidden in a black-box function, and the
+numerical ranks of the weight matrices of a trained network.
+
+Black box (:func:`estimate_rank`). If f(x) = g(W₁ x) for an unknown W₁ of rank r (r × dim)
+and a smooth g, every gradient lies in the row space of W₁:
+
+.. math:: \nabla f(x) = W_1^T \, \nabla g(W_1 x) \in \mathrm{row}(W_1),
+
+so q gradients at random points, stacked as rows of G [q, dim], span an r-dimensional
+subspace and G has r singular values above the rounding noise and min(q, dim) − r at it.
+The rank is the position of the one significant gap in the spectrum of G.
+
+Trained layers (:func:`layer_spectra`, :func:`format_spectra`, :func:`write_spectra`):
+singular values, energy ranks, stable rank and numerical rank of every 2-D weight (and of
+every 4-D conv kernel, reshaped to [kh·kw·c_in, c_out]) of a Haiku parameter tree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# How far (a factor) the noise actually in the gradients may exceed the predicted noise level
+# and still count as noise: the precision estimates below are right to an order of magnitude.
+_NOISE_TOLERANCE = 10.0
+# A gap is significant when it is this many times wider than the widest ratio the noise part
+# of the spectrum can show by itself (its Marchenko–Pastur spread, see `_noise_spread`).
+_GAP_MARGIN = 2.0
+# Query points handed to a vectorised f per call (performance only: bounds memory, fixes the
+# traced shape so that one compilation serves every call).
+_CHUNK = 4096
+_GRADIENT_CHUNK = 64
+# Finite differences: probe points and coordinates per (scale, step) candidate of the search.
+_PROBE_POINTS = 4
+_PROBE_COORDINATES = 8
+# … and for measuring the precision at the chosen (scale, step) once more.
+_CHECK_POINTS = 8
+_CHECK_COORDINATES = 16
+# Scales s = 2^j of the query points x = s ξ searched, j in this range, nearest to s = 1 first.
+_SCALE_EXPONENTS = range(-20, 7)
+# Five-point central difference, fourth order: (8(f₊₁ − f₋₁) − (f₊₂ − f₋₂)) / (12 h).
+_STENCIL_OFFSETS = (1, -1, 2, -2)
+_STENCIL_WEIGHTS = (8 / 12, -8 / 12, -1 / 12, 1 / 12)
+
+
+class RankEstimate(NamedTuple):
+  """What :func:`estimate_rank` found and what it cost."""
+  rank: int                     # the estimated rank r of the hidden linear map
+  queries: int                  # evaluations of f (finite differences) or of ∇f (autodiff)
+  singular_values: np.ndarray   # [min(samples, dim)] float64, σ_i/σ_1 of G (rows scaled)
+  gap: float                    # σ_r / σ_{r+1} at the cut (σ_{r+1} floored at the noise level)
+  threshold: float              # the ratio the gap had to exceed to be significant
+  precision: float              # δ, the estimated relative error of one gradient row
+  samples: int                  # q, the number of gradients stacked in G
+  scale: float                  # s: the query points are x = s ξ, ξ ~ N(0, I)
+  step: float | None            # finite-difference step h (None with autodiff)
+
+
+class Cut(NamedTuple):
+  """Where :func:`choose_cut` splits a spectrum into signal and noise."""
+  rank: int            # position k of the chosen cut (0 when no cut is admissible)
+  gap: float           # σ_k / max(σ_{k+1}, floor) at the cut
+  threshold: float     # the gap needed for significance at this cut
+  significant: bool
+
+
+def _noise_spread(rows: int, columns: int) -> float:
+  """Widest ratio σ_max/σ_min of an i.i.d. noise matrix [rows, columns] (Marchenko–Pastur).
+
+  .. math:: R = \\frac{\\sqrt a + \\sqrt b}{|\\sqrt a - \\sqrt b|}, \\quad a = rows, \\; b = columns
+
+  Infinite for a square matrix (its smallest singular value reaches zero), 1 when either side
+  is empty (no noise singular values, nothing to spread).
+  """
+  if rows == 0 or columns == 0:
+    return 1.0
+  root_a, root_b = math.sqrt(rows), math.sqrt(columns)
+  if root_a == root_b:
+    return math.inf
+  return (root_a + root_b) / abs(root_a - root_b)
+
+
+def choose_cut(singular_values: np.ndarray, samples: int, dim: int,
+               precision: float) -> Cut:
+  r"""Picks the rank from the spectrum of a gradient matrix G [q, dim] (see
+  :func:`gradient_spectrum` for the scaling of its rows).
+
+  With rows of unit size that carry an error δ (isotropic, entries ≈ δ/√dim), a cut after k
+  singular values leaves a noise block of shape [q − k, dim − k], whose largest singular
+  value, relative to σ₁, is predicted as
+
+  .. math:: \nu_k = \delta \, \frac{\sqrt{q - k} + \sqrt{dim - k}}{\sqrt{dim}\, \sigma_1}.
+
+  A cut k is *admissible* when its tail is noise: σ_{k+1} ≤ T ν_k (T = 10, the slack of an
+  order-of-magnitude precision estimate). Its gap is σ_k over the tail σ_{k+1}, floored at
+  ν_k / T (values far below the predicted noise, exact zeros say, carry no information);
+  the cut after the last singular value has no tail to measure, so full rank is claimed only
+  against the predicted norm of the whole error, ‖E‖ ≈ δ (√q + √dim) / (√dim σ₁), by which
+  (Weyl) no singular value can move: the gap there is σ_n / ‖E‖. The rank is the admissible
+  cut with the largest gap; the gap is *significant* when it exceeds twice the spread that
+  the noise block can show by itself (:func:`_noise_spread`), so that no ratio inside the
+  noise can pass for it.
+
+  Args:
+    singular_values: [n] descending singular values of G, n = min(q, dim).
+    samples: q, the number of rows of G.
+    dim: the number of columns of G.
+    precision: δ, the error of one row relative to a row's size.
+
+  Returns:
+    The cut (rank 0 and not significant when no cut is admissible or G is zero).
+  """
+  values = np.asarray(singular_values, np.float64)
+  if values.size == 0 or not values[0] > 0:
+    return Cut(0, 1.0, math.inf, False)
+  normalised = values / values[0]
+  best = Cut(0, 1.0, math.inf, False)
+  for k in range(1, values.size + 1):
+    noise = precision * (math.sqrt(samples - k) + math.sqrt(dim - k)) / (
+        math.sqrt(dim) * values[0])
+    if k < values.size:
+      tail = normalised[k]
+      if tail > _NOISE_TOLERANCE * noise:
+        continue
+      floor = max(tail, noise / _NOISE_TOLERANCE)
+    else:  # By Weyl's inequality no singular value moves by more than the whole error ‖E‖.
+      floor = precision * (math.sqrt(samples) + math.sqrt(dim)) / (math.sqrt(dim) * values[0])
+    gap = normalised[k - 1] / max(floor, np.finfo(np.float64).tiny)
+    if gap > best.gap:
+      threshold = _GAP_MARGIN * _noise_spread(samples - k, dim - k)
+      best = Cut(k, float(gap), threshold, bool(gap > threshold))
+  return best
+
+
+def gradient_spectrum(gradients: np.ndarray, relative_errors: bool) -> np.ndarray:
+  """Singular values (float64, descending) of the gradient rows [q, dim], scaled so that
+  each row's error has the same size δ relative to a unit row.
+
+  Autodiff rounds each gradient relative to its own size: every row is scaled to unit norm
+  (`relative_errors`). A finite difference carries an absolute error, about ε_f/h in every
+  entry whatever |∇f|: all rows are divided by one number, their root-mean-square norm, so a
+  small gradient (near a stationary point) does not have its noise blown up to unit size.
+  """
+  gradients = np.asarray(gradients, np.float64)
+  norms = np.linalg.norm(gradients, axis=1, keepdims=True)
+  if not relative_errors:
+    norms = np.sqrt(np.mean(norms ** 2))
+  return np.linalg.svd(gradients / norms, compute_uv=False)
+
+
+def _pad(points: np.ndarray, dtype) -> np.ndarray:
+  """`points` [n, dim] padded with zero rows to the next power of two, so that a jitted
+  function sees few distinct shapes (one compilation each)."""
+  size = 1 << max(0, (len(points) - 1).bit_length())
+  padded = np.zeros((size, points.shape[1]), dtype)
+  padded[:len(points)] = points
+  return padded
+
+
+def _evaluator(f: Callable, dtype, vectorized: bool) -> Callable:
+  """A function points [n, dim] → values [n] (float64 on the host) calling f once per point."""
+  if vectorized:
+    batched = jax.jit(jax.vmap(f))
+
+    def evaluate(points):
+      values = []
+      for start in range(0, len(points), _CHUNK):
+        chunk = points[start:start + _CHUNK]
+        values.append(np.asarray(batched(_pad(chunk, dtype)), np.float64)[:len(chunk)])
+      return np.concatenate(values)
+    return evaluate
+
+  def evaluate_one_by_one(points):
+    return np.array([float(f(point)) for point in points], np.float64)
+  return evaluate_one_by_one
+
+
+def _gradient_fn(f: Callable, dim: int, dtype) -> Callable:
+  """A function points [n, dim] → gradients [n, dim] (float64 on the host), by autodiff."""
+  batched = jax.jit(jax.vmap(jax.grad(f)))
+
+  def gradients(points):
+    rows = []
+    for start in range(0, len(points), _GRADIENT_CHUNK):
+      chunk = points[start:start + _GRADIENT_CHUNK]
+      padded = np.zeros((_GRADIENT_CHUNK, dim), dtype)  # one shape: one compilation
+      padded[:len(chunk)] = chunk
+      rows.append(np.asarray(batched(padded), np.float64)[:len(chunk)])
+    return np.concatenate(rows)
+  return gradients
+
+
+def finite_difference_gradients(evaluate: Callable, points: np.ndarray, step: float,
+                                coordinates: np.ndarray | None = None) -> np.ndarray:
+  """Five-point central differences of f at `points` along the coordinate axes.
+
+  .. math:: \\partial_i f(x) \\approx \\frac{8 (f(x + h e_i) - f(x - h e_i))
+            - (f(x + 2h e_i) - f(x - 2h e_i))}{12 h}
+
+  The error is h⁴ f⁽⁵⁾/30 from truncation plus ≈ ε_f / h from the rounding noise ε_f of the
+  values. `step` must be a power of two and every point a multiple of it (see
+  :func:`_snap`), so that x ± h e_i and x ± 2h e_i are exact in the points' dtype and the
+  quotient divides by the step actually taken.
+
+  Args:
+    evaluate: points [m, dim] → values [m] (float64).
+    points: [n, dim], in the dtype f is queried with.
+    step: h.
+    coordinates: [c] indices i to differentiate along (default: all `dim`).
+
+  Returns:
+    [n, c] partial derivatives, float64.
+  """
+  n, dim = points.shape
+  if coordinates is None:
+    coordinates = np.arange(dim)
+  c = len(coordinates)
+  group = max(1, _CHUNK // c)  # points per pass: bounds the [group, c, dim] stencil arrays
+  estimate = np.zeros((n, c), np.float64)
+  for start in range(0, n, group):
+    base = points[start:start + group]
+    for offset, weight in zip(_STENCIL_OFFSETS, _STENCIL_WEIGHTS):
+      shifted = np.repeat(base[:, None, :], c, axis=1)  # [group, c, dim]
+      shifted[:, np.arange(c), coordinates] += points.dtype.type(offset * step)
+      values = evaluate(shifted.reshape(-1, dim)).reshape(len(base), c)
+      estimate[start:start + group] += weight * values
+  return estimate / step
+
+
+def _snap(points: np.ndarray, step: float) -> np.ndarray:
+  """`points` rounded to multiples of `step` (a power of two), kept in their dtype."""
+  return (np.round(points.astype(np.float64) / step) * step).astype(points.dtype)
+
+
+def _scales() -> list[float]:
+  """Candidate scales 2^j, ordered by |j| (s = 1 first, then 1/2, 2, 1/4, 4, …)."""
+  return [2.0 ** j for j in sorted(_SCALE_EXPONENTS, key=lambda j: (abs(j), j > 0))]
+
+
+def _search_gradient_scale(gradients: Callable, dim: int, dtype, rng: np.random.Generator
+                           ) -> tuple[float, int]:
+  """The scale nearest to 1 at which autodiff gradients are finite and nonzero.
+
+  Returns:
+    (scale, queries spent).
+  """
+  queries = 0
+  for scale in _scales():
+    points = (scale * rng.standard_normal((_PROBE_POINTS, dim))).astype(dtype)
+    probe = gradients(points)
+    queries += _PROBE_POINTS
+    norms = np.linalg.norm(probe, axis=1)
+    if np.all(np.isfinite(probe)) and np.all(norms > 0):
+      return scale, queries
+  raise ValueError(
+      "cannot determine the rank: the gradient of f is zero or not finite at every scale "
+      f"tried (|x_i| ~ 2^{min(_SCALE_EXPONENTS)}..2^{max(_SCALE_EXPONENTS)}); f may be "
+      "constant, saturated or undefined there")
+
+
+def _incoherence(partials: np.ndarray) -> float:
+  """1 − σ₁²/Σσ² of the rows of `partials` [points, coordinates] scaled to unit norm: the
+  share of the gradients' energy outside their common direction (0 when all are parallel)."""
+  norms = np.linalg.norm(partials, axis=1, keepdims=True)
+  if not np.all(norms > 0):
+    return 0.0
+  singular_values = np.linalg.svd(partials / norms, compute_uv=False)
+  return float(1.0 - singular_values[0] ** 2 / np.sum(singular_values ** 2))
+
+
+def _step_error(evaluate: Callable, points: np.ndarray, step: float, coordinates: np.ndarray
+                ) -> tuple[float, np.ndarray, int]:
+  """ε(h) = ‖D(h) − D(h/2)‖ / ‖D(h/2)‖ at `points` (on the grid of `step`).
+
+  Returns:
+    (ε, D(h) [points, coordinates], queries spent); ε is inf where D is not finite or zero.
+  """
+  coarse = finite_difference_gradients(evaluate, points, step, coordinates)
+  fine = finite_difference_gradients(evaluate, points, step / 2, coordinates)
+  queries = 2 * len(_STENCIL_OFFSETS) * coarse.size
+  size = np.linalg.norm(fine)
+  if not (np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine)) and size > 0):
+    return math.inf, coarse, queries
+  return float(np.linalg.norm(coarse - fine) / size), coarse, queries
+
+
+def _probe(rng: np.random.Generator, scale: float, dim: int, points: int, coordinates: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Random probe points s ξ [points, dim] (float64) and distinct coordinates [≤ coordinates]."""
+  probe_points = scale * rng.standard_normal((points, dim))
+  probe_coordinates = rng.choice(dim, min(dim, coordinates), replace=False)
+  return probe_points, probe_coordinates
+
+
+def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.Generator
+                            ) -> tuple[float, float, float, int]:
+  """Chooses the scale s of the query points and the finite-difference step h from f.
+
+  1. Error. For every scale s = 2^j, the steps h = s/2, s/4, … down to s·2^{3−p} (p mantissa
+     bits of the query dtype; below it x ± 2h would not be exact) are tried at a few probe
+     points and coordinates. Consecutive steps differ by 2, so
+     ε(h) = ‖D(h) − D(h/2)‖ / ‖D(h/2)‖ measures the relative error of D(h): for large h the
+     truncation error, for small h the rounding noise ε_f/h. Whatever f's own length scale,
+     ε is smallest where they balance; each scale keeps its best step. (The textbook
+     h ≈ ε^{1/5}|x| would assume f varies on the scale of |x|; a map with large weights turns
+     its phase many times per unit of x.)
+  2. Direction. What limits the rank estimate is the error relative to how much the
+     gradient's *direction* varies between points: near a stationary point f is quadratic,
+     ∇f(x) ≈ H x with H = W₁ᵀ ∇²g W₁, so the gradients inherit the squared condition number
+     of W₁, and where a common term dominates they are nearly parallel. The scales whose error
+     is within T = 10 of the least (the estimates are good to an order of magnitude) are
+     probed again on fresh, more numerous points, at their step and its half and quarter
+     (a minimum over noisy estimates is biased low, and the least error often sits where the
+     truncation, ∝ h⁴, takes over); the scale with the least ε / incoherence wins, the
+     incoherence being the gradients' energy outside their common direction
+     (:func:`_incoherence`, floored at ε: below it, it is noise).
+
+  Returns:
+    (scale, step, relative error ε of the gradient there, queries spent).
+  """
+  mantissa_bits = np.finfo(dtype).nmant + 1
+  per_scale = []  # (ε, scale, step): the best step of each scale
+  queries = 0
+  for scale in _scales():
+    points, coordinates = _probe(rng, scale, dim, _PROBE_POINTS, _PROBE_COORDINATES)
+    # On the grid of the largest step, the probe points are on the grid of every step, so
+    # that all steps are compared at the same points.
+    snapped = _snap(points.astype(dtype), scale / 2)
+    estimates = {}
+    for halvings in range(1, mantissa_bits - 2):
+      step = scale * 2.0 ** -halvings
+      estimates[step] = finite_difference_gradients(evaluate, snapped, step, coordinates)
+      queries += len(_STENCIL_OFFSETS) * estimates[step].size
+    errors = []
+    for step in list(estimates)[:-1]:
+      coarse, fine = estimates[step], estimates[step / 2]
+      size = np.linalg.norm(fine)
+      if np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine)) and size > 0:
+        errors.append((float(np.linalg.norm(coarse - fine) / size), scale, step))
+    if errors and min(errors)[0] < 1.0:
+      per_scale.append(min(errors))
+  if not per_scale:
+    raise ValueError(
+        "cannot determine the rank: finite differences of f are zero, not finite or pure "
+        "noise at every scale and step tried; f may be constant, saturated or not smooth")
+  least_error = min(error for error, _, _ in per_scale)
+  best_score, best = math.inf, None
+  for error, scale, step in per_scale:
+    if error > _NOISE_TOLERANCE * least_error:
+      continue
+    points, coordinates = _probe(rng, scale, dim, _CHECK_POINTS, _CHECK_COORDINATES)
+    for candidate in (step, step / 2, step / 4):
+      error, estimate, spent = _step_error(
+          evaluate, _snap(points.astype(dtype), candidate), candidate, coordinates)
+      queries += spent
+      score = error / max(_incoherence(estimate), error)
+      if error < 1.0 and score < best_score:
+        best_score, best = score, (scale, candidate, error)
+  if best is None:
+    raise ValueError(
+        "cannot determine the rank: finite differences of f disagree between steps on fresh "
+        "points at every scale; f may be too noisy or not smooth")
+  return (*best, queries)
+
+
+def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Array,
+                  differentiable: bool = True, max_queries: int | None = None,
+                  oversampling: int = 10, vectorized: bool = True, dtype=None,
+                  relative_precision: float | None = None) -> RankEstimate:
+  r"""Estimates the rank of the linear map inside f(x) = g(W₁ x) from queries of f alone.
+
+  Method. Gradients at q random points x = s ξ (ξ ~ N(0, I_dim)) are stacked as the rows of
+  G [q, dim], scaled to unit size (:func:`gradient_spectrum`), and the rank is read from G's
+  singular values (float64 SVD on the host): the row space of W₁ gives r of them well above
+  the error δ of a row, the rest sit at ≈ δ. The cut is the widest admissible gap
+  (:func:`choose_cut`): the tail below it must be at the predicted noise level, and the gap
+  must exceed twice the spread that noise of that shape can show by itself
+  (Marchenko–Pastur). Samples are drawn until the cut is significant and at least
+  `oversampling` gradients beyond the rank have added no direction (q ≥ r + oversampling);
+  q starts at 2·oversampling and grows by half each time the gap is not yet significant,
+  because the noise spread shrinks as q grows (at q = dim the noise block [q − r, dim − r] is
+  square and no gap can be significant); it stops at 4·(dim + oversampling).
+
+  Gradients.
+  * ``differentiable=True``: ∇f by reverse-mode autodiff (f must be JAX-traceable); one
+    gradient counts as one query. δ = eps·√dim of f's output dtype (the rounding of a
+    computed dim-vector), unless `relative_precision` is given.
+  * ``differentiable=False``: five-point central differences along the coordinate axes,
+    4·dim queries per gradient (:func:`finite_difference_gradients`). The scale s and step h
+    come from a search (:func:`_search_difference_step`) that measures the error of the
+    derivative at each candidate by halving the step; the textbook step h ≈ ε^{1/5}·|x| would
+    assume f varies on the scale of |x|, which a map with large weights does not (its phase
+    turns many times per unit of x). The step is a power of two and the query points lie on
+    its grid, so every stencil point is exact in the query dtype. δ is the measured error.
+
+  The scale of the query points. With autodiff, the scale nearest 1 (in powers of 2) at which
+  gradients are finite and nonzero: the row space does not depend on it. With finite
+  differences, the scale whose measured error is least relative to how much the gradient
+  directions vary between points (:func:`_search_difference_step`). Queries spent on these
+  searches are counted. Float32 finite differences are about 1e-3 accurate at best (the
+  rounding of f's intermediate values divided by the step), so with them the smallest signal
+  singular value must stand about 1e-3 clear of σ₁ · noise-spread; autodiff reaches ~1e-7.
+
+  When it cannot work (and raises ``ValueError("cannot determine the rank: …")``):
+  * f constant, or gradients zero or NaN at every scale (nothing to see);
+  * saturating nonlinearities (∇g ≈ 0 for most inputs, e.g. tanh of huge pre-activations):
+    the directions of saturated units are lost in rounding, and no gap is significant, or
+    (without an error: a limit of the method) the rank comes out low when some units never
+    leave saturation at the query points;
+  * rank close to `dim` with an ill-conditioned W₁ or noisy gradients: the smallest signal
+    singular values sink into the noise; at rank = dim there is no tail, and full rank is
+    reported only when σ_dim stands clear of the predicted noise;
+  * a spectrum that decays smoothly through the noise level (no gap), or gradients less
+    accurate than δ predicts (no admissible cut; pass `relative_precision`);
+  * `max_queries` spent before the gap became significant.
+
+  Args:
+    f: scalar function of a [dim] vector. JAX-traceable when `differentiable` or `vectorized`.
+    dim: input dimension.
+    key: ``jax.random`` key for the query points.
+    differentiable: use autodiff (True) or finite differences (False).
+    max_queries: budget on queries (see above), probes included; None: no budget, q stops at
+      4·(dim + oversampling).
+    oversampling: gradients beyond the rank that must add no new direction.
+    vectorized: evaluate f on batches through ``jax.vmap`` (else one Python call per point,
+      for a non-JAX f with ``differentiable=False``).
+    dtype: dtype of the query points (default: JAX's default float, float32 unless x64).
+    relative_precision: δ override (relative error of one gradient).
+
+  Returns:
+    A :class:`RankEstimate`.
+
+  Raises:
+    ValueError: bad arguments, or "cannot determine the rank: …" (see above).
+  """
+  if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    raise ValueError(f"dim must be a positive integer, got {dim!r}")
+  if not isinstance(oversampling, int) or oversampling < 1:
+    raise ValueError(f"oversampling must be a positive integer, got {oversampling!r}")
+  dtype = np.dtype(dtype if dtype is not None else jnp.zeros(()).dtype)
+  # Query points come from NumPy, seeded once from `key`: a JAX draw per batch shape would
+  # compile once per shape.
+  rng = np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
+  evaluate = _evaluator(f, dtype, vectorized)
+  budget = math.inf if max_queries is None else max_queries
+  if differentiable:
+    gradient_fn = _gradient_fn(f, dim, dtype)
+    scale, queries = _search_gradient_scale(gradient_fn, dim, dtype, rng)
+    step = None
+    output_dtype = jnp.result_type(jax.eval_shape(f, jax.ShapeDtypeStruct((dim,), dtype)))
+    precision = float(np.finfo(output_dtype).eps * math.sqrt(dim))
+    cost_per_gradient = 1
+  else:
+    scale, step, precision, queries = _search_difference_step(evaluate, dim, dtype, rng)
+    cost_per_gradient = len(_STENCIL_OFFSETS) * dim
+  if relative_precision is not None:
+    precision = float(relative_precision)
+
+  def sample(count):
+    points = (scale * rng.standard_normal((count, dim))).astype(dtype)
+    if differentiable:
+      return gradient_fn(points)
+    return finite_difference_gradients(evaluate, _snap(points, step), step)
+
+  max_samples = 4 * (dim + oversampling)
+  gradients = np.zeros((0, dim))
+  target = min(2 * oversampling, max_samples)
+  while True:
+    count = target - len(gradients)
+    if queries + count * cost_per_gradient > budget:
+      raise ValueError(
+          f"cannot determine the rank: max_queries={max_queries} spent ({queries} queries, "
+          f"{len(gradients)} gradients) before a significant gap appeared")
+    new = sample(count)
+    queries += count * cost_per_gradient
+    finite = np.all(np.isfinite(new), axis=1) & (np.linalg.norm(new, axis=1) > 0)
+    if not np.any(finite):
+      raise ValueError(f"cannot determine the rank: all {count} gradients of a batch are zero "
+                       "or not finite (f constant or undefined at the query points?)")
+    gradients = np.concatenate([gradients, new[finite]])
+    samples = len(gradients)
+    spectrum = gradient_spectrum(gradients, relative_errors=differentiable)
+    cut = choose_cut(spectrum, samples, dim, precision)
+    if cut.significant and samples >= cut.rank + oversampling:
+      return RankEstimate(rank=cut.rank, queries=int(queries),
+                          singular_values=spectrum / spectrum[0], gap=cut.gap,
+                          threshold=cut.threshold, precision=precision, samples=samples,
+                          scale=scale, step=step)
+    if samples >= max_samples:
+      raise ValueError(
+          f"cannot determine the rank: no significant gap in the spectrum of {samples} "
+          f"gradients (widest admissible gap {cut.gap:.3g} after {cut.rank} singular values, "
+          f"needed {cut.threshold:.3g}; estimated gradient precision {precision:.2g})")
+    if cut.significant:
+      target = min(max_samples, cut.rank + oversampling)
+    else:
+      target = min(max_samples, samples + max(oversampling, samples // 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectra of trained layers.
+
+_MATRIX_LEAVES = ("w", "kernel")
+SPECTRUM_JSON = "teacher_spectrum.json"
+SPECTRUM_PNG = "teacher_spectrum.png"
+
+
+def _as_matrix(array) -> np.ndarray | None:
+  """A weight leaf as a float64 matrix: 2-D as is, a 4-D conv kernel [kh, kw, c_in, c_out] as
+  [kh·kw·c_in, c_out] (the matrix the convolution applies to each patch); else None."""
+  array = np.asarray(array)
+  if array.ndim == 2:
+    return array.astype(np.float64)
+  if array.ndim == 4:
+    return array.reshape(-1, array.shape[-1]).astype(np.float64)
+  return None
+
+
+def energy_rank(singular_values: np.ndarray, fraction: float) -> int:
+  """The smallest r with Σ_{i ≤ r} s_i² ≥ fraction · Σ s_i² (0 for a zero matrix)."""
+  energy = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
+  if energy.size == 0 or energy[-1] == 0:
+    return 0
+  # A relative slack of a few ulps keeps exact fractions (e.g. 0.9 of 10) from missing by rounding.
+  needed = fraction * energy[-1] * (1 - 8 * np.finfo(np.float64).eps)
+  return int(np.searchsorted(energy, needed) + 1)
+
+
+def matrix_spectrum(matrix: np.ndarray, tolerance: float | None = None) -> dict[str, Any]:
+  """Spectrum summary of one matrix W [m, n].
+
+  .. math:: \\text{stable rank} = \\frac{\\|W\\|_F^2}{\\|W\\|_2^2} = \\frac{\\sum s_i^2}{s_1^2},
+            \\qquad \\text{numerical rank} = \\#\\{i : s_i > \\tau\\}
+
+  Args:
+    matrix: [m, n].
+    tolerance: τ; default max(m, n) · eps(float32) · s₁, the rounding level of a float32 W.
+
+  Returns:
+    {"shape", "singular_values" (descending list), "energy_rank_90", "energy_rank_99",
+     "stable_rank", "numerical_rank", "tolerance"}.
+  """
+  matrix = np.asarray(matrix, np.float64)
+  singular_values = np.linalg.svd(matrix, compute_uv=False)
+  top = float(singular_values[0]) if singular_values.size else 0.0
+  if tolerance is None:
+    tolerance = max(matrix.shape) * float(np.finfo(np.float32).eps) * top
+  return {
+      "shape": [int(d) for d in matrix.shape],
+      "singular_values": [float(s) for s in singular_values],
+      "energy_rank_90": energy_rank(singular_values, 0.90),
+      "energy_rank_99": energy_rank(singular_values, 0.99),
+      "stable_rank": float(np.sum(singular_values ** 2) / top ** 2) if top > 0 else 0.0,
+      "numerical_rank": int(np.sum(singular_values > tolerance)),
+      "tolerance": float(tolerance),
+  }
+
+
+def layer_spectra(params: Mapping[str, Mapping[str, Any]], *,
+                  tolerance: float | None = None) -> dict[str, dict]:
+  """Per module of a Haiku parameter tree, the spectrum summary of its weight matrix.
+
+  Every module with a 2-D ``w`` or ``kernel`` leaf counts, and a 4-D conv kernel
+  [kh, kw, c_in, c_out] is read as [kh·kw·c_in, c_out]. Modules keep the tree's order.
+
+  Args:
+    params: {module: {"w": array, ...}}.
+    tolerance: absolute τ for the numerical rank (default per matrix, see
+      :func:`matrix_spectrum`).
+
+  Returns:
+    {module: :func:`matrix_spectrum` dict}; a module with both leaves is keyed
+    "module/w" and "module/kernel".
+  """
+  spectra = {}
+  for module, leaves in params.items():
+    found = [(name, _as_matrix(leaves[name])) for name in _MATRIX_LEAVES if name in leaves]
+    found = [(name, matrix) for name, matrix in found if matrix is not None]
+    for name, matrix in found:
+      label = module if len(found) == 1 else f"{module}/{name}"
+      spectra[label] = matrix_spectrum(matrix, tolerance)
+  return spectra
+
+
+def format_spectra(spectra: Mapping[str, Mapping[str, Any]]) -> str:
+  """A plain-text table of :func:`layer_spectra` for the terminal."""
+  header = (f"{'layer':<24} {'shape':>13} {'s_max':>10} {'s_min':>10} {'E90':>5} {'E99':>5} "
+            f"{'stable':>8} {'numerical':>9}")
+  lines = [header, "-" * len(header)]
+  for name, spectrum in spectra.items():
+    values = spectrum["singular_values"]
+    shape = "x".join(str(d) for d in spectrum["shape"])
+    lines.append(
+        f"{name:<24} {shape:>13} {values[0] if values else 0:>10.4g} "
+        f"{values[-1] if values else 0:>10.4g} {spectrum['energy_rank_90']:>5d} "
+        f"{spectrum['energy_rank_99']:>5d} {spectrum['stable_rank']:>8.2f} "
+        f"{spectrum['numerical_rank']:>9d}")
+  return "\n".join(lines)
+
+
+def plot_spectra(spectra: Mapping[str, Mapping[str, Any]]):
+  """Normalised singular values s_i/s_1 (log scale) against i, one line per layer, with the
+  90 % (circle) and 99 % (square) energy ranks marked. A Figure on an Agg canvas."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.add_subplot()
+  for name, spectrum in spectra.items():
+    values = np.asarray(spectrum["singular_values"], np.float64)
+    if values.size == 0 or not values[0] > 0:
+      continue
+    normalised = np.maximum(values / values[0], np.finfo(np.float64).tiny)
+    index = np.arange(1, values.size + 1)
+    (line,) = axes.plot(index, normalised, label=name)
+    for key, marker in (("energy_rank_90", "o"), ("energy_rank_99", "s")):
+      rank = spectrum[key]
+      if 1 <= rank <= values.size:
+        axes.plot([rank], [normalised[rank - 1]], marker=marker, color=line.get_color(),
+                  linestyle="none")
+  axes.set_yscale("log")
+  axes.set_xlabel("index i")
+  axes.set_ylabel("s_i / s_1")
+  axes.set_title("Singular values per layer (o: 90 % energy, □: 99 % energy)")
+  if spectra:
+    axes.legend(fontsize="small")
+  return fig
+
+
+def write_spectra(spectra: Mapping[str, Mapping[str, Any]], directory: str | os.PathLike
+                  ) -> tuple[str, str]:
+  """Writes `spectra` as ``teacher_spectrum.json`` and its plot ``teacher_spectrum.png``
+  into `directory`, both atomically.
+
+  Returns:
+    (json path, png path).
+  """
+  from lrnet import io  # pylint: disable=g-import-not-at-top
+  json_path = os.path.join(os.fspath(directory), SPECTRUM_JSON)
+  png_path = os.path.join(os.fspath(directory), SPECTRUM_PNG)
+  io.atomic_write_json(json_path, dict(spectra))
+  io.atomic_savefig(plot_spectra(spectra), png_path, dpi=150)
+  return json_path, png_path
