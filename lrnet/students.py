@@ -143,6 +143,22 @@ class Student(hk.TransformedWithState):
   (`spec`), for `tracker_state`."""
 
 
+def _tracked_factors(matrix: jax.Array, rank: jax.Array, width_rank: int, oversample: int,
+                     member_rank: Optional[int]) -> tuple[jax.Array, jax.Array]:
+  """This call's factors (left [K, m], right [K, n]) of the tracked projection of `matrix`,
+  advancing the module's tracker in Haiku state. At init: the exact pairs of the weight it is
+  given (the member's own width, padded to the student's), which the first call starts from."""
+  if hk.running_init():
+    size = tracker.tracked_width(matrix.shape, width_rank, oversample)
+    own_rank = width_rank if member_rank is None else member_rank
+    state = tracker.init(matrix, own_rank, oversample, pad_to=size)
+    hk.set_state("tracker", state)
+    return tracker.exact_factors(state)
+  state, left, right = tracker.project(lax.stop_gradient(matrix), hk.get_state("tracker"), rank)
+  hk.set_state("tracker", state)
+  return left, right
+
+
 def _projected_weight(w: jax.Array, rank: jax.Array, width_rank: int, method: str,
                       oversample: int, member_rank: Optional[int]) -> jax.Array:
   """Ŵ [shape of w], straight-through in w: its matrix view [prod(shape[:-1]), shape[-1]]
@@ -151,26 +167,10 @@ def _projected_weight(w: jax.Array, rank: jax.Array, width_rank: int, method: st
   if method == "exact":
     projected = projection.st_truncate_masked(matrix, rank)
   else:
-    state = _tracker(matrix, width_rank, oversample, member_rank)
-    state, left, right = tracker.project(lax.stop_gradient(matrix), state, rank)
-    if not hk.running_init():
-      hk.set_state("tracker", state)
+    left, right = _tracked_factors(matrix, rank, width_rank, oversample, member_rank)
     # Forward Lᵀ R, gradient to W unchanged: the straight-through estimator.
     projected = matrix + lax.stop_gradient(tracker.leading_rows(left, rank).T @ right - matrix)
   return projected.reshape(w.shape)
-
-
-def _tracker(matrix: jax.Array, width_rank: int, oversample: int,
-             member_rank: Optional[int]) -> tracker.TrackerState:
-  """The module's tracker state; at init, the exact pairs of the weight it is given (member
-  rank's own width, padded to the student's)."""
-  if hk.running_init():
-    size = tracker.tracked_width(matrix.shape, width_rank, oversample)
-    rank = width_rank if member_rank is None else member_rank
-    state = tracker.init(matrix, rank, oversample, pad_to=size)
-    hk.set_state("tracker", state)
-    return state
-  return hk.get_state("tracker")
 
 
 def _straight_through_call(module, next_f, args, kwargs, width_rank: int, method: str,
@@ -191,10 +191,7 @@ def _straight_through_call(module, next_f, args, kwargs, width_rank: int, method
   if isinstance(module, hk.Linear) and method == "alternating":
     w_init = module.w_init or _default_w_init(m)
     w = hk.get_parameter("w", [m, n], inputs.dtype, init=w_init)
-    state = _tracker(w, width_rank, oversample, member_rank)
-    state, left, right = tracker.project(lax.stop_gradient(w), state, rank)
-    if not hk.running_init():
-      hk.set_state("tracker", state)
+    left, right = _tracked_factors(w, rank, width_rank, oversample, member_rank)
     output = projection.st_factored_matmul(inputs, w, tracker.leading_rows(left, rank), right)
     return _bias(module, inputs, output)
 
@@ -265,6 +262,7 @@ def _student(fn, rank, include, exclude, method, oversample, member_rank,
   student = Student(transformed.init, transformed.apply)
   student.spec = dict(fn=fn, rank=rank, include=include, exclude=exclude, method=method,
                       oversample=oversample)
+  student.state_fns = {}
   return student
 
 
@@ -285,7 +283,13 @@ def tracker_state(student: Student, params, *args, rank=None) -> dict:
   Returns:
     The Haiku state `{module: {"rank": int32, "tracker": TrackerState}}`.
   """
-  spec = student.spec
-  member = _student(spec["fn"], spec["rank"], spec["include"], spec["exclude"], spec["method"],
-                    spec["oversample"], member_rank=rank, given_params=params)
-  return member.init(jax.random.PRNGKey(0), *args)[1]
+  key = repr(rank)
+  if key not in student.state_fns:  # compiled once per member rank: eager Haiku init is slow
+    spec = student.spec
+
+    def state_for(params, *args):
+      member = _student(spec["fn"], spec["rank"], spec["include"], spec["exclude"],
+                        spec["method"], spec["oversample"], member_rank=rank, given_params=params)
+      return member.init(jax.random.PRNGKey(0), *args)[1]
+    student.state_fns[key] = jax.jit(state_for)
+  return student.state_fns[key](params, *args)

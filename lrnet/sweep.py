@@ -152,7 +152,6 @@ class Members(NamedTuple):
   states: list          # initial `train.TrainState` per member
   epoch_fn: Callable    # from `train.members_epoch`
   accuracy: Callable    # (stacked params, images, labels) -> accuracies [n]
-  member_args: tuple    # extra apply arguments with a leading member axis
   final_params: Callable  # (member params, index) -> the parameters to save
 
 
@@ -185,7 +184,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   try:
     progress = train.fit(progress, members.epoch_fn, lambda p: members.accuracy(p, *exp.val),
                          *exp.train, epochs=settings.epochs, seed=seed,
-                         patience=settings.patience or None, member_args=members.member_args,
+                         patience=settings.patience or None,
                          on_epoch=on_epoch)
   finally:
     for writer in writers:
@@ -237,8 +236,7 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   epoch_fn = train.members_epoch(train.make_train_epoch(
       train.stateful_apply(exp.dense), optimizer, settings.batch_size, settings.ema_decay), 1)
   members = Members([run], [train.init_state(template, optimizer, ema=settings.ema_decay > 0)],
-                    epoch_fn, _evaluate_members(exp.evaluate_dense), (),
-                    lambda params, _: params)
+                    epoch_fn, _evaluate_members(exp.evaluate_dense), lambda params, _: params)
   [(record, params)] = train_members(exp, members, settings, exp.config.seed,
                                      fingerprint(exp.config))
   if params is None:
@@ -307,8 +305,7 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
                              settings.ema_decay), len(ranks), side_by_side(config)))
   member_accuracy = exp.cached(("accuracy",) + key, lambda: _evaluate_members(evaluate))
   accuracy = lambda params, images, labels: member_accuracy(params, images, labels, *stacked_ranks)
-  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, (),
-                 final_params)
+  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, final_params)
 
 
 def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:

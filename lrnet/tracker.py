@@ -107,6 +107,12 @@ def _rank_mask(size: int, rank) -> jax.Array:
   return jnp.arange(size) < rank
 
 
+def exact_factors(state: TrackerState) -> tuple[jax.Array, jax.Array]:
+  """The factors (left [K, m], right [K, n]) of a state fresh from `init`: the exact pairs,
+  Ŵ_r = Σ_{i<r} σ_i u_i v_iᵀ, without a call of `project`."""
+  return state.singular_values[:, None] * state.left_rows, state.right_rows
+
+
 def leading_rows(rows: jax.Array, rank) -> jax.Array:
   """`rows` [K, d] with rows ≥ `rank` zeroed (rank may be traced): masking one factor of
   Ŵ = Lᵀ R is enough to keep only the top r pairs."""
@@ -155,10 +161,9 @@ def _exact_pairs(w: jax.Array, size: int, width: jax.Array):
           jnp.where(keep[:, None], vt[:size], 0.0))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _init(w: jax.Array, size: int, width: int) -> TrackerState:
+@functools.partial(jax.jit, static_argnums=1)
+def _init(w: jax.Array, size: int, width: jax.Array) -> TrackerState:
   has_room = size < min(w.shape)
-  width = jnp.asarray(width, jnp.int32)
   left_rows, singular_values, right_rows = _exact_pairs(w, size, width)
   zero, count = jnp.zeros((), w.dtype), jnp.zeros((), jnp.int32)
   return TrackerState(right_rows, left_rows, singular_values,
@@ -186,7 +191,7 @@ def init(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE,
   if not width <= size <= min(w.shape):
     raise ValueError(f"pad_to must be in {width}..{min(w.shape)} for rank {rank} + oversample "
                      f"{oversample} of a matrix of shape {tuple(w.shape)}, got {pad_to!r}")
-  return _init(lax.stop_gradient(w), size, width)
+  return _init(lax.stop_gradient(w), size, jnp.asarray(width, jnp.int32))
 
 
 def _energies(w: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -87,7 +87,7 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature:
 
 def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
                      batch_size: int, ema_decay: float = 0.0):
-  """Builds `epoch(state, images, labels, order, *args) -> (state, metrics)` for one member.
+  """Builds `epoch(state, images, labels, order) -> (state, metrics)` for one member.
 
   One epoch is a `lax.scan` over `len(order) // batch_size` batches (the remainder of the
   shuffled order is dropped; a new order each epoch sees it later). With `ema_params` in the
@@ -101,20 +101,20 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
 
   Returns:
     An unjitted function (see `members_epoch`). Its inputs: `images` [N, ...], `labels` [N],
-    `order` [N] int32 permutation, `*args` passed to `apply_fn` (e.g. a rank). Metrics: `loss`
+    `order` [N] int32 permutation. Metrics: `loss`
     [steps] per step and `accuracy` [] training accuracy over the epoch.
   """
 
-  def loss_fn(params, model_state, images, labels, args):
-    logits, model_state = apply_fn(params, model_state, images, *args)
+  def loss_fn(params, model_state, images, labels):
+    logits, model_state = apply_fn(params, model_state, images)
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return cross_entropy(logits, labels), (model_state, correct)
 
-  def step(state: TrainState, batch_index, images, labels, args):
+  def step(state: TrainState, batch_index, images, labels):
     batch_images = jnp.take(images, batch_index, axis=0)
     batch_labels = jnp.take(labels, batch_index, axis=0)
     (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch_images, batch_labels, args)
+        state.params, state.model_state, batch_images, batch_labels)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -123,10 +123,10 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     state = TrainState(params, opt_state, model_state, ema_params, state.step + 1)
     return state, (loss, correct)
 
-  def epoch(state: TrainState, images, labels, order, *args):
+  def epoch(state: TrainState, images, labels, order):
     num_steps = order.shape[0] // batch_size
     batch_indices = order[:num_steps * batch_size].reshape(num_steps, batch_size)
-    body = lambda s, idx: step(s, idx, images, labels, args)
+    body = lambda s, idx: step(s, idx, images, labels)
     state, (losses, correct) = jax.lax.scan(body, state, batch_indices)
     return state, {"loss": losses, "accuracy": jnp.sum(correct) / (num_steps * batch_size)}
 
@@ -144,24 +144,23 @@ def unstack(tree: Any, n: int) -> list:
 
 
 def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = False) -> Callable:
-  """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state and of each
-  extra argument (e.g. the rank); data and order are shared. Jitted; the state is donated
-  (checkpoints are synchronous and best parameters are copies, so nothing reads it later).
+  """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state; data and
+  order are shared (a member's own settings, e.g. a straight-through student's rank, ride in
+  its state). Jitted; the state is donated (checkpoints are synchronous and best parameters are
+  copies, so nothing reads it later).
 
   One member runs the epoch itself. Several run side by side (`vmap`: every product gets a
   member axis) with `side_by_side`, else one after the other in one program (`lax.map`): on
   XLA:CPU a vmapped straight-through epoch wedges the Eigen thread pool (BUILD_NOTES.md).
   """
-  def mapped(states, images, labels, order, *args):
-    def member(state, member_args):
-      return epoch_fn(state, images, labels, order, *member_args)
+  def mapped(states, images, labels, order):
+    member = lambda state: epoch_fn(state, images, labels, order)
     if num_members == 1:
-      squeeze = lambda tree: jax.tree_util.tree_map(lambda leaf: leaf[0], tree)
-      out = member(squeeze(states), squeeze(tuple(args)))
+      out = member(jax.tree_util.tree_map(lambda leaf: leaf[0], states))
       return jax.tree_util.tree_map(lambda leaf: leaf[None], out)
     if side_by_side:
-      return jax.vmap(member)(states, tuple(args))
-    return jax.lax.map(lambda carry: member(*carry), (states, tuple(args)))
+      return jax.vmap(member)(states)
+    return jax.lax.map(member, states)
 
   return jax.jit(mapped, donate_argnums=0)
 
@@ -265,7 +264,7 @@ def _finite_members(params: Params) -> np.ndarray:
 
 
 def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images, labels, *,
-        epochs: int, seed: int, patience: Optional[int] = None, member_args: tuple = (),
+        epochs: int, seed: int, patience: Optional[int] = None,
         on_epoch: Optional[Callable[[Progress, list], None]] = None) -> Progress:
   """Trains every member until `epochs`, or until its validation accuracy has not improved for
   `patience` epochs, or until its loss or parameters stop being finite.
@@ -283,7 +282,6 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
     seed: shuffling seed.
     patience: stop a member after this many epochs without a better validation accuracy;
       None: never.
-    member_args: extra apply arguments, each with a leading member axis [n] (e.g. ranks).
     on_epoch: called after every epoch with the new progress and, per member, that epoch's
       metrics dict, or None for a member that did not train in it.
 
@@ -304,7 +302,7 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
     start = time.perf_counter()
     first_step = np.asarray(progress.state.step)
     order = jnp.asarray(epoch_order(seed, epoch, num_examples))
-    state, metrics = epoch_fn(progress.state, images, labels, order, *member_args)
+    state, metrics = epoch_fn(progress.state, images, labels, order)
     losses = np.asarray(metrics["loss"])  # [n, steps], the one host sync of the epoch
     finite_losses = np.isfinite(losses).all(axis=1)
     finite = finite_losses & _finite_members(state.params)

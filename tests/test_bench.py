@@ -1,6 +1,9 @@
-"""experiments/bench.py on a tiny MLP and the digits: every section measured and written."""
+"""experiments/bench.py on a tiny MLP and random data: every section measured and written."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,88 +12,116 @@ import pytest
 
 from configs import bench as bench_config
 from experiments import bench
+import lrnet
 from lrnet import config as config_lib
 from lrnet import models
-from lrnet import svd
+from lrnet import tracker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(workdir):
+  config = bench_config.get_config()
+  config.workdir = str(workdir)
+  config.data_name, config.input_dim, config.num_classes = "random", 16, 4
+  config.hidden, config.batch_size = (24, 20), 8
+  config.pretrain_steps = 30  # random data holds 20 batches: spans two shuffles
+  # Every tracked student compiles its own programs (seconds each): few ranks.
+  config.ranks, config.exact_ranks, config.optimality_ranks = (5,), (5,), (2, 5)
+  config.block_steps, config.repeats, config.exact_repeats = 2, 2, 1
+  config.optimality_steps, config.optimality_every = 6, 3
+  config.latency_batch_sizes = (4,)
+  return config
 
 
 def test_bench_writes_every_section(tmp_path):
-  config = bench_config.get_config()
-  config.workdir = str(tmp_path)
-  config.data_name = "digits"  # offline; 64 inputs
-  config.hidden = (48, 48)
-  config.batch_size = 32
-  config.pretrain_steps = 20
-  config.ranks, config.exact_ranks, config.optimality_ranks = (4, 8), (4,), (4,)
-  config.repeats, config.exact_repeats = 2, 1
-  config.optimality_steps, config.optimality_every = 6, 3
-  config.parallel_steps = 5
-  config.latency_batch_sizes = (8,)
-  config.update_every = (1, 8)
-  config.optimality_update_every = (1,)
-  config.compare_ranks, config.compare_steps, config.compare_eval_every = (4,), 10, 5
-  config.compare_update_every = (1,)
-  result = bench.run_bench(config, log=lambda _: None)
-  on_disk = json.loads((tmp_path / "bench.json").read_text())
-  assert on_disk == json.loads(json.dumps(result))
-  assert on_disk["start"].startswith("reference MLP after 20 Adam steps on digits")
-  assert on_disk["matmul_1024_gflops"] > 0 and on_disk["dense_step_ms"] > 0
-  assert [row["rank"] for row in on_disk["train_steps"]] == [4, 8]
-  assert "exact_ratio" in on_disk["train_steps"][0] and "exact_ratio" not in on_disk["train_steps"][1]
-  assert config.methods == ("alternating", "streaming")
-  assert all(row[f"{method}_every{every}_ratio"] > 0 for row in on_disk["train_steps"]
-             for method, every in (("streaming", 1), ("streaming", 8), ("alternating", 1)))
-  # The alternating projection refines on every step only: no period-8 entry.
-  assert all("alternating_every8_ratio" not in row for row in on_disk["train_steps"])
-  assert [(e["method"], e["update_every"]) for e in on_disk["optimality"]] == [
-      ("alternating", 1), ("streaming", 1)]
-  for entry in on_disk["optimality"]:
-    # Eckart–Young: no rank-r projection beats the truncated SVD, and the tracker stays close.
-    assert 1.0 - 1e-4 <= entry["median"] <= entry["max"] < 1.01
-    assert entry["measurements"] == 2 * 2
-  parallel = on_disk["parallel_ranks"]
-  assert parallel["ranks"] == [4, 8] and parallel["sequential_s"] > 0
-  # Zero-padded members train exactly like rank-r networks: same parameters as one by one.
-  assert parallel["vmap_max_param_difference"] < 1e-4
-  assert parallel["map_max_param_difference"] < 1e-4
-  # On the CPU, ranks 4 and 8 padded together would cost 1.33× one by one: the sweep keeps them
-  # apart, so it trains exactly the one-by-one programs.
-  assert parallel["sweep_batches"] == [[4], [8]]
-  assert parallel["sweep_ratio"] > 0 and parallel["sweep_max_param_difference"] < 1e-4
-  theory = {row["rank"]: row["theoretical_ratio"] for row in on_disk["latency"]}
-  assert theory[4] == (4 * (64 + 48) + 4 * (48 + 48)) / (64 * 48 + 48 * 48)
-  (compare,) = on_disk["exact_vs_fast"]
-  assert compare["rank"] == 4 and compare["steps"] == 10
-  assert compare["streaming_every1_speedup"] > 0 and compare["alternating_every1_speedup"] > 0
-  assert len(compare["exact_accuracies"]) == len(compare["alternating_every1_accuracies"]) == 2
-  assert compare["exact_accuracy_last4"] == sum(compare["exact_accuracies"]) / 2
-  # Ten steps from the same start on the same batches: the projections agree closely.
-  for method in ("streaming", "alternating"):
-    assert abs(compare[f"{method}_every1_accuracy_difference_points"]) < 3.0
+  lines = []
+  result = bench.run_bench(tiny_config(tmp_path), log=lines.append)
+  out = json.loads((tmp_path / "bench.json").read_text())
+  assert out == json.loads(json.dumps(result))
+  assert set(out) == {"machine", "config", "data", "start", "matmul_gflops", "train_steps",
+                      "dense_step", "optimality", "latency"}
+  assert out["machine"]["backend"] == "cpu" and out["machine"]["cpu_count"] >= 1
+  assert out["data"] == "random" and out["start"] == "30 Adam steps on random"
+  assert out["matmul_gflops"] > 0 and out["dense_step"]["ms"] > 0 and out["dense_step"]["gflops"] > 0
+  assert [(row["method"], row["rank"]) for row in out["train_steps"]] == [
+      ("alternating", 5), ("exact", 5)]
+  assert all(row["ms"] > 0 and row["ratio"] > 0 for row in out["train_steps"])
+
+  optimality = out["optimality"]
+  assert [entry["rank"] for entry in optimality["ranks"]] == [2, 5]
+  for entry in optimality["ranks"]:
+    # Eckart–Young: no rank-r matrix beats the truncated SVD; the tracker stays within 1e-3.
+    assert 1.0 - 1e-6 <= entry["median"] <= entry["max"] <= 1.001
+    assert entry["steps"] == 6 and entry["measurements"] == 2 * 2  # steps 3 and 6, two layers
+    assert isinstance(entry["refreshes"], int) and 0 <= entry["refreshes"] <= 6 * 2
+  assert optimality["max"] == max(entry["max"] for entry in optimality["ranks"])
+  assert optimality["refreshes"] == sum(entry["refreshes"] for entry in optimality["ranks"])
+  assert isinstance(optimality["refreshes"], int) and optimality["tracker_calls"] == 2 * 6 * 2
+
+  assert [(row["batch"], row["rank"]) for row in out["latency"]] == [(4, 5)]
+  for row in out["latency"]:
+    assert row["dense_ms"] > 0 and row["factorized_ms"] > 0 and row["ratio"] > 0
+    # Hidden layers 16×24 and 24×20; the output layer stays dense.
+    assert row["theoretical_ratio"] == row["rank"] * (16 + 24 + 24 + 20) / (16 * 24 + 24 * 20)
+  assert "SVD REFRESHES" in lines[-2] and lines[-1] == f"wrote {tmp_path / 'bench.json'}"
 
 
-def test_bench_rejects_bad_counts_with_a_one_line_error(tmp_path):
-  config = bench_config.get_config()
-  config.workdir = str(tmp_path)
-  config.compare_eval_every = 0
-  with pytest.raises(config_lib.ConfigError, match=r"compare_eval_every=0 .*integer >= 1"):
-    bench.run_bench(config, log=lambda _: None)
-  config.compare_eval_every, config.update_every = 25, (1, 0)
-  with pytest.raises(config_lib.ConfigError, match=r"update_every=\(1, 0\) .*integers >= 1"):
-    bench.run_bench(config, log=lambda _: None)
-  config.update_every, config.methods = (1,), ("subspace", "svd")
-  with pytest.raises(config_lib.ConfigError, match=r"methods=.*subspace, streaming, alternating"):
+@pytest.mark.parametrize("field, value, message", [
+    ("repeats", 0, r"repeats=0 .*integer >= 1"),
+    ("pretrain_steps", -1, r"pretrain_steps=-1 .*integer >= 0"),
+    ("exact_ranks", (5, 0), r"exact_ranks=\(5, 0\) .*integers >= 1"),
+    ("optimality_ranks", (2, 10), r"optimality_ranks=\(2, 10\) .*1\.\.9 \(r·\(m \+ n\) < m·n"),
+    ("data_name", "cifar", r"data_name='cifar' .*random"),
+    ("optimality_every", 7, r"optimality_every=7 .*<= optimality_steps=6"),
+])
+def test_bench_rejects_bad_fields_with_one_line(tmp_path, field, value, message):
+  config = tiny_config(tmp_path)
+  config[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
     bench.run_bench(config, log=lambda _: None)
   assert not (tmp_path / "bench.json").exists()
 
 
-@pytest.mark.parametrize("method", ["subspace", "streaming", "alternating"])
-def test_w_hat_is_the_projection_a_layer_applies_next_without_advancing_it(method):
-  net = models.mlp((24,), 10)
-  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 32)))
-  state = models.projection_state(params, 5, 1, method=method)["linear_0"]
-  w = params["linear_0"]["w"] * 1.001  # a step later: the tracker's next call projects this W
-  w_hat = bench._w_hat(state, method, w, 5)
-  np.testing.assert_allclose(w_hat, svd.truncate(w, 5), atol=1e-4)
+@pytest.mark.parametrize("override, field", [
+    ("--config.repeats=0", "repeats=0"),
+    ("--config.teacher_dir=/nonexistent/sweep", "teacher_dir='/nonexistent/sweep'"),
+])
+def test_bench_command_exits_2_with_one_line(tmp_path, override, field):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench", "--config=configs/bench.py",
+       f"--config.workdir={tmp_path}", override],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith(f"error: config field {field} is invalid")
+  assert not (tmp_path / "bench.json").exists()
+
+
+def test_next_projection_is_what_the_layer_applies_next_without_advancing_it():
+  net = models.mlp((24,), 10, project_rank=5)
+  images = jax.random.uniform(jax.random.PRNGKey(1), (8, 32))
+  params = models.mlp((24,), 10).init(jax.random.PRNGKey(0), images)
+  state = jax.jit(lambda params: lrnet.tracker_state(net, params, images))(params)
+  apply = jax.jit(net.apply)
+  for i in range(3):  # calls on moving weights: the tracked pairs lag W's, no SVD refresh
+    noise = jax.random.normal(jax.random.PRNGKey(10 + i), (32, 24)) * 0.01 / np.sqrt(32)
+    params = {**params, "linear_0": {**params["linear_0"], "w": params["linear_0"]["w"] + noise}}
+    _, state = apply(params, state, images)
+  assert int(state["linear_0"]["tracker"].refreshes) == 0
+  layer_state = state["linear_0"]["tracker"]
+  before = jax.tree_util.tree_map(np.array, layer_state)
+
+  w_hat = bench.next_projection(params["linear_0"]["w"], layer_state, 5)
   assert np.linalg.matrix_rank(np.asarray(w_hat), tol=1e-4) == 5
-  np.testing.assert_array_equal(bench._w_hat(state, method, w, 5), w_hat)  # state untouched
+  jax.tree_util.tree_map(np.testing.assert_array_equal, layer_state, before)  # not advanced
+  # The student's next forward applies exactly this Ŵ to its inputs.
+  logits, new_state = apply(params, state, images)
+  hidden = jax.nn.relu(images @ w_hat + params["linear_0"]["b"])
+  np.testing.assert_allclose(logits, hidden @ params["linear_1"]["w"] + params["linear_1"]["b"],
+                             rtol=1e-5, atol=1e-5)
+  # The measurement must use the layer's state, not the advanced one: they differ here.
+  advanced = bench.next_projection(params["linear_0"]["w"], new_state["linear_0"]["tracker"], 5)
+  assert float(jnp.max(jnp.abs(advanced - w_hat))) > 1e-4  # measured: 5.5e-4
+  ratio = tracker.optimality_ratio(params["linear_0"]["w"], w_hat, 5)
+  assert float(ratio) >= 1.0 - 1e-6
