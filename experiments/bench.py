@@ -125,13 +125,6 @@ def _start_params(config, dense, optimizer, images, labels):
   return state.params, f"{config.pretrain_steps} Adam steps on {config.data_name}"
 
 
-def _tracker_state(net, params, example):
-  """`lrnet.tracker_state` as one jitted program: op by op, its first call compiles every
-  tracker operation apart (10 s per rank for a tiny MLP on 2 cores, 3 s jitted)."""
-  return jax.jit(lambda params, example: students.tracker_state(net, params, example))(
-      params, example)
-
-
 def _block_timer(net, params, model_state, optimizer, images, labels, order, batch,
                  warmup=True):
   """A function timing one block of Adam steps of `net` (one jitted `lax.scan` over `order`)
@@ -177,7 +170,7 @@ def _train_steps(config, params, hidden, num_classes, optimizer, images, labels,
   settings += [("exact", rank, config.exact_repeats) for rank in config.exact_ranks]
   for method, rank, blocks in settings:
     net = models.mlp(hidden, num_classes, project_rank=rank, projection_method=method)
-    model_state = _tracker_state(net, params, images[:1])
+    model_state = students.tracker_state(net, params, images[:1])
     # An exact block is seconds long: first-call overheads vanish in it, no warm-up needed.
     run_student = timer(net, params, model_state, warmup=method != "exact")
     student_s, dense_s = _time_against_dense(run_student, run_dense, blocks, dense_times)
@@ -211,7 +204,7 @@ def _optimality(config, params, hidden, num_classes, optimizer, images, labels, 
     net = models.mlp(hidden, num_classes, project_rank=rank)
     step = jax.jit(train.make_train_epoch(train.stateful_apply(net), optimizer, batch))
     state = train.commit(train.init_state(
-        params, optimizer, _tracker_state(net, params, images[:1])))
+        params, optimizer, students.tracker_state(net, params, images[:1])))
     ratios = []
     for i in range(steps):
       state, _ = step(state, images, labels, order[i * batch:(i + 1) * batch])
