@@ -28,10 +28,10 @@ drift is not below `tolerance` (or is not finite) is replaced by an exact refres
 From a trained teacher this never happens in practice (BUILD_NOTES.md: 0 refreshes), so the
 refresh is a guard, not a path that needs to be fast.
 
-**Batches.** Every branch (which side, Rayleigh–Ritz on a left call, the refresh) runs through
-`_run_once_if`, a `while_loop` that runs its body zero or one time: under `vmap` a `lax.cond`
-becomes a select that computes both branches for every member, the loop only the branch some
-member needs. Members of a batch may track different k: the state is padded to a common K with
+**Batches.** Under `vmap` a `lax.cond` on a batched predicate becomes a select that computes
+both branches for every member. Here every branch (Rayleigh–Ritz on a left call, the refresh) is a
+cond on whether any member needs it (`_cond_any`, an unbatched predicate), inside which each
+member keeps its own branch's result; the side is one cond for all members. Members of a batch may track different k: the state is padded to a common K with
 zero rows past its own `width`, which stay zero and never enter the projection, so a padded
 member computes what it would alone (up to rounding). The side alternates strictly with the call
 count (a refresh keeps the phase), so the members of a batch always search the same side.
@@ -78,21 +78,31 @@ class TrackerState(NamedTuple):
   refreshes: jax.Array        # [] int32: calls replaced by an exact SVD so far
 
 
-def _run_once_if(pred: jax.Array, fn: Callable[[Any, _T], _T], inputs: Any, operand: _T) -> _T:
-  """`fn(inputs, operand)` if `pred` else `operand`, lazily also under `vmap`.
+@jax.custom_batching.custom_vmap
+def _any_member(pred: jax.Array) -> jax.Array:
+  """`pred`; under `vmap`, whether it holds for any member, as one unbatched value."""
+  return pred
 
-  A `lax.while_loop` whose body clears the predicate: it runs zero or one time. Batched, it runs
-  once if any member's predicate holds and keeps the others' operands. `inputs` ride in the
-  carry through an optimization barrier tied to the predicate: a body computed from
-  loop-invariant values only (an SVD of `w`) would otherwise be hoisted out of the batched loop
-  by XLA and computed on every call.
+
+@_any_member.def_vmap
+def _any_member_vmap(axis_size, in_batched, pred):
+  del axis_size
+  return (jnp.any(pred) if in_batched[0] else pred), False
+
+
+def _cond_any(pred: jax.Array, true_fn: Callable[[Any], _T], false_fn: Callable[[Any], _T],
+              operand: Any) -> _T:
+  """`true_fn(operand)` where `pred`, else `false_fn(operand)`, computing `true_fn` only if
+  some member needs it also under `vmap`.
+
+  Batched, a `lax.cond` on a batched predicate becomes a select that computes both branches for
+  every member; here the cond's predicate is whether any member's holds (unbatched), and inside
+  it each member selects its own branch's result.
   """
-  def body(carry):
-    pred, inputs, value = carry
-    pred, inputs = lax.optimization_barrier((pred, inputs))
-    return jnp.zeros_like(pred), inputs, fn(inputs, value)
-
-  return lax.while_loop(lambda carry: carry[0], body, (pred, inputs, operand))[2]
+  def either(operand):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), true_fn(operand),
+                                  false_fn(operand))
+  return lax.cond(_any_member(pred), either, false_fn, operand)
 
 
 def tracked_width(shape, rank: int, oversample: int = DEFAULT_OVERSAMPLE) -> int:
@@ -309,8 +319,8 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, search_right:
     unranked = (jnp.sum(images * images, axis=1), rows, images)
     near_optimal = _unranked_is_near_optimal(total, noise, state.singular_values, rank,
                                              jnp.finfo(w.dtype).eps)
-    eigenvalues, ritz_rows, image_rows = _run_once_if(
-        ~near_optimal, lambda inputs, _: ranked(*inputs), (rows, images_all, active), unranked)
+    eigenvalues, ritz_rows, image_rows = _cond_any(
+        ~near_optimal, lambda _: ranked(rows, images_all, active), lambda _: unranked, None)
     residuals = jnp.sum((images - state.singular_values[:, None] * partners) ** 2, axis=1)
   gain = jnp.sum(jnp.where(_rank_mask(size, rank), residuals, 0.0))
   drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
@@ -318,7 +328,10 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, search_right:
   ritz_rows = jnp.where(active[:, None], ritz_rows, 0.0)
   image_rows = jnp.where(active[:, None], image_rows, 0.0)
   unit_image_rows = _unit_rows(image_rows)
-  next_probe = _probe(unit_image_rows, probe_image, size < min(w.shape), other_probe)
+  next_probe = jnp.zeros_like(other_probe)
+  if size < min(w.shape):
+    fallback = _complement_unit(unit_image_rows, other_probe, jnp.zeros_like(other_probe))
+    next_probe = _complement_unit(unit_image_rows, probe_image, fallback)
   singular_values = jnp.sqrt(eigenvalues)
   common = dict(singular_values=singular_values, side=1 - state.side, drift=drift)
   if search_right:
@@ -335,7 +348,11 @@ def _refresh(w: jax.Array, call: _Call) -> _Call:
   the next call (whichever side it searches), the alternation's phase kept."""
   state = call.state
   size = state.right_rows.shape[0]
-  left_rows, singular_values, right_rows = _exact_pairs(w, size, state.width)
+  # The SVD of a product computed here, not of `w`: LAPACK wants a column-major operand, and
+  # given `w` itself XLA:CPU lays `w` out so before the cond, on every call (≈ 1 ms at 1024²
+  # per layer and step). The product costs only when the refresh runs.
+  fresh = w @ jnp.eye(w.shape[1], dtype=w.dtype)
+  left_rows, singular_values, right_rows = _exact_pairs(fresh, size, state.width)
   has_room = size < min(w.shape)
   right_probe = _probe(right_rows, state.right_probe, has_room)
   left_probe = _probe(left_rows, state.left_probe, has_room)
@@ -377,15 +394,12 @@ def _project(w, state, rank, *, tolerance):
   w = lax.stop_gradient(w)
   state = lax.stop_gradient(state)
   rank = jnp.clip(rank, 1, state.width)
-  inputs = (w, state, rank)  # through the loops' barriers: nothing of a branch is hoisted
-  placeholder = jax.tree_util.tree_map(
-      jnp.zeros_like, _Call(state, state.left_rows, state.right_rows))
-  call = _run_once_if(state.side == 0, lambda inputs, _: _half_step(*inputs, True), inputs,
-                      placeholder)
-  call = _run_once_if(state.side == 1, lambda inputs, _: _half_step(*inputs, False), inputs,
-                      call)
+  # The members of a batch search the same side (the phase never changes), so one side's half
+  # step runs for all of them.
+  call = lax.cond(_any_member(state.side == 0), lambda: _half_step(w, state, rank, True),
+                  lambda: _half_step(w, state, rank, False))
   needs_refresh = ~(call.state.drift < tolerance)  # also on NaN
-  call = _run_once_if(needs_refresh, lambda w, call: _refresh(w, call), w, call)
+  call = _cond_any(needs_refresh, lambda call: _refresh(w, call), lambda call: call, call)
   new_state = call.state._replace(refreshes=state.refreshes + needs_refresh.astype(jnp.int32))
   return new_state, call.left_rows, call.right_rows
 
