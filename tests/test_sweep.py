@@ -169,7 +169,7 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
 
 @pytest.mark.parametrize("field, value, pattern", [
     ("data.name", "cifar", r"data\.name='cifar' .*allowed: mnist, fashion_mnist, digits"),
-    ("sweep.ranks", (0,), r"sweep\.ranks=0 .*1\.\.64"),
+    ("sweep.ranks", (0,), r"sweep\.ranks=0 .*>= 1"),
     ("sweep.ranks", (65,), r"sweep\.ranks=65 .*1\.\.64"),
     ("sweep.ranks", (1.5,), r"sweep\.ranks=1\.5 .*\(0, 1\]"),
     ("sweep.ranks", (), r"sweep\.ranks=\(\) .*non-empty"),
@@ -296,7 +296,7 @@ def test_sigkill_at_a_seeded_moment_then_rerun_gives_the_uninterrupted_results(f
     assert len(list(csv.DictReader(f))) == len(results["ranks"])
 
 
-def _write_cifar_batches(directory, per_batch=40):
+def _write_cifar_batches(directory, per_batch=10):
   """The standard python batches of CIFAR-10 (`cifar-10-batches-py`), with random images."""
   rng = np.random.default_rng(0)
   directory.mkdir()
@@ -315,7 +315,7 @@ def _write_cifar_batches(directory, per_batch=40):
 ])
 def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, module, shrink):
   """The CIFAR-10 configs on CIFAR-format files written here (their networks' widths shrunk),
-  and the Fashion-MNIST CNN config on its first examples: every kind at every rank, with conv
+  and the Fashion-MNIST CNN config on its first 300 examples: every kind at every rank, with conv
   layers among the compressed ones."""
   config = module.get_config()
   config.workdir = str(tmp_path / "work")
@@ -328,7 +328,7 @@ def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, mod
     group, name = field.split(".")
     config[group][name] = value
   if config.data.name == "fashion_mnist":
-    monkeypatch.setattr(sweep.data, "load_dataset", _first_examples(sweep.data.load_dataset, 3000))
+    monkeypatch.setattr(sweep.data, "load_dataset", _first_examples(sweep.data.load_dataset, 300))
   results = sweep.run_sweep(config, log=lambda _: None)
   assert [entry["rank"] for entry in results["ranks"]] == list(config.sweep.ranks)
   for entry in results["ranks"]:
