@@ -1,7 +1,10 @@
 """A conv + dense network on real Fashion-MNIST, offline: origin notebook 003's CNN (`cnn`).
 
   sudo apt-get install -y dataset-fashion-mnist
-  python -m experiments.sweep --config=configs/fashion_mnist_convnet.py   # ≈ 20 min on 2 CPU cores
+  python -m experiments.sweep --config=configs/fashion_mnist_convnet.py
+
+On a CPU this is slow: XLA:CPU runs the conv gradients ≈ 10× slower inside the epoch's scan than
+alone (BUILD_NOTES.md, known limits); an accelerator is the place for it.
 
 Conv and dense layers are compressed alike (a conv kernel as its [kh·kw·c_in, c_out] matrix);
 ranks are fractions of each layer's min(m, n), since the first conv's matrix is only 9 × 32.
@@ -15,8 +18,8 @@ def get_config():
   config.workdir = "workdirs/fashion_mnist_convnet"
   config.data.name = "fashion_mnist"
   config.model.name = "cnn"
-  config.teacher.batch_size = 256       # notebook 003's; XLA:CPU's conv gradients are slow
-  config.teacher.epochs = 6             # (≈ 1 min an epoch on 2 cores)
+  config.teacher.batch_size = 256       # notebook 003's
+  config.teacher.epochs = 6
   config.student.batch_size = 256
   config.student.epochs = 2
   config.sweep.ranks = (0.1, 0.25, 0.5)

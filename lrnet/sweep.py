@@ -441,6 +441,11 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   config_lib.validate(config)
   dataset = data.load_dataset(config.data.name, config.data.dir,
                               val_fraction=config.data.val_fraction, seed=config.seed)
+  for run in ("teacher", "student"):
+    if config[run].batch_size > dataset.train.labels.size:
+      raise config_lib.ConfigError(
+          f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
+          f"{dataset.train.labels.size} training examples of {config.data.name}")
   exp = Experiment(config, dataset, log)
   for rank in config.sweep.ranks:
     config_lib.check_rank_value(rank, list(exp.layers.values()), "sweep.ranks")

@@ -182,6 +182,7 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
     ("model.hidden", (), r"model\.hidden"),
     ("sweep.kinds", ("distilled",), r"sweep\.kinds=\('distilled',\) .*straight_through"),
     ("checkpoint_every_secs", -1.0, r"checkpoint_every_secs=-1\.0 .*>= 0"),
+    ("teacher.batch_size", 10**6, r"teacher\.batch_size=1000000 .*larger than the 1293 training"),
 ])
 def test_validation_errors_name_field_value_and_allowed(tmp_path, field, value, pattern):
   config = small_config(tmp_path / "w", **{field: value})
@@ -296,7 +297,7 @@ def test_sigkill_at_a_seeded_moment_then_rerun_gives_the_uninterrupted_results(f
     assert len(list(csv.DictReader(f))) == len(results["ranks"])
 
 
-def _write_cifar_batches(directory, per_batch=10):
+def _write_cifar_batches(directory, per_batch=30):
   """The standard python batches of CIFAR-10 (`cifar-10-batches-py`), with random images."""
   rng = np.random.default_rng(0)
   directory.mkdir()
