@@ -3,8 +3,8 @@
   sudo apt-get install -y dataset-fashion-mnist
   python -m experiments.sweep --config=configs/fashion_mnist_convnet.py
 
-On a CPU this is slow: XLA:CPU runs the conv gradients ≈ 10× slower inside the epoch's scan than
-alone (BUILD_NOTES.md, known limits); an accelerator is the place for it.
+On a CPU this is slow: XLA:CPU runs convolutions inside the epoch's scan ≈ 18× slower than
+outside one (BUILD_NOTES.md, known limits); an accelerator is the place for it.
 
 Conv and dense layers are compressed alike (a conv kernel as its [kh·kw·c_in, c_out] matrix);
 ranks are fractions of each layer's min(m, n), since the first conv's matrix is only 9 × 32.
