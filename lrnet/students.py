@@ -26,7 +26,7 @@ rank would not make smaller.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import haiku as hk
 import jax

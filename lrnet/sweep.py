@@ -18,7 +18,6 @@ fingerprint differs is refused unless `overwrite` (then it is trained again).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
