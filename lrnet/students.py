@@ -79,18 +79,23 @@ def _check_conv(module: hk.ConvND) -> None:
                      f"factorized; exclude it")
 
 
+def _matrix_shape(module, inputs: jax.Array) -> tuple[int, int]:
+  """(m, n) of the layer's weight seen as a matrix: [m, n] dense, [kh·kw·c_in, c_out] conv."""
+  if isinstance(module, hk.Linear):
+    return inputs.shape[-1], module.output_size
+  _check_conv(module)
+  return math.prod(module.kernel_shape) * inputs.shape[module.channel_index], module.output_channels
+
+
 def _factorized_call(module, inputs: jax.Array, rank) -> jax.Array:
   """y of a factorized linear or conv layer (see the module docstring)."""
+  m, n = _matrix_shape(module, inputs)
+  r = svd.resolve_rank((m, n), rank)
   if isinstance(module, hk.Linear):
-    m, n = inputs.shape[-1], module.output_size
-    r = svd.resolve_rank((m, n), rank)
     u = hk.get_parameter("u", [m, r], inputs.dtype, init=_default_w_init(m))
     v = hk.get_parameter("v", [r, n], inputs.dtype, init=_default_w_init(r))
     return _bias(module, inputs, (inputs @ u) @ v)
-  _check_conv(module)
   c_in = inputs.shape[module.channel_index]
-  m, n = math.prod(module.kernel_shape) * c_in, module.output_channels
-  r = svd.resolve_rank((m, n), rank)
   u = hk.get_parameter("u", list(module.kernel_shape) + [c_in, r], inputs.dtype,
                        init=_default_w_init(m))
   v = hk.get_parameter("v", [r, n], inputs.dtype, init=_default_w_init(r))
@@ -177,12 +182,7 @@ def _straight_through_call(module, next_f, args, kwargs, width_rank: int, method
                            oversample: int, member_rank):
   """A selected layer of the straight-through student."""
   inputs = args[0]
-  if isinstance(module, hk.Linear):
-    m, n = inputs.shape[-1], module.output_size
-  else:
-    _check_conv(module)
-    m = math.prod(module.kernel_shape) * inputs.shape[module.channel_index]
-    n = module.output_channels
+  m, n = _matrix_shape(module, inputs)
   width_rank = svd.resolve_rank((m, n), width_rank)
   if member_rank is not None:
     member_rank = svd.resolve_rank((m, n), member_rank)
@@ -231,8 +231,7 @@ def straight_through(fn: Callable, rank, *, include=None, exclude=None,
 
 def _student(fn, rank, include, exclude, method, oversample, member_rank,
              given_params=None) -> Student:
-  def ranks_for(args) -> dict:
-    shapes = _dense_shapes(fn, args)
+  def ranks_for(shapes) -> dict:
     ranks = compression.select_ranks(shapes, rank, include, exclude)
     matrices = compression.matrix_shapes(shapes)
     return {name: r for name, r in ranks.items() if r < min(matrices[name])}
@@ -242,9 +241,10 @@ def _student(fn, rank, include, exclude, method, oversample, member_rank,
     return given_params[context.module_name][context.name]
 
   def run(*args, **kwargs):
-    ranks = ranks_for(args)
-    member_ranks = ({} if member_rank is None else compression.select_ranks(
-        _dense_shapes(fn, args), member_rank, include, exclude))
+    shapes = _dense_shapes(fn, args)
+    ranks = ranks_for(shapes)
+    member_ranks = ({} if member_rank is None else
+                    compression.select_ranks(shapes, member_rank, include, exclude))
 
     def interceptor(next_f, call_args, call_kwargs, context):
       if not _is_intercepted(context.module, context.method_name, ranks):
