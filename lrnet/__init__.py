@@ -11,6 +11,9 @@ straight-through students on a CPU).
 
 from lrnet import models
 from lrnet import tracker
+from lrnet.allocation import allocate_ranks
+from lrnet.calibration import calibrate
+from lrnet.calibration import Calibration
 from lrnet.compression import compress
 from lrnet.compression import decompose
 from lrnet.compression import compression_ratio

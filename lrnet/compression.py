@@ -17,6 +17,13 @@ them whatever the size.
 Selection and rank rules need shapes only, except rules such as `energy_rank` that read the
 weights. `decompose` computes each selected weight's SVD once; `compress`, `project` and
 `summarize` take it (`decompositions=`) so that a sweep over ranks does not repeat them.
+
+Data-aware truncation (`calibration=`, from `lrnet.calibrate`): with C = S Sᵀ the damped second
+moment of a layer's inputs (`Calibration.whitening`), the rank-r W′ minimising
+‖Sᵀ(W − W′)‖_F = (E‖x(W − W′)‖² + λ‖W − W′‖²_F)^½ is W′ = S⁻ᵀ[SᵀW]_r: with SᵀW = U Σ Vᵀ, the
+factors are S⁻ᵀU_r√Σ_r and √Σ_r V_rᵀ, and each dropped σ_i adds exactly σ_i² to
+‖Sᵀ(W − W′)‖²_F. `decompose(..., calibration=)` stores this SVD as W = (S⁻ᵀU) Σ Vᵀ, so every
+rank reuses it.
 """
 
 from __future__ import annotations
@@ -177,18 +184,50 @@ def _matrix(weight) -> jax.Array:
 
 
 class Decomposition(NamedTuple):
-  """The SVD of one weight's matrix view W = U diag(s) Vᵀ."""
+  """One weight's matrix view W = U diag(s) Vᵀ, truncated by keeping the leading r terms: its
+  SVD, or calibrated the SVD SᵀW = U_w diag(s) Vᵀ stored with U = S⁻ᵀU_w (UᵀCU = I)."""
   u: jax.Array   # [m, p]
   s: jax.Array   # [p] descending
   vt: jax.Array  # [p, n]
 
 
-def decompose(params: Params, include: Patterns = None, exclude: Patterns = None) -> dict:
+@jax.jit
+def _whitened_svd(matrix: jax.Array, root: jax.Array, inverse_root: jax.Array) -> Decomposition:
+  """W [m, n] = (S⁻ᵀU) diag(s) Vᵀ from the SVD SᵀW = U diag(s) Vᵀ; S, S⁻¹ [m, m] symmetric."""
+  u, s, vt = jnp.linalg.svd(jnp.matmul(root, matrix, precision=jax.lax.Precision.HIGHEST),
+                            full_matrices=False)
+  return Decomposition(jnp.matmul(inverse_root, u, precision=jax.lax.Precision.HIGHEST), s, vt)
+
+
+def _with_calibration(params: Params, names, decompositions: Optional[dict],
+                      calibration) -> dict:
+  """`decompositions`, plus the whitened one of each of `names` they lack when calibrated."""
+  decompositions = dict(decompositions or {})
+  if calibration is not None:
+    for name in names:
+      if name not in decompositions:
+        weight = params[name][weight_name(params[name])]
+        root, inverse_root = calibration.whitening(name)
+        decompositions[name] = _whitened_svd(_matrix(weight), root.astype(weight.dtype),
+                                             inverse_root.astype(weight.dtype))
+  return decompositions
+
+
+def decompose(params: Params, include: Patterns = None, exclude: Patterns = None, *,
+              calibration=None) -> dict:
   """{module: Decomposition} for every module `select_ranks(params, 1, ...)` selects: one SVD
-  per weight, to pass to `compress`/`project`/`summarize` at as many ranks as wanted."""
+  per weight (of SᵀW with `calibration`, a `lrnet.Calibration`), to pass to
+  `compress`/`project`/`summarize` at as many ranks as wanted.
+
+  Raises:
+    ValueError: a selected module has no calibration statistics.
+  """
+  names = select_ranks(params, 1, include, exclude)
+  if calibration is not None:
+    return _with_calibration(params, names, None, calibration)
   return {name: Decomposition(*jnp.linalg.svd(_matrix(params[name][weight_name(params[name])]),
                                               full_matrices=False))
-          for name in select_ranks(params, 1, include, exclude)}
+          for name in names}
 
 
 def _factors(weight, rank: int, decomposition: Optional[Decomposition]):
@@ -199,7 +238,7 @@ def _factors(weight, rank: int, decomposition: Optional[Decomposition]):
 
 
 def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-             *, decompositions: Optional[dict] = None) -> dict:
+             *, decompositions: Optional[dict] = None, calibration=None) -> dict:
   """Factorizes the selected weights: `{w, b}` → `{u, v, b}` with u v = truncate(w, r).
 
   A dense weight [m, n] gives u [m, r], v [r, n]; a conv kernel [*spatial, c_in, c_out] gives
@@ -208,14 +247,19 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
 
   Args:
     params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`.
-    decompositions: from `decompose`, to reuse SVDs.
+    decompositions: from `decompose`, to reuse SVDs; used as they are.
+    calibration: a `lrnet.Calibration`: truncate data-aware (module docstring) every selected
+      module that `decompositions` lacks.
 
   Returns:
     A new tree: every selected module's weight replaced by `u` and `v`; every other leaf the
     same object.
+
+  Raises:
+    ValueError: as `select_ranks`; a selected module without calibration statistics.
   """
   ranks = select_ranks(params, rank, include, exclude)
-  decompositions = decompositions or {}
+  decompositions = _with_calibration(params, ranks, decompositions, calibration)
   compressed = {}
   for name, leaves in params.items():
     if name in ranks:
@@ -238,10 +282,11 @@ def _truncated(weight, rank: int, decomposition: Optional[Decomposition]):
 
 
 def project(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-            *, decompositions: Optional[dict] = None) -> dict:
-  """The same tree with each selected weight replaced by its rank-r truncation (same shapes)."""
+            *, decompositions: Optional[dict] = None, calibration=None) -> dict:
+  """The same tree with each selected weight replaced by its rank-r truncation (same shapes);
+  `decompositions`, `calibration` as in `compress`."""
   ranks = select_ranks(params, rank, include, exclude)
-  decompositions = decompositions or {}
+  decompositions = _with_calibration(params, ranks, decompositions, calibration)
   out = {}
   for name, leaves in params.items():
     if name in ranks:
@@ -315,9 +360,10 @@ class LayerSummary(NamedTuple):
 
 
 def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-              *, decompositions: Optional[dict] = None) -> list[LayerSummary]:
+              *, decompositions: Optional[dict] = None,
+              calibration=None) -> list[LayerSummary]:
   """Per-module parameter and FLOP counts of `compress(params, rank, ...)` against `params`."""
-  del decompositions  # the counts need shapes only
+  del decompositions, calibration  # the counts need shapes only
   ranks = select_ranks(params, rank, include, exclude)
   shapes = matrix_shapes(params)
   automatic = include is None and not isinstance(rank, Mapping)
