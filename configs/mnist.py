@@ -10,6 +10,23 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def recipe(epochs: int, batch_size: int, patience: int) -> ml_collections.ConfigDict:
+  """A training recipe; the defaults are origin notebook 000's (Adam 1e-3, nothing else)."""
+  run = ml_collections.ConfigDict()
+  run.epochs = epochs              # at most; early stopping on validation accuracy
+  run.batch_size = batch_size
+  run.learning_rate = 1e-3         # Adam's (peak, with a schedule)
+  run.schedule = "constant"        # constant | cosine (linear warm-up, cosine decay to 0)
+  run.warmup_epochs = 0.0          # cosine: warm-up length
+  run.weight_decay = 0.0           # > 0: AdamW's decoupled weight decay
+  run.label_smoothing = 0.0        # ε of the smoothed one-hot targets
+  run.shift = 0                    # augmentation: random shifts of up to this many pixels
+  run.flip = False                 # augmentation: random horizontal flips (not for digits)
+  run.patience = patience          # epochs without a better val accuracy before stopping; 0: never
+  run.ema_decay = 0.0              # parameter EMA decay; 0: off
+  return run
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.workdir = "workdirs/mnist"  # results, checkpoints, logs and plots go here
@@ -26,28 +43,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.name = "mlp"          # mlp | convnet | resmlp | cnn (lrnet.models)
   config.model.hidden = (1024,) * 5  # mlp: hidden widths
 
-  config.teacher = ml_collections.ConfigDict()
-  config.teacher.epochs = 30         # at most; early stopping on validation accuracy
-  config.teacher.batch_size = 50
-  config.teacher.learning_rate = 1e-3
-  config.teacher.patience = 5        # epochs without a better val accuracy before stopping; 0: never
-  config.teacher.ema_decay = 0.0     # parameter EMA decay; 0: off
-
-  config.student = ml_collections.ConfigDict()  # straight-through and factorized students
-  config.student.epochs = 10
-  config.student.batch_size = 100
-  config.student.learning_rate = 1e-3
-  config.student.patience = 3
-  config.student.ema_decay = 0.0
+  # The teacher's recipe also trains the dense controls (equal-size dense nets from scratch).
+  config.teacher = recipe(epochs=30, batch_size=50, patience=5)
+  config.student = recipe(epochs=10, batch_size=100, patience=3)  # low-rank students
+  config.student.distillation = ml_collections.ConfigDict()  # from the teacher's outputs
+  config.student.distillation.weight = 0.0       # w in (1-w)·CE + w·T²·KL(teacher‖student); 0: off
+  config.student.distillation.temperature = 4.0  # T
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
   config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
-  config.sweep.kinds = ("straight_through", "factorized")  # students to train; (): truncation only
+  # Students to train; (): truncation only. dense_control: a dense net of the teacher's depth,
+  # as wide as fits the factorized student's parameter count, trained from scratch.
+  config.sweep.kinds = ("straight_through", "factorized", "dense_control")
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   config.projection.method = "alternating"  # alternating (tracked, fast) | exact (SVD per step)
   config.projection.oversample = 10    # alternating: singular pairs tracked beyond the rank
+
+  # Devices (lrnet.parallel): `members` splits a batch of ranks (sweep.parallel_ranks), `data`
+  # splits every training batch; -1: every device the other axis leaves. 1 and 1: one device.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.members = 1
+  config.mesh.data = 1
 
   config.latency = ml_collections.ConfigDict()  # forward latency, dense vs factorized
   config.latency.batch_size = 100

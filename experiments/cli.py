@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from lrnet import config as config_lib
 from lrnet import data
+from lrnet import parallel
 from lrnet import runtime
 from lrnet import train
 
@@ -122,6 +123,7 @@ def run_app(job) -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    parallel.initialize_distributed()  # several processes (Slurm, MPI, TPU pod): join first
     runtime.limit_lapack_threads(1)  # small LAPACK calls inside jitted steps: BUILD_NOTES.md
     run_guarded(lambda: job(CONFIG.value))
 

@@ -17,7 +17,8 @@ MODELS = ("mlp", "convnet", "resmlp", "cnn")  # lrnet.models.NETWORKS
 NUM_CLASSES = 10
 PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
-STUDENT_KINDS = ("straight_through", "factorized")
+STUDENT_KINDS = ("straight_through", "factorized", "dense_control")
+SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,12 @@ def _positive_float(config, field: str):
   value = _get(config, field)
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
     _fail(field, value, "must be a number > 0")
+
+
+def _non_negative(config, field: str):
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+    _fail(field, value, "must be a number >= 0")
 
 
 def _unit_interval(config, field: str, closed_low: bool):
@@ -153,6 +160,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_float(config, f"{run}.learning_rate")
     check_positive_int(config, f"{run}.patience", allow_zero=True)
     _unit_interval(config, f"{run}.ema_decay", closed_low=True)
+    if _get(config, f"{run}.schedule") not in SCHEDULES:
+      _fail(f"{run}.schedule", config[run].schedule, f"allowed: {', '.join(SCHEDULES)}")
+    _non_negative(config, f"{run}.warmup_epochs")
+    _non_negative(config, f"{run}.weight_decay")
+    _unit_interval(config, f"{run}.label_smoothing", closed_low=True)
+    check_positive_int(config, f"{run}.shift", allow_zero=True)
+    if not isinstance(_get(config, f"{run}.flip"), bool):
+      _fail(f"{run}.flip", config[run].flip, "must be True or False")
+  weight = _get(config, "student.distillation.weight")
+  if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
+    _fail("student.distillation.weight", weight, "must be in [0, 1] (0: no distillation)")
+  _positive_float(config, "student.distillation.temperature")
 
   ranks = _get(config, "sweep.ranks")
   if not isinstance(ranks, (tuple, list)) or not ranks:
@@ -178,14 +197,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   every = _get(config, "checkpoint_every_secs")
   if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
     _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
+  for axis in ("members", "data"):
+    size = _get(config, f"mesh.{axis}")
+    if not is_int(size) or (size < 1 and size != -1):
+      _fail(f"mesh.{axis}", size, "must be an integer >= 1, or -1 (every device left)")
+  if config.mesh.members == -1 and config.mesh.data == -1:
+    _fail("mesh", config.mesh.to_dict(), "at most one axis may be -1")
   check_positive_int(config, "latency.batch_size")
   check_positive_int(config, "latency.repeats")
 
 
 def experiment_fields(config: ml_collections.ConfigDict) -> dict:
   """The config as a dict, less the fields that do not change results (workdir, overwrite,
-  checkpoint_every_secs)."""
+  checkpoint_every_secs, and mesh: results equal one device's up to rounding)."""
   fields = config.to_dict()
-  for key in ("workdir", "overwrite", "checkpoint_every_secs"):
+  for key in ("workdir", "overwrite", "checkpoint_every_secs", "mesh"):
     fields.pop(key, None)
   return fields

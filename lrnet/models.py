@@ -20,6 +20,8 @@ Each `*_fn` returns `fn(images) -> logits` (what one passes to `hk.transform`); 
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Callable, Sequence
 
 import haiku as hk
@@ -67,18 +69,19 @@ def resmlp_fn(num_classes: int, width: int = 1000, blocks: int = 2) -> Forward:
   return forward
 
 
-def cnn_fn(num_classes: int, dropout: float = 0.5) -> Forward:
+def cnn_fn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 128,
+           dropout: float = 0.5) -> Forward:
   """Origin notebook 003's CNN teacher (module docstring)."""
   def drop(x: jax.Array) -> jax.Array:
     key = hk.maybe_next_rng_key()
     return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
 
   def forward(images: jax.Array) -> jax.Array:
-    x = jax.nn.relu(hk.Conv2D(32, 3, padding="VALID", name="conv_0")(images))
+    x = jax.nn.relu(hk.Conv2D(channels[0], 3, padding="VALID", name="conv_0")(images))
     x = hk.MaxPool((2, 2, 1), (2, 2, 1), "VALID")(x)
-    x = jax.nn.relu(hk.Conv2D(64, 3, padding="VALID", name="conv_1")(x))
+    x = jax.nn.relu(hk.Conv2D(channels[1], 3, padding="VALID", name="conv_1")(x))
     x = drop(hk.Flatten()(hk.MaxPool((2, 2, 1), (2, 2, 1), "VALID")(x)))
-    x = drop(jax.nn.relu(hk.Linear(128, name="linear_0")(x)))
+    x = drop(jax.nn.relu(hk.Linear(dense, name="linear_0")(x)))
     return hk.Linear(num_classes, name="linear_1")(x)
   return forward
 
@@ -88,7 +91,10 @@ NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cn
 
 # The config fields (`model.<field>`) each network takes besides the number of classes.
 NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense",), "resmlp": ("width", "blocks"),
-                  "cnn": ("dropout",)}
+                  "cnn": ("channels", "dense", "dropout")}
+# The fields that set widths (`scaled` shrinks them; depth stays).
+WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("dense",), "resmlp": ("width",),
+                "cnn": ("channels", "dense")}
 
 
 def network(model_config, num_classes: int) -> Forward:
@@ -97,6 +103,52 @@ def network(model_config, num_classes: int) -> Forward:
   fields = {field: model_config[field] for field in NETWORK_FIELDS[model_config.name]
             if field in model_config}
   return NETWORKS[model_config.name](num_classes, **fields)
+
+
+def scaled(model_config, factor: float):
+  """A copy of a `model` config group with every width (`WIDTH_FIELDS`, defaults included)
+  multiplied by `factor` and rounded down, at least 1."""
+  config = model_config.copy_and_resolve_references()
+  defaults = inspect.signature(NETWORKS[config.name]).parameters
+  for field in WIDTH_FIELDS[config.name]:
+    value = config[field] if field in config else defaults[field].default
+    scale = lambda width: max(1, int(width * factor))
+    new = tuple(scale(w) for w in value) if isinstance(value, (tuple, list)) else scale(value)
+    with config.unlocked():
+      config[field] = new
+  return config
+
+
+def dense_control(model_config, num_classes: int, example: jax.Array, max_params: int):
+  """The widest `scaled(model_config, f)`, f ≤ 1, with at most `max_params` parameters: a dense
+  network of the same depth and the size of a compressed student (bisection on f).
+
+  Returns:
+    (model config, its parameter count).
+
+  Raises:
+    ValueError: even width 1 everywhere has more than `max_params` parameters.
+  """
+  counts = {}
+
+  def count(factor):
+    config = scaled(model_config, factor)
+    key = tuple(str(config[field]) for field in WIDTH_FIELDS[config.name])
+    if key not in counts:
+      shapes = jax.eval_shape(hk.transform(network(config, num_classes)).init,
+                              jax.random.PRNGKey(0), example)
+      counts[key] = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+    return counts[key]
+
+  low, high = 0.0, 1.0
+  if count(high) <= max_params:
+    return scaled(model_config, high), count(high)
+  for _ in range(24):  # to 2⁻²⁴: a width below 2²⁴ changes by at most 1 between low and high
+    middle = (low + high) / 2
+    low, high = (middle, high) if count(middle) <= max_params else (low, middle)
+  if count(low) > max_params:
+    raise ValueError(f"no {model_config.name} of this depth has at most {max_params} parameters")
+  return scaled(model_config, low), count(low)
 
 
 def _rank_dict(spec, hidden: Sequence[int], field: str) -> dict:

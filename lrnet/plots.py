@@ -42,7 +42,10 @@ ACCURACY_SERIES = (
     ("truncated_accuracy", "truncated SVD (no retraining)"),
     ("straight_through_accuracy", "straight-through retrained"),
     ("factorized_accuracy", "factorized fine-tuned"),
+    ("dense_control_accuracy", "dense control (same size, from scratch)"),
 )
+# Where a series' points sit on the parameter axis (default: the compressed network's size).
+PARAMS_KEYS = {"dense_control_accuracy": "dense_control_params"}
 ACCURACY_FILE = "accuracy_vs_params.png"
 LATENCY_FILE = "latency_vs_rank.png"
 _FIGSIZE = (7.0, 4.5)
@@ -124,8 +127,8 @@ def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
 def accuracy_series(results: Mapping[str, Any]) -> dict[str, Points]:
   """(params, test accuracy) per key of :data:`ACCURACY_SERIES`, by params."""
   entries = _rank_entries(results)
-  return {key: _points((_finite(entry.get("params")), _finite(entry.get(key)))
-                       for entry in entries)
+  return {key: _points((_finite(entry.get(PARAMS_KEYS.get(key, "params"))),
+                        _finite(entry.get(key))) for entry in entries)
           for key, _ in ACCURACY_SERIES}
 
 
@@ -171,7 +174,7 @@ def _title(results: Mapping[str, Any], what: str) -> str:
 
 
 def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
-  """Test accuracy of the three compression methods vs parameter count.
+  """Test accuracy of the compression methods and the dense control vs parameter count.
 
   One line per method in :data:`ACCURACY_SERIES` (always present, possibly
   empty; data from :func:`accuracy_series`), x on a log scale; each entry
@@ -182,7 +185,7 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
     results: the sweep results (schema in the module docstring).
 
   Returns:
-    The figure; ``fig.axes[0].get_lines()``: the three methods in order, then
+    The figure; ``fig.axes[0].get_lines()``: the series in order, then
     the teacher (if its accuracy is finite).
   """
   fig = _new_figure()
@@ -192,7 +195,7 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
     ax.plot(*series[key], marker="o", markersize=4, label=label)
   for entry in _rank_entries(results):
     params = _finite(entry.get("params"))
-    accuracies = [_finite(entry.get(key)) for key, _ in ACCURACY_SERIES]
+    accuracies = [_finite(entry.get(key)) for key, _ in ACCURACY_SERIES if key not in PARAMS_KEYS]
     accuracies = [y for y in accuracies if y is not None]
     if params is not None and accuracies and entry.get("rank") is not None:
       # Below the lowest point: the top is crowded by the teacher line.

@@ -34,8 +34,10 @@ from lrnet import compression as compress_lib
 from lrnet import config as config_lib
 from lrnet import data
 from lrnet import io
+from lrnet import losses
 from lrnet import metrics as metrics_lib
 from lrnet import models
+from lrnet import parallel
 from lrnet import plots
 from lrnet import rank_estimation
 from lrnet import students
@@ -44,7 +46,8 @@ from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
 CSV_FIELDS = ("rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
-              "factorized_accuracy", "latency_factorized_ms", "theoretical_latency_ratio", "error")
+              "factorized_accuracy", "dense_control_params", "dense_control_accuracy",
+              "latency_factorized_ms", "theoretical_latency_ratio", "error")
 Log = Callable[[str], None]
 PLOT_EVERY_SECS = 30.0
 
@@ -65,8 +68,8 @@ def run_name(rank, kind: str) -> str:
 def fingerprint(config: ml_collections.ConfigDict, kind: Optional[str] = None) -> dict:
   """The config fields the teacher (`kind` None) or a student of `kind` depends on."""
   fields = config_lib.experiment_fields(config)
-  keys = ["seed", "data", "model", "teacher"]
-  if kind is not None:
+  keys = ["seed", "data", "model", "teacher"]  # a dense control's too: it is trained like one
+  if kind not in (None, "dense_control"):
     keys.append("student")
     if kind == "straight_through":
       keys.append("projection")
@@ -86,7 +89,8 @@ class Experiment:
     self.workdir = os.path.abspath(config.workdir)
     self.dataset = dataset
     split = lambda s: (jnp.asarray(s.images), jnp.asarray(s.labels))
-    self.train = split(dataset.train)
+    self.mesh = parallel.make_mesh(config.mesh.to_dict())  # None: one device
+    self.train = parallel.replicate(split(dataset.train), self.mesh)  # placed once
     # Validation and test padded to one length (label -1: ignored by `train.make_evaluate`),
     # so that every evaluation function compiles once for both.
     length = max(dataset.val.labels.size, dataset.test.labels.size)
@@ -99,10 +103,40 @@ class Experiment:
     # The compressed layers: every dense and conv layer but the output layer.
     self.layers = {name: compress_lib.matrix_shapes(shapes)[name]
                    for name in compress_lib.compressible_modules(shapes)}
-    self.evaluate_dense = train.make_evaluate(self.dense.apply)
+    # XLA:CPU runs convolutions inside loops ≈ 18× slower than outside (BUILD_NOTES.md): conv
+    # networks on a CPU train one step per call and evaluate without loops.
+    self.unroll = jax.default_backend() == "cpu" and any(
+        leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(shapes))
+    self.evaluate_dense = train.make_evaluate(self.dense.apply, unroll=self.unroll)
     self.teacher_params = None  # set once the teacher is trained or loaded
     self.decompositions = None  # the teacher's SVDs, one per compressed layer
     self.cache = {}             # compiled programs, shared by every rank
+
+  def optimizer(self, settings):
+    """The optimizer of a run's recipe (`teacher` or `student` section)."""
+    return train.optimizer(settings, self.train[1].shape[0] // settings.batch_size)
+
+  def members_epoch(self, apply_fn: Callable, settings, num_members: int,
+                    side_by_side: bool = False, distill: bool = False) -> Callable:
+    """The jitted epoch of `num_members` members of `apply_fn` trained with `settings`' recipe
+    (`train.members_epoch`; one step per call when `self.unroll`). With `distill`, the
+    student's distillation from the teacher, whose params the epoch then takes last."""
+    distillation = settings.get("distillation")
+    weight = distillation.weight if distill else 0.0
+    objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
+                                 distillation_weight=weight,
+                                 temperature=distillation.temperature if weight else 1.0)
+    epoch = train.make_train_epoch(
+        apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
+        objective=objective, teacher_apply=self.dense.apply if weight else None,
+        shift=settings.shift, flip=settings.flip, seed=self.config.seed, unroll=self.unroll)
+    members = train.members_epoch(epoch, num_members, side_by_side, self.mesh_for(num_members))
+    return train.in_calls(members, settings.batch_size, 1) if self.unroll else members
+
+  def mesh_for(self, num_members: int):
+    """A batch of members splits its members over the mesh; a lone run uses every device for
+    its batch (`parallel.single_run`)."""
+    return self.mesh if num_members > 1 else parallel.single_run(self.mesh)
 
   def ranks(self, rank) -> dict:
     """A sweep rank for every compressed layer, resolved: {module: int}."""
@@ -140,8 +174,9 @@ class Experiment:
   def finish(self, run: str, params, record: dict) -> dict:
     """Saves a finished run's parameters and numbers."""
     checkpoint.save_pytree(self.path("models", run), params, overwrite=True)
-    os.makedirs(self.path("runs"), exist_ok=True)
-    io.atomic_write_json(self.path("runs", f"{run}.json"), record)
+    if parallel.is_main_process():
+      os.makedirs(self.path("runs"), exist_ok=True)
+      io.atomic_write_json(self.path("runs", f"{run}.json"), record)
     return record
 
 
@@ -152,14 +187,17 @@ class Members(NamedTuple):
   epoch_fn: Callable    # from `train.members_epoch`
   accuracy: Callable    # (stacked params, images, labels) -> accuracies [n]
   final_params: Callable  # (member params, index) -> the parameters to save
+  epoch_args: tuple = ()  # passed on to every epoch_fn call (a distilling batch's teacher)
 
 
 def train_members(exp: Experiment, members: Members, settings, seed: int,
                   fingerprint_fields: dict) -> list:
   """Trains a batch (resuming from its checkpoint); returns per member (record, params) or
   ({"error": ...}, None) for a member whose loss or parameters stopped being finite."""
+  # A batch padded for the mesh holds copies: another padding must not restore its checkpoint.
+  suffix = f"-x{len(members.states)}" if len(members.states) != len(members.names) else ""
   checkpoint_dir = exp.path("checkpoints",
-                            f"{'+'.join(members.names)}-{_digest(fingerprint_fields)}")
+                            f"{'+'.join(members.names)}-{_digest(fingerprint_fields)}{suffix}")
   start = time.perf_counter()
   progress = train.start_progress(members.states)
   checkpointer = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1)
@@ -184,7 +222,8 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
     progress = train.fit(progress, members.epoch_fn, lambda p: members.accuracy(p, *exp.val),
                          *exp.train, epochs=settings.epochs, seed=seed,
                          patience=settings.patience or None,
-                         on_epoch=on_epoch)
+                         on_epoch=on_epoch, epoch_args=members.epoch_args,
+                         mesh=exp.mesh_for(len(members.states)))
   finally:
     for writer in writers:
       writer.close()
@@ -210,12 +249,45 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   return outcomes
 
 
-def _evaluate_members(evaluate: Callable) -> Callable:
-  """(stacked params, images, labels, *member args) → accuracies [n], member by member."""
+def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
+  """(stacked params, images, labels, *member args) → accuracies [n], member by member
+  (`lax.map`, or with `unroll` one copy per member: see `Experiment.unroll`)."""
   def accuracy(params, images, labels, *args):
-    return jax.lax.map(lambda member: evaluate(member[0], images, labels, *member[1])[0],
-                       (params, args))
+    member = lambda m: evaluate(m[0], images, labels, *m[1])[0]
+    if not unroll:
+      return jax.lax.map(member, (params, args))
+    n = jax.tree_util.tree_leaves(params)[0].shape[0]
+    return jnp.stack([member(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], (params, args)))
+                      for i in range(n)])
   return jax.jit(accuracy)
+
+
+def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict) -> tuple:
+  """Trains (or reloads) a dense network `fn` from scratch with the teacher's recipe.
+
+  Returns:
+    (params, record), or (None, record with "error") if its loss or parameters stopped being
+    finite.
+  """
+  net = hk.without_apply_rng(hk.transform(fn))
+  template = net.init(jax.random.PRNGKey(seed), exp.example)
+  record = exp.finished(run)
+  if record is not None:
+    exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
+    return checkpoint.load_pytree(exp.path("models", run), template), record
+  settings = exp.config.teacher
+  state = train.init_state(template, exp.optimizer(settings), ema=settings.ema_decay > 0)
+  evaluate = (exp.evaluate_dense if fn is exp.fn
+              else train.make_evaluate(net.apply, unroll=exp.unroll))
+  members = Members([run], [state], exp.members_epoch(train.stateful_apply(net), settings, 1),
+                    _evaluate_members(evaluate, exp.unroll), lambda params, _: params)
+  [(record, params)] = train_members(exp, members, settings, exp.config.seed, fields)
+  if params is None:
+    return None, record
+  record["params"] = compress_lib.count_params(params)
+  exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
+          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
+  return params, exp.finish(run, params, record)
 
 
 def run_teacher(exp: Experiment) -> tuple[Any, dict]:
@@ -224,27 +296,24 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   Raises:
     train.NonFiniteError: the teacher's loss or parameters stopped being finite.
   """
-  run = "teacher"
-  template = exp.dense.init(jax.random.PRNGKey(exp.config.seed), exp.train[0][:1])
-  record = exp.finished(run)
-  if record is not None:
-    exp.log(f"[teacher] reusing the trained teacher in {exp.path('models', run)}")
-    return checkpoint.load_pytree(exp.path("models", run), template), record
-  settings = exp.config.teacher
-  optimizer = train.adam(settings.learning_rate)
-  epoch_fn = train.members_epoch(train.make_train_epoch(
-      train.stateful_apply(exp.dense), optimizer, settings.batch_size, settings.ema_decay), 1)
-  members = Members([run], [train.init_state(template, optimizer, ema=settings.ema_decay > 0)],
-                    epoch_fn, _evaluate_members(exp.evaluate_dense), lambda params, _: params)
-  [(record, params)] = train_members(exp, members, settings, exp.config.seed,
-                                     fingerprint(exp.config))
+  params, record = train_dense(exp, "teacher", exp.fn, exp.config.seed, fingerprint(exp.config))
   if params is None:
     raise train.NonFiniteError(f"the teacher diverged ({record['error']}); lower "
                                f"teacher.learning_rate or check the data")
-  record["params"] = compress_lib.count_params(params)
-  exp.log(f"[teacher] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
-          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
-  return params, exp.finish(run, params, record)
+  return params, record
+
+
+def run_dense_control(exp: Experiment, rank) -> dict:
+  """The dense control of `rank`: the widest network of the teacher's depth with at most the
+  factorized student's parameters (`models.dense_control`), trained from scratch like the
+  teacher."""
+  max_params = sum(row.compressed_params
+                   for row in compress_lib.summarize(exp.teacher_params, exp.ranks(rank)))
+  model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example, max_params)
+  _, record = train_dense(exp, run_name(rank, "dense_control"),
+                          models.network(model, exp.num_classes), exp.config.seed,
+                          fingerprint(exp.config, "dense_control"))
+  return {**record, "params": params}
 
 
 def side_by_side(config) -> bool:
@@ -276,16 +345,19 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
   settings, config = exp.config.student, exp.config
   width = ranks[0] if len(ranks) == 1 else max(ranks)
   width_ranks = exp.ranks(width)
-  member_ranks = [exp.ranks(r) for r in ranks]
-  optimizer = train.adam(settings.learning_rate)
+  # Padded with copies of the last rank to a multiple of the mesh's members axis (results dropped).
+  padding = parallel.member_padding(len(ranks), exp.mesh) if len(ranks) > 1 else 0
+  member_ranks = [exp.ranks(r) for r in list(ranks) + [ranks[-1]] * padding]
+  optimizer = exp.optimizer(settings)
   ema = settings.ema_decay > 0
-  key = (kind, rank_label(width), len(ranks))
+  distill = settings.distillation.weight > 0
+  key = (kind, rank_label(width), len(member_ranks))
   if kind == "factorized":
     net = students.factorized(exp.fn, width_ranks)
     states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
         exp.teacher_params, member, decompositions=exp.decompositions), width_ranks),
         optimizer, ema=ema) for member in member_ranks]
-    evaluate = train.make_evaluate(net.apply)
+    evaluate = train.make_evaluate(net.apply, unroll=exp.unroll)
     final_params = lambda params, i: compress_lib.unpad_factors(params, member_ranks[i])
   else:
     net = students.straight_through(exp.fn, width_ranks, method=config.projection.method,
@@ -299,12 +371,14 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
     final_params = lambda params, i: params
   stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
                     for name in width_ranks},) if kind != "factorized" else ()
-  epoch_fn = exp.cached(("epoch",) + key, lambda: train.members_epoch(
-      train.make_train_epoch(train.stateful_apply(net), optimizer, settings.batch_size,
-                             settings.ema_decay), len(ranks), side_by_side(config)))
-  member_accuracy = exp.cached(("accuracy",) + key, lambda: _evaluate_members(evaluate))
+  epoch_fn = exp.cached(("epoch",) + key, lambda: exp.members_epoch(
+      train.stateful_apply(net), settings, len(member_ranks), side_by_side(config),
+      distill=distill))
+  member_accuracy = exp.cached(("accuracy",) + key,
+                               lambda: _evaluate_members(evaluate, exp.unroll))
   accuracy = lambda params, images, labels: member_accuracy(params, images, labels, *stacked_ranks)
-  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, final_params)
+  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, final_params,
+                 (exp.teacher_params,) if distill else ())
 
 
 def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:
@@ -320,6 +394,10 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
       pending.append(rank)
   if done:
     on_records(done)
+  if kind == "dense_control":
+    for rank in pending:
+      on_records({rank: run_dense_control(exp, rank)})
+    return
   for ranks in rank_batches(exp.config, pending):
     outcomes = train_members(exp, student_members(exp, kind, ranks), exp.config.student,
                              exp.config.seed + 1, fields)
@@ -392,6 +470,7 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
           "compression": compress_lib.count_params(teacher_params) / params,
           "truncated_accuracy": truncated,
           "straight_through_accuracy": None, "factorized_accuracy": None,
+          "dense_control_params": None, "dense_control_accuracy": None,
           "latency_factorized_ms": train.measure_latency(factorized.apply, compressed, batch,
                                                          repeats=config.latency.repeats),
           # Matmul FLOPs of the factorized network over the dense one (conv layers per output
@@ -401,7 +480,10 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
 
 
 def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> None:
-  """results.json and results.csv, and with `with_plots` both plots (≈ 0.8 s), atomically."""
+  """results.json and results.csv, and with `with_plots` both plots (≈ 0.8 s), atomically;
+  by process 0 only."""
+  if not parallel.is_main_process():
+    return
   io.atomic_write_json(exp.path("results.json"), results)
   rows = [{field: entry.get(field) for field in CSV_FIELDS} for entry in results["ranks"]]
   io.atomic_write_csv(exp.path("results.csv"), rows, CSV_FIELDS)
@@ -416,13 +498,14 @@ def format_table(results: dict, workdir: str) -> str:
   lines = [f"{results['dataset']}: teacher test accuracy {pct(teacher['test_accuracy']).strip()} %, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
            f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} "
-           f"{'straight-':>10} {'factorized':>11} {'factorized':>11}",
+           f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'factorized':>11}",
            f"{'':>6} {'':>11} {'by':>8} {'accuracy %':>10} {'through %':>10} {'accuracy %':>11} "
-           f"{'forward ms':>11}"]
+           f"{'control %':>11} {'forward ms':>11}"]
   for e in results["ranks"]:
     lines.append(f"{str(e['rank']):>6} {e['params']:>11,} {e['compression']:>7.1f}x "
                  f"{pct(e['truncated_accuracy']):>10} {pct(e.get('straight_through_accuracy')):>10} "
-                 f"{pct(e.get('factorized_accuracy')):>11} {e['latency_factorized_ms']:>11.3f}"
+                 f"{pct(e.get('factorized_accuracy')):>11} {pct(e.get('dense_control_accuracy')):>11} "
+                 f"{e['latency_factorized_ms']:>11.3f}"
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
   lines.append(f"results: {os.path.join(workdir, 'results.json')} (and results.csv, "
                f"accuracy_vs_params.png, latency_vs_rank.png; per-epoch metrics in metrics/)")
@@ -437,6 +520,8 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
     config_lib.ConfigError: an invalid config, or finished runs of other settings.
     data.DataError: the dataset cannot be found or read.
   """
+  if not parallel.is_main_process():  # several processes: process 0 logs and writes
+    log = lambda line: None
   config_lib.validate(config)
   dataset = data.load_dataset(config.data.name, config.data.dir,
                               val_fraction=config.data.val_fraction, seed=config.seed)
@@ -445,6 +530,15 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
       raise config_lib.ConfigError(
           f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
           f"{dataset.train.labels.size} training examples of {config.data.name}")
+  try:
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    lone = parallel.single_run(mesh)  # the teacher, dense controls, ranks trained alone
+    parallel.check_batch_size(config.teacher.batch_size, lone, "teacher.batch_size")
+    alone = any(len(batch) == 1 for batch in rank_batches(config, list(config.sweep.ranks)))
+    parallel.check_batch_size(config.student.batch_size, lone if alone else mesh,
+                              "student.batch_size")
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
   exp = Experiment(config, dataset, log)
   for rank in config.sweep.ranks:
     config_lib.check_rank_value(rank, list(exp.layers.values()), "sweep.ranks")
@@ -458,6 +552,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
                                  f"{error.strerror or error}") from None
   log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "
       f"{dataset.test.labels.size} test examples from {dataset.source}; workdir {workdir}")
+  log(f"devices: {parallel.describe(exp.mesh)}")
   return exp
 
 
@@ -481,6 +576,7 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   batch = exp.test[0][:config.latency.batch_size]
   layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
+             "devices": parallel.describe(exp.mesh),
              "teacher": {**{key: teacher[key] for key in ("test_accuracy", "val_accuracy",
                                                           "params", "epochs", "seconds")},
                          "latency_ms": train.measure_latency(exp.dense.apply, teacher_params,
@@ -498,6 +594,8 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
       for rank, record in records.items():
         entry = entries[rank]
         entry[f"{kind}_accuracy"] = record.get("test_accuracy")
+        if kind == "dense_control":
+          entry["dense_control_params"] = record.get("params")
         if "error" in record:
           entry["error"] = "; ".join(filter(None, [entry.get("error"), f"{kind}: {record['error']}"]))
       with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS

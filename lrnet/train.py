@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lrnet import losses
+from lrnet import parallel
+
 Params = Any
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
 
@@ -51,6 +54,39 @@ def adam(learning_rate: float) -> optax.GradientTransformation:
   return optax.adam(learning_rate)
 
 
+def optimizer(settings, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The optimizer a run's settings ask for (`teacher` or `student` config section).
+
+  Adam, or AdamW with `weight_decay` > 0 (decoupled decay, scaled by the learning rate);
+  `schedule` "constant" at `learning_rate`, or "cosine": linear warm-up from 0 over
+  `warmup_epochs`, then a cosine decay to 0 at `epochs` (early stopping may end sooner).
+  """
+  learning_rate = settings.learning_rate
+  if settings.schedule == "cosine":
+    total = max(settings.epochs * steps_per_epoch, 1)
+    warmup = min(int(settings.warmup_epochs * steps_per_epoch), total - 1)
+    learning_rate = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup, total)
+  if settings.weight_decay:
+    return optax.adamw(learning_rate, weight_decay=settings.weight_decay)
+  return optax.adam(learning_rate)
+
+
+def augment(key: jax.Array, images: jax.Array, shift: int, flip: bool) -> jax.Array:
+  """Random translations by up to `shift` pixels each way (zero fill) and, with `flip`, random
+  horizontal flips; one draw per example. images: [batch, H, W, C]."""
+  batch, height, width, _ = images.shape
+  shift_key, flip_key = jax.random.split(key)
+  if shift:
+    padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    offsets = jax.random.randint(shift_key, (batch, 2), 0, 2 * shift + 1)
+    crop = lambda image, at: jax.lax.dynamic_slice(image, (at[0], at[1], 0), images.shape[1:])
+    images = jax.vmap(crop)(padded, offsets)
+  if flip:
+    flips = jax.random.bernoulli(flip_key, 0.5, (batch, 1, 1, 1))
+    images = jnp.where(flips, images[:, :, ::-1], images)
+  return images
+
+
 def init_state(params: Params, optimizer: optax.GradientTransformation,
                model_state: Any = None, ema: bool = False) -> TrainState:
   """A fresh training state starting from `params`."""
@@ -71,23 +107,13 @@ def commit(tree: Any) -> Any:
   return jax.device_put(tree, jax.devices()[0])
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy. logits: [batch, classes]; labels: [batch] int."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
-  """Hinton et al.'s soft-target loss: T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean."""
-  teacher_probs = jax.nn.softmax(teacher_logits / temperature)
-  log_student = jax.nn.log_softmax(logits / temperature)
-  log_teacher = jax.nn.log_softmax(teacher_logits / temperature)
-  kl = jnp.sum(teacher_probs * (log_teacher - log_student), axis=-1)
-  return temperature**2 * jnp.mean(kl)
-
-
 def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
-                     batch_size: int, ema_decay: float = 0.0):
-  """Builds `epoch(state, images, labels, order) -> (state, metrics)` for one member.
+                     batch_size: int, ema_decay: float = 0.0, *,
+                     objective: Optional[losses.Objective] = None,
+                     teacher_apply: Optional[Callable[..., jax.Array]] = None,
+                     shift: int = 0, flip: bool = False, seed: int = 0, unroll: bool = False):
+  """Builds `epoch(state, images, labels, order[, teacher_params]) -> (state, metrics)` for
+  one member.
 
   One epoch is a `lax.scan` over `len(order) // batch_size` batches (the remainder of the
   shuffled order is dropped; a new order each epoch sees it later). With `ema_params` in the
@@ -98,23 +124,40 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     optimizer: an optax transformation.
     batch_size: examples per step.
     ema_decay: decay of the parameter EMA (used only if the state holds `ema_params`).
+    objective: `lrnet.losses` objective; None: plain cross-entropy.
+    teacher_apply: `(teacher_params, images) -> logits`, run inside the step on the same
+      (augmented) batch and passed to `objective`; the epoch then takes `teacher_params`.
+    shift, flip: augmentation of each batch (`augment`), drawn from (seed, step): members of
+      one batch see the same augmented images.
+    seed: augmentation seed.
+    unroll: unroll the scan over the batches, one copy of the step each (for `in_calls`).
 
   Returns:
     An unjitted function (see `members_epoch`). Its inputs: `images` [N, ...], `labels` [N],
     `order` [N] int32 permutation. Metrics: `loss`
     [steps] per step and `accuracy` [] training accuracy over the epoch.
   """
+  objective = objective or (lambda logits, labels, _: (
+      jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), logits))
 
-  def loss_fn(params, model_state, images, labels):
+  def loss_fn(params, model_state, images, labels, teacher_logits):
     logits, model_state = apply_fn(params, model_state, images)
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    return cross_entropy(logits, labels), (model_state, correct)
+    loss, class_logits = objective(logits, labels, teacher_logits)
+    correct = jnp.sum(jnp.argmax(class_logits, -1) == labels)
+    return loss, (model_state, correct)
 
-  def step(state: TrainState, batch_index, images, labels):
+  def step(state: TrainState, batch_index, images, labels, teacher_params):
     batch_images = jnp.take(images, batch_index, axis=0)
     batch_labels = jnp.take(labels, batch_index, axis=0)
+    batch_images, batch_labels = parallel.constrain_batch((batch_images, batch_labels))
+    if shift or flip:
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+      batch_images = augment(key, batch_images, shift, flip)
+    teacher_logits = None
+    if teacher_apply is not None:
+      teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch_images))
     (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch_images, batch_labels)
+        state.params, state.model_state, batch_images, batch_labels, teacher_logits)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -123,12 +166,19 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     state = TrainState(params, opt_state, model_state, ema_params, state.step + 1)
     return state, (loss, correct)
 
-  def epoch(state: TrainState, images, labels, order):
+  def epoch(state: TrainState, images, labels, order, teacher_params=None):
     num_steps = order.shape[0] // batch_size
     batch_indices = order[:num_steps * batch_size].reshape(num_steps, batch_size)
-    body = lambda s, idx: step(s, idx, images, labels)
-    state, (losses, correct) = jax.lax.scan(body, state, batch_indices)
-    return state, {"loss": losses, "accuracy": jnp.sum(correct) / (num_steps * batch_size)}
+    body = lambda s, idx: step(s, idx, images, labels, teacher_params)
+    if unroll:  # a Python loop: `lax.scan(unroll=True)` still emits a `while` of one trip
+      outputs = []
+      for index in batch_indices:
+        state, output = body(state, index)
+        outputs.append(output)
+      step_losses, correct = (jnp.stack(values) for values in zip(*outputs))
+    else:
+      state, (step_losses, correct) = jax.lax.scan(body, state, batch_indices)
+    return state, {"loss": step_losses, "accuracy": jnp.sum(correct) / (num_steps * batch_size)}
 
   return epoch
 
@@ -143,7 +193,8 @@ def unstack(tree: Any, n: int) -> list:
   return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], tree) for i in range(n)]
 
 
-def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = False) -> Callable:
+def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = False,
+                  mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
   """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state; data and
   order are shared (a member's own settings, e.g. a straight-through student's rank, ride in
   its state). Jitted; the state is donated (checkpoints are synchronous and best parameters are
@@ -152,26 +203,91 @@ def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = Fal
   One member runs the epoch itself. Several run side by side (`vmap`: every product gets a
   member axis) with `side_by_side`, else one after the other in one program (`lax.map`): on
   XLA:CPU a vmapped straight-through epoch wedges the Eigen thread pool (BUILD_NOTES.md).
+
+  With a `mesh` (`lrnet.parallel.make_mesh`), each device of its `members` axis runs the
+  epoch of its own `num_members / members` members as above (`shard_map`: a member computes
+  bitwise what it would alone), and each batch is split over the `data` axis (parameters
+  replicated, XLA reduces the gradients). The state's member axis is split over `members`
+  (`parallel.shard_members` puts it there once); data, order and shared arguments (a
+  distilling student's teacher) are replicated.
+
+  Raises:
+    ValueError: `num_members` does not divide over the mesh's `members` axis (pad with
+      `parallel.pad_members` and drop the copies' results).
   """
-  def mapped(states, images, labels, order):
-    member = lambda state: epoch_fn(state, images, labels, order)
-    if num_members == 1:
+  groups = parallel.axis_size(mesh, "members")
+  if num_members % groups:
+    raise ValueError(f"{num_members} members do not divide over the {groups} devices of the "
+                     f"mesh's members axis; pad them (lrnet.parallel.member_padding)")
+  count = num_members // groups  # members per device
+
+  def mapped(states, images, labels, order, *shared):
+    member = lambda state: epoch_fn(state, images, labels, order, *shared)
+    if count == 1:
       out = member(jax.tree_util.tree_map(lambda leaf: leaf[0], states))
       return jax.tree_util.tree_map(lambda leaf: leaf[None], out)
     if side_by_side:
       return jax.vmap(member)(states)
     return jax.lax.map(member, states)
 
-  return jax.jit(mapped, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(mapped, donate_argnums=0)
+  spec = jax.sharding.PartitionSpec
+  body = lambda states, images, labels, order, shared: mapped(states, images, labels, order,
+                                                              *shared)
+  if groups > 1:
+    # Manual over members only: each device runs the member program unchanged (no collectives
+    # between members), the data axis stays XLA's. No VMA check: custom VJPs lose the types.
+    body = jax.shard_map(body, mesh=mesh, in_specs=(spec("members"),) + (spec(),) * 4,
+                         out_specs=spec("members"), axis_names={"members"}, check_vma=False)
+  jitted = jax.jit(body, in_shardings=(parallel.member_sharding(mesh),)
+                   + (parallel.replicated(mesh),) * 4,
+                   out_shardings=parallel.member_sharding(mesh), donate_argnums=0)
+
+  def placed(run):
+    def run_placed(states, images, labels, order, *shared):
+      # Inputs already placed stay; else placed from this host's copy (several processes).
+      data = parallel.replicate((images, labels, order, shared), mesh)
+      with jax.set_mesh(mesh):  # the mesh `parallel.constrain_batch` splits each batch over
+        return run(states, *data)
+    return run_placed
+  sharded = placed(jitted)
+  sharded.lower = placed(jitted.lower)  # like a jitted function's
+  return sharded
 
 
-def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000):
+def in_calls(epoch_fn: Callable, batch_size: int, steps_per_call: int) -> Callable:
+  """`epoch_fn` (e.g. from `members_epoch`) run as a host loop of calls of `steps_per_call`
+  steps each, with the same signature, metrics and result.
+
+  XLA:CPU runs convolutions inside a loop (the epoch's `lax.scan`, even of one step) about
+  18× slower than outside one (BUILD_NOTES.md): build the epoch with `unroll=True`, and each
+  call compiles to straight-line code.
+  """
+  def epoch(states, images, labels, order, *shared):
+    order = np.asarray(order)
+    num_steps = order.shape[0] // batch_size
+    step_losses, correct = [], 0.0
+    for first in range(0, num_steps, steps_per_call):
+      count = min(steps_per_call, num_steps - first)
+      chunk = jnp.asarray(order[first * batch_size:(first + count) * batch_size])
+      states, metrics = epoch_fn(states, images, labels, chunk, *shared)
+      step_losses.append(metrics["loss"])
+      correct = correct + metrics["accuracy"] * count
+    return states, {"loss": jnp.concatenate(step_losses, axis=-1), "accuracy": correct / num_steps}
+
+  return epoch
+
+
+def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
+                  unroll: bool = False):
   """Builds a jitted `evaluate(params, images, labels, *args) -> (accuracy, loss)`.
 
   `apply_fn(params, images, *args) -> logits` is stateless (evaluation uses the final,
   exactly projected or factorized parameters). Runs in fixed-size chunks (padded and
-  masked), so memory stays bounded. Examples with a negative label are padding (see
-  `pad_split`) and not counted.
+  masked), so memory stays bounded: a `lax.scan` over the chunks, or with `unroll` one copy
+  of the network per chunk (convolutions on XLA:CPU, see `in_calls`). Examples with a
+  negative label are padding (see `pad_split`) and not counted.
   """
 
   @jax.jit
@@ -193,10 +309,14 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000):
       loss += jnp.sum(jnp.where(mask, per_example, 0.0))
       return (correct, loss), None
 
-    (correct, loss), _ = jax.lax.scan(chunk, (jnp.zeros([], jnp.int32), jnp.zeros([])),
-                                      jnp.arange(num_chunks))
+    totals = (jnp.zeros([], jnp.int32), jnp.zeros([]))
+    if unroll:
+      for index in range(num_chunks):
+        totals, _ = chunk(totals, index)
+    else:
+      totals, _ = jax.lax.scan(chunk, totals, jnp.arange(num_chunks))
     count = jnp.maximum(jnp.sum(valid), 1)
-    return correct / count, loss / count
+    return totals[0] / count, totals[1] / count
 
   return evaluate
 
@@ -265,7 +385,8 @@ def _finite_members(params: Params) -> np.ndarray:
 
 def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images, labels, *,
         epochs: int, seed: int, patience: Optional[int] = None,
-        on_epoch: Optional[Callable[[Progress, list], None]] = None) -> Progress:
+        on_epoch: Optional[Callable[[Progress, list], None]] = None,
+        epoch_args: tuple = (), mesh=None) -> Progress:
   """Trains every member until `epochs`, or until its validation accuracy has not improved for
   `patience` epochs, or until its loss or parameters stop being finite.
 
@@ -284,13 +405,15 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
       None: never.
     on_epoch: called after every epoch with the new progress and, per member, that epoch's
       metrics dict, or None for a member that did not train in it.
+    epoch_args: passed on to every `epoch_fn` call (a distilling student's teacher params).
+    mesh: the epoch's mesh (`members_epoch(..., mesh)`); the progress is placed on it.
 
   Returns:
     The final progress: `best_params` are the parameters to report; a member with
     `failed_step` > 0 hit a non-finite loss or parameters at that step.
   """
   num_examples = labels.shape[0]
-  progress = commit(progress)
+  progress = parallel.shard_members(progress, mesh)
   while int(progress.epoch) < epochs:
     epoch = int(progress.epoch) + 1
     active = np.asarray(progress.active).copy()
@@ -302,11 +425,12 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
     start = time.perf_counter()
     first_step = np.asarray(progress.state.step)
     order = jnp.asarray(epoch_order(seed, epoch, num_examples))
-    state, metrics = epoch_fn(progress.state, images, labels, order)
-    losses = np.asarray(metrics["loss"])  # [n, steps], the one host sync of the epoch
-    finite_losses = np.isfinite(losses).all(axis=1)
+    state, metrics = epoch_fn(progress.state, images, labels, order, *epoch_args)
+    step_losses = np.asarray(metrics["loss"])  # [n, steps], the one host sync of the epoch
+    finite_losses = np.isfinite(step_losses).all(axis=1)
     finite = finite_losses & _finite_members(state.params)
-    first_bad = np.where(finite_losses, losses.shape[1], np.argmax(~np.isfinite(losses), axis=1) + 1)
+    first_bad = np.where(finite_losses, step_losses.shape[1],
+                         np.argmax(~np.isfinite(step_losses), axis=1) + 1)
     failed_step = np.where(active & ~finite, first_step + first_bad, np.asarray(progress.failed_step))
     active &= finite
     eval_params = state.ema_params if state.ema_params is not None else state.params
@@ -323,7 +447,7 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
     if on_epoch is not None:
       train_accuracy, steps = np.asarray(metrics["accuracy"]), np.asarray(state.step)
       on_epoch(progress, [
-          {"epoch": epoch, "step": int(steps[i]), "loss": float(np.mean(losses[i])),
+          {"epoch": epoch, "step": int(steps[i]), "loss": float(np.mean(step_losses[i])),
            "train_accuracy": float(train_accuracy[i]), "val_accuracy": float(val_accuracy[i]),
            "seconds": float(progress.seconds)} if active[i] else None
           for i in range(len(active))])

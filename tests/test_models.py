@@ -127,3 +127,29 @@ def test_cnn_dropout_only_with_an_rng():
   plain = net.apply(params, None, images)
   np.testing.assert_array_equal(plain, net.apply(params, None, images))
   assert not np.allclose(net.apply(params, jax.random.PRNGKey(1), images), plain)
+
+
+@pytest.mark.parametrize("name,fields,example", [
+    ("mlp", {"hidden": (256, 256, 256)}, (1, 28, 28, 1)),
+    ("cnn", {}, (1, 28, 28, 1)),
+    ("resmlp", {"width": 200}, (1, 8, 8, 1))])
+def test_dense_control_is_the_widest_network_within_the_student_size(name, fields, example):
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(name=name, **fields))
+  example = jnp.zeros(example)
+  count = lambda c: lrnet.count_params(jax.eval_shape(hk.transform(lrnet.models.network(c, 10)).init,
+                                                      jax.random.PRNGKey(0), example))
+  full = count(config)
+  for budget in (full // 7, 2 * full):
+    control, params = lrnet.models.dense_control(config, 10, example, budget)
+    assert params == count(control) <= budget
+    assert params == full if budget >= full else params < full
+    if budget < full:  # one more unit of width would not fit
+      wider = lrnet.models.scaled(config, 1.0).copy_and_resolve_references()
+      with wider.unlocked():
+        for field in lrnet.models.WIDTH_FIELDS[name]:
+          value = control[field]
+          wider[field] = tuple(w + 1 for w in value) if isinstance(value, tuple) else value + 1
+      assert count(wider) > budget
+  with pytest.raises(ValueError, match="at most 10 parameters"):
+    lrnet.models.dense_control(config, 10, example, 10)

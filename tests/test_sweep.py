@@ -25,7 +25,8 @@ from lrnet import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULT_FIELDS = {"rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
-                 "factorized_accuracy", "latency_factorized_ms", "theoretical_latency_ratio"}
+                 "factorized_accuracy", "dense_control_params", "dense_control_accuracy",
+                 "latency_factorized_ms", "theoretical_latency_ratio"}
 
 
 def small_config(workdir, **overrides):
@@ -70,9 +71,15 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   low, full = on_disk["ranks"]
   for entry in on_disk["ranks"]:
     assert RESULT_FIELDS <= set(entry) and "error" not in entry
-    for key in ("truncated_accuracy", "straight_through_accuracy", "factorized_accuracy"):
+    for key in ("truncated_accuracy", "straight_through_accuracy", "factorized_accuracy",
+                "dense_control_accuracy"):
       assert 0.0 <= entry[key] <= 1.0
     assert entry["latency_factorized_ms"] > 0
+    # The dense control: the teacher's depth, at most the factorized student's size.
+    assert entry["dense_control_params"] <= entry["params"]
+  width = 14  # the largest w with 64·w + w + w·w + w + 10·w + 10 ≤ the rank-2 student's 1,290
+  assert low["dense_control_params"] == 64 * width + width + width * width + width + width * 10 + 10
+  assert full["dense_control_params"] == teacher["params"]
   assert low["params"] == 2 * (64 + 64) + 64 + 2 * (64 + 64) + 64 + 650
   # Matmul FLOPs of the factorized network over the dense one (the output layer alike in both).
   assert low["theoretical_latency_ratio"] == pytest.approx(
@@ -413,3 +420,20 @@ def test_ranks_side_by_side_train_like_one_by_one(tmp_path):
       np.testing.assert_allclose(batched[kind]["accuracy"], apart[kind]["accuracy"], atol=4 / 359)
   # Zero padding changes no product of the factorized members: member by member is exact.
   assert out["member_by_member"]["factorized"]["accuracy"] == apart["factorized"]["accuracy"]
+
+
+def test_distilled_students_of_both_kinds_train_side_by_side(tmp_path):
+  """Distillation runs inside each student's step (teacher logits on the same batch) for both
+  kinds and a batch of ranks; the students differ from the undistilled ones."""
+  overrides = {"sweep.ranks": (2, 4), "sweep.kinds": ("straight_through", "factorized"),
+               "teacher.epochs": 2}
+  plain = sweep.run_sweep(small_config(tmp_path / "plain", **overrides), log=lambda _: None)
+  distilled = sweep.run_sweep(small_config(tmp_path / "distilled", **overrides, **{
+      "student.distillation.weight": 0.7, "student.distillation.temperature": 3.0}),
+      log=lambda _: None)
+  assert distilled["teacher"]["test_accuracy"] == plain["teacher"]["test_accuracy"]
+  for a, b in zip(plain["ranks"], distilled["ranks"]):
+    for kind in ("straight_through", "factorized"):
+      assert 0.5 < b[f"{kind}_accuracy"] <= 1.0
+    assert (a["straight_through_accuracy"], a["factorized_accuracy"]) != (
+        b["straight_through_accuracy"], b["factorized_accuracy"])

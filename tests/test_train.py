@@ -10,6 +10,7 @@ import pytest
 import lrnet
 from lrnet import compression
 from lrnet import data
+from lrnet import losses
 from lrnet import models
 from lrnet import train
 
@@ -147,13 +148,80 @@ def test_evaluate_handles_sizes_that_are_not_multiples_of_the_chunk():
   logits = NET.apply(params, images)
   accuracy, loss = EVALUATE(params, images, labels)
   assert float(accuracy) == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) == labels)))
-  assert float(loss) == pytest.approx(float(train.cross_entropy(logits, labels)), rel=1e-5)
+  assert float(loss) == pytest.approx(float(losses.cross_entropy(logits, labels)), rel=1e-5)
 
 
-def test_distillation_loss_matches_a_hand_computed_value():
-  student, teacher, temperature = jnp.array([[0.0, 0.0]]), jnp.array([[2.0, 0.0]]), 2.0
-  # Teacher at T = 2: softmax(1, 0) = (e/(e+1), 1/(e+1)); student uniform: KL = Σ p log(2p).
-  p = np.array([np.e / (np.e + 1), 1 / (np.e + 1)])
-  expected = temperature ** 2 * np.sum(p * np.log(2 * p))
-  assert float(train.distillation_loss(student, teacher, temperature)) == pytest.approx(expected,
-                                                                                       rel=1e-5)
+def test_unrolled_epoch_in_calls_equals_the_scanned_epoch():
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  optimizer = train.adam(1e-3)
+  order = jnp.asarray(train.epoch_order(0, 1, 320))
+  results = []
+  for unroll in (False, True):
+    epoch = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32,
+                                                       unroll=unroll), 1)
+    if unroll:
+      epoch = train.in_calls(epoch, 32, 3)  # 10 steps: calls of 3, 3, 3 and 1
+    state = train.commit(train.stack([train.init_state(params, optimizer)]))
+    results.append(epoch(state, *TRAIN, order))
+  (scanned, scanned_metrics), (called, called_metrics) = results
+  assert called_metrics["loss"].shape == scanned_metrics["loss"].shape == (1, 10)
+  np.testing.assert_allclose(called_metrics["loss"], scanned_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(called_metrics["accuracy"], scanned_metrics["accuracy"], rtol=1e-6)
+  chex.assert_trees_all_close(called.params, scanned.params, rtol=1e-4, atol=1e-6)
+
+
+def test_augment_shifts_within_bounds_and_flips():
+  images = jnp.arange(2 * 5 * 5, dtype=jnp.float32).reshape(2, 5, 5, 1) + 1
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(train.augment(key, images, 0, False), images)
+  shifted = np.asarray(train.augment(key, images, 1, False))
+  for original, moved in zip(np.asarray(images), shifted):
+    # Some translation by (dy, dx) in {-1, 0, 1}², zero-filled.
+    matches = []
+    for dy in (-1, 0, 1):
+      for dx in (-1, 0, 1):
+        padded = np.pad(original, ((1, 1), (1, 1), (0, 0)))
+        matches.append(np.array_equal(padded[1 + dy:6 + dy, 1 + dx:6 + dx], moved))
+    assert any(matches)
+  flipped = np.asarray(train.augment(jax.random.PRNGKey(0), jnp.tile(images[:1], (64, 1, 1, 1)),
+                                     0, True))
+  is_flip = [np.array_equal(f, np.asarray(images[0])[:, ::-1]) for f in flipped]
+  is_same = [np.array_equal(f, np.asarray(images[0])) for f in flipped]
+  assert all(a or b for a, b in zip(is_flip, is_same)) and 10 < sum(is_flip) < 54
+
+
+def test_cosine_schedule_warms_up_then_decays_and_weight_decay_selects_adamw():
+  import ml_collections
+  settings = ml_collections.ConfigDict(dict(learning_rate=1e-2, schedule="cosine", epochs=4,
+                                            warmup_epochs=1.0, weight_decay=0.0))
+  optimizer = train.optimizer(settings, steps_per_epoch=10)
+  params = {"w": jnp.zeros(())}
+  state = optimizer.init(params)
+  sizes = []
+  for _ in range(40):  # Adam's first steps move by ≈ the learning rate whatever the gradient
+    updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
+    sizes.append(-float(updates["w"]))
+  assert sizes[0] == 0.0 and sizes[9] == pytest.approx(1e-2 * 9 / 10, rel=1e-3)
+  assert max(sizes) == pytest.approx(1e-2, rel=1e-3) and sizes[-1] < 1e-4
+  settings.schedule, settings.weight_decay = "constant", 0.5
+  decaying = train.optimizer(settings, steps_per_epoch=10)
+  params = {"w": jnp.ones(())}
+  updates, _ = decaying.update({"w": jnp.zeros(())}, decaying.init(params), params)
+  assert float(updates["w"]) == pytest.approx(-1e-2 * 0.5)  # decoupled: −lr · λ · w
+
+
+def test_distillation_weight_zero_reproduces_the_plain_epoch_bit_for_bit():
+  params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
+  optimizer = train.adam(1e-3)
+  order = jnp.asarray(train.epoch_order(0, 1, TRAIN[1].shape[0]))
+  plain = jax.jit(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32))
+  zero = jax.jit(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32,
+                                        objective=losses.objective(10, distillation_weight=0.0)))
+  distilled = jax.jit(train.make_train_epoch(
+      train.stateful_apply(NET), optimizer, 32, teacher_apply=NET.apply,
+      objective=losses.objective(10, distillation_weight=0.5, temperature=2.0)))
+  teacher = NET.init(jax.random.PRNGKey(1), TRAIN[0][:1])
+  (a, _), (b, _) = (f(train.init_state(params, optimizer), *TRAIN, order) for f in (plain, zero))
+  chex.assert_trees_all_equal(a.params, b.params)
+  c, _ = distilled(train.init_state(params, optimizer), *TRAIN, order, teacher)
+  assert not np.allclose(c.params["linear_0"]["w"], a.params["linear_0"]["w"])
