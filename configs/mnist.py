@@ -52,10 +52,21 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sweep = ml_collections.ConfigDict()
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
+  config.sweep.budgets = ()           # fractions in (0, 1) of the compressed layers' dense weights:
+                                     # per-layer ranks from lrnet.allocate_ranks
   config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
   # Students to train; (): truncation only. dense_control: a dense net of the teacher's depth,
   # as wide as fits the factorized student's parameter count, trained from scratch.
   config.sweep.kinds = ("straight_through", "factorized", "dense_control")
+
+  # Where students start: svd (plain truncation) | whitened (truncation minimising the layer
+  # outputs' error on calibration inputs). Truncated accuracy is reported for both.
+  config.truncation = "svd"
+  config.calibration = ml_collections.ConfigDict()  # inputs whitening the truncation
+  config.calibration.examples = 2048  # training examples
+  config.calibration.damping = 0.01   # λ = damping · trace(XᵀX)/m added to XᵀX
+  config.allocation = ml_collections.ConfigDict()  # per-layer ranks of sweep.budgets
+  config.allocation.criterion = "greedy"  # greedy (validation loss) | energy | stable_rank
 
   config.projection = ml_collections.ConfigDict()  # the straight-through projection
   config.projection.method = "alternating"  # alternating (tracked, fast) | exact (SVD per step)

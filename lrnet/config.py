@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from lrnet import allocation
 from lrnet import data
 
 MODELS = ("mlp", "convnet", "resmlp", "cnn")  # lrnet.models.NETWORKS
@@ -19,6 +20,7 @@ PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
 STUDENT_KINDS = ("straight_through", "factorized", "dense_control")
 SCHEDULES = ("constant", "cosine")
+TRUNCATIONS = ("svd", "whitened")
 
 
 class ConfigError(ValueError):
@@ -180,6 +182,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_rank_value(value, None, "sweep.ranks")
   if len(set(ranks)) != len(ranks):
     _fail("sweep.ranks", ranks, "must not repeat a rank")
+
+  budgets = _get(config, "sweep.budgets")
+  if (not isinstance(budgets, (tuple, list)) or len(set(budgets)) != len(budgets)
+      or not all(isinstance(b, float) and 0 < b < 1 for b in budgets)):
+    _fail("sweep.budgets", budgets, "must be a tuple of distinct fractions in (0, 1), e.g. (0.05,)")
+  if _get(config, "truncation") not in TRUNCATIONS:
+    _fail("truncation", config.truncation, f"allowed: {', '.join(TRUNCATIONS)}")
+  check_positive_int(config, "calibration.examples")
+  _non_negative(config, "calibration.damping")
+  if _get(config, "allocation.criterion") not in allocation.CRITERIA:
+    _fail("allocation.criterion", config.allocation.criterion,
+          f"allowed: {', '.join(allocation.CRITERIA)}")
 
   method = _get(config, "projection.method")
   if method not in PROJECTION_METHODS:

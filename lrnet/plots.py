@@ -40,6 +40,7 @@ from lrnet import io
 
 ACCURACY_SERIES = (
     ("truncated_accuracy", "truncated SVD (no retraining)"),
+    ("whitened_truncated_accuracy", "whitened truncation (no retraining)"),
     ("straight_through_accuracy", "straight-through retrained"),
     ("factorized_accuracy", "factorized fine-tuned"),
     ("dense_control_accuracy", "dense control (same size, from scratch)"),
@@ -87,8 +88,8 @@ def _rank_label(rank: Any) -> str:
   return "full" if isinstance(rank, str) else f"r={rank}"
 
 
-def _rank_entries(results: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-  return [entry for entry in results.get("ranks") or ()
+def _rank_entries(results: Mapping[str, Any], group: str = "ranks") -> Sequence[Mapping[str, Any]]:
+  return [entry for entry in results.get(group) or ()
           if isinstance(entry, Mapping)]
 
 
@@ -124,9 +125,10 @@ def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
   return shapes
 
 
-def accuracy_series(results: Mapping[str, Any]) -> dict[str, Points]:
-  """(params, test accuracy) per key of :data:`ACCURACY_SERIES`, by params."""
-  entries = _rank_entries(results)
+def accuracy_series(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Points]:
+  """(params, test accuracy) per key of :data:`ACCURACY_SERIES`, by params, of the uniform
+  ranks (`group` "ranks") or of the budgets' allocated ranks ("budgets")."""
+  entries = _rank_entries(results, group)
   return {key: _points((_finite(entry.get(PARAMS_KEYS.get(key, "params"))),
                         _finite(entry.get(key))) for entry in entries)
           for key, _ in ACCURACY_SERIES}
@@ -177,8 +179,9 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   """Test accuracy of the compression methods and the dense control vs parameter count.
 
   One line per method in :data:`ACCURACY_SERIES` (always present, possibly
-  empty; data from :func:`accuracy_series`), x on a log scale; each entry
-  annotated with its rank below its lowest accuracy; the teacher's test
+  empty; data from :func:`accuracy_series`), x on a log scale, then dashed the
+  same methods at the budgets' allocated ranks (where the sweep has budgets); each
+  rank entry annotated with its rank below its lowest accuracy; the teacher's test
   accuracy as a dashed horizontal line labelled with its parameter count.
 
   Args:
@@ -191,8 +194,13 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   fig = _new_figure()
   ax = fig.add_subplot()
   series = accuracy_series(results)
-  for key, label in ACCURACY_SERIES:
-    ax.plot(*series[key], marker="o", markersize=4, label=label)
+  budgets = accuracy_series(results, "budgets")
+  for i, (key, label) in enumerate(ACCURACY_SERIES):
+    ax.plot(*series[key], marker="o", markersize=4, label=label, color=f"C{i}")
+  for i, (key, label) in enumerate(ACCURACY_SERIES):
+    if budgets[key][0]:
+      ax.plot(*budgets[key], marker="s", markersize=4, linestyle="--", color=f"C{i}",
+              label=f"{label}, allocated ranks")
   for entry in _rank_entries(results):
     params = _finite(entry.get("params"))
     accuracies = [_finite(entry.get(key)) for key, _ in ACCURACY_SERIES if key not in PARAMS_KEYS]

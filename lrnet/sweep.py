@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lrnet import allocation
+from lrnet import calibration as calibration_lib
 from lrnet import checkpoint
 from lrnet import compression as compress_lib
 from lrnet import config as config_lib
@@ -45,7 +47,8 @@ from lrnet import svd
 from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
-CSV_FIELDS = ("rank", "params", "compression", "truncated_accuracy", "straight_through_accuracy",
+CSV_FIELDS = ("rank", "budget", "params", "compression", "truncated_accuracy",
+              "whitened_truncated_accuracy", "straight_through_accuracy",
               "factorized_accuracy", "dense_control_params", "dense_control_accuracy",
               "latency_factorized_ms", "theoretical_latency_ratio", "error")
 Log = Callable[[str], None]
@@ -56,8 +59,21 @@ def _print(line: str) -> None:
   print(line, flush=True)
 
 
+class Budget(NamedTuple):
+  """A sweep point whose per-layer ranks `lrnet.allocate_ranks` chooses: a fraction of the
+  compressed layers' dense weights (`sweep.budgets`)."""
+  fraction: float
+
+
+def sweep_points(config) -> list:
+  """Every point of a sweep: the ranks, then the budgets."""
+  return list(config.sweep.ranks) + [Budget(b) for b in config.sweep.budgets]
+
+
 def rank_label(rank) -> str:
-  """A file-name-safe label: 20 → '20', 'full' → 'full', 0.25 → 'f0.25'."""
+  """A file-name-safe label: 20 → '20', 'full' → 'full', 0.25 → 'f0.25', Budget(0.05) → 'b0.05'."""
+  if isinstance(rank, Budget):
+    return f"b{rank.fraction}"
   return f"f{rank}" if isinstance(rank, float) else str(rank)
 
 
@@ -70,7 +86,7 @@ def fingerprint(config: ml_collections.ConfigDict, kind: Optional[str] = None) -
   fields = config_lib.experiment_fields(config)
   keys = ["seed", "data", "model", "teacher"]  # a dense control's too: it is trained like one
   if kind not in (None, "dense_control"):
-    keys.append("student")
+    keys += ["student", "truncation", "calibration", "allocation"]
     if kind == "straight_through":
       keys.append("projection")
   return {key: fields[key] for key in keys}
@@ -110,6 +126,8 @@ class Experiment:
     self.evaluate_dense = train.make_evaluate(self.dense.apply, unroll=self.unroll)
     self.teacher_params = None  # set once the teacher is trained or loaded
     self.decompositions = None  # the teacher's SVDs, one per compressed layer
+    self.whitened = None        # ... of SᵀW: whitened by the layer inputs' statistics
+    self.allocated = {}         # {budget fraction: {module: rank}}
     self.cache = {}             # compiled programs, shared by every rank
 
   def optimizer(self, settings):
@@ -139,8 +157,15 @@ class Experiment:
     return self.mesh if num_members > 1 else parallel.single_run(self.mesh)
 
   def ranks(self, rank) -> dict:
-    """A sweep rank for every compressed layer, resolved: {module: int}."""
+    """A sweep point's ranks, resolved: {module: int}, every compressed layer for a rank, the
+    allocated ones for a `Budget` (the others stay dense)."""
+    if isinstance(rank, Budget):
+      return self.allocated[rank.fraction]
     return {name: svd.resolve_rank(shape, rank) for name, shape in self.layers.items()}
+
+  def start(self) -> dict:
+    """The students' starting decompositions: plain SVD, or whitened (`truncation`)."""
+    return self.whitened if self.config.truncation == "whitened" else self.decompositions
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -355,17 +380,21 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
   if kind == "factorized":
     net = students.factorized(exp.fn, width_ranks)
     states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
-        exp.teacher_params, member, decompositions=exp.decompositions), width_ranks),
+        exp.teacher_params, member, decompositions=exp.start()), width_ranks),
         optimizer, ema=ema) for member in member_ranks]
     evaluate = train.make_evaluate(net.apply, unroll=exp.unroll)
     final_params = lambda params, i: compress_lib.unpad_factors(params, member_ranks[i])
   else:
     net = students.straight_through(exp.fn, width_ranks, method=config.projection.method,
                                     oversample=config.projection.oversample)
-    states = [train.init_state(exp.teacher_params, optimizer, ema=ema,
-                               model_state=students.tracker_state(net, exp.teacher_params,
-                                                                  exp.example, rank=member))
-              for member in member_ranks]
+    # From the teacher's weights (their projection is its truncation), or from its whitened
+    # truncation (already of rank r).
+    starts = [exp.teacher_params if config.truncation == "svd" else compress_lib.project(
+        exp.teacher_params, member, decompositions=exp.whitened) for member in member_ranks]
+    states = [train.init_state(start, optimizer, ema=ema,
+                               model_state=students.tracker_state(net, start, exp.example,
+                                                                  rank=member))
+              for start, member in zip(starts, member_ranks)]
     # The reported student is its weights truncated exactly at its own ranks.
     evaluate = lambda p, x, y, r: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)
     final_params = lambda params, i: params
@@ -386,7 +415,7 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
   as runs finish (or were finished before)."""
   fields = fingerprint(exp.config, kind)
   pending, done = [], {}
-  for rank in exp.config.sweep.ranks:
+  for rank in sweep_points(exp.config):
     record = exp.finished(run_name(rank, kind))
     if record is not None:
       done[rank] = record
@@ -419,7 +448,7 @@ def check_finished_runs(config: ml_collections.ConfigDict, workdir: str) -> None
     config_lib.ConfigError: naming the runs and the differing fields.
   """
   runs = [("teacher", None)] + [(run_name(rank, kind), kind) for kind in config.sweep.kinds
-                                for rank in config.sweep.ranks]
+                                for rank in sweep_points(config)]
   stale = {}
   for run, kind in runs:
     path = os.path.join(workdir, "runs", f"{run}.json")
@@ -460,15 +489,18 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   config, ranks = exp.config, exp.ranks(rank)
   rows = compress_lib.summarize(teacher_params, ranks)
   params = sum(row.compressed_params for row in rows)
-  projected = compress_lib.project(teacher_params, ranks, decompositions=exp.decompositions)
-  truncated = float(exp.evaluate_dense(projected, *exp.test)[0])
-  exp.log(f"[rank {rank}] truncated test accuracy {truncated:.4f}")
+  truncated, whitened = (float(exp.evaluate_dense(compress_lib.project(
+      teacher_params, ranks, decompositions=decompositions), *exp.test)[0])
+                          for decompositions in (exp.decompositions, exp.whitened))
+  exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated:.4f}, whitened {whitened:.4f}")
   factorized = students.factorized(exp.fn, ranks)
   batch = exp.test[0][:config.latency.batch_size]
   compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
-  return {"rank": rank, "params": params,
+  point = ({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
+           else {"rank": rank})
+  return {**point, "params": params,
           "compression": compress_lib.count_params(teacher_params) / params,
-          "truncated_accuracy": truncated,
+          "truncated_accuracy": truncated, "whitened_truncated_accuracy": whitened,
           "straight_through_accuracy": None, "factorized_accuracy": None,
           "dense_control_params": None, "dense_control_accuracy": None,
           "latency_factorized_ms": train.measure_latency(factorized.apply, compressed, batch,
@@ -479,13 +511,37 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
                                         / sum(row.dense_flops for row in rows))}
 
 
+def prepare_points(exp: Experiment) -> None:
+  """The teacher's whitened decompositions (`lrnet.calibrate` on `calibration.examples` training
+  examples) and the ranks `lrnet.allocate_ranks` gives each budget: criterion
+  `allocation.criterion`, the loss the validation split's, whitened with `truncation` whitened."""
+  config = exp.config
+  order = train.epoch_order(config.seed, 0, exp.train[1].shape[0])[:config.calibration.examples]
+  images = exp.train[0][jnp.asarray(order)]
+  batches = [images[i:i + 500] for i in range(0, images.shape[0], 500)]
+  statistics = calibration_lib.calibrate(exp.fn, exp.teacher_params, batches,
+                                         include=list(exp.layers),
+                                         damping=config.calibration.damping)
+  exp.whitened = compress_lib.decompose(exp.teacher_params, include=list(exp.layers),
+                                        calibration=statistics)
+  greedy = config.allocation.criterion == "greedy"
+  for fraction in config.sweep.budgets:
+    exp.allocated[fraction] = allocation.allocate_ranks(
+        exp.teacher_params, fraction, include=list(exp.layers),
+        calibration=statistics if config.truncation == "whitened" else None,
+        criterion=config.allocation.criterion,
+        loss=(lambda params: exp.evaluate_dense(params, *exp.val)[1]) if greedy else None)
+    exp.log(f"[budget {fraction}] allocated ranks {exp.allocated[fraction]}")
+
+
 def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> None:
   """results.json and results.csv, and with `with_plots` both plots (≈ 0.8 s), atomically;
   by process 0 only."""
   if not parallel.is_main_process():
     return
   io.atomic_write_json(exp.path("results.json"), results)
-  rows = [{field: entry.get(field) for field in CSV_FIELDS} for entry in results["ranks"]]
+  rows = [{field: entry.get(field) for field in CSV_FIELDS}
+          for entry in results["ranks"] + results["budgets"]]
   io.atomic_write_csv(exp.path("results.csv"), rows, CSV_FIELDS)
   if with_plots:
     plots.write_plots(results, exp.workdir)
@@ -497,16 +553,21 @@ def format_table(results: dict, workdir: str) -> str:
   teacher = results["teacher"]
   lines = [f"{results['dataset']}: teacher test accuracy {pct(teacher['test_accuracy']).strip()} %, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
-           f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} "
+           f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} {'whitened':>10} "
            f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'factorized':>11}",
-           f"{'':>6} {'':>11} {'by':>8} {'accuracy %':>10} {'through %':>10} {'accuracy %':>11} "
-           f"{'control %':>11} {'forward ms':>11}"]
-  for e in results["ranks"]:
-    lines.append(f"{str(e['rank']):>6} {e['params']:>11,} {e['compression']:>7.1f}x "
-                 f"{pct(e['truncated_accuracy']):>10} {pct(e.get('straight_through_accuracy')):>10} "
+           f"{'':>6} {'':>11} {'by':>8} {'accuracy %':>10} {'trunc. %':>10} {'through %':>10} "
+           f"{'accuracy %':>11} {'control %':>11} {'forward ms':>11}"]
+  for e in results["ranks"] + results.get("budgets", []):
+    point = str(e["rank"]) if "rank" in e else f"b{e['budget']}"
+    lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x "
+                 f"{pct(e['truncated_accuracy']):>10} {pct(e.get('whitened_truncated_accuracy')):>10} "
+                 f"{pct(e.get('straight_through_accuracy')):>10} "
                  f"{pct(e.get('factorized_accuracy')):>11} {pct(e.get('dense_control_accuracy')):>11} "
                  f"{e['latency_factorized_ms']:>11.3f}"
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
+  if results.get("budgets"):
+    lines.append("budgets (bF: a fraction F of the compressed layers' weights), ranks per layer: "
+                 + "; ".join(f"b{e['budget']} {e['layer_ranks']}" for e in results["budgets"]))
   lines.append(f"results: {os.path.join(workdir, 'results.json')} (and results.csv, "
                f"accuracy_vs_params.png, latency_vs_rank.png; per-epoch metrics in metrics/)")
   return "\n".join(lines)
@@ -534,7 +595,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
     mesh = parallel.make_mesh(config.mesh.to_dict())
     lone = parallel.single_run(mesh)  # the teacher, dense controls, ranks trained alone
     parallel.check_batch_size(config.teacher.batch_size, lone, "teacher.batch_size")
-    alone = any(len(batch) == 1 for batch in rank_batches(config, list(config.sweep.ranks)))
+    alone = any(len(batch) == 1 for batch in rank_batches(config, sweep_points(config)))
     parallel.check_batch_size(config.student.batch_size, lone if alone else mesh,
                               "student.batch_size")
   except ValueError as error:
@@ -570,6 +631,7 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   teacher_params, teacher = run_teacher(exp)
   exp.teacher_params = teacher_params
   exp.decompositions = compress_lib.decompose(teacher_params, include=list(exp.layers))
+  prepare_points(exp)
   spectra = rank_estimation.layer_spectra({name: teacher_params[name] for name in exp.layers})
   rank_estimation.write_spectra(spectra, exp.workdir)
   log(rank_estimation.format_spectra(spectra))
@@ -582,9 +644,11 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
                          "latency_ms": train.measure_latency(exp.dense.apply, teacher_params,
                                                              batch, repeats=config.latency.repeats)},
              "layers": layers,
-             "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks]}
+             "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
+             "budgets": [rank_numbers(exp, Budget(b), teacher_params)
+                         for b in config.sweep.budgets]}
   write_results(exp, results)
-  entries = dict(zip(config.sweep.ranks, results["ranks"]))
+  entries = dict(zip(sweep_points(config), results["ranks"] + results["budgets"]))
   # Plots are redrawn after a finished run only if PLOT_EVERY_SECS have passed since the last
   # drawing (≈ 0.8 s each), and always once every kind is done; results.json/csv after every run.
   last_plot = [time.perf_counter()]

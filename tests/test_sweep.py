@@ -190,6 +190,16 @@ def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
     ("sweep.kinds", ("distilled",), r"sweep\.kinds=\('distilled',\) .*straight_through"),
     ("checkpoint_every_secs", -1.0, r"checkpoint_every_secs=-1\.0 .*>= 0"),
     ("teacher.batch_size", 10**6, r"teacher\.batch_size=1000000 .*larger than the 1293 training"),
+    ("teacher.schedule", "linear", r"teacher\.schedule='linear' .*constant, cosine"),
+    ("student.label_smoothing", 1.0, r"student\.label_smoothing=1\.0 .*\[0, 1\)"),
+    ("teacher.shift", -1, r"teacher\.shift=-1 .*>= 0"),
+    ("student.distillation.weight", 1.5, r"student\.distillation\.weight=1\.5 .*\[0, 1\]"),
+    ("student.distillation.temperature", 0.0, r"temperature=0\.0 .*> 0"),
+    ("sweep.budgets", (1.5,), r"sweep\.budgets=\(1\.5,\) .*fractions in \(0, 1\)"),
+    ("truncation", "qr", r"truncation='qr' .*svd, whitened"),
+    ("allocation.criterion", "random", r"allocation\.criterion='random' .*greedy, energy"),
+    ("mesh.data", 0, r"mesh\.data=0 .*>= 1, or -1"),
+    ("mesh.members", 2, r"mesh=.*'members': 2.* is invalid: it needs 2 devices, there are 1"),
 ])
 def test_validation_errors_name_field_value_and_allowed(tmp_path, field, value, pattern):
   config = small_config(tmp_path / "w", **{field: value})
@@ -437,3 +447,28 @@ def test_distilled_students_of_both_kinds_train_side_by_side(tmp_path):
       assert 0.5 < b[f"{kind}_accuracy"] <= 1.0
     assert (a["straight_through_accuracy"], a["factorized_accuracy"]) != (
         b["straight_through_accuracy"], b["factorized_accuracy"])
+
+
+def test_budgets_and_whitened_starts_in_the_sweep(tmp_path):
+  """Budget points get allocated per-layer ranks within the budget, plain and whitened truncated
+  accuracies, students started from the whitened truncation, and their own plot series."""
+  config = small_config(tmp_path, **{"sweep.ranks": (2,), "sweep.budgets": (0.1,),
+                                     "truncation": "whitened", "calibration.examples": 300,
+                                     "sweep.kinds": ("factorized",)})
+  results = sweep.run_sweep(config, log=lambda _: None)
+  [rank], [budget] = results["ranks"], results["budgets"]
+  assert budget["budget"] == 0.1 and set(budget["layer_ranks"]) <= {"linear_0", "linear_1"}
+  weights = sum(r * (64 + 64) for r in budget["layer_ranks"].values()) + 64 * 64 * (
+      2 - len(budget["layer_ranks"]))
+  assert weights <= 0.1 * 2 * 64 * 64
+  for entry in (rank, budget):
+    assert 0 < entry["truncated_accuracy"] <= 1 and 0 < entry["whitened_truncated_accuracy"] <= 1
+    assert 0 < entry["factorized_accuracy"] <= 1
+  # The factorized student started from the whitened factors: its run says so via its fingerprint.
+  record = json.loads((tmp_path / "runs" / "rank_b0.1_factorized.json").read_text())
+  assert record["fingerprint"]["truncation"] == "whitened"
+  budgets = plots.accuracy_series(results, "budgets")
+  assert budgets["factorized_accuracy"] == ([budget["params"]], [budget["factorized_accuracy"]])
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [row["rank"] for row in rows] == ["2", ""] and rows[1]["budget"] == "0.1"

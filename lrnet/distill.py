@@ -1,0 +1,297 @@
+"""Subclass distillation (Müller et al., 2020; origin notebook 003): a teacher with a subclass
+head, then one MLP student trained from the same initialisation three ways.
+
+With k = `model.subclasses` outputs per class (`losses.collapse` gives the class logits) the
+teacher's logits t minimise CE(collapse(t), y) + β · diversity_τ(t) (`teacher.diversity`), and
+the student's logits s (`student.hidden`, k outputs per class too) minimise
+
+  alone:         CE(collapse(s), y)
+  soft_targets:  (1 − w) · CE(collapse(s), y) + w · T² · KL(collapse(t)_T ‖ collapse(s)_T)
+  subclass:      (1 − w) · CE(collapse(s), y) + w · T² · KL(t_T ‖ s_T)
+
+(`losses.objective`; x_T = softmax(x / T), w and T from `student.distillation`).
+
+The workdir is laid out as the sweep's (runs/, models/, checkpoints/, metrics/, config.json):
+a rerun reuses finished runs and resumes an unfinished one. results.json, rewritten atomically
+after every run:
+  {"dataset", "source", "subclasses", "config", "devices",
+   "runs": {run: {"test_accuracy", "val_accuracy", "params", "epochs", "best_epoch",
+                  "seconds", ...} or {"error"}}}
+with runs "teacher", "student_alone", "student_soft_targets", "student_subclass".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import haiku as hk
+import jax
+import ml_collections
+import numpy as np
+
+from lrnet import checkpoint
+from lrnet import compression
+from lrnet import config as config_lib
+from lrnet import data
+from lrnet import io
+from lrnet import losses
+from lrnet import models
+from lrnet import parallel
+from lrnet import sweep
+from lrnet import train
+
+METHODS = ("alone", "soft_targets", "subclass")
+RUNS = ("teacher",) + tuple(f"student_{method}" for method in METHODS)
+
+
+def _check_widths(config, field: str) -> None:
+  value = config_lib._get(config, field)
+  if (not isinstance(value, (tuple, list)) or not value
+      or not all(config_lib.is_int(width) and width >= 1 for width in value)):
+    config_lib._fail(field, value, "must be a non-empty tuple of positive integers, e.g. (784, 784)")
+
+
+def _check_recipe(config, run: str) -> None:
+  """The fields of a `configs.mnist.recipe` section, checked as `config_lib.validate` does."""
+  for field in ("epochs", "batch_size"):
+    config_lib.check_positive_int(config, f"{run}.{field}")
+  for field in ("patience", "shift"):
+    config_lib.check_positive_int(config, f"{run}.{field}", allow_zero=True)
+  config_lib._positive_float(config, f"{run}.learning_rate")
+  for field in ("warmup_epochs", "weight_decay"):
+    config_lib._non_negative(config, f"{run}.{field}")
+  for field in ("ema_decay", "label_smoothing"):
+    config_lib._unit_interval(config, f"{run}.{field}", closed_low=True)
+  schedule = config_lib._get(config, f"{run}.schedule")
+  if schedule not in config_lib.SCHEDULES:
+    config_lib._fail(f"{run}.schedule", schedule, f"allowed: {', '.join(config_lib.SCHEDULES)}")
+  if not isinstance(config_lib._get(config, f"{run}.flip"), bool):
+    config_lib._fail(f"{run}.flip", config[run].flip, "must be True or False")
+
+
+def _check_choice(config, field: str, allowed) -> None:
+  value = config_lib._get(config, field)
+  if value not in allowed:
+    config_lib._fail(field, value, f"allowed: {', '.join(map(str, allowed))}")
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """Checks every field of a distillation config.
+
+  Raises:
+    config_lib.ConfigError: the first invalid field, in one line.
+  """
+  workdir = config_lib._get(config, "workdir")
+  if not isinstance(workdir, str) or not workdir:
+    config_lib._fail("workdir", workdir, "must be a non-empty directory path")
+  config_lib.check_workdir(workdir)
+  if not config_lib.is_int(config_lib._get(config, "seed")):
+    config_lib._fail("seed", config.seed, "must be an integer")
+  if not isinstance(config_lib._get(config, "overwrite"), bool):
+    config_lib._fail("overwrite", config.overwrite, "must be True or False")
+  config_lib._non_negative(config, "checkpoint_every_secs")
+  _check_choice(config, "data.name", data.DATASETS)
+  data_dir = config_lib._get(config, "data.dir")
+  if data_dir is not None and not isinstance(data_dir, str):
+    config_lib._fail("data.dir", data_dir, "must be a directory path or None")
+  config_lib._unit_interval(config, "data.val_fraction", closed_low=False)
+  _check_choice(config, "model.name", tuple(models.NETWORKS))
+  config_lib.check_positive_int(config, "model.subclasses")
+  widths = {"cnn": "channels", "mlp": "hidden", "convnet": "dense"}.get(config.model.name)
+  if widths in config.model:
+    _check_widths(config, f"model.{widths}")
+  _check_widths(config, "student.hidden")
+  for run in ("teacher", "student"):
+    _check_recipe(config, run)
+  config_lib._non_negative(config, "teacher.diversity.weight")
+  config_lib._positive_float(config, "teacher.diversity.temperature")
+  weight = config_lib._get(config, "student.distillation.weight")
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+    config_lib._fail("student.distillation.weight", weight, "must be in (0, 1]")
+  config_lib._positive_float(config, "student.distillation.temperature")
+  for axis in ("members", "data"):
+    size = config_lib._get(config, f"mesh.{axis}")
+    if not config_lib.is_int(size) or (size < 1 and size != -1):
+      config_lib._fail(f"mesh.{axis}", size, "must be an integer >= 1, or -1 (every device left)")
+
+
+def fingerprint(config: ml_collections.ConfigDict, run: str) -> dict:
+  """The config fields a run's result depends on (a student's: the teacher's too)."""
+  fields = config_lib.experiment_fields(config)
+  keys = ["seed", "data", "model", "teacher"] + (["student"] if run != "teacher" else [])
+  return {**{key: fields[key] for key in keys}, "run": run}
+
+
+def _check_finished(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses finished runs of other settings in `workdir`, or with `overwrite` removes them."""
+  path = lambda run: os.path.join(workdir, "runs", f"{run}.json")
+  stale = [run for run in RUNS if os.path.exists(path(run)) and io.read_json(path(run)).get(
+      "fingerprint") != io.to_jsonable(fingerprint(config, run))]
+  if stale and not config.overwrite:
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds finished run(s) {', '.join(stale)} trained with other settings; "
+        f"use another --config.workdir or pass --config.overwrite=True to retrain them")
+  for run in stale:
+    os.remove(path(run))
+    shutil.rmtree(os.path.join(workdir, "models", run), ignore_errors=True)
+
+
+def _loops_slow(params) -> bool:
+  """Whether `params` hold a conv kernel and run on a CPU (see `train.in_calls`)."""
+  return jax.default_backend() == "cpu" and any(
+      leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _dropout_apply(net: hk.Transformed) -> train.ApplyFn:
+  """The stateful training apply of `net` whose model state is a PRNG key [2] uint32, split
+  every step: dropout acts in training only (evaluation applies `net` without a key)."""
+  def apply(params, key, images):
+    key, step_key = jax.random.split(key)
+    return net.apply(params, step_key, images), key
+  return apply
+
+
+def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
+              objective: losses.Objective, seed: int, teacher=None) -> tuple:
+  """Trains (or reloads) one network of `settings`' recipe from scratch, chosen on validation.
+
+  Args:
+    exp: the experiment (data, workdir, mesh).
+    run: its name in the workdir.
+    net: `apply(params, rng, images) -> logits` [batch, classes · k].
+    settings: a recipe section (`teacher` or `student`).
+    objective: from `losses.objective`.
+    seed: initialisation, dropout and shuffling.
+    teacher: (net, params) of the teacher the objective distils, or None.
+
+  Returns:
+    (params, record), or (None, record with "error") if its loss or parameters diverged.
+  """
+  template = net.init(jax.random.PRNGKey(seed), exp.example)
+  record = exp.finished(run)
+  if record is not None:
+    exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
+    return checkpoint.load_pytree(exp.path("models", run), template), record
+  optimizer = exp.optimizer(settings)
+  unroll = _loops_slow(template) or (teacher is not None and _loops_slow(teacher[1]))
+  teacher_apply = None if teacher is None else lambda params, x: teacher[0].apply(params, None, x)
+  epoch = train.make_train_epoch(
+      _dropout_apply(net), optimizer, settings.batch_size, settings.ema_decay,
+      objective=objective, teacher_apply=teacher_apply, shift=settings.shift,
+      flip=settings.flip, seed=seed, unroll=unroll)
+  epoch_fn = train.members_epoch(epoch, 1, mesh=exp.mesh_for(1))
+  if unroll:
+    epoch_fn = train.in_calls(epoch_fn, settings.batch_size, 1)
+  num_classes = exp.num_classes
+  evaluate = train.make_evaluate(lambda params, x: losses.collapse(net.apply(params, None, x),
+                                                                   num_classes),
+                                 unroll=_loops_slow(template))
+  # [n = 1] accuracies of stacked params, as `train.fit` and `sweep.train_members` take them.
+  accuracy = jax.jit(lambda params, x, y: evaluate(train.unstack(params, 1)[0], x, y)[0][None])
+  state = train.init_state(template, optimizer, model_state=jax.random.PRNGKey(seed + 1),
+                           ema=settings.ema_decay > 0)
+  members = sweep.Members([run], [state], epoch_fn, accuracy, lambda params, _: params,
+                          () if teacher is None else (teacher[1],))
+  [(record, params)] = sweep.train_members(exp, members, settings, seed,
+                                           fingerprint(exp.config, run))
+  if params is None:
+    return None, record
+  record["params"] = compression.count_params(params)
+  exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
+          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
+  return params, exp.finish(run, params, record)
+
+
+def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.Experiment:
+  """Validates `config` and loads its data; only then prepares the workdir (a failed start
+  writes nothing).
+
+  Raises:
+    config_lib.ConfigError, data.DataError: an invalid config or missing data.
+  """
+  validate_distill(config)
+  dataset = data.load_dataset(config.data.name, config.data.dir,
+                              val_fraction=config.data.val_fraction, seed=config.seed)
+  for run in ("teacher", "student"):
+    if config[run].batch_size > dataset.train.labels.size:
+      config_lib._fail(f"{run}.batch_size", config[run].batch_size,
+                       f"larger than the {dataset.train.labels.size} training examples")
+  example = dataset.train.images[:1]
+  with np.errstate(divide="ignore"):  # Haiku's init scale of a layer without inputs
+    shapes = jax.eval_shape(hk.transform(models.network(config.model, 1)).init,
+                            jax.random.PRNGKey(0), example)
+  if any(0 in leaf.shape for leaf in jax.tree_util.tree_leaves(shapes)):
+    config_lib._fail("model.name", config.model.name, f"its layers leave no features of the "
+                     f"{'×'.join(map(str, example.shape[1:3]))} images of {config.data.name}")
+  try:
+    exp = sweep.Experiment(config, dataset, log)
+  except ValueError as error:  # the mesh
+    raise config_lib.ConfigError(str(error)) from None
+  _check_finished(config, exp.workdir)
+  os.makedirs(exp.workdir, exist_ok=True)
+  io.atomic_write_json(exp.path("config.json"), config_lib.experiment_fields(config))
+  log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "
+      f"{dataset.test.labels.size} test examples from {dataset.source}; workdir {exp.workdir}")
+  return exp
+
+
+def run_distill(config: ml_collections.ConfigDict, log: sweep.Log = sweep._print) -> dict:
+  """Trains (or resumes) the teacher and the three students of `config`; returns results.json's
+  dict (module docstring).
+
+  Raises:
+    config_lib.ConfigError, data.DataError: see `open_experiment`.
+    train.NonFiniteError: the teacher diverged.
+  """
+  exp = open_experiment(config, log)
+  classes, k = exp.num_classes, config.model.subclasses
+  teacher = hk.transform(models.network(config.model, classes * k))
+  student = hk.transform(models.mlp_fn(classes * k, config.student.hidden))
+  results = {"dataset": config.data.name, "source": exp.dataset.source, "subclasses": k,
+             "config": config_lib.experiment_fields(config), "devices": parallel.describe(exp.mesh),
+             "runs": {}}
+
+  def save():
+    if parallel.is_main_process():
+      io.atomic_write_json(exp.path("results.json"), results)
+
+  diversity = config.teacher.diversity
+  teacher_params, results["runs"]["teacher"] = train_run(
+      exp, "teacher", teacher, config.teacher,
+      losses.objective(classes, smoothing=config.teacher.label_smoothing,
+                       diversity_weight=diversity.weight,
+                       diversity_temperature=diversity.temperature), config.seed)
+  save()
+  if teacher_params is None:
+    raise train.NonFiniteError(f"the teacher diverged ({results['runs']['teacher']['error']}); "
+                               f"lower teacher.learning_rate or teacher.diversity.weight")
+  distillation = config.student.distillation
+  for method in METHODS:
+    objective = losses.objective(
+        classes, smoothing=config.student.label_smoothing,
+        distillation_weight=0.0 if method == "alone" else distillation.weight,
+        temperature=distillation.temperature, distill_subclasses=method == "subclass")
+    _, results["runs"][f"student_{method}"] = train_run(
+        exp, f"student_{method}", student, config.student, objective, config.seed + 1,
+        teacher=None if method == "alone" else (teacher, teacher_params))
+    save()
+  log(format_table(results, exp.workdir))
+  return results
+
+
+def format_table(results: dict, workdir: str) -> str:
+  """The results table for the terminal."""
+  lines = [f"{results['dataset']}: subclass distillation, {results['subclasses']} subclasses "
+           f"per class",
+           f"{'run':<22} {'test acc %':>10} {'val acc %':>10} {'params':>10} {'epochs':>7} "
+           f"{'seconds':>8}"]
+  for run, record in results["runs"].items():
+    if "error" in record:
+      lines.append(f"{run:<22} FAILED: {record['error']}")
+      continue
+    lines.append(f"{run:<22} {100 * record['test_accuracy']:>10.2f} "
+                 f"{100 * record['val_accuracy']:>10.2f} {record['params']:>10,} "
+                 f"{record['epochs']:>7} {record['seconds']:>8.1f}")
+  lines.append(f"results: {os.path.join(workdir, 'results.json')}")
+  return "\n".join(lines)
