@@ -169,8 +169,8 @@ def _truncated(decomposition: compression.Decomposition, rank, weight: jax.Array
                     precision=jax.lax.Precision.HIGHEST).reshape(weight.shape)
 
 
-def _greedy_ranks(params, shapes: dict, decompositions: dict, loss: Callable,
-                  budget: int) -> dict:
+def _greedy_table(params, shapes: dict, decompositions: dict, loss: Callable) -> tuple:
+  """Per layer: the candidate ranks (None: dense), their weight counts and loss increases."""
   params = {name: dict(leaves) if isinstance(leaves, Mapping) else leaves
             for name, leaves in params.items()}  # every evaluated tree has this structure
   evaluate = jax.jit(loss)
@@ -186,8 +186,7 @@ def _greedy_ranks(params, shapes: dict, decompositions: dict, loss: Callable,
     options.append(ranks + [None])
     costs.append(np.array([_cost(shape, r) for r in options[-1]]))
     increases.append(np.nan_to_num(np.array(truncated + [base]) - base, nan=np.inf))
-  choice = knapsack(costs, increases, budget)
-  return {name: option[index] for name, option, index in zip(shapes, options, choice)}
+  return options, costs, increases
 
 
 def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy",
@@ -198,7 +197,8 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
   Args:
     params: a dense parameter tree.
     budget: an int, the selected layers' weights after compression (module docstring), or a
-      float in (0, 1), that fraction of their dense weights (rounded down).
+      float in (0, 1), that fraction of their dense weights (rounded down); or a list of them,
+      sharing the SVDs and the greedy criterion's loss evaluations.
     calibration: a `lrnet.Calibration`: spectra and truncations of SᵀW (data-aware).
     criterion: one of `CRITERIA`.
     loss: `params -> scalar` loss of the network on held-out data; needed by "greedy" (jitted
@@ -209,7 +209,7 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
   Returns:
     `{module: rank}` in the tree's order for the layers to factorize, each below its
     break-even rank, for `compress`; selected layers left dense are absent (empty when the
-    budget holds them all dense).
+    budget holds them all dense). A list of them for a list of budgets.
 
   Raises:
     ValueError: an unknown criterion, a bad budget or one below every layer at rank 1, "greedy"
@@ -223,12 +223,17 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
   all_shapes = compression.matrix_shapes(params)
   selected = compression.select_ranks(params, 1, include, exclude)
   shapes = {name: all_shapes[name] for name in selected}
-  budget = _resolve_budget(budget, shapes)
+  several = isinstance(budget, (list, tuple))
+  budgets = [_resolve_budget(b, shapes) for b in (budget if several else [budget])]
   decompositions = compression.decompose(params, include, exclude, calibration=calibration)
   if criterion == "greedy":
-    ranks = _greedy_ranks(params, shapes, decompositions, loss, budget)
+    options, costs, increases = _greedy_table(params, shapes, decompositions, loss)
+    allocations = [{name: option[index] for name, option, index in
+                    zip(shapes, options, knapsack(costs, increases, b))} for b in budgets]
   else:
     spectra = {name: decomposition.s for name, decomposition in decompositions.items()}
     allocate = _energy_ranks if criterion == "energy" else _stable_rank_ranks
-    ranks = allocate(spectra, shapes, budget)
-  return {name: rank for name, rank in ranks.items() if rank is not None}
+    allocations = [allocate(spectra, shapes, b) for b in budgets]
+  allocations = [{name: rank for name, rank in ranks.items() if rank is not None}
+                 for ranks in allocations]
+  return allocations if several else allocations[0]

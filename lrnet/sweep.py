@@ -524,14 +524,17 @@ def prepare_points(exp: Experiment) -> None:
                                          damping=config.calibration.damping)
   exp.whitened = compress_lib.decompose(exp.teacher_params, include=list(exp.layers),
                                         calibration=statistics)
+  if not config.sweep.budgets:
+    return
   greedy = config.allocation.criterion == "greedy"
-  for fraction in config.sweep.budgets:
-    exp.allocated[fraction] = allocation.allocate_ranks(
-        exp.teacher_params, fraction, include=list(exp.layers),
-        calibration=statistics if config.truncation == "whitened" else None,
-        criterion=config.allocation.criterion,
-        loss=(lambda params: exp.evaluate_dense(params, *exp.val)[1]) if greedy else None)
-    exp.log(f"[budget {fraction}] allocated ranks {exp.allocated[fraction]}")
+  allocated = allocation.allocate_ranks(
+      exp.teacher_params, list(config.sweep.budgets), include=list(exp.layers),
+      calibration=statistics if config.truncation == "whitened" else None,
+      criterion=config.allocation.criterion,
+      loss=(lambda params: exp.evaluate_dense(params, *exp.val)[1]) if greedy else None)
+  for fraction, ranks in zip(config.sweep.budgets, allocated):
+    exp.allocated[fraction] = ranks
+    exp.log(f"[budget {fraction}] allocated ranks {ranks}")
 
 
 def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> None:

@@ -169,3 +169,10 @@ def test_stable_rank_ranks_are_proportional_to_the_stable_ranks():
 def test_bad_arguments_are_one_line_errors_naming_the_field(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     lrnet.allocate_ranks(PARAMS, **kwargs)
+
+
+@pytest.mark.parametrize("criterion", ["greedy", "energy"])
+def test_a_list_of_budgets_gives_what_each_budget_gives_alone(criterion):
+  loss = cross_entropy if criterion == "greedy" else None
+  single = [lrnet.allocate_ranks(PARAMS, b, criterion=criterion, loss=loss) for b in (0.2, 0.4)]
+  assert lrnet.allocate_ranks(PARAMS, [0.2, 0.4], criterion=criterion, loss=loss) == single
