@@ -29,12 +29,12 @@ From a trained teacher this never happens in practice (BUILD_NOTES.md: 0 refresh
 refresh is a guard, not a path that needs to be fast.
 
 **Batches.** Under `vmap` a `lax.cond` on a batched predicate becomes a select that computes
-both branches for every member. Here every branch (Rayleigh–Ritz on a left call, the refresh) is a
-cond on whether any member needs it (`_cond_any`, an unbatched predicate), inside which each
-member keeps its own branch's result; the side is one cond for all members. Members of a batch may track different k: the state is padded to a common K with
-zero rows past its own `width`, which stay zero and never enter the projection, so a padded
-member computes what it would alone (up to rounding). The side alternates strictly with the call
-count (a refresh keeps the phase), so the members of a batch always search the same side.
+both branches for every member. Here every branch (Rayleigh–Ritz on a left call, the refresh, a
+Cholesky factorisation) is taken where any member needs it (`_any_member`, an unbatched
+predicate), each member keeping its own branch's result. Members may track different k: the
+state is padded to a common K with zero rows past its own `width`, which stay zero and never
+enter the projection, so a padded member computes what it would alone (up to rounding). The
+side alternates with the call count (a refresh keeps the phase): members search the same side.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any, Callable, NamedTuple, Optional, TypeVar
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from lrnet import svd
 
@@ -56,6 +57,9 @@ _NOISE_FACTOR = 8.0
 # A left call projects through its search rows as they are while the energy their rounding can
 # cost stays below this fraction of the optimal error energy (`_unranked_is_near_optimal`).
 _UNRANKED_MAX_EXCESS = 1e-6
+# Rayleigh–Ritz orthonormalises its rows X by a series in E = X Xᵀ − I while ‖E‖_F is below
+# this (C X Xᵀ C − I ≲ 2e-6; trained layers at r = 200: ‖E‖_F ≈ 0.015), else by Cholesky.
+_SERIES_MAX_EXCESS = 0.05
 
 _T = TypeVar("_T")
 
@@ -129,38 +133,25 @@ def leading_rows(rows: jax.Array, rank) -> jax.Array:
   return jnp.where(_rank_mask(rows.shape[0], rank)[:, None], rows, 0.0)
 
 
-def _complement_unit(rows: jax.Array, vector: jax.Array, fallback: jax.Array) -> jax.Array:
-  """`vector` [d] projected onto the orthogonal complement of span(`rows`) ([K, d], orthonormal
-  or zero rows), normalised; `fallback` when nothing is left.
-
-  Projects twice: after one pass, a vector lying mostly in the span keeps rounding components in
-  it as large as its true remainder ("twice is enough").
+def _probe(rows: jax.Array, candidates: list[jax.Array], has_room: bool) -> jax.Array:
+  """A unit vector ⟂ `rows` [K, d] (orthonormal or zero rows): the first of `candidates` ([d]
+  each) with a part outside span(rows), projected and normalised, else a fixed pseudo-random
+  one (a constant: `jax.random` would run on every call); zeros when K = d (padding included, a
+  static choice). Random rather than the (k+1)-th singular vector: an exact singular vector stays
+  put under a change of W that only rescales singular values, a mixture does not. Projects twice:
+  once leaves rounding components in the span as large as a small remainder.
   """
-  for _ in range(2):
-    vector = vector - (rows @ vector) @ rows
-  norm = jnp.linalg.norm(vector)
-  return jnp.where(norm > jnp.finfo(vector.dtype).tiny ** 0.5, vector / norm, fallback)
-
-
-def _unit_rows(rows: jax.Array) -> jax.Array:
-  """Rows scaled to unit norm (zero rows stay zero)."""
-  norms = jnp.linalg.norm(rows, axis=1, keepdims=True)
-  return jnp.where(norms > jnp.finfo(rows.dtype).tiny ** 0.5, rows / norms, 0.0)
-
-
-def _probe(rows: jax.Array, candidate: jax.Array, has_room: bool,
-           fallback: Optional[jax.Array] = None) -> jax.Array:
-  """A unit vector ⟂ `rows` [K, d]: `candidate` projected, else `fallback` projected, else a
-  fixed pseudo-random one; zeros when K = d (nothing lies outside; padded rows included, a
-  static choice). Random rather than the (k+1)-th singular vector: an exact singular vector
-  stays put under a change of W that only rescales singular values, a mixture does not."""
   if not has_room:
-    return jnp.zeros_like(candidate)
-  direction = jax.random.normal(jax.random.PRNGKey(0), candidate.shape, candidate.dtype)
-  last_resort = _complement_unit(rows, direction, jnp.zeros_like(candidate))
-  if fallback is not None:
-    last_resort = _complement_unit(rows, fallback, last_resort)
-  return _complement_unit(rows, candidate, last_resort)
+    return jnp.zeros_like(candidates[0])
+  direction = np.random.default_rng(0).standard_normal(candidates[0].shape)
+  vectors = jnp.stack([*candidates, jnp.asarray(direction, rows.dtype)])
+  for _ in range(2):
+    vectors = vectors - svd.times_transpose(vectors, rows) @ rows
+  norms = jnp.linalg.norm(vectors, axis=1)
+  probe = jnp.zeros_like(candidates[0])
+  for vector, norm in zip(vectors[::-1], norms[::-1]):
+    probe = jnp.where(norm > jnp.finfo(rows.dtype).tiny ** 0.5, vector / norm, probe)
+  return probe
 
 
 def _exact_pairs(w: jax.Array, size: int, width: jax.Array):
@@ -177,8 +168,8 @@ def _init(w: jax.Array, size: int, width: jax.Array) -> TrackerState:
   left_rows, singular_values, right_rows = _exact_pairs(w, size, width)
   zero, count = jnp.zeros((), w.dtype), jnp.zeros((), jnp.int32)
   return TrackerState(right_rows, left_rows, singular_values,
-                      _probe(right_rows, jnp.zeros((w.shape[1],), w.dtype), has_room),
-                      _probe(left_rows, jnp.zeros((w.shape[0],), w.dtype), has_room),
+                      _probe(right_rows, [jnp.zeros((w.shape[1],), w.dtype)], has_room),
+                      _probe(left_rows, [jnp.zeros((w.shape[0],), w.dtype)], has_room),
                       width=width, side=count, drift=zero, refreshes=count)
 
 
@@ -204,39 +195,40 @@ def init(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE,
   return _init(lax.stop_gradient(w), size, jnp.asarray(width, jnp.int32))
 
 
-def _energies(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(‖W‖_F², the rounding noise floor of energy differences _NOISE_FACTOR·eps·‖W‖_F²)."""
-  total = jnp.sum(w * w)
-  return total, _NOISE_FACTOR * jnp.finfo(w.dtype).eps * total
-
-
-def _rayleigh_ritz(rows: jax.Array, images: jax.Array,
+def _rayleigh_ritz(gram: jax.Array, image_gram: jax.Array,
                    active: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Rayleigh–Ritz of W in span(rows) from rows X [K, d] (not necessarily orthonormal; rows
-  not `active` are zero padding) and their images Z = X Wᵀ or X W ([K', e], K' ≥ K: rows past
-  K, a probe's image, are ignored), with K×K algebra only.
+  """Rayleigh–Ritz of W in span(X) from the Grams [K, K] of rows X [K, d] (not necessarily
+  orthonormal; rows not `active` are zero padding) and of their images Z = X Wᵀ or X W, with
+  K×K algebra only.
 
-  .. math:: X X^T = L L^T, \\quad L^{-1} (Z Z^T) L^{-T} = S \\Lambda S^T, \\quad T = S^T L^{-1}
+  .. math:: C X X^T C^T = I, \\quad C (Z Z^T) C^T = S \\Lambda S^T, \\quad T = S^T C
 
-  Padding gets an identity Gram block and eigenvalue −1, so it sorts last and T keeps it zero.
+  The rows come from the last call and are nearly orthonormal, E = X Xᵀ − I small: C is then
+  (I + E)^(-1/2) by its series to third order (off by ≈ 0.27 ‖E‖⁴, products only), else the
+  inverse of the Cholesky factor of X Xᵀ. Padding gets an identity Gram block and eigenvalue −1, so it sorts
+  last; T's padding rows are zeroed, so that T X and T Z keep them zero.
 
   Returns:
     (λ [K], descending, ≥ 0: the squared Ritz values; T [K, K]: T X are the orthonormal Ritz
     vectors and T Z their images).
   """
-  size = rows.shape[0]
-  padding = jnp.diag((~active).astype(rows.dtype))
-  chol = jnp.linalg.cholesky(rows @ rows.T + padding)
-  chol_inv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(size, dtype=rows.dtype), lower=True)
-  reduced = chol_inv @ (images @ images.T)[:size, :size] @ chol_inv.T - padding
-  eigenvalues, eigenvectors = jnp.linalg.eigh(0.5 * (reduced + reduced.T))
-  return jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1].T @ chol_inv
+  padding = jnp.diag((~active).astype(gram.dtype))
+  eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
 
+  def series(excess):
+    square = excess @ excess
+    return eye - 0.5 * excess + 0.375 * square - 0.3125 * (square @ excess)
 
-def _rotate(to_ritz: jax.Array, images: jax.Array) -> jax.Array:
-  """T Z[:K] for T [K, K] and Z [K', e], K' ≥ K, without slicing Z (a copy on XLA:CPU)."""
-  size = to_ritz.shape[0]
-  return jnp.pad(to_ritz, ((0, 0), (0, images.shape[0] - size))) @ images
+  excess = gram + padding - eye
+  to_orthonormal = _cond_any(  # C
+      jnp.sum(excess * excess) > _SERIES_MAX_EXCESS ** 2,
+      lambda excess: jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(eye + excess), eye,
+                                                       lower=True), series, excess)
+  # Products in the forms A B and A Bᵀ: XLA:CPU runs a transposed left operand far slower.
+  reduced = svd.times_transpose(to_orthonormal @ image_gram, to_orthonormal) - padding
+  eigenvalues, eigenvectors = jnp.linalg.eigh(reduced)  # symmetrises its input
+  to_ritz = eigenvectors.T[::-1] @ to_orthonormal
+  return jnp.maximum(eigenvalues[::-1], 0.0), jnp.where(active[:, None], to_ritz, 0.0)
 
 
 def _drift(total: jax.Array, noise: jax.Array, eigenvalues: jax.Array, rank: jax.Array,
@@ -278,20 +270,22 @@ class _Call(NamedTuple):
   right_rows: jax.Array    # [K, n]
 
 
-def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, search_right: bool) -> _Call:
+def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, energies: tuple,
+               search_right: bool, needs_ranking: Optional[jax.Array] = None) -> _Call:
   """One call: the rank-r projection of the current W through the search rows of one side.
 
   With X the searched rows [K, d] and their images Z = X Wᵀ (right) or X W (left), [K, e]. A
   right call runs Rayleigh–Ritz: the best rank-r approximation of W with rows in span(X) is
   Σ_{i<r} (T Z)_iᵀ (T X)_i. A left call searches the unit images of the last Ritz vectors, which
-  are orthonormal and ranked, and projects through them as they are: Ŵ = Σ_{i<r} x_i (x_iᵀ W).
+  are orthonormal and ranked, and projects through them as they are: Ŵ = Σ_{i<r} x_i (x_iᵀ W),
+  or runs Rayleigh–Ritz too where `needs_ranking` (see `_unranked_is_near_optimal`).
 
   Drift: for an exact singular pair W x_i = σ_i y_i (y_i the previous call's vectors on the
   other side, `partners`), so the residual ‖Z_i − σ_i y_i‖² is the energy one more power step
   would add, measured against the W of now: it also sees how far W moved since the last call.
-  A right call follows an unranked left call, whose rows are not Ritz vectors of the W of now;
-  there only the part of Z_i outside span(Y) counts, ‖Z_i‖² − ‖Y Z_iᵀ‖², since the rotation
-  inside the span is what its Rayleigh–Ritz step removes.
+  A right call follows an unranked left call, whose rows are not Ritz vectors of the W of now:
+  there only the part of Z_i outside span(Y) counts, ‖Z_i‖² − ‖Y Z_iᵀ‖² (its Rayleigh–Ritz
+  step removes the rotation inside the span).
   """
   if search_right:
     rows, probe, partners, other_probe = (state.right_rows, state.right_probe, state.left_rows,
@@ -301,46 +295,44 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, search_right:
                                           state.right_probe)
   size = rows.shape[0]
   active = _rank_mask(size, state.width)
+  total, noise = energies
   search = jnp.concatenate([rows, probe[None]], axis=0)                        # [K + 1, d]
   images_all = svd.times_transpose(search, w) if search_right else search @ w  # [K + 1, e]
   probe_image = images_all[size]
-  total, noise = _energies(w)
 
-  def ranked(rows, images_all, active):
-    eigenvalues, to_ritz = _rayleigh_ritz(rows, images_all, active)
-    return eigenvalues, to_ritz @ rows, _rotate(to_ritz, images_all)
+  # Products take all K + 1 images, their results are sliced: a slice of Z is a copy (XLA:CPU).
+  def ranked(image_gram):
+    eigenvalues, to_ritz = _rayleigh_ritz(svd.times_transpose(rows, rows), image_gram, active)
+    return eigenvalues, to_ritz @ rows, jnp.pad(to_ritz, ((0, 0), (0, 1))) @ images_all
 
-  images = images_all[:size]
   if search_right:
-    eigenvalues, ritz_rows, image_rows = ranked(rows, images_all, active)
-    inside = svd.times_transpose(images, partners)                            # [K, K] Y Z_iᵀ
-    residuals = jnp.maximum(jnp.sum(images ** 2, axis=1) - jnp.sum(inside * inside, axis=1), 0.0)
+    image_gram = svd.times_transpose(images_all, images_all)[:size, :size]
+    eigenvalues, ritz_rows, image_rows = ranked(image_gram)
+    inside = svd.times_transpose(images_all, partners)[:size]                # [K, K] Y Z_iᵀ
+    # Row sums by a product: a sum XLA:CPU fuses into the product above takes 2–3× as long.
+    inside_energies = (inside * inside) @ jnp.ones((size,), inside.dtype)
+    residuals = jnp.maximum(jnp.diagonal(image_gram) - inside_energies, 0.0)
   else:
-    unranked = (jnp.sum(images * images, axis=1), rows, images)
-    near_optimal = _unranked_is_near_optimal(total, noise, state.singular_values, rank,
-                                             jnp.finfo(w.dtype).eps)
-    eigenvalues, ritz_rows, image_rows = _cond_any(
-        ~near_optimal, lambda _: ranked(rows, images_all, active), lambda _: unranked, None)
+    images = images_all[:size]
+    eigenvalues, ritz_rows, image_rows = jnp.sum(images * images, axis=1), rows, images
+    if needs_ranking is not None:
+      eigenvalues, ritz_rows, image_rows = jax.tree_util.tree_map(
+          lambda a, b: jnp.where(needs_ranking, b, a), (eigenvalues, ritz_rows, image_rows),
+          ranked(svd.times_transpose(images_all, images_all)[:size, :size]))
     residuals = jnp.sum((images - state.singular_values[:, None] * partners) ** 2, axis=1)
   gain = jnp.sum(jnp.where(_rank_mask(size, rank), residuals, 0.0))
   drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
 
-  ritz_rows = jnp.where(active[:, None], ritz_rows, 0.0)
-  image_rows = jnp.where(active[:, None], image_rows, 0.0)
-  unit_image_rows = _unit_rows(image_rows)
-  next_probe = jnp.zeros_like(other_probe)
-  if size < min(w.shape):
-    fallback = _complement_unit(unit_image_rows, other_probe, jnp.zeros_like(other_probe))
-    next_probe = _complement_unit(unit_image_rows, probe_image, fallback)
-  singular_values = jnp.sqrt(eigenvalues)
-  common = dict(singular_values=singular_values, side=1 - state.side, drift=drift)
+  # Rows ≥ width stay zero: T's padding rows are zero, and a left call's rows and images are.
+  norms = jnp.linalg.norm(image_rows, axis=1, keepdims=True)
+  unit_image_rows = jnp.where(norms > jnp.finfo(w.dtype).tiny ** 0.5, image_rows / norms, 0.0)
+  next_probe = _probe(unit_image_rows, [probe_image, other_probe], size < min(w.shape))
+  common = dict(singular_values=jnp.sqrt(eigenvalues), side=1 - state.side, drift=drift)
   if search_right:
-    new_state = state._replace(right_rows=ritz_rows, left_rows=unit_image_rows,
-                               left_probe=next_probe, **common)
-    return _Call(new_state, image_rows, ritz_rows)
-  new_state = state._replace(left_rows=ritz_rows, right_rows=unit_image_rows,
-                             right_probe=next_probe, **common)
-  return _Call(new_state, ritz_rows, image_rows)
+    return _Call(state._replace(right_rows=ritz_rows, left_rows=unit_image_rows,
+                                left_probe=next_probe, **common), image_rows, ritz_rows)
+  return _Call(state._replace(left_rows=ritz_rows, right_rows=unit_image_rows,
+                              right_probe=next_probe, **common), ritz_rows, image_rows)
 
 
 def _refresh(w: jax.Array, call: _Call) -> _Call:
@@ -354,8 +346,8 @@ def _refresh(w: jax.Array, call: _Call) -> _Call:
   fresh = w @ jnp.eye(w.shape[1], dtype=w.dtype)
   left_rows, singular_values, right_rows = _exact_pairs(fresh, size, state.width)
   has_room = size < min(w.shape)
-  right_probe = _probe(right_rows, state.right_probe, has_room)
-  left_probe = _probe(left_rows, state.left_probe, has_room)
+  right_probe = _probe(right_rows, [state.right_probe], has_room)
+  left_probe = _probe(left_rows, [state.left_probe], has_room)
   new_state = state._replace(right_rows=right_rows, left_rows=left_rows,
                              singular_values=singular_values, right_probe=right_probe,
                              left_probe=left_probe)
@@ -394,10 +386,16 @@ def _project(w, state, rank, *, tolerance):
   w = lax.stop_gradient(w)
   state = lax.stop_gradient(state)
   rank = jnp.clip(rank, 1, state.width)
-  # The members of a batch search the same side (the phase never changes), so one side's half
-  # step runs for all of them.
-  call = lax.cond(_any_member(state.side == 0), lambda: _half_step(w, state, rank, True),
-                  lambda: _half_step(w, state, rank, False))
+  total = jnp.sum(w * w)  # and the rounding noise floor of energy differences:
+  energies = total, _NOISE_FACTOR * jnp.finfo(w.dtype).eps * total
+  needs_ranking = ~_unranked_is_near_optimal(*energies, state.singular_values, rank,
+                                             jnp.finfo(w.dtype).eps)
+  # One switch (a cond's results are copies on XLA:CPU). The members of a batch search the same
+  # side (the phase never changes); a left call ranks where any member needs it.
+  branch = jnp.where(_any_member(state.side == 0), 0,
+                     jnp.where(_any_member(needs_ranking), 2, 1))
+  call = lax.switch(branch, [functools.partial(_half_step, w, state, rank, energies, *sides)
+                             for sides in ((True,), (False,), (False, needs_ranking))])
   needs_refresh = ~(call.state.drift < tolerance)  # also on NaN
   call = _cond_any(needs_refresh, lambda call: _refresh(w, call), lambda call: call, call)
   new_state = call.state._replace(refreshes=state.refreshes + needs_refresh.astype(jnp.int32))

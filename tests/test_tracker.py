@@ -119,6 +119,59 @@ def test_left_call_projects_through_its_rows_unless_rounding_could_cost(decay, r
                              atol=1e-6 if ranked else 1e-5)
 
 
+@pytest.mark.parametrize("skew", [1e-3, 0.3])  # ‖X Xᵀ − I‖_F ≈ 0.02: series; ≈ 5: Cholesky
+def test_rayleigh_ritz_is_exact_whichever_way_it_orthonormalises(skew):
+  """T X orthonormal, T Z orthogonal with squared norms λ, λ the exact Ritz values of W in
+  span(X), padding rows zero; also batched, one member of each kind."""
+  rng = np.random.default_rng(8)
+  w = np.asarray(_with_spectrum(0.8 ** np.arange(48)), np.float64)
+  width = 14
+  rows = np.zeros((K, 48))
+  rows[:width] = _orthogonal(rng, 48)[:width] + skew * rng.normal(size=(width, 48))
+  active = jnp.arange(K) < width
+
+  def ritz(rows):
+    rows = jnp.asarray(rows, jnp.float32)
+    images = rows @ jnp.asarray(w.T, jnp.float32)
+    return tracker._rayleigh_ritz(rows @ rows.T, images @ images.T, active)
+
+  q = np.linalg.qr(rows[:width].T)[0].T                        # float64 reference
+  exact = np.sort(np.linalg.eigvalsh(q @ w.T @ w @ q.T))[::-1]
+  other = rows.copy()
+  other[:width] = _orthogonal(rng, 48)[:width] + (0.3 if skew < 0.1 else 1e-3) * rng.normal(
+      size=(width, 48))
+  batched = jax.vmap(ritz)(jnp.asarray(np.stack([rows, other])))
+  for eigenvalues, to_ritz in (ritz(rows), jax.tree.map(lambda a: a[0], batched)):
+    vectors = np.asarray(to_ritz, np.float64) @ rows
+    images = vectors @ w.T
+    np.testing.assert_allclose(vectors[:width] @ vectors[:width].T, np.eye(width), atol=1e-5)
+    np.testing.assert_array_equal(to_ritz[width:], 0.0)
+    np.testing.assert_allclose(images @ images.T, np.diag(eigenvalues), atol=1e-5)
+    np.testing.assert_allclose(eigenvalues[:width], exact, rtol=1e-4, atol=1e-6)
+
+
+def test_vmap_ranks_the_left_call_only_of_the_member_that_needs_it():
+  """Batched, a left call runs Rayleigh–Ritz for all members where one needs it, and each
+  member keeps what it would compute alone: rows unchanged for the one that does not."""
+  rank = 8
+  ws = [_with_spectrum(decay ** np.arange(48), seed=6) for decay in (0.9, 0.5)]
+  states = [_init(w, rank) for w in ws]
+  states = [_track(_perturbation(w, 1e-3, seed=1), s, rank)[0] for w, s in zip(ws, states)]
+  moved = [_perturbation(w, 1e-3, seed=2) for w in ws]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  batched = jax.jit(jax.vmap(lambda w, s: tracker.project(w, s, rank)))
+  new_states, lefts, rights = batched(jnp.stack(moved), stacked)
+  np.testing.assert_array_equal(lefts[0], states[0].left_rows)     # unranked: its own rows
+  assert not np.allclose(lefts[1], states[1].left_rows)
+  for i in range(2):
+    alone_state, left, right = tracker.project(moved[i], states[i], rank)
+    np.testing.assert_allclose(lefts[i][:rank].T @ rights[i][:rank], left[:rank].T @ right[:rank],
+                               atol=1e-5)
+    np.testing.assert_allclose(new_states.singular_values[i], alone_state.singular_values,
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new_states.refreshes, [0, 0])
+
+
 def test_unranked_gate_weighs_the_rounding_against_the_optimal_error():
   eps = float(np.finfo(np.float32).eps)
   values = jnp.asarray([4.0, 2.0, 1.0, 0.5], jnp.float32)
