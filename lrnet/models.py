@@ -45,12 +45,13 @@ def mlp_fn(num_classes: int, hidden: Sequence[int] = (1024,) * 5) -> Forward:
   return forward
 
 
-def convnet_fn(num_classes: int, dense: Sequence[int] = (3000, 2000, 2000, 1000)) -> Forward:
+def convnet_fn(num_classes: int, dense: Sequence[int] = (3000, 2000, 2000, 1000),
+               channels: Sequence[int] = (18, 48)) -> Forward:
   """Origin notebook 001's CIFAR-10 network (module docstring); `dense`: its dense widths."""
   def forward(images: jax.Array) -> jax.Array:
-    x = jax.nn.relu(hk.Conv2D(18, 5, name="conv_0")(images))
+    x = jax.nn.relu(hk.Conv2D(channels[0], 5, name="conv_0")(images))
     x = jax.nn.relu(hk.AvgPool((2, 2, 1), (2, 2, 1), "VALID")(x))
-    x = jax.nn.relu(hk.Conv2D(48, 5, name="conv_1")(x))
+    x = jax.nn.relu(hk.Conv2D(channels[1], 5, name="conv_1")(x))
     x = hk.Flatten()(hk.AvgPool((2, 2, 1), (2, 2, 1), "VALID")(x))
     for i, width in enumerate(dense):
       x = jax.nn.relu(hk.Linear(width, name=f"linear_{i}")(x))
@@ -90,10 +91,10 @@ NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cn
 
 
 # The config fields (`model.<field>`) each network takes besides the number of classes.
-NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense",), "resmlp": ("width", "blocks"),
+NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense", "channels"), "resmlp": ("width", "blocks"),
                   "cnn": ("channels", "dense", "dropout")}
 # The fields that set widths (`scaled` shrinks them; depth stays).
-WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("dense",), "resmlp": ("width",),
+WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("channels", "dense"), "resmlp": ("width",),
                 "cnn": ("channels", "dense")}
 
 

@@ -334,7 +334,12 @@ def run_dense_control(exp: Experiment, rank) -> dict:
   teacher."""
   max_params = sum(row.compressed_params
                    for row in compress_lib.summarize(exp.teacher_params, exp.ranks(rank)))
-  model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example, max_params)
+  try:
+    model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example,
+                                         max_params)
+  except ValueError as error:  # e.g. fixed conv layers larger than the student
+    exp.log(f"[{run_name(rank, 'dense_control')}] not trained: {error}")
+    return {"error": str(error)}
   _, record = train_dense(exp, run_name(rank, "dense_control"),
                           models.network(model, exp.num_classes), exp.config.seed,
                           fingerprint(exp.config, "dense_control"))
@@ -517,7 +522,7 @@ def prepare_points(exp: Experiment) -> None:
   `allocation.criterion`, the loss the validation split's, whitened with `truncation` whitened."""
   config = exp.config
   order = train.epoch_order(config.seed, 0, exp.train[1].shape[0])[:config.calibration.examples]
-  images = exp.train[0][jnp.asarray(order)]
+  images = jnp.asarray(exp.dataset.train.images[order])  # on the default device, like the params
   batches = [images[i:i + 500] for i in range(0, images.shape[0], 500)]
   statistics = calibration_lib.calibrate(exp.fn, exp.teacher_params, batches,
                                          include=list(exp.layers),

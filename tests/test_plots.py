@@ -79,16 +79,32 @@ def test_accuracy_series():
       params, [0.92, 0.95, 0.965, 0.966, 0.97])
 
 
+def test_budgets_are_drawn_as_their_own_series():
+  budget = {"budget": 0.05, "layer_ranks": {"linear_0": 8}, "params": 30_000,
+            "truncated_accuracy": 0.5, "factorized_accuracy": 0.9}
+  results = _results(budgets=[budget])
+  assert plots.accuracy_series(results, "budgets")["factorized_accuracy"] == ([30_000], [0.9])
+  ax, = plots.plot_accuracy_vs_params(results).axes
+  line = _line(ax, "factorized fine-tuned, allocated ranks")
+  assert list(line.get_xdata()) == [30_000] and line.get_linestyle() == "--"
+
+
+def test_dense_controls_sit_at_their_own_parameter_count():
+  entry = dict(RESULTS["ranks"][0], dense_control_params=16_000, dense_control_accuracy=0.95)
+  series = plots.accuracy_series(_results(ranks=[entry]))
+  assert series["dense_control_accuracy"] == ([16_000], [0.95])
+
+
 def test_accuracy_figure_draws_the_series_and_teacher():
   ax, = plots.plot_accuracy_vs_params(RESULTS).axes
   lines = ax.get_lines()
-  assert len(lines) == 4  # three methods + teacher
+  assert len(lines) == len(plots.ACCURACY_SERIES) + 1  # the series (some empty) + teacher
   for (key, label), line in zip(plots.ACCURACY_SERIES, lines):
     assert line.get_label() == label
     xs, ys = plots.accuracy_series(RESULTS)[key]
     np.testing.assert_array_equal(line.get_xdata(), xs)
     np.testing.assert_array_equal(line.get_ydata(), ys)
-  teacher = lines[3]
+  teacher = lines[-1]
   np.testing.assert_array_equal(teacher.get_ydata(), [0.97, 0.97])
   assert "563,722 params" in teacher.get_label()
   assert "97.00%" in teacher.get_label()
@@ -171,7 +187,7 @@ def test_missing_values_and_errors_are_skipped(bad):
                            "truncated_accuracy": 0.5,
                            "theoretical_latency_ratio": bad})
   ax, = plots.plot_accuracy_vs_params(results).axes
-  assert len(ax.get_lines()) == 3  # no teacher line
+  assert len(ax.get_lines()) == len(plots.ACCURACY_SERIES)  # no teacher line
   np.testing.assert_array_equal(
       _line(ax, "factorized fine-tuned").get_xdata(),
       [17_162, 174_602, 278_026, 1_092_106])  # rank 16 dropped here only
