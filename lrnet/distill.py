@@ -31,7 +31,6 @@ import ml_collections
 import numpy as np
 
 from lrnet import checkpoint
-from lrnet import compression
 from lrnet import config as config_lib
 from lrnet import data
 from lrnet import io
@@ -195,12 +194,7 @@ def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
                           () if teacher is None else (teacher[1],))
   [(record, params)] = sweep.train_members(exp, members, settings, seed,
                                            fingerprint(exp.config, run))
-  if params is None:
-    return None, record
-  record["params"] = compression.count_params(params)
-  exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
-          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
-  return params, exp.finish(run, params, record)
+  return sweep.finish_network(exp, run, params, record)
 
 
 def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.Experiment:

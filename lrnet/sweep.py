@@ -307,6 +307,12 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
   members = Members([run], [state], exp.members_epoch(train.stateful_apply(net), settings, 1),
                     _evaluate_members(evaluate, exp.unroll), lambda params, _: params)
   [(record, params)] = train_members(exp, members, settings, exp.config.seed, fields)
+  return finish_network(exp, run, params, record)
+
+
+def finish_network(exp: Experiment, run: str, params, record: dict) -> tuple:
+  """A lone network's outcome from `train_members`: logged and saved with its parameter count,
+  or (None, record) if it failed."""
   if params is None:
     return None, record
   record["params"] = compress_lib.count_params(params)

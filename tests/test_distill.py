@@ -36,12 +36,7 @@ def small_config(workdir, **overrides):
   config.teacher.epochs, config.teacher.batch_size = 3, 32
   config.student.epochs, config.student.batch_size = 2, 64
   config.student.hidden = (32, 32)
-  for field, value in overrides.items():
-    node = config
-    *path, last = field.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

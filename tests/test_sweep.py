@@ -37,12 +37,7 @@ def small_config(workdir, **overrides):
   config.student.epochs = 2
   config.sweep.ranks = (2, "full")
   config.latency.repeats = 2
-  for field, value in overrides.items():
-    node = config
-    *path, last = field.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
