@@ -1,4 +1,5 @@
-"""The rank sweep: teacher → for every rank, truncated / straight-through / factorized accuracy.
+"""The rank sweep: teacher → for every rank and budget, truncated (plain and whitened),
+straight-through, factorized and equal-size dense-control accuracy.
 
 Resumable by construction. In `workdir`:
   config.json                  the config of the latest sweep in this workdir
@@ -9,8 +10,9 @@ Resumable by construction. In `workdir`:
   results.json, results.csv, accuracy_vs_params.png, latency_vs_rank.png
 Every file is written atomically and the results are rewritten after every finished run.
 
-A run's fingerprint holds the config fields its result depends on (the teacher's: seed, data,
-model, teacher; a student's: those, `student` and, straight-through, `projection`), so a sweep
+A run's fingerprint holds the config fields its result depends on (the teacher's and a dense
+control's: seed, data, model, teacher; a student's: those, `student`, `truncation`, `calibration`,
+`allocation` and, straight-through, `projection`), so a sweep
 with more ranks or kinds reuses the teacher and every finished run; a finished run whose
 fingerprint differs is refused unless `overwrite` (then it is trained again).
 """
