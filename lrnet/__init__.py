@@ -5,7 +5,9 @@ The front door: any Haiku network's factorized twin and straight-through student
 `project`, `summarize`, `decompose`, `count_params`); truncation and factors (`truncate`,
 `factorize`, `st_truncate`; `lrnet.tracker` for the tracked projection); the origin notebooks'
 networks in `lrnet.models`; rank estimation (`estimate_rank` of a black-box map,
-`layer_spectra` of trained weights); and `limit_lapack_threads` (call it before training
+`layer_spectra` of trained weights); data-aware truncation and budgets (`calibrate`,
+`Calibration`, `allocate_ranks`); training objectives in `lrnet.losses` and devices in
+`lrnet.parallel`; and `limit_lapack_threads` (call it before training
 straight-through students on a CPU).
 """
 
