@@ -74,7 +74,7 @@ def optimizer(settings, steps_per_epoch: int) -> optax.GradientTransformation:
 def augment(key: jax.Array, images: jax.Array, shift: int, flip: bool) -> jax.Array:
   """Random translations by up to `shift` pixels each way (zero fill) and, with `flip`, random
   horizontal flips; one draw per example. images: [batch, H, W, C]."""
-  batch, height, width, _ = images.shape
+  batch = images.shape[0]
   shift_key, flip_key = jax.random.split(key)
   if shift:
     padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
@@ -137,8 +137,7 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     `order` [N] int32 permutation. Metrics: `loss`
     [steps] per step and `accuracy` [] training accuracy over the epoch.
   """
-  objective = objective or (lambda logits, labels, _: (
-      jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), logits))
+  objective = objective or (lambda logits, labels, _: (losses.cross_entropy(logits, labels), logits))
 
   def loss_fn(params, model_state, images, labels, teacher_logits):
     logits, model_state = apply_fn(params, model_state, images)
