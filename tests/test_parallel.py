@@ -260,7 +260,7 @@ from lrnet import sweep
 from tests.test_sweep import small_config
 root = sys.argv[1]
 over = {"sweep.ranks": (2, 8), "sweep.kinds": ("straight_through", "factorized"),
-        "teacher.batch_size": 32, "student.batch_size": 32}
+        "teacher.batch_size": 32, "student.batch_size": 32, "student.epochs": 1}
 one = sweep.run_sweep(small_config(f"{root}/one", **over), log=lambda line: None)
 for entry in ("runs/teacher.json", "models/teacher"):  # the same teacher for both
   os.makedirs(os.path.dirname(f"{root}/members/{entry}"), exist_ok=True)

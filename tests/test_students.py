@@ -119,10 +119,10 @@ def test_students_of_different_ranks_train_side_by_side_as_they_would_alone():
   wide = lrnet.straight_through(own_resmlp, 8)
   states = [lrnet.tracker_state(wide, params, IMAGES, rank=r) for r in (3, 8)]
   stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
-  logits, _ = jax.vmap(wide.apply, in_axes=(None, 0, None))(params, stacked, IMAGES)
+  logits, _ = jax.jit(jax.vmap(wide.apply, in_axes=(None, 0, None)))(params, stacked, IMAGES)
   for member, rank in enumerate((3, 8)):
     alone = lrnet.straight_through(own_resmlp, rank)
-    own_logits, _ = alone.apply(params, lrnet.tracker_state(alone, params, IMAGES), IMAGES)
+    own_logits, _ = jax.jit(alone.apply)(params, lrnet.tracker_state(alone, params, IMAGES), IMAGES)
     np.testing.assert_allclose(logits[member], own_logits, rtol=1e-4, atol=1e-5)
   assert int(states[0]["embed"]["rank"]) == 3 and int(states[0]["embed"]["tracker"].width) == 13
   assert states[0]["embed"]["tracker"].right_rows.shape == states[1]["embed"]["tracker"].right_rows.shape

@@ -220,18 +220,10 @@ def test_cli_user_errors_are_one_line_with_nonzero_exit(tmp_path):
   assert "nope.py" in missing.stderr
 
 
-def test_cli_runs_a_tiny_sweep(tmp_path):
-  result = _cli("--config=configs/digits.py", f"--config.workdir={tmp_path}",
-                "--config.model.hidden=(32,)", "--config.teacher.epochs=2",
-                "--config.student.epochs=1", "--config.sweep.ranks=(4,)",
-                "--config.latency.repeats=2")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "truncated" in result.stdout and "rank" in result.stdout
-  assert json.loads((tmp_path / "results.json").read_text())["ranks"][0]["rank"] == 4
-
-
 def test_non_finite_student_is_recorded_and_the_sweep_goes_on(tmp_path):
-  config = small_config(tmp_path, **{"student.learning_rate": 1e30, "sweep.ranks": (2, 4)})
+  config = small_config(tmp_path, **{"student.learning_rate": 1e30, "sweep.ranks": (2, 4),
+                                     "sweep.kinds": ("straight_through", "factorized"),
+                                     "teacher.epochs": 1})
   results = sweep.run_sweep(config, log=lambda _: None)
   assert [entry["rank"] for entry in results["ranks"]] == [2, 4]
   for entry in results["ranks"]:
@@ -259,7 +251,7 @@ def test_train_entry_point_saves_a_teacher_the_sweep_reuses(tmp_path):
   assert not (tmp_path / "results.json").exists()
   lines = []
   config = small_config(tmp_path, **{"model.hidden": (16,), "teacher.epochs": 1, "student.epochs": 1,
-                                     "sweep.ranks": (2,)})
+                                     "sweep.ranks": (2,), "sweep.kinds": ()})
   sweep.run_sweep(config, log=lines.append)
   assert any("reusing the trained teacher" in line for line in lines)
 
@@ -302,6 +294,7 @@ def test_sigkill_at_a_seeded_moment_then_rerun_gives_the_uninterrupted_results(f
   resumed = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
   assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+  assert "truncated" in resumed.stdout and f"results: {tmp_path / 'results.json'}" in resumed.stdout
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert _reproducible(on_disk) == _reproducible(json.loads(json.dumps(results))), (
       f"killed after {delay:.2f} s; first run's output:\n{output[-2000:]}")
@@ -322,14 +315,17 @@ def _write_cifar_batches(directory, per_batch=30):
 
 
 @pytest.mark.parametrize("module, shrink", [
-    (cifar10, {"model.dense": (48, 32), "sweep.ranks": (0.1, 0.5, 1.0)}),
-    (cifar10_resmlp, {"model.width": 48, "sweep.ranks": (4, "full")}),
-    (fashion_mnist_convnet, {"sweep.ranks": (0.25,)}),
+    (cifar10, {"model.dense": (48, 32), "model.channels": (4, 8), "sweep.ranks": (0.5,)}),
+    (cifar10_resmlp, {"model.width": 48, "sweep.ranks": (4,),
+                      "sweep.kinds": ("straight_through", "factorized")}),
+    (fashion_mnist_convnet, {"model.channels": (4, 8), "model.dense": 16, "sweep.ranks": (0.25,),
+                             "sweep.kinds": ("straight_through", "factorized")}),
 ])
 def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, module, shrink):
   """The CIFAR-10 configs on CIFAR-format files written here (their networks' widths shrunk),
-  and the Fashion-MNIST CNN config on its first 300 examples: every kind at every rank, with conv
-  layers among the compressed ones."""
+  and the Fashion-MNIST CNN config on its first 300 examples: both student kinds (and the
+  convnet's dense control, whose conv layers shrink too), with conv layers among the compressed
+  ones."""
   config = module.get_config()
   config.workdir = str(tmp_path / "work")
   if config.data.name == "cifar10":
@@ -348,6 +344,9 @@ def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, mod
     assert "error" not in entry
     for kind in ("truncated", "straight_through", "factorized"):
       assert 0.0 <= entry[f"{kind}_accuracy"] <= 1.0
+    if "dense_control" in config.sweep.kinds:
+      assert 0.0 <= entry["dense_control_accuracy"] <= 1.0
+      assert entry["dense_control_params"] <= entry["params"]
   names = [layer["name"] for layer in results["layers"]]
   if module is not cifar10_resmlp:
     assert names[:2] == ["conv_0", "conv_1"]  # conv layers are compressed too
@@ -375,7 +374,7 @@ def test_rank_batches_put_the_integer_ranks_of_a_kind_in_one_batch():
 # ranks in one batch, member by member (lax.map, the CPU's choice) and side by side (vmap, as
 # on an accelerator).
 _SIDE_BY_SIDE_SCRIPT = r"""
-import json, os, sys
+import json, os, shutil, sys
 from configs import cifar10
 from configs import cifar10_resmlp
 from configs import digits
@@ -383,16 +382,23 @@ from configs import fashion_mnist_convnet
 from lrnet import sweep
 
 out = {}
+teacher = None
 for name, parallel, vectorized in (("one_by_one", False, False), ("member_by_member", True, False),
                                    ("side_by_side", True, True)):
   sweep.side_by_side = lambda config, vectorized=vectorized: vectorized
   c = digits.get_config()
   c.workdir = os.path.join(sys.argv[1], name)
   c.model.hidden = (64, 64)
-  c.teacher.epochs, c.student.epochs = 4, 2
+  c.teacher.epochs, c.student.epochs = 4, 1
   c.sweep.ranks, c.sweep.parallel_ranks = (4, 8), parallel
+  c.sweep.kinds = ("straight_through", "factorized")
   c.latency.repeats = 2
+  if teacher is not None:  # the same teacher for all three
+    shutil.copytree(os.path.join(teacher, "models"), os.path.join(c.workdir, "models"))
+    os.makedirs(os.path.join(c.workdir, "runs"))
+    shutil.copy(os.path.join(teacher, "runs", "teacher.json"), os.path.join(c.workdir, "runs"))
   results = sweep.run_sweep(c, log=lambda _: None)
+  teacher = teacher or c.workdir
   out[name] = {kind: {"accuracy": [r[f"{kind}_accuracy"] for r in results["ranks"]],
                       "runs": [json.load(open(os.path.join(c.workdir, "runs", f"rank_{r}_{kind}.json")))
                                for r in (4, 8)]}
