@@ -315,8 +315,8 @@ def _write_cifar_batches(directory, per_batch=30):
 
 
 @pytest.mark.parametrize("module, shrink", [
-    (cifar10, {"model.dense": (48, 32), "model.channels": (4, 8), "sweep.ranks": (0.5,)}),
-    (cifar10_resmlp, {"model.width": 48, "sweep.ranks": (4,),
+    (cifar10, {"model.dense": (16,), "model.channels": (4, 8), "sweep.ranks": (0.5,)}),
+    (cifar10_resmlp, {"model.width": 48, "model.blocks": 1, "sweep.ranks": (4,),
                       "sweep.kinds": ("straight_through", "factorized")}),
     (fashion_mnist_convnet, {"model.channels": (4, 8), "model.dense": 16, "sweep.ranks": (0.25,),
                              "sweep.kinds": ("straight_through", "factorized")}),
