@@ -163,28 +163,16 @@ def four_devices():
   return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_members_on_four_devices_equal_member_by_member_on_one_bitwise(four_devices):
-  assert four_devices["members_bitwise"] == "ok", four_devices["members_bitwise"]
-
-
-def test_three_members_padded_to_four_devices_equal_the_three_bitwise(four_devices):
-  assert four_devices["padding"] == "ok", four_devices["padding"]
-
-
-def test_a_data_parallel_epoch_splits_the_batch_and_equals_one_device(four_devices):
-  assert four_devices["data_parallel"] == "ok", four_devices["data_parallel"]
-
-
-def test_members_and_data_axes_together_equal_one_device(four_devices):
-  assert four_devices["members_and_data"] == "ok", four_devices["members_and_data"]
-
-
-def test_meshes_of_four_devices(four_devices):
-  assert four_devices["meshes"] == "ok", four_devices["meshes"]
-
-
-def test_a_batch_that_does_not_split_over_the_data_axis_is_one_line(four_devices):
-  assert four_devices["uneven_batch"] == "ok", four_devices["uneven_batch"]
+@pytest.mark.parametrize("check", [
+    "members_bitwise",   # members on four devices equal member by member on one, bitwise
+    "padding",           # three members padded to four devices equal the three, bitwise
+    "data_parallel",     # a data-parallel epoch splits the batch and equals one device
+    "members_and_data",  # both axes together equal one device
+    "meshes",            # the meshes of four devices
+    "uneven_batch",      # a batch that does not split over the data axis is one line
+])
+def test_on_four_devices(four_devices, check):
+  assert four_devices[check] == "ok", four_devices[check]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -255,17 +243,14 @@ def test_without_a_mesh_the_epoch_is_unchanged():
 
 
 SWEEP_ON_FOUR_DEVICES = r'''
-import json, os, shutil, sys
+import json, sys
 from lrnet import sweep
-from tests.test_sweep import small_config
+from tests.test_sweep import copy_teacher, small_config
 root = sys.argv[1]
 over = {"sweep.ranks": (2, 8), "sweep.kinds": ("straight_through", "factorized"),
         "teacher.batch_size": 32, "student.batch_size": 32, "student.epochs": 1}
 one = sweep.run_sweep(small_config(f"{root}/one", **over), log=lambda line: None)
-for entry in ("runs/teacher.json", "models/teacher"):  # the same teacher for both
-  os.makedirs(os.path.dirname(f"{root}/members/{entry}"), exist_ok=True)
-  copy = shutil.copytree if entry.startswith("models") else shutil.copy
-  copy(f"{root}/one/{entry}", f"{root}/members/{entry}")
+copy_teacher(f"{root}/one", f"{root}/members")  # the same teacher for both
 members = sweep.run_sweep(small_config(f"{root}/members", **{**over, "mesh.members": -1}),
                           log=lambda line: None)
 data = sweep.run_sweep(small_config(f"{root}/data", **{**over, "mesh.data": -1, "sweep.kinds": ()}),

@@ -6,6 +6,7 @@ import os
 import pathlib
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,14 @@ def small_config(workdir, **overrides):
   config.latency.repeats = 2
   config.update_from_flattened_dict(overrides)
   return config
+
+
+def copy_teacher(source, workdir):
+  """Puts the trained teacher of sweep workdir `source` into `workdir`, which then reuses it."""
+  os.makedirs(os.path.join(workdir, "runs"))
+  shutil.copy(os.path.join(source, "runs", "teacher.json"), os.path.join(workdir, "runs"))
+  shutil.copytree(os.path.join(source, "models", "teacher"),
+                  os.path.join(workdir, "models", "teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -374,12 +383,10 @@ def test_rank_batches_put_the_integer_ranks_of_a_kind_in_one_batch():
 # ranks in one batch, member by member (lax.map, the CPU's choice) and side by side (vmap, as
 # on an accelerator).
 _SIDE_BY_SIDE_SCRIPT = r"""
-import json, os, shutil, sys
-from configs import cifar10
-from configs import cifar10_resmlp
+import json, os, sys
 from configs import digits
-from configs import fashion_mnist_convnet
 from lrnet import sweep
+from tests.test_sweep import copy_teacher
 
 out = {}
 teacher = None
@@ -394,9 +401,7 @@ for name, parallel, vectorized in (("one_by_one", False, False), ("member_by_mem
   c.sweep.kinds = ("straight_through", "factorized")
   c.latency.repeats = 2
   if teacher is not None:  # the same teacher for all three
-    shutil.copytree(os.path.join(teacher, "models"), os.path.join(c.workdir, "models"))
-    os.makedirs(os.path.join(c.workdir, "runs"))
-    shutil.copy(os.path.join(teacher, "runs", "teacher.json"), os.path.join(c.workdir, "runs"))
+    copy_teacher(teacher, c.workdir)
   results = sweep.run_sweep(c, log=lambda _: None)
   teacher = teacher or c.workdir
   out[name] = {kind: {"accuracy": [r[f"{kind}_accuracy"] for r in results["ranks"]],
