@@ -32,6 +32,7 @@ from lrnet.rank_estimation import estimate_rank
 from lrnet.rank_estimation import layer_spectra
 from lrnet.runtime import limit_lapack_threads
 from lrnet.students import factorized
+from lrnet.students import inspect_network
 from lrnet.students import straight_through
 from lrnet.students import tracker_state
 from lrnet.svd import check_rank

@@ -171,18 +171,18 @@ def _truncated(decomposition: compression.Decomposition, rank, weight: jax.Array
 
 def _greedy_table(params, shapes: dict, decompositions: dict, loss: Callable) -> tuple:
   """Per layer: the candidate ranks (None: dense), their weight counts and loss increases."""
-  params = {name: dict(leaves) if isinstance(leaves, Mapping) else leaves
-            for name, leaves in params.items()}  # every evaluated tree has this structure
-  evaluate = jax.jit(loss)
+  evaluate = jax.jit(loss)  # every evaluated tree has `params`' structure: one compile
   base = float(evaluate(params))
   if not math.isfinite(base):
     raise ValueError(f"loss of the dense parameters is not finite: {base}")
+  nodes = compression.modules(params)
   options, costs, increases = [], [], []
   for name, shape in shapes.items():
     ranks = candidate_ranks(shape)
-    key = compression.weight_name(params[name])
-    truncated = [float(evaluate({**params, name: {**params[name], key: _truncated(
-        decompositions[name], r, params[name][key])}})) for r in ranks]
+    key = compression.weight_name(nodes[name])
+    truncated = [float(evaluate(compression.replace_modules(params, {name: {
+        **nodes[name], key: _truncated(decompositions[name], r, nodes[name][key])}})))
+                 for r in ranks]
     options.append(ranks + [None])
     costs.append(np.array([_cost(shape, r) for r in options[-1]]))
     increases.append(np.nan_to_num(np.array(truncated + [base]) - base, nan=np.inf))
@@ -190,21 +190,21 @@ def _greedy_table(params, shapes: dict, decompositions: dict, loss: Callable) ->
 
 
 def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy",
-                   loss: Optional[Callable] = None, include=None,
-                   exclude=None) -> dict[str, int]:
+                   loss: Optional[Callable] = None, include=None, exclude=None,
+                   unfactorizable: Optional[Mapping[str, str]] = None) -> dict[str, int]:
   """Ranks of the selected layers within a parameter budget (module docstring).
 
   Args:
-    params: a dense parameter tree.
+    params: a dense parameter tree, of any nesting (`lrnet.compression`).
     budget: an int, the selected layers' weights after compression (module docstring), or a
       float in (0, 1), that fraction of their dense weights (rounded down); or a list of them,
       sharing the SVDs and the greedy criterion's loss evaluations.
     calibration: a `lrnet.Calibration`: spectra and truncations of SᵀW (data-aware).
     criterion: one of `CRITERIA`.
     loss: `params -> scalar` loss of the network on held-out data; needed by "greedy" (jitted
-      once: every truncated tree has the dense tree's structure and shapes).
-    include, exclude: module-name glob patterns as in `lrnet.compress`; default: every dense
-      and conv layer but the output layer.
+      once: every truncated tree has the dense tree's nesting, types and shapes).
+    include, exclude, unfactorizable: as in `lrnet.compress`; default: every dense and conv
+      layer but the output layer.
 
   Returns:
     `{module: rank}` in the tree's order for the layers to factorize, each below its
@@ -221,11 +221,12 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
     raise ValueError("loss (a callable params -> scalar) is needed by criterion 'greedy' and "
                      f"used by no other; got criterion={criterion!r}, loss={loss!r}")
   all_shapes = compression.matrix_shapes(params)
-  selected = compression.select_ranks(params, 1, include, exclude)
+  selected = compression.select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
   shapes = {name: all_shapes[name] for name in selected}
   several = isinstance(budget, (list, tuple))
   budgets = [_resolve_budget(b, shapes) for b in (budget if several else [budget])]
-  decompositions = compression.decompose(params, include, exclude, calibration=calibration)
+  decompositions = compression.decompose(params, include, exclude, calibration=calibration,
+                                         unfactorizable=unfactorizable)
   if criterion == "greedy":
     options, costs, increases = _greedy_table(params, shapes, decompositions, loss)
     allocations = [{name: option[index] for name, option, index in

@@ -1,11 +1,15 @@
 """Second moments of each layer's inputs on calibration data, for data-aware truncation.
 
-`calibrate` runs a dense Haiku network on batches and sums XᵀX per selected `hk.Linear` and
-`hk.ConvND` layer, X the rows the layer multiplies by its weight's matrix view W [m, n]: a dense
-layer's inputs [rows, m], a conv layer's patches [positions, kh·kw·c_in] in the order of
-`kernel.reshape(-1, c_out)`, so that y = X W either way. `Calibration.whitening` turns the sums
-into S with S Sᵀ = C = XᵀX/rows + λI; `lrnet.compress(..., calibration=)` truncates SᵀW instead of
-W, which minimises E‖x(W − W′)‖² + λ‖W − W′‖²_F over rank-r W′ (see `compression`).
+`calibrate` runs a dense Haiku network (stateless, or with Haiku state such as BatchNorm
+statistics) on batches and sums XᵀX per selected `hk.Linear` and `hk.ConvND` layer, keyed by
+module name (a Haiku tree's layer name), X the rows the layer multiplies by its weight's matrix
+view W [m, n]: a dense layer's inputs [..., m] as [rows, m], a conv layer's patches
+[positions, kh·kw·c_in] in the order of `kernel.reshape(-1, c_out)`, so that y = X W either way.
+`Calibration.whitening` turns the sums into S with S Sᵀ = C = XᵀX/rows + λI;
+`lrnet.compress(..., calibration=)` truncates SᵀW instead of W, which minimises
+E‖x(W − W′)‖² + λ‖W − W′‖²_F over rank-r W′ (see `compression`). A `Calibration` built by hand
+(`Calibration(grams={name: XᵀX}, counts={name: rows})`) serves any tree, keyed by its module
+path names.
 
 Accumulation: each batch's XᵀX is one jitted float32 product on the device (one compile for equal
 batch shapes; HIGHEST precision, so no TF32 on GPUs), summed over batches in float64 on the host:
@@ -15,7 +19,7 @@ rounding does not grow with the number of batches, and host sums overlap the nex
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -103,8 +107,9 @@ def layer_rows(module, inputs: jax.Array) -> jax.Array:
   return conv_patches(module, inputs)
 
 
-def _batch_statistics(fn: Callable, selected: frozenset) -> Callable:
-  """jit(params, *args) -> {module: (XᵀX [m, m] float32, rows int32)} for one batch."""
+def _batch_statistics(fn: Callable, selected: frozenset, kwargs: Mapping) -> Callable:
+  """jit(params, state, *args) -> {module: (XᵀX [m, m] float32, rows int32)} for one batch;
+  `kwargs` are closed over (static), `fn`'s new state is discarded."""
   def run(*args):
     statistics = {}
 
@@ -120,22 +125,30 @@ def _batch_statistics(fn: Callable, selected: frozenset) -> Callable:
       return next_f(*call_args, **call_kwargs)
 
     with hk.intercept_methods(interceptor):
-      fn(*args)
+      fn(*args, **kwargs)
     return {name: (gram, jnp.int32(rows)) for name, (gram, rows) in statistics.items()}
-  return jax.jit(hk.without_apply_rng(hk.transform(run)).apply)
+
+  apply = hk.transform_with_state(run).apply
+  return jax.jit(lambda params, state, *args: apply(params, state, None, *args)[0])
 
 
-def calibrate(fn: Callable, params, batches: Iterable[Any], *, include=None, exclude=None,
+def calibrate(fn: Callable, params, batches: Iterable[Any], *, state=None,
+              kwargs: Optional[Mapping[str, Any]] = None, include=None, exclude=None,
+              unfactorizable: Optional[Mapping[str, str]] = None,
               damping: float = DEFAULT_DAMPING) -> Calibration:
   """Sums XᵀX of every selected layer's inputs over `batches` (module docstring).
 
   Args:
-    fn: the dense network (what one passes to `hk.transform`); run without an rng, so dropout
-      written with `hk.maybe_next_rng_key` is off.
+    fn: the dense network (what one passes to `hk.transform` or `hk.transform_with_state`); run
+      without an rng, so dropout written with `hk.maybe_next_rng_key` is off.
     params: its parameters.
-    batches: an iterable of `fn`'s arguments per batch: tuples, or single arrays.
-    include, exclude: module-name glob patterns as in `lrnet.compress`; default: every dense and
-      conv layer but the output layer (the modules `lrnet.decompose(params)` takes).
+    batches: an iterable of `fn`'s positional arguments per batch: tuples, or single arrays.
+    state: its Haiku state (e.g. BatchNorm statistics), if it has one; the state `fn` returns
+      is discarded, so every batch sees this one.
+    kwargs: keyword arguments passed to `fn` on every batch, e.g. `{"is_training": False}`:
+      static Python values (closed over, not traced).
+    include, exclude, unfactorizable: as in `lrnet.compress`; default: every dense and conv
+      layer but the output layer (the modules `lrnet.decompose(params)` takes).
     damping: stored in the result: λ = damping · tr(C)/m (`DEFAULT_DAMPING`).
 
   Returns:
@@ -143,8 +156,9 @@ def calibrate(fn: Callable, params, batches: Iterable[Any], *, include=None, exc
   """
   if not damping >= 0:
     raise ValueError(f"calibrate: damping must be >= 0, got {damping!r}")
-  statistics = _batch_statistics(fn, frozenset(compression.select_ranks(params, 1, include,
-                                                                        exclude)))
+  selected = compression.select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
+  statistics = _batch_statistics(fn, frozenset(selected), dict(kwargs or {}))
+  state = {} if state is None else state
   grams, counts = {}, {}
 
   def add(batch_statistics):
@@ -154,13 +168,13 @@ def calibrate(fn: Callable, params, batches: Iterable[Any], *, include=None, exc
 
   pending = None
   for batch in batches:
-    current = statistics(params, *(batch if isinstance(batch, tuple) else (batch,)))
+    current = statistics(params, state, *(batch if isinstance(batch, tuple) else (batch,)))
     if pending is not None:  # read back the previous batch while the device computes this one
       add(pending)
     pending = current
   if pending is None:
     raise ValueError("calibrate: batches is empty")
   add(pending)
-  order = [name for name in params if name in grams]
+  order = [name for name in compression.modules(params) if name in grams]
   return Calibration({name: grams[name] for name in order},
                      {name: counts[name] for name in order}, float(damping))

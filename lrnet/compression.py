@@ -1,18 +1,30 @@
 """Compression of a parameter tree: factorize or project the selected dense and conv weights.
 
-A parameter tree maps module names to `{param_name: array}` (Haiku; flax-style `kernel`/`bias`
-names work too). A module is a candidate when it holds a weight `w` (or `kernel`) of 2 dims (a
-dense layer, [m, n], y = x W + b) or 3–5 dims (a conv kernel [*spatial, c_in, c_out], seen as
-the matrix [prod(spatial)·c_in, c_out]). Truncation and factorization act on that matrix.
+A parameter tree is any nesting of Mappings: Haiku's flat `{module: {param: array}}`, flax linen
+variables (`{"params": {"Block_0": {"Dense_1": {"kernel", "bias"}}}, "batch_stats": ...}`) or a
+pure-dict flax NNX state. A module is a Mapping node that directly holds a non-Mapping leaf; it
+is named by the '/'-joined keys leading to it (`"params/Block_0/Dense_1"`; in a Haiku tree, its
+key: `linear_0`). `include`/`exclude` globs, rank dicts, decompositions and calibrations use
+these names; `modules` and `replace_modules` map between names and nodes.
 
-By default every candidate except the output layer is selected, and never one whose
-factorization at the requested rank would not be smaller (r·(m + n) ≥ m·n; `summarize` says
-which). The output layer is found from the shapes, not from the tree's key order (which
-`tree_map`, optax and orbax sort: `linear_10` before `linear_2`): it is the one dense layer whose
-output width is no dense layer's input width, i.e. whose output feeds no other dense layer. Where
-the shapes do not single it out (an autoencoder whose output width is its input width), a
-`ValueError` asks for `include`/`exclude`. Naming modules (`include`, or a rank dict) selects
-them whatever the size.
+A module is a candidate when it holds a weight `w` (or `kernel`) of 2 dims (a dense layer,
+[m, n], y = x W + b) or 3–5 dims (a conv kernel [*spatial, c_in, c_out], seen as the matrix
+[prod(spatial)·c_in, c_out]), or an embedding table `embeddings` (hk.Embed) or `embedding` (flax
+nn.Embed) [vocab, d]. Truncation and factorization act on that matrix. Every other leaf (biases,
+norm scales, BatchNorm statistics) is left alone, and compressed trees keep the input's nesting
+and Mapping types, with every unselected leaf the same object.
+
+By default every candidate except the output layer and embedding tables is selected, and never
+one whose factorization at the requested rank would not be smaller (r·(m + n) ≥ m·n;
+`summarize` says which), nor one the caller marks `unfactorizable` (`{name: reason}`: grouped,
+depthwise or transposed convs, which look like conv weights). The output layer is found from
+the shapes, not from the tree's key order (which `tree_map`, optax and orbax sort: `linear_10`
+before `linear_2`): it is the one 2-D `w`/`kernel` whose output width is no such weight's input
+width, i.e. whose output feeds no other dense layer (embeddings do not count; unfactorizable
+layers do when 2-D). Where the shapes do not single it out (an autoencoder whose output width is
+its input width), a `ValueError` asks for `include`/`exclude`. Naming modules (`include`, or a
+rank dict) selects them whatever the size, embeddings included; naming an unfactorizable one
+(not excluded) is a `ValueError`.
 
 Selection and rank rules need shapes only, except rules such as `energy_rank` that read the
 weights. `decompose` computes each selected weight's SVD once; `compress`, `project` and
@@ -30,7 +42,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +50,11 @@ import numpy as np
 
 from lrnet import svd
 
-Params = Mapping[str, Mapping[str, Any]]
+Params = Mapping[str, Any]  # any nesting of Mappings (module docstring)
 RankRule = Union[int, float, str, Callable[[Any], int], Mapping[str, Any]]
 Patterns = Optional[Union[str, Iterable[str]]]
 WEIGHT_NAMES = ("w", "kernel")
+EMBEDDING_NAMES = ("embeddings", "embedding")
 
 
 def _as_patterns(patterns: Patterns) -> Optional[list[str]]:
@@ -56,12 +69,62 @@ def _matches(name: str, patterns: list[str]) -> bool:
   return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _module_nodes(node: Mapping, path: tuple = ()) -> Iterator[tuple[tuple, Mapping]]:
+  """(path, node) of every module node under `node`, depth first in the tree's order."""
+  if any(not isinstance(child, Mapping) for child in node.values()):
+    yield path, node
+  for key, child in node.items():
+    if isinstance(child, Mapping):
+      yield from _module_nodes(child, path + (key,))
+
+
+def _name(path: tuple) -> str:
+  return "/".join(str(key) for key in path)
+
+
+def modules(params: Params) -> dict[str, Mapping]:
+  """{name: node} of every module node (a Mapping directly holding a non-Mapping leaf), named by
+  its '/'-joined path, depth first in the tree's order."""
+  return {_name(path): node for path, node in _module_nodes(params)}
+
+
+def _rebuilt(like: Mapping, children: dict) -> Mapping:
+  """`children` in a Mapping of `like`'s type where its constructor takes a dict, else a dict."""
+  try:
+    rebuilt = type(like)(children)
+  except (TypeError, ValueError):
+    return children
+  return rebuilt if isinstance(rebuilt, Mapping) else children
+
+
+def replace_modules(params: Params, replacements: Mapping[str, Mapping]) -> Params:
+  """`params` with the nodes named in `replacements` (module names) replaced by them.
+
+  A replacement may be a plain dict: each replaced node and every node above it is rebuilt with
+  the original node's type where its constructor takes a dict (dict, flax's FrozenDict), else as
+  a dict; untouched subtrees and leaves are the same objects.
+  """
+  def rebuild(node, path):
+    name = _name(path)
+    source = replacements.get(name, node)
+    children = {key: rebuild(child, path + (key,)) if isinstance(child, Mapping) else child
+                for key, child in source.items()}
+    if source is node and all(children[key] is node[key] for key in children):
+      return node
+    return _rebuilt(node, children)
+  return rebuild(params, ())
+
+
 def weight_name(leaves) -> Optional[str]:
-  """The key of a module's weight (`w` or `kernel`) if it is a dense or conv weight, else None."""
+  """The key of a module's matrix: a dense or conv weight (`w`/`kernel`, 2–5 dims) or an
+  embedding table (`embeddings`/`embedding`, 2 dims); None if it has none."""
   if not isinstance(leaves, Mapping):
     return None
   for key in WEIGHT_NAMES:
     if key in leaves and 2 <= len(np.shape(leaves[key])) <= 5:
+      return key
+  for key in EMBEDDING_NAMES:
+    if key in leaves and len(np.shape(leaves[key])) == 2:
       return key
   return None
 
@@ -73,7 +136,7 @@ def _shape(leaf) -> tuple:
 def matrix_shapes(params: Params) -> dict[str, tuple[int, int]]:
   """{candidate module: (m, n)}, the matrix view of its weight, in the tree's order."""
   shapes = {}
-  for name, leaves in params.items():
+  for name, leaves in modules(params).items():
     key = weight_name(leaves)
     if key is not None:
       shape = _shape(leaves[key])
@@ -82,20 +145,26 @@ def matrix_shapes(params: Params) -> dict[str, tuple[int, int]]:
 
 
 def candidate_modules(params: Params) -> list[str]:
-  """Names of modules holding a dense or conv weight, in the tree's order."""
+  """Names of modules holding a dense or conv weight or an embedding table, in the tree's order."""
   return list(matrix_shapes(params))
 
 
+def _is_embedding(leaves: Mapping) -> bool:
+  return weight_name(leaves) in EMBEDDING_NAMES
+
+
 def output_module(params: Params) -> str:
-  """The dense candidate whose output feeds no other dense candidate: its output width n is no
-  dense candidate's input width m (see the module docstring).
+  """The module with a 2-D `w`/`kernel` whose output feeds no other: its output width n is no
+  such weight's input width m (embedding tables are not looked at; see the module docstring).
 
   Raises:
     ValueError: the shapes do not single one out.
   """
-  dense = {name: _shape(params[name][weight_name(params[name])])
-           for name in candidate_modules(params)
-           if len(np.shape(params[name][weight_name(params[name])])) == 2}
+  dense = {}
+  for name, leaves in modules(params).items():
+    key = weight_name(leaves)
+    if key in WEIGHT_NAMES and len(np.shape(leaves[key])) == 2:
+      dense[name] = _shape(leaves[key])
   inputs = {shape[0] for shape in dense.values()}
   sinks = [name for name, shape in dense.items() if shape[1] not in inputs]
   if len(sinks) != 1:
@@ -105,10 +174,14 @@ def output_module(params: Params) -> str:
   return sinks[0]
 
 
-def compressible_modules(params: Params) -> list[str]:
-  """Every candidate except the output layer, in the tree's order."""
-  output = output_module(params)
-  return [name for name in candidate_modules(params) if name != output]
+def compressible_modules(params: Params,
+                         unfactorizable: Optional[Mapping[str, str]] = None) -> list[str]:
+  """The default selection, in the tree's order: every candidate except the output layer,
+  embedding tables and `unfactorizable` ones."""
+  output, nodes = output_module(params), modules(params)
+  return [name for name in candidate_modules(params)
+          if name != output and not _is_embedding(nodes[name])
+          and name not in (unfactorizable or {})]
 
 
 def _smaller(shape: tuple[int, int], rank: int) -> bool:
@@ -117,7 +190,8 @@ def _smaller(shape: tuple[int, int], rank: int) -> bool:
 
 
 def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
-                 exclude: Patterns = None) -> dict[str, int]:
+                 exclude: Patterns = None, *,
+                 unfactorizable: Optional[Mapping[str, str]] = None) -> dict[str, int]:
   """Resolves which modules are compressed, and to which integer rank.
 
   Args:
@@ -125,20 +199,26 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     rank: an int in `1..min(m, n)`; a float in (0, 1] (a fraction of `min(m, n)`, rounded up);
       `"full"`; a callable `matrix -> int` (e.g. `lrnet.energy_rank(0.9)`); or a dict from
       module name to any of these, which selects exactly those modules.
-    include: module-name glob patterns (`fnmatch`, e.g. `"linear_*"`) to select among the
-      candidates, whatever their size; default: every candidate but the output layer, less
-      those the rank would not make smaller.
+    include: module-name glob patterns (`fnmatch`, e.g. `"linear_*"`,
+      `"params/Block_*/Dense_*"`) to select among the candidates, whatever their size;
+      default: every candidate but the output layer, embedding tables and unfactorizable
+      modules, less those the rank would not make smaller.
     exclude: glob patterns removed from the selection.
+    unfactorizable: {module: reason} for weights that cannot be factorized (depthwise, grouped
+      or transposed convs): never selected by default; shown as "not factorizable: reason"
+      (a reason already starting so is shown as it is).
 
   Returns:
     `{module_name: rank}` in the tree's order.
 
   Raises:
     ValueError: an unknown module in a rank dict, a pattern that selects nothing, an empty
-      selection, or a rank out of range (naming module, shape and allowed values).
+      selection, an unfactorizable module named (by the rank dict, or by `include` and not
+      excluded), or a rank out of range (naming module, shape and allowed values).
   """
-  shapes = matrix_shapes(params)
+  shapes, nodes = matrix_shapes(params), modules(params)
   candidates = list(shapes)
+  unfactorizable = unfactorizable or {}
   include, exclude = _as_patterns(include), _as_patterns(exclude)
   automatic = False
   if isinstance(rank, Mapping):
@@ -151,7 +231,7 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     rules = {name: rank[name] for name in candidates if name in rank}
   else:
     if include is None:
-      selected, automatic = compressible_modules(params), True
+      selected, automatic = compressible_modules(params, unfactorizable), True
     else:
       selected = [name for name in candidates if _matches(name, include)]
       if not selected:
@@ -160,13 +240,16 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     if exclude is not None:
       selected = [name for name in selected if not _matches(name, exclude)]
     rules = {name: rank for name in selected}
+  for name in rules:
+    if name in unfactorizable:
+      raise ValueError(f"module {name!r} is not factorizable: {unfactorizable[name]}; "
+                       f"leave it out of the rank dict or exclude it")
 
   ranks = {}
   for name, rule in rules.items():
     try:
       if callable(rule):
-        leaves = params[name]
-        rule = rule(_matrix(leaves[weight_name(leaves)]))
+        rule = rule(_matrix(nodes[name][weight_name(nodes[name])]))
       ranks[name] = svd.resolve_rank(shapes[name], rule)
     except ValueError as error:
       raise ValueError(f"module {name!r}: {error}") from None
@@ -181,6 +264,10 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
 
 def _matrix(weight) -> jax.Array:
   return jnp.reshape(weight, (-1, weight.shape[-1]))
+
+
+def _weight(leaves: Mapping):
+  return leaves[weight_name(leaves)]
 
 
 class Decomposition(NamedTuple):
@@ -204,9 +291,10 @@ def _with_calibration(params: Params, names, decompositions: Optional[dict],
   """`decompositions`, plus the whitened one of each of `names` they lack when calibrated."""
   decompositions = dict(decompositions or {})
   if calibration is not None:
+    nodes = modules(params)
     for name in names:
       if name not in decompositions:
-        weight = params[name][weight_name(params[name])]
+        weight = _weight(nodes[name])
         root, inverse_root = calibration.whitening(name)
         decompositions[name] = _whitened_svd(_matrix(weight), root.astype(weight.dtype),
                                              inverse_root.astype(weight.dtype))
@@ -214,19 +302,19 @@ def _with_calibration(params: Params, names, decompositions: Optional[dict],
 
 
 def decompose(params: Params, include: Patterns = None, exclude: Patterns = None, *,
-              calibration=None) -> dict:
+              calibration=None, unfactorizable: Optional[Mapping[str, str]] = None) -> dict:
   """{module: Decomposition} for every module `select_ranks(params, 1, ...)` selects: one SVD
   per weight (of SᵀW with `calibration`, a `lrnet.Calibration`), to pass to
   `compress`/`project`/`summarize` at as many ranks as wanted.
 
   Raises:
-    ValueError: a selected module has no calibration statistics.
+    ValueError: as `select_ranks`; a selected module has no calibration statistics.
   """
-  names = select_ranks(params, 1, include, exclude)
+  names = select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
   if calibration is not None:
     return _with_calibration(params, names, None, calibration)
-  return {name: Decomposition(*jnp.linalg.svd(_matrix(params[name][weight_name(params[name])]),
-                                              full_matrices=False))
+  nodes = modules(params)
+  return {name: Decomposition(*jnp.linalg.svd(_matrix(_weight(nodes[name])), full_matrices=False))
           for name in names}
 
 
@@ -238,40 +326,39 @@ def _factors(weight, rank: int, decomposition: Optional[Decomposition]):
 
 
 def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-             *, decompositions: Optional[dict] = None, calibration=None) -> dict:
+             *, decompositions: Optional[dict] = None, calibration=None,
+             unfactorizable: Optional[Mapping[str, str]] = None) -> Params:
   """Factorizes the selected weights: `{w, b}` → `{u, v, b}` with u v = truncate(w, r).
 
-  A dense weight [m, n] gives u [m, r], v [r, n]; a conv kernel [*spatial, c_in, c_out] gives
-  u [*spatial, c_in, r] (a conv to r channels) and v [r, c_out] (a 1×1 conv): the parameters of
-  `lrnet.factorized(fn, rank, ...)`. Singular values are split √s on each side.
+  A dense weight [m, n] (or an embedding table [vocab, d]) gives u [m, r], v [r, n]; a conv
+  kernel [*spatial, c_in, c_out] gives u [*spatial, c_in, r] (a conv to r channels) and
+  v [r, c_out] (a 1×1 conv): the parameters of `lrnet.factorized(fn, rank, ...)`. Singular
+  values are split √s on each side.
 
   Args:
-    params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`.
+    params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`,
+      `unfactorizable`.
     decompositions: from `decompose`, to reuse SVDs; used as they are.
     calibration: a `lrnet.Calibration`: truncate data-aware (module docstring) every selected
       module that `decompositions` lacks.
 
   Returns:
-    A new tree: every selected module's weight replaced by `u` and `v`; every other leaf the
-    same object.
+    A tree of the same nesting and Mapping types: every selected module's weight replaced by
+    `u` and `v`; every other leaf the same object.
 
   Raises:
     ValueError: as `select_ranks`; a selected module without calibration statistics.
   """
-  ranks = select_ranks(params, rank, include, exclude)
+  ranks = select_ranks(params, rank, include, exclude, unfactorizable=unfactorizable)
   decompositions = _with_calibration(params, ranks, decompositions, calibration)
-  compressed = {}
-  for name, leaves in params.items():
-    if name in ranks:
-      key = weight_name(leaves)
-      weight = leaves[key]
-      u, v = _factors(weight, ranks[name], decompositions.get(name))
-      rest = {k: value for k, value in leaves.items() if k != key}
-      compressed[name] = {"u": u.reshape(tuple(weight.shape[:-1]) + (ranks[name],)), "v": v,
-                          **rest}
-    else:
-      compressed[name] = leaves
-  return compressed
+  nodes, replacements = modules(params), {}
+  for name, r in ranks.items():
+    key = weight_name(nodes[name])
+    weight = nodes[name][key]
+    u, v = _factors(weight, r, decompositions.get(name))
+    rest = {k: value for k, value in nodes[name].items() if k != key}
+    replacements[name] = {"u": u.reshape(tuple(weight.shape[:-1]) + (r,)), "v": v, **rest}
+  return replace_modules(params, replacements)
 
 
 def _truncated(weight, rank: int, decomposition: Optional[Decomposition]):
@@ -281,36 +368,40 @@ def _truncated(weight, rank: int, decomposition: Optional[Decomposition]):
           ).reshape(weight.shape)
 
 
+def _with_weights(params: Params, weights: Mapping[str, Any]) -> Params:
+  """`params` with the weight leaf of each module in `weights` replaced."""
+  nodes = modules(params)
+  return replace_modules(params, {name: {**nodes[name], weight_name(nodes[name]): weight}
+                                  for name, weight in weights.items()})
+
+
 def project(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-            *, decompositions: Optional[dict] = None, calibration=None) -> dict:
-  """The same tree with each selected weight replaced by its rank-r truncation (same shapes);
-  `decompositions`, `calibration` as in `compress`."""
-  ranks = select_ranks(params, rank, include, exclude)
+            *, decompositions: Optional[dict] = None, calibration=None,
+            unfactorizable: Optional[Mapping[str, str]] = None) -> Params:
+  """The same tree (nesting, types, shapes) with each selected weight replaced by its rank-r
+  truncation (an embedding table truncated likewise); other arguments as in `compress`."""
+  ranks = select_ranks(params, rank, include, exclude, unfactorizable=unfactorizable)
   decompositions = _with_calibration(params, ranks, decompositions, calibration)
-  out = {}
-  for name, leaves in params.items():
-    if name in ranks:
-      key = weight_name(leaves)
-      leaves = {**leaves, key: _truncated(leaves[key], ranks[name], decompositions.get(name))}
-    out[name] = leaves
-  return out
+  nodes = modules(params)
+  return _with_weights(params, {name: _truncated(_weight(nodes[name]), r, decompositions.get(name))
+                                for name, r in ranks.items()})
 
 
-def project_masked(params: Params, ranks: Mapping[str, Any]) -> dict:
+def project_masked(params: Params, ranks: Mapping[str, Any]) -> Params:
   """`project` at integer ranks that may be traced (e.g. `vmap` over ranks): one compiled
   function for every rank. `ranks`: {module: rank}; no range check is possible on a traced rank
   (see `svd.truncate_masked`)."""
-  out = {}
-  for name, leaves in params.items():
-    if name in ranks:
-      key = weight_name(leaves)
-      weight = leaves[key]
-      leaves = {**leaves, key: svd.truncate_masked(_matrix(weight), ranks[name]).reshape(weight.shape)}
-    out[name] = leaves
-  return out
+  weights = {name: _weight(leaves) for name, leaves in modules(params).items() if name in ranks}
+  return _with_weights(params, {
+      name: svd.truncate_masked(_matrix(weight), ranks[name]).reshape(weight.shape)
+      for name, weight in weights.items()})
 
 
-def pad_factors(params: Params, width: Mapping[str, int]) -> dict:
+def _factorized_modules(params: Params) -> dict[str, Mapping]:
+  return {name: leaves for name, leaves in modules(params).items() if "u" in leaves}
+
+
+def pad_factors(params: Params, width: Mapping[str, int]) -> Params:
   """Every factorized module (`u` [..., r], `v` [r, n]) zero-padded to rank `width[module]`: a
   zero column of U meets a zero row of V, so the function is unchanged, the padding gets exactly
   zero gradients, and Adam's update 0 / (√0 + ε) keeps it zero.
@@ -319,25 +410,22 @@ def pad_factors(params: Params, width: Mapping[str, int]) -> dict:
     ValueError: a module's rank exceeds its width.
   """
   def pad(name, leaves):
-    if not isinstance(leaves, Mapping) or "u" not in leaves:
-      return leaves
     rank, target = leaves["u"].shape[-1], width[name]
     if rank > target:
       raise ValueError(f"pad_factors: module {name!r} has rank {rank} > width {target}")
     u_padding = [(0, 0)] * (leaves["u"].ndim - 1) + [(0, target - rank)]
     return {**leaves, "u": jnp.pad(leaves["u"], u_padding),
             "v": jnp.pad(leaves["v"], ((0, target - rank), (0, 0)))}
-  return {name: pad(name, leaves) for name, leaves in params.items()}
+  return replace_modules(params, {name: pad(name, leaves)
+                                  for name, leaves in _factorized_modules(params).items()})
 
 
-def unpad_factors(params: Params, ranks: Mapping[str, int]) -> dict:
+def unpad_factors(params: Params, ranks: Mapping[str, int]) -> Params:
   """The first `ranks[module]` factor columns of every `u` and rows of every `v` (inverse of
   `pad_factors`)."""
-  def cut(name, leaves):
-    if not isinstance(leaves, Mapping) or "u" not in leaves:
-      return leaves
-    return {**leaves, "u": leaves["u"][..., :ranks[name]], "v": leaves["v"][:ranks[name], :]}
-  return {name: cut(name, leaves) for name, leaves in params.items()}
+  return replace_modules(params, {
+      name: {**leaves, "u": leaves["u"][..., :ranks[name]], "v": leaves["v"][:ranks[name], :]}
+      for name, leaves in _factorized_modules(params).items()})
 
 
 def count_params(tree) -> int:
@@ -351,43 +439,60 @@ class LayerSummary(NamedTuple):
   name: str
   shape: tuple          # the weight's shape, or () for a module without one
   rank: Optional[int]   # None: kept as it is
-  dense_params: int     # parameters of the module as it is
+  dense_params: int     # parameters of the module's own leaves as it is
   compressed_params: int
   dense_flops: int      # 2·m·n for the matrix view [m, n]
   compressed_flops: int  # 2·r·(m + n) when factorized
-  per: str              # "example", "output position" (conv), or "" (no weight)
+  per: str              # "example", "output position" (conv), "token" (embedding), or ""
   note: str             # why a candidate stays dense, if it does
 
 
+def _note(name: str, leaves: Mapping, output: Optional[str], unfactorizable: Mapping[str, str],
+          automatic: bool) -> str:
+  """Why candidate `name` is left dense."""
+  if name in unfactorizable:
+    return f"not factorizable: {unfactorizable[name]}"
+  if name == output:
+    return "output layer"
+  if automatic and _is_embedding(leaves):
+    return "embedding table: compressed only when named"
+  if automatic:
+    return "kept dense: this rank would not make it smaller"
+  return ""
+
+
 def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
-              *, decompositions: Optional[dict] = None,
-              calibration=None) -> list[LayerSummary]:
-  """Per-module parameter and FLOP counts of `compress(params, rank, ...)` against `params`."""
+              *, decompositions: Optional[dict] = None, calibration=None,
+              unfactorizable: Optional[Mapping[str, str]] = None) -> list[LayerSummary]:
+  """Per-module parameter and FLOP counts of `compress(params, rank, ...)` against `params`:
+  one row per module node, named by its path, in the tree's order."""
   del decompositions, calibration  # the counts need shapes only
-  ranks = select_ranks(params, rank, include, exclude)
+  unfactorizable = unfactorizable or {}
+  ranks = select_ranks(params, rank, include, exclude, unfactorizable=unfactorizable)
   shapes = matrix_shapes(params)
   automatic = include is None and not isinstance(rank, Mapping)
   output = output_module(params) if automatic else None
   rows = []
-  for name, leaves in params.items():
-    dense_params = count_params(leaves)
+  for name, leaves in modules(params).items():
+    dense_params = count_params([leaf for leaf in leaves.values()
+                                 if not isinstance(leaf, Mapping)])  # children have own rows
     if name not in shapes:
       rows.append(LayerSummary(name, (), None, dense_params, dense_params, 0, 0, "", ""))
       continue
-    (m, n), weight_shape = shapes[name], _shape(leaves[weight_name(leaves)])
-    per = "example" if len(weight_shape) == 2 else "output position"
+    (m, n), weight_shape = shapes[name], _shape(_weight(leaves))
     r = ranks.get(name)
+    if _is_embedding(leaves):  # a lookup costs no FLOPs; factorized, one row of u times v
+      per, dense_flops, compressed_flops = "token", 0, 2 * (r or 0) * n
+    else:
+      per = "output position" if len(weight_shape) > 2 else "example"
+      dense_flops, compressed_flops = 2 * m * n, 2 * (r or 0) * (m + n)
     if r is None:
-      note = ""
-      if name == output:
-        note = "output layer"
-      elif automatic:
-        note = "kept dense: this rank would not make it smaller"
-      rows.append(LayerSummary(name, weight_shape, None, dense_params, dense_params, 2 * m * n,
-                               2 * m * n, per, note))
+      rows.append(LayerSummary(name, weight_shape, None, dense_params, dense_params, dense_flops,
+                               dense_flops, per,
+                               _note(name, leaves, output, unfactorizable, automatic)))
     else:
       rows.append(LayerSummary(name, weight_shape, r, dense_params,
-                               dense_params - m * n + r * (m + n), 2 * m * n, 2 * r * (m + n),
+                               dense_params - m * n + r * (m + n), dense_flops, compressed_flops,
                                per, ""))
   return rows
 
@@ -399,14 +504,15 @@ def compression_ratio(rows: list[LayerSummary]) -> float:
 
 def format_summary(rows: list[LayerSummary]) -> str:
   """A plain-text table of a summary, with totals. Conv FLOPs are per output position (marked
-  `/pos`): the totals add per-example FLOPs of dense layers only."""
+  `/pos`), embedding FLOPs per token (`/tok`): the totals add per-example FLOPs of dense layers
+  only."""
   header = (f"{'module':<24} {'shape':>14} {'rank':>6} {'params':>12} {'compressed':>12} "
             f"{'MFLOP':>9} {'MFLOP c.':>9}")
   lines = [header, "-" * len(header)]
   for row in rows:
     shape = "x".join(str(d) for d in row.shape) if row.shape else "-"
     rank = "-" if row.rank is None else str(row.rank)
-    unit = "/pos" if row.per == "output position" else ""
+    unit = {"output position": "/pos", "token": "/tok"}.get(row.per, "")
     lines.append(f"{row.name:<24} {shape:>14} {rank:>6} {row.dense_params:>12,} "
                  f"{row.compressed_params:>12,} {row.dense_flops / 1e6:>9.3f} "
                  f"{row.compressed_flops / 1e6:>9.3f}{unit}" + (f"  ({row.note})" if row.note else ""))

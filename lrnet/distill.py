@@ -190,8 +190,9 @@ def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
   accuracy = jax.jit(lambda params, x, y: evaluate(train.unstack(params, 1)[0], x, y)[0][None])
   state = train.init_state(template, optimizer, model_state=jax.random.PRNGKey(seed + 1),
                            ema=settings.ema_decay > 0)
-  members = sweep.Members([run], [state], epoch_fn, accuracy, lambda params, _: params,
-                          () if teacher is None else (teacher[1],))
+  members = sweep.Members([run], [state], epoch_fn,
+                          lambda tree, x, y: accuracy(tree["params"], x, y),
+                          lambda tree, _: tree["params"], () if teacher is None else (teacher[1],))
   [(record, params)] = sweep.train_members(exp, members, settings, seed,
                                            fingerprint(exp.config, run))
   return sweep.finish_network(exp, run, params, record)

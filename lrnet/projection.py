@@ -91,16 +91,18 @@ def st_factored_matmul(x: jax.Array, w: jax.Array, left_rows: jax.Array,
   the factors get none. `lrnet.tracker.project` hands out both factors from its one product.
 
   Args:
-    x: inputs, [batch, m].
+    x: inputs, [..., m] (e.g. [batch, m] or [batch, tokens, m]).
     w: dense weights, [m, n] (receives the straight-through gradient).
     left_rows: L, [k, m].
     right_rows: R, [k, n].
 
   Returns:
-    [batch, n].
+    [..., n].
   """
   del w
-  return svd.times_transpose(x, left_rows) @ right_rows
+  rows = x.reshape(-1, x.shape[-1])
+  return (svd.times_transpose(rows, left_rows) @ right_rows).reshape(
+      x.shape[:-1] + right_rows.shape[-1:])
 
 
 def _st_factored_matmul_fwd(x, w, left_rows, right_rows):
@@ -109,8 +111,9 @@ def _st_factored_matmul_fwd(x, w, left_rows, right_rows):
 
 def _st_factored_matmul_bwd(residuals, g):
   x, left_rows, right_rows = residuals
-  dx = svd.times_transpose(g, right_rows) @ left_rows
-  dw = x.T @ g
+  rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dx = (svd.times_transpose(g_rows, right_rows) @ left_rows).reshape(x.shape)
+  dw = rows.T @ g_rows
   return dx, dw, jnp.zeros_like(left_rows), jnp.zeros_like(right_rows)
 
 

@@ -12,7 +12,8 @@ The rank is the position of the one significant gap in the spectrum of G.
 
 Trained layers (:func:`layer_spectra`, :func:`format_spectra`, :func:`write_spectra`):
 singular values, energy ranks, stable rank and numerical rank of every 2-D weight (and of
-every 4-D conv kernel, reshaped to [kh·kw·c_in, c_out]) of a Haiku parameter tree.
+every 4-D conv kernel, reshaped to [kh·kw·c_in, c_out]) of a parameter tree of any nesting
+(Haiku, flax; modules named by path as in `lrnet.compression`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lrnet import compression
 
 # How far (a factor) the noise actually in the gradients may exceed the predicted noise level
 # and still count as noise: the precision estimates below are right to an order of magnitude.
@@ -562,15 +565,16 @@ def matrix_spectrum(matrix: np.ndarray, tolerance: float | None = None) -> dict[
   }
 
 
-def layer_spectra(params: Mapping[str, Mapping[str, Any]], *,
+def layer_spectra(params: Mapping[str, Any], *,
                   tolerance: float | None = None) -> dict[str, dict]:
-  """Per module of a Haiku parameter tree, the spectrum summary of its weight matrix.
+  """Per module of a parameter tree, the spectrum summary of its weight matrix.
 
-  Every module with a 2-D ``w`` or ``kernel`` leaf counts, and a 4-D conv kernel
-  [kh, kw, c_in, c_out] is read as [kh·kw·c_in, c_out]. Modules keep the tree's order.
+  Every module (`lrnet.compression.modules`: named by path, e.g. ``linear_0`` or
+  ``params/Block_0/Dense_1``) with a 2-D ``w`` or ``kernel`` leaf counts, and a 4-D conv
+  kernel [kh, kw, c_in, c_out] is read as [kh·kw·c_in, c_out]. Modules keep the tree's order.
 
   Args:
-    params: {module: {"w": array, ...}}.
+    params: a parameter tree, e.g. {module: {"w": array, ...}}.
     tolerance: absolute τ for the numerical rank (default per matrix, see
       :func:`matrix_spectrum`).
 
@@ -579,7 +583,7 @@ def layer_spectra(params: Mapping[str, Mapping[str, Any]], *,
     "module/w" and "module/kernel".
   """
   spectra = {}
-  for module, leaves in params.items():
+  for module, leaves in compression.modules(params).items():
     found = [(name, _as_matrix(leaves[name])) for name in _MATRIX_LEAVES if name in leaves]
     found = [(name, matrix) for name, matrix in found if matrix is not None]
     for name, matrix in found:

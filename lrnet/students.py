@@ -1,7 +1,11 @@
 """Any Haiku network, factorized or trained straight-through, without rewriting it.
 
-`fn` is what one passes to `hk.transform`. Its dense (`hk.Linear`) and conv (`hk.ConvND`: 1-, 2-
-and 3-D) layers are intercepted by module name (`hk.intercept_methods`, `hk.custom_getter`):
+`fn` is anything one passes to `hk.transform_with_state`: it may keep Haiku state (BatchNorm
+statistics), draw from `hk.next_rng_key()` (dropout) and take any positional and keyword
+arguments (`is_training=True`, static Python values included), which pass through `init`,
+`apply` and `tracker_state` unchanged. Its dense (`hk.Linear`, on inputs [..., m]) and conv
+(`hk.ConvND`: 1-, 2- and 3-D) layers are intercepted by module name (`hk.intercept_methods`,
+`hk.custom_getter`):
 
 * `factorized(fn, rank)`: each selected layer computes through two factors. A linear layer
   y = (x U) V + b with U [m, r], V [r, n]; a conv layer with kernel [kh, kw, c_in, c_out] (the
@@ -13,24 +17,31 @@ and 3-D) layers are intercepted by module name (`hk.intercept_methods`, `hk.cust
   weight used through its rank-r projection Ŵ in the forward pass and updated with the gradient
   of Ŵ (straight-through). `method="exact"` projects by an SVD every call; `"alternating"` tracks
   the projection with one product with W per call (`lrnet.tracker`), and a linear layer computes
-  through the two factors (`projection.st_factored_matmul`). Its Haiku state holds, per selected
-  module, the rank it projects to (`"rank"`, an int32 that may differ between members of a
-  batch) and, alternating, its tracker (`"tracker"`). `tracker_state` builds that state for
-  given parameters (e.g. a teacher's).
+  through the two factors (`projection.st_factored_matmul`). Its Haiku state holds, next to
+  `fn`'s own, per selected module the rank it projects to (`"rank"`, an int32 that may differ
+  between members of a batch) and, alternating, its tracker (`"tracker"`). `tracker_state`
+  builds that state for given parameters (e.g. a teacher's) and state.
+
+Call forms follow Haiku's: `with_state=True` is `hk.transform_with_state`'s (`init` → (params,
+state), `apply(params, state, ...)` → (out, state)), else `hk.transform`'s; `apply_rng=True`
+puts an rng after the params (and state), else `apply` takes none (`hk.without_apply_rng`).
+A student always has state.
 
 Selection (`include`, `exclude`, `rank`) is `lrnet.compression.select_ranks` on the dense
-parameters: by default every dense and conv layer except the output layer, and never a layer the
-rank would not make smaller.
+parameters: by default every dense and conv layer except the output layer, never a layer the
+rank would not make smaller, and never one that cannot be factorized (grouped, depthwise, masked
+or transposed convolutions: `unfactorizable` names them; naming one is an error).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lrnet import compression
@@ -45,9 +56,63 @@ def _default_w_init(fan_in: int) -> hk.initializers.Initializer:
   return hk.initializers.TruncatedNormal(stddev=1.0 / math.sqrt(fan_in))
 
 
-def _dense_shapes(fn: Callable, args: tuple) -> dict:
-  """The dense network's parameter tree as shapes (an abstract trace: nothing is computed)."""
-  return jax.eval_shape(hk.transform(fn).init, jax.random.PRNGKey(0), *args)
+def _unfactorizable_kind(module: hk.Module) -> Optional[str]:
+  """Why a module holding a conv-shaped weight cannot be factorized, or None."""
+  if isinstance(module, hk.ConvND):
+    if module.feature_group_count != 1:
+      return "grouped conv"
+    return "masked conv" if module.mask is not None else None
+  if isinstance(module, (hk.DepthwiseConv1D, hk.DepthwiseConv2D, hk.DepthwiseConv3D,
+                         hk.SeparableDepthwiseConv2D)):
+    return "depthwise conv"
+  if isinstance(module, hk.ConvNDTranspose):
+    return "transposed conv"
+  return None
+
+
+class DenseNetwork(NamedTuple):
+  """`fn`'s dense network seen by an abstract trace (nothing is computed)."""
+  params: dict          # parameter shapes (`jax.ShapeDtypeStruct`s)
+  state: dict           # Haiku state shapes ({} for a stateless fn)
+  unfactorizable: dict  # {module: why its weight cannot be factorized, e.g. 'depthwise conv'}
+
+
+def inspect_network(fn: Callable, *args, **kwargs) -> DenseNetwork:
+  """The dense network of `fn` on example arguments: its parameter and state shapes and the
+  layers that cannot be factorized. Arguments are closed over, so Python values stay static."""
+  kinds = {}
+
+  def record(next_f, call_args, call_kwargs, context):
+    reason = (_unfactorizable_kind(context.module) if context.method_name == "__call__"
+              else None)
+    if reason is not None:
+      kinds[context.module.module_name] = reason
+    return next_f(*call_args, **call_kwargs)
+
+  def recorded(*a, **k):
+    with hk.intercept_methods(record):
+      return fn(*a, **k)
+
+  params, state = jax.eval_shape(
+      lambda: hk.transform_with_state(recorded).init(jax.random.PRNGKey(0), *args, **kwargs))
+  candidates = compression.matrix_shapes(params)
+  return DenseNetwork(params, state, {name: kinds[name] for name in candidates if name in kinds})
+
+
+def _select(fn: Callable, rank, include, exclude, args, kwargs) -> dict:
+  network = inspect_network(fn, *args, **kwargs)
+  return compression.select_ranks(network.params, rank, include, exclude,
+                                  unfactorizable=network.unfactorizable)
+
+
+def _haiku_form(fn: Callable, init: Callable, apply: Callable, with_state: bool,
+                apply_rng: bool):
+  """Haiku's call forms (module docstring) of `fn`'s `transform_with_state`-style init/apply."""
+  init._original_fn = apply._original_fn = fn  # what Haiku's wrappers expect to find
+  transformed = hk.TransformedWithState(init, apply)
+  if not with_state:
+    transformed = hk.without_state(transformed)
+  return transformed if apply_rng else hk.without_apply_rng(transformed)
 
 
 def _is_intercepted(module: hk.Module, method_name: str, ranks: dict) -> bool:
@@ -73,17 +138,10 @@ def _bias(module, inputs: jax.Array, output: jax.Array) -> jax.Array:
   return output + hk.get_parameter("b", shape, inputs.dtype, init=module.b_init)
 
 
-def _check_conv(module: hk.ConvND) -> None:
-  if module.feature_group_count != 1 or module.mask is not None:
-    raise ValueError(f"{module.module_name}: grouped or masked convolutions cannot be "
-                     f"factorized; exclude it")
-
-
 def _matrix_shape(module, inputs: jax.Array) -> tuple[int, int]:
   """(m, n) of the layer's weight seen as a matrix: [m, n] dense, [kh·kw·c_in, c_out] conv."""
   if isinstance(module, hk.Linear):
     return inputs.shape[-1], module.output_size
-  _check_conv(module)
   return math.prod(module.kernel_shape) * inputs.shape[module.channel_index], module.output_channels
 
 
@@ -105,24 +163,27 @@ def _factorized_call(module, inputs: jax.Array, rank) -> jax.Array:
   return _bias(module, inputs, output)
 
 
-def factorized(fn: Callable, rank, *, include=None, exclude=None) -> hk.Transformed:
+def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bool = False,
+               apply_rng: bool = False):
   """`fn` with every selected dense and conv layer factorized (module docstring).
 
   Args:
-    fn: a Haiku function (what one passes to `hk.transform`).
+    fn: a Haiku function (what one passes to `hk.transform_with_state`).
     rank: every form `lrnet.compress` takes: an int, a fraction of min(m, n), `"full"`, or a
       dict per module. (A rule that needs the weights, such as `energy_rank`, cannot
       initialise a network from scratch: compress dense parameters instead.)
     include, exclude: module-name glob patterns, as in `lrnet.compress`.
+    with_state: Haiku state in and out (`fn` keeps state, e.g. BatchNorm statistics: the
+      dense network's state serves the twin unchanged).
+    apply_rng: `apply` takes an rng for `fn`'s `hk.next_rng_key()` (dropout).
 
   Returns:
-    `hk.Transformed` without apply rng. `init` gives a fan-in initialisation of both factors
-    (Var(U V) ≈ that of the dense layer); `apply(params, *args)` takes the parameters of
+    `hk.Transformed` (`init(rng, *args, **kwargs)` → params, `apply(params, *args, **kwargs)`),
+    or with `with_state` `hk.TransformedWithState`; an rng after params (and state) with
+    `apply_rng`. `init` gives a fan-in initialisation of both factors (Var(U V) ≈ that of the
+    dense layer); `apply` takes the parameters of
     `lrnet.compress(dense_params, rank, include=..., exclude=...)`.
   """
-  def ranks_for(args) -> dict:
-    return compression.select_ranks(_dense_shapes(fn, args), rank, include, exclude)
-
   def run(ranks, *args, **kwargs):
     def interceptor(next_f, call_args, call_kwargs, context):
       if not _is_intercepted(context.module, context.method_name, ranks):
@@ -132,15 +193,16 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None) -> hk.Transfor
       return fn(*args, **kwargs)
 
   def init(rng, *args, **kwargs):
-    return hk.transform(lambda *a, **k: run(ranks_for(a), *a, **k)).init(rng, *args, **kwargs)
+    ranks = _select(fn, rank, include, exclude, args, kwargs)
+    return hk.transform_with_state(lambda *a, **k: run(ranks, *a, **k)).init(rng, *args, **kwargs)
 
-  def apply(params, *args, **kwargs):
+  def apply(params, state, rng, *args, **kwargs):
     ranks = {name: leaves["u"].shape[-1] for name, leaves in params.items()
              if isinstance(leaves, dict) and "u" in leaves}
-    transformed = hk.transform(lambda *a, **k: run(ranks, *a, **k))
-    return transformed.apply(params, None, *args, **kwargs)
+    transformed = hk.transform_with_state(lambda *a, **k: run(ranks, *a, **k))
+    return transformed.apply(params, state, rng, *args, **kwargs)
 
-  return hk.Transformed(init, apply)
+  return _haiku_form(fn, init, apply, with_state, apply_rng)
 
 
 class Student(hk.TransformedWithState):
@@ -207,89 +269,117 @@ def _straight_through_call(module, next_f, args, kwargs, width_rank: int, method
 
 def straight_through(fn: Callable, rank, *, include=None, exclude=None,
                      method: str = "alternating",
-                     oversample: int = tracker.DEFAULT_OVERSAMPLE) -> Student:
+                     oversample: int = tracker.DEFAULT_OVERSAMPLE,
+                     apply_rng: bool = False) -> Student:
   """`fn` as a straight-through student (module docstring).
 
   Args:
-    fn: a Haiku function.
+    fn: a Haiku function (what one passes to `hk.transform_with_state`).
     rank, include, exclude: as in `factorized`; the selected layers are projected, a layer at
       full rank (min(m, n)) is left dense.
     method: `"alternating"` (tracked, one product with W per call) or `"exact"` (an SVD per
       call). With `"exact"` the output and gradients equal the dense network's at
       `lrnet.project(params, rank)`.
     oversample: alternating: singular pairs tracked beyond the rank.
+    apply_rng: `apply` takes an rng after the state, for `fn`'s `hk.next_rng_key()` (dropout).
 
   Returns:
-    A `Student` (an `hk.TransformedWithState`, without apply rng): `init(rng, *args)` gives
-    dense parameters and the state for them; `apply(params, state, *args)` returns
-    `(output, new_state)`. For given parameters use `tracker_state`.
+    A `Student` (an `hk.TransformedWithState`): `init(rng, *args, **kwargs)` gives dense
+    parameters and the state for them (`fn`'s own and the trackers');
+    `apply(params, state[, rng], *args, **kwargs)` returns `(output, new_state)`. For given
+    parameters and state use `tracker_state`.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  return _student(fn, rank, include, exclude, method, oversample, member_rank=None)
+  spec = dict(fn=fn, rank=rank, include=include, exclude=exclude, method=method,
+              oversample=oversample)
+  transformed = _student(spec, member_rank=None)
+  if not apply_rng:
+    transformed = hk.without_apply_rng(transformed)
+  student = Student(transformed.init, transformed.apply)
+  student.spec = spec
+  student.state_fns = {}
+  return student
 
 
-def _student(fn, rank, include, exclude, method, oversample, member_rank,
-             given_params=None) -> Student:
-  def ranks_for(shapes) -> dict:
-    ranks = compression.select_ranks(shapes, rank, include, exclude)
-    matrices = compression.matrix_shapes(shapes)
-    return {name: r for name, r in ranks.items() if r < min(matrices[name])}
+def _student(spec: dict, member_rank, given_params=None) -> hk.TransformedWithState:
+  fn, include, exclude = spec["fn"], spec["include"], spec["exclude"]
 
   def given(next_creator, shape, dtype, init, context):
     del next_creator, shape, dtype, init
     return given_params[context.module_name][context.name]
 
   def run(*args, **kwargs):
-    shapes = _dense_shapes(fn, args)
-    ranks = ranks_for(shapes)
-    member_ranks = ({} if member_rank is None else
-                    compression.select_ranks(shapes, member_rank, include, exclude))
+    network = inspect_network(fn, *args, **kwargs)
+    select = lambda rule: compression.select_ranks(network.params, rule, include, exclude,
+                                                   unfactorizable=network.unfactorizable)
+    matrices = compression.matrix_shapes(network.params)
+    ranks = {name: r for name, r in select(spec["rank"]).items() if r < min(matrices[name])}
+    member_ranks = {} if member_rank is None else select(member_rank)
 
     def interceptor(next_f, call_args, call_kwargs, context):
       if not _is_intercepted(context.module, context.method_name, ranks):
         return next_f(*call_args, **call_kwargs)
       name = context.module.module_name
       return _straight_through_call(context.module, next_f, call_args, call_kwargs, ranks[name],
-                                    method, oversample, member_ranks.get(name))
+                                    spec["method"], spec["oversample"], member_ranks.get(name))
     with hk.intercept_methods(interceptor):
       if given_params is None:
         return fn(*args, **kwargs)
       with hk.custom_creator(given):
         return fn(*args, **kwargs)
 
-  transformed = hk.without_apply_rng(hk.transform_with_state(run))
-  student = Student(transformed.init, transformed.apply)
-  student.spec = dict(fn=fn, rank=rank, include=include, exclude=exclude, method=method,
-                      oversample=oversample)
-  student.state_fns = {}
-  return student
+  return hk.transform_with_state(run)
 
 
-def tracker_state(student: Student, params, *args, rank=None) -> dict:
+def jit_static(fn: Callable) -> Callable:
+  """`jax.jit(fn)` where every argument leaf that is not an array (`is_training=True`, a
+  width, a name) is static: compiled once per set of those values. They must be hashable."""
+  compiled = {}
+
+  def call(*args, **kwargs):
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+    static = tuple(leaf for leaf, is_array in zip(leaves, dynamic) if not is_array)
+    key = (treedef, dynamic, static)
+    if key not in compiled:
+      def traced(arrays):
+        arrays, values = iter(arrays), iter(static)
+        full = [next(arrays) if is_array else next(values) for is_array in dynamic]
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(*call_args, **call_kwargs)
+      compiled[key] = jax.jit(traced)
+    return compiled[key]([leaf for leaf, is_array in zip(leaves, dynamic) if is_array])
+  return call
+
+
+def tracker_state(student: Student, params, *args, rank=None, state=None, **kwargs) -> dict:
   """The state of `student` for the dense `params` (e.g. a trained teacher's), so that
   training starts from them: per selected module its rank and, alternating, the exact singular
-  pairs of its current weight.
+  pairs of its current weight; `fn`'s own state from `state`.
 
   Args:
     student: from `straight_through`.
     params: dense parameters of the student's structure.
-    *args: example inputs (their shapes select the layers, as in `init`).
+    *args, **kwargs: example arguments of `fn` (their shapes select the layers, as in `init`;
+      Python values such as `is_training=True` stay static).
     rank: a member's own rank (every form `compress` takes; at most the student's): the state
       projects to it and tracks its own r + oversample pairs, padded to the student's size, so
       that students of different ranks train side by side in one program (`jax.vmap` over the
       states) and each computes what it would alone.
+    state: the dense network's Haiku state (e.g. a teacher's BatchNorm statistics); None: the
+      state `fn` initialises.
 
   Returns:
-    The Haiku state `{module: {"rank": int32, "tracker": TrackerState}}`.
+    The Haiku state: `fn`'s own, and `{module: {"rank": int32, "tracker": TrackerState}}`.
   """
   key = repr(rank)
   if key not in student.state_fns:  # compiled once per member rank: eager Haiku init is slow
-    spec = student.spec
-
-    def state_for(params, *args):
-      member = _student(spec["fn"], spec["rank"], spec["include"], spec["exclude"],
-                        spec["method"], spec["oversample"], member_rank=rank, given_params=params)
-      return member.init(jax.random.PRNGKey(0), *args)[1]
-    student.state_fns[key] = jax.jit(state_for)
-  return student.state_fns[key](params, *args)
+    def state_for(params, *args, **kwargs):
+      member = _student(student.spec, member_rank=rank, given_params=params)
+      return member.init(jax.random.PRNGKey(0), *args, **kwargs)[1]
+    student.state_fns[key] = jit_static(state_for)
+  fresh = student.state_fns[key](params, *args, **kwargs)
+  own = {name: leaves for name, leaves in (state or {}).items()
+         if not (isinstance(fresh.get(name), dict) and "rank" in fresh[name])}
+  return {**fresh, **own}

@@ -19,7 +19,9 @@ fingerprint differs is refused unless `overwrite` (then it is trained again).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import shutil
 import time
@@ -98,6 +100,21 @@ def _digest(fields: dict) -> str:
   return hashlib.sha256(io.dumps_json(fields).encode()).hexdigest()[:10]
 
 
+def modes(fn: Callable) -> tuple[Callable, Callable]:
+  """`fn` in training and in evaluation: `fn(x, is_training=True / False)` when it takes
+  `is_training` (BatchNorm, dropout), else `fn` both times."""
+  if "is_training" not in inspect.signature(fn).parameters:
+    return fn, fn
+  return (functools.partial(fn, is_training=True), functools.partial(fn, is_training=False))
+
+
+def eval_apply(fn: Callable) -> Callable:
+  """`(tree, images, state) -> logits` of the dense network `fn` in evaluation: no rng, the
+  Haiku state (BatchNorm statistics) read and not updated. `tree`: its parameters."""
+  net = hk.transform_with_state(fn)
+  return lambda params, images, state: net.apply(params, state, None, images)[0]
+
+
 class Experiment:
   """What every run of a sweep shares: config, data on the device, networks, workdir."""
 
@@ -115,18 +132,21 @@ class Experiment:
     self.val, self.test = (train.pad_split(*split(s), length) for s in (dataset.val, dataset.test))
     self.num_classes = dataset.num_classes
     self.fn = models.network(config.model, self.num_classes)
-    self.dense = hk.without_apply_rng(hk.transform(self.fn))
+    self.train_fn, self.eval_fn = modes(self.fn)
     self.example = self.train[0][:1]  # input shapes select the layers of the student networks
-    shapes = jax.eval_shape(self.dense.init, jax.random.PRNGKey(0), self.example)
-    # The compressed layers: every dense and conv layer but the output layer.
-    self.layers = {name: compress_lib.matrix_shapes(shapes)[name]
-                   for name in compress_lib.compressible_modules(shapes)}
+    network = students.inspect_network(self.train_fn, self.example)
+    # The compressed layers: every dense and conv layer but the output layer (and those that
+    # cannot be factorized, e.g. depthwise convs).
+    self.layers = {name: compress_lib.matrix_shapes(network.params)[name]
+                   for name in compress_lib.compressible_modules(network.params)
+                   if name not in network.unfactorizable}
     # XLA:CPU runs convolutions inside loops ≈ 18× slower than outside (BUILD_NOTES.md): conv
     # networks on a CPU train one step per call and evaluate without loops.
     self.unroll = jax.default_backend() == "cpu" and any(
-        leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(shapes))
-    self.evaluate_dense = train.make_evaluate(self.dense.apply, unroll=self.unroll)
+        leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(network.params))
+    self.evaluate_dense = train.make_evaluate(eval_apply(self.eval_fn), unroll=self.unroll)
     self.teacher_params = None  # set once the teacher is trained or loaded
+    self.teacher_state = None   # ... and its Haiku state (BatchNorm statistics; {} if none)
     self.decompositions = None  # the teacher's SVDs, one per compressed layer
     self.whitened = None        # ... of SᵀW: whitened by the layer inputs' statistics
     self.allocated = {}         # {budget fraction: {module: rank}}
@@ -138,18 +158,22 @@ class Experiment:
 
   def members_epoch(self, apply_fn: Callable, settings, num_members: int,
                     side_by_side: bool = False, distill: bool = False) -> Callable:
-    """The jitted epoch of `num_members` members of `apply_fn` trained with `settings`' recipe
-    (`train.members_epoch`; one step per call when `self.unroll`). With `distill`, the
-    student's distillation from the teacher, whose params the epoch then takes last."""
+    """The jitted epoch of `num_members` members of `apply_fn(params, state, rng, images)`
+    trained with `settings`' recipe (`train.members_epoch`; one step per call when
+    `self.unroll`). With `distill`, the student's distillation from the teacher, whose
+    `{"params", "state"}` the epoch then takes last."""
     distillation = settings.get("distillation")
     weight = distillation.weight if distill else 0.0
     objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
                                  distillation_weight=weight,
                                  temperature=distillation.temperature if weight else 1.0)
+    teacher = eval_apply(self.eval_fn)
     epoch = train.make_train_epoch(
         apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
-        objective=objective, teacher_apply=self.dense.apply if weight else None,
-        shift=settings.shift, flip=settings.flip, seed=self.config.seed, unroll=self.unroll)
+        objective=objective,
+        teacher_apply=(lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None,
+        shift=settings.shift, flip=settings.flip, seed=self.config.seed, unroll=self.unroll,
+        with_rng=True)
     members = train.members_epoch(epoch, num_members, side_by_side, self.mesh_for(num_members))
     return train.in_calls(members, settings.batch_size, 1) if self.unroll else members
 
@@ -212,8 +236,8 @@ class Members(NamedTuple):
   names: list           # run names, one per member
   states: list          # initial `train.TrainState` per member
   epoch_fn: Callable    # from `train.members_epoch`
-  accuracy: Callable    # (stacked params, images, labels) -> accuracies [n]
-  final_params: Callable  # (member params, index) -> the parameters to save
+  accuracy: Callable    # (stacked {"params", "state"}, images, labels) -> accuracies [n]
+  final_params: Callable  # (member {"params", "state"}, index) -> what to save
   epoch_args: tuple = ()  # passed on to every epoch_fn call (a distilling batch's teacher)
 
 
@@ -226,7 +250,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   checkpoint_dir = exp.path("checkpoints",
                             f"{'+'.join(members.names)}-{_digest(fingerprint_fields)}{suffix}")
   start = time.perf_counter()
-  progress = train.start_progress(members.states)
+  progress = train.start_progress(members.states, train.evaluated_with_state)
   checkpointer = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
   if resumed:
@@ -250,7 +274,8 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
                          *exp.train, epochs=settings.epochs, seed=seed,
                          patience=settings.patience or None,
                          on_epoch=on_epoch, epoch_args=members.epoch_args,
-                         mesh=exp.mesh_for(len(members.states)))
+                         mesh=exp.mesh_for(len(members.states)),
+                         evaluated=train.evaluated_with_state)
   finally:
     for writer in writers:
       writer.close()
@@ -289,50 +314,72 @@ def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
   return jax.jit(accuracy)
 
 
+def saved(exp: Experiment, params, state) -> Any:
+  """What a finished network saves: its parameters, with its Haiku state when the teacher keeps
+  one (`{"params", "state"}`, the state less any tracker's)."""
+  if not exp.teacher_state:
+    return params
+  return {"params": params, "state": {name: state[name] for name in exp.teacher_state}}
+
+
 def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict) -> tuple:
   """Trains (or reloads) a dense network `fn` from scratch with the teacher's recipe.
 
   Returns:
-    (params, record), or (None, record with "error") if its loss or parameters stopped being
-    finite.
+    (params, state, record), or (None, None, record with "error") if its loss or parameters
+    stopped being finite.
   """
-  net = hk.without_apply_rng(hk.transform(fn))
-  template = net.init(jax.random.PRNGKey(seed), exp.example)
+  train_fn, eval_fn = modes(fn)
+  net = hk.transform_with_state(train_fn)
+  params, state = net.init(jax.random.PRNGKey(seed), exp.example)
+  if exp.teacher_state is None:
+    exp.teacher_state = state  # its structure; the trained values replace it
   record = exp.finished(run)
   if record is not None:
     exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
-    return checkpoint.load_pytree(exp.path("models", run), template), record
+    tree = checkpoint.load_pytree(exp.path("models", run), saved(exp, params, state))
+    return (*((tree["params"], tree["state"]) if state else (tree, {})), record)
   settings = exp.config.teacher
-  state = train.init_state(template, exp.optimizer(settings), ema=settings.ema_decay > 0)
+  start = train.init_state(params, exp.optimizer(settings), model_state=state,
+                           ema=settings.ema_decay > 0)
   evaluate = (exp.evaluate_dense if fn is exp.fn
-              else train.make_evaluate(net.apply, unroll=exp.unroll))
-  members = Members([run], [state], exp.members_epoch(train.stateful_apply(net), settings, 1),
-                    _evaluate_members(evaluate, exp.unroll), lambda params, _: params)
-  [(record, params)] = train_members(exp, members, settings, exp.config.seed, fields)
-  return finish_network(exp, run, params, record)
+              else train.make_evaluate(eval_apply(eval_fn), unroll=exp.unroll))
+  members = Members([run], [start], exp.members_epoch(net.apply, settings, 1),
+                    _evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y,
+                                                                  tree["state"]), exp.unroll),
+                    lambda tree, _: tree)
+  [(record, tree)] = train_members(exp, members, settings, exp.config.seed, fields)
+  if tree is None:
+    return None, None, record
+  params, _ = finish_network(exp, run, tree["params"], record,
+                             saved(exp, tree["params"], tree["state"]) if state else None)
+  return params, tree["state"], record
 
 
-def finish_network(exp: Experiment, run: str, params, record: dict) -> tuple:
-  """A lone network's outcome from `train_members`: logged and saved with its parameter count,
-  or (None, record) if it failed."""
+def finish_network(exp: Experiment, run: str, params, record: dict, to_save=None) -> tuple:
+  """A lone network's outcome from `train_members`: logged and saved (`to_save`, default its
+  parameters) with its parameter count, or (None, record) if it failed."""
   if params is None:
     return None, record
   record["params"] = compress_lib.count_params(params)
   exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
           f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
-  return params, exp.finish(run, params, record)
+  return params, exp.finish(run, params if to_save is None else to_save, record)
 
 
 def run_teacher(exp: Experiment) -> tuple[Any, dict]:
-  """Trains (or reloads) the dense teacher. Returns its params and its record.
+  """Trains (or reloads) the dense teacher; sets `exp.teacher_state`. Returns its params and
+  its record.
 
   Raises:
     train.NonFiniteError: the teacher's loss or parameters stopped being finite.
   """
-  params, record = train_dense(exp, "teacher", exp.fn, exp.config.seed, fingerprint(exp.config))
+  params, state, record = train_dense(exp, "teacher", exp.fn, exp.config.seed,
+                                      fingerprint(exp.config))
   if params is None:
     raise train.NonFiniteError(f"the teacher diverged ({record['error']}); lower "
                                f"teacher.learning_rate or check the data")
+  exp.teacher_state = state
   return params, record
 
 
@@ -348,9 +395,9 @@ def run_dense_control(exp: Experiment, rank) -> dict:
   except ValueError as error:  # e.g. fixed conv layers larger than the student
     exp.log(f"[{run_name(rank, 'dense_control')}] not trained: {error}")
     return {"error": str(error)}
-  _, record = train_dense(exp, run_name(rank, "dense_control"),
-                          models.network(model, exp.num_classes), exp.config.seed,
-                          fingerprint(exp.config, "dense_control"))
+  _, _, record = train_dense(exp, run_name(rank, "dense_control"),
+                             models.network(model, exp.num_classes), exp.config.seed,
+                             fingerprint(exp.config, "dense_control"))
   return {**record, "params": params}
 
 
@@ -390,37 +437,43 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
   ema = settings.ema_decay > 0
   distill = settings.distillation.weight > 0
   key = (kind, rank_label(width), len(member_ranks))
+  teacher_state = exp.teacher_state
+  dense_state = lambda state: {name: state[name] for name in teacher_state}
   if kind == "factorized":
-    net = students.factorized(exp.fn, width_ranks)
+    net = students.factorized(exp.train_fn, width_ranks, with_state=True, apply_rng=True)
+    twin = students.factorized(exp.eval_fn, width_ranks, with_state=True)
     states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
         exp.teacher_params, member, decompositions=exp.start()), width_ranks),
-        optimizer, ema=ema) for member in member_ranks]
-    evaluate = train.make_evaluate(net.apply, unroll=exp.unroll)
-    final_params = lambda params, i: compress_lib.unpad_factors(params, member_ranks[i])
+        optimizer, model_state=teacher_state, ema=ema) for member in member_ranks]
+    evaluate = train.make_evaluate(lambda params, x, state: twin.apply(params, state, x)[0],
+                                   unroll=exp.unroll)
+    evaluate_tree = lambda tree, x, y: evaluate(tree["params"], x, y, tree["state"])
+    final_params = lambda tree, i: saved(
+        exp, compress_lib.unpad_factors(tree["params"], member_ranks[i]), tree["state"])
   else:
-    net = students.straight_through(exp.fn, width_ranks, method=config.projection.method,
-                                    oversample=config.projection.oversample)
+    net = students.straight_through(exp.train_fn, width_ranks, method=config.projection.method,
+                                    oversample=config.projection.oversample, apply_rng=True)
     # From the teacher's weights (their projection is its truncation), or from its whitened
     # truncation (already of rank r).
     starts = [exp.teacher_params if config.truncation == "svd" else compress_lib.project(
         exp.teacher_params, member, decompositions=exp.whitened) for member in member_ranks]
     states = [train.init_state(start, optimizer, ema=ema,
-                               model_state=students.tracker_state(net, start, exp.example,
-                                                                  rank=member))
+                               model_state=students.tracker_state(
+                                   net, start, exp.example, rank=member, state=teacher_state))
               for start, member in zip(starts, member_ranks)]
     # The reported student is its weights truncated exactly at its own ranks.
-    evaluate = lambda p, x, y, r: exp.evaluate_dense(compress_lib.project_masked(p, r), x, y)
-    final_params = lambda params, i: params
+    evaluate_tree = lambda tree, x, y, r: exp.evaluate_dense(
+        compress_lib.project_masked(tree["params"], r), x, y, dense_state(tree["state"]))
+    final_params = lambda tree, i: saved(exp, tree["params"], tree["state"])
   stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
                     for name in width_ranks},) if kind != "factorized" else ()
   epoch_fn = exp.cached(("epoch",) + key, lambda: exp.members_epoch(
-      train.stateful_apply(net), settings, len(member_ranks), side_by_side(config),
-      distill=distill))
+      net.apply, settings, len(member_ranks), side_by_side(config), distill=distill))
   member_accuracy = exp.cached(("accuracy",) + key,
-                               lambda: _evaluate_members(evaluate, exp.unroll))
-  accuracy = lambda params, images, labels: member_accuracy(params, images, labels, *stacked_ranks)
+                               lambda: _evaluate_members(evaluate_tree, exp.unroll))
+  accuracy = lambda tree, images, labels: member_accuracy(tree, images, labels, *stacked_ranks)
   return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, final_params,
-                 (exp.teacher_params,) if distill else ())
+                 ({"params": exp.teacher_params, "state": teacher_state},) if distill else ())
 
 
 def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:
@@ -503,10 +556,10 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   rows = compress_lib.summarize(teacher_params, ranks)
   params = sum(row.compressed_params for row in rows)
   truncated, whitened = (float(exp.evaluate_dense(compress_lib.project(
-      teacher_params, ranks, decompositions=decompositions), *exp.test)[0])
+      teacher_params, ranks, decompositions=decompositions), *exp.test, exp.teacher_state)[0])
                           for decompositions in (exp.decompositions, exp.whitened))
   exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated:.4f}, whitened {whitened:.4f}")
-  factorized = students.factorized(exp.fn, ranks)
+  factorized = students.factorized(exp.eval_fn, ranks, with_state=True)
   batch = exp.test[0][:config.latency.batch_size]
   compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
   point = ({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
@@ -516,8 +569,9 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
           "truncated_accuracy": truncated, "whitened_truncated_accuracy": whitened,
           "straight_through_accuracy": None, "factorized_accuracy": None,
           "dense_control_params": None, "dense_control_accuracy": None,
-          "latency_factorized_ms": train.measure_latency(factorized.apply, compressed, batch,
-                                                         repeats=config.latency.repeats),
+          "latency_factorized_ms": train.measure_latency(
+              lambda p, s, x: factorized.apply(p, s, x)[0], compressed, exp.teacher_state,
+              batch, repeats=config.latency.repeats),
           # Matmul FLOPs of the factorized network over the dense one (conv layers per output
           # position: exact for the whole network only when they share one output size).
           "theoretical_latency_ratio": (sum(row.compressed_flops for row in rows)
@@ -532,9 +586,10 @@ def prepare_points(exp: Experiment) -> None:
   order = train.epoch_order(config.seed, 0, exp.train[1].shape[0])[:config.calibration.examples]
   images = jnp.asarray(exp.dataset.train.images[order])  # on the default device, like the params
   batches = [images[i:i + 500] for i in range(0, images.shape[0], 500)]
-  statistics = calibration_lib.calibrate(exp.fn, exp.teacher_params, batches,
+  statistics = calibration_lib.calibrate(exp.eval_fn, exp.teacher_params, batches,
                                          include=list(exp.layers),
-                                         damping=config.calibration.damping)
+                                         damping=config.calibration.damping,
+                                         state=exp.teacher_state or None)
   exp.whitened = compress_lib.decompose(exp.teacher_params, include=list(exp.layers),
                                         calibration=statistics)
   if not config.sweep.budgets:
@@ -544,7 +599,8 @@ def prepare_points(exp: Experiment) -> None:
       exp.teacher_params, list(config.sweep.budgets), include=list(exp.layers),
       calibration=statistics if config.truncation == "whitened" else None,
       criterion=config.allocation.criterion,
-      loss=(lambda params: exp.evaluate_dense(params, *exp.val)[1]) if greedy else None)
+      loss=(lambda params: exp.evaluate_dense(params, *exp.val, exp.teacher_state)[1])
+      if greedy else None)
   for fraction, ranks in zip(config.sweep.budgets, allocated):
     exp.allocated[fraction] = ranks
     exp.log(f"[budget {fraction}] allocated ranks {ranks}")
@@ -657,8 +713,9 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
              "devices": parallel.describe(exp.mesh),
              "teacher": {**{key: teacher[key] for key in ("test_accuracy", "val_accuracy",
                                                           "params", "epochs", "seconds")},
-                         "latency_ms": train.measure_latency(exp.dense.apply, teacher_params,
-                                                             batch, repeats=config.latency.repeats)},
+                         "latency_ms": train.measure_latency(
+                             eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
+                             repeats=config.latency.repeats)},
              "layers": layers,
              "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
              "budgets": [rank_numbers(exp, Budget(b), teacher_params)

@@ -2,8 +2,9 @@
 
 Everything that runs per step is inside one jitted `lax.scan` per epoch, so the host
 dispatches once per epoch and reads metrics back once per epoch. Networks are used through
-a stateful signature `apply(params, model_state, images, *args) -> (logits, model_state)`,
-where `model_state` carries per-layer tracker state (empty for plain networks).
+a stateful signature `apply(params, model_state, images) -> (logits, model_state)`, or with an
+rng `apply(params, model_state, rng, images)` (`with_rng`: dropout), where `model_state` is the
+network's Haiku state: BatchNorm statistics, per-layer trackers, or {} for plain networks.
 
 Every training run is a batch of members with a leading member axis on every leaf of its
 state: a teacher is a batch of one, students of several ranks are members of one batch that
@@ -111,7 +112,8 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
                      batch_size: int, ema_decay: float = 0.0, *,
                      objective: Optional[losses.Objective] = None,
                      teacher_apply: Optional[Callable[..., jax.Array]] = None,
-                     shift: int = 0, flip: bool = False, seed: int = 0, unroll: bool = False):
+                     shift: int = 0, flip: bool = False, seed: int = 0, unroll: bool = False,
+                     with_rng: bool = False):
   """Builds `epoch(state, images, labels, order[, teacher_params]) -> (state, metrics)` for
   one member.
 
@@ -129,7 +131,9 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
       (augmented) batch and passed to `objective`; the epoch then takes `teacher_params`.
     shift, flip: augmentation of each batch (`augment`), drawn from (seed, step): members of
       one batch see the same augmented images.
-    seed: augmentation seed.
+    seed: augmentation (and, `with_rng`, dropout) seed.
+    with_rng: `apply_fn` takes an rng after the state, drawn from (seed, step) like the
+      augmentation's and independent of it.
     unroll: unroll the scan over the batches, one copy of the step each (for `in_calls`).
 
   Returns:
@@ -139,8 +143,9 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
   """
   objective = objective or (lambda logits, labels, _: (losses.cross_entropy(logits, labels), logits))
 
-  def loss_fn(params, model_state, images, labels, teacher_logits):
-    logits, model_state = apply_fn(params, model_state, images)
+  def loss_fn(params, model_state, images, labels, teacher_logits, rng):
+    logits, model_state = (apply_fn(params, model_state, rng, images) if with_rng
+                           else apply_fn(params, model_state, images))
     loss, class_logits = objective(logits, labels, teacher_logits)
     correct = jnp.sum(jnp.argmax(class_logits, -1) == labels)
     return loss, (model_state, correct)
@@ -149,14 +154,15 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     batch_images = jnp.take(images, batch_index, axis=0)
     batch_labels = jnp.take(labels, batch_index, axis=0)
     batch_images, batch_labels = parallel.constrain_batch((batch_images, batch_labels))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     if shift or flip:
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
       batch_images = augment(key, batch_images, shift, flip)
     teacher_logits = None
     if teacher_apply is not None:
       teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch_images))
     (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state, batch_images, batch_labels, teacher_logits)
+        state.params, state.model_state, batch_images, batch_labels, teacher_logits,
+        jax.random.fold_in(key, 1))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -349,7 +355,7 @@ class Progress(NamedTuple):
   """Everything a batch of members needs to resume after its last finished epoch
   (checkpointed). Every leaf but `epoch` and `seconds` has a leading member axis [n, ...]."""
   state: TrainState            # the members' training states
-  best_params: Params          # parameters of each member's best validation epoch so far
+  best_params: Params          # `evaluated(state)` of each member's best validation epoch so far
   best_val_accuracy: jax.Array  # [n] float32, -1 before the first epoch
   best_epoch: jax.Array        # [n] int32, 0 before the first epoch
   epochs_done: jax.Array       # [n] int32, epochs each member trained
@@ -359,12 +365,26 @@ class Progress(NamedTuple):
   seconds: jax.Array           # [] float32: training wall time so far
 
 
-def start_progress(states: Sequence[TrainState]) -> Progress:
-  """Fresh progress for members starting from `states` (one per member)."""
+def evaluated_params(state: TrainState) -> Params:
+  """What a member is evaluated (and reported) with: its EMA parameters if it keeps them, else
+  its parameters."""
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+def evaluated_with_state(state: TrainState) -> dict:
+  """`{"params": evaluated_params(state), "state": model_state}`: for networks that evaluate
+  with their Haiku state (BatchNorm statistics)."""
+  return {"params": evaluated_params(state), "state": state.model_state}
+
+
+def start_progress(states: Sequence[TrainState],
+                   evaluated: Callable[[TrainState], Any] = evaluated_params) -> Progress:
+  """Fresh progress for members starting from `states` (one per member); `best_params` holds
+  `evaluated(state)` (as `fit`'s)."""
   n = len(states)
   state = stack(states)
   # A copy: the first epoch donates (and so deletes) the state's buffers.
-  return Progress(state, jax.tree_util.tree_map(jnp.copy, state.params), jnp.full([n], -1.0, jnp.float32),
+  return Progress(state, jax.tree_util.tree_map(jnp.copy, evaluated(state)), jnp.full([n], -1.0, jnp.float32),
                   jnp.zeros([n], jnp.int32), jnp.zeros([n], jnp.int32), jnp.ones([n], bool),
                   jnp.zeros([n], jnp.int32), jnp.int32(0), jnp.float32(0.0))
 
@@ -385,7 +405,8 @@ def _finite_members(params: Params) -> np.ndarray:
 def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images, labels, *,
         epochs: int, seed: int, patience: Optional[int] = None,
         on_epoch: Optional[Callable[[Progress, list], None]] = None,
-        epoch_args: tuple = (), mesh=None) -> Progress:
+        epoch_args: tuple = (), mesh=None,
+        evaluated: Callable[[TrainState], Any] = evaluated_params) -> Progress:
   """Trains every member until `epochs`, or until its validation accuracy has not improved for
   `patience` epochs, or until its loss or parameters stop being finite.
 
@@ -406,6 +427,8 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
       metrics dict, or None for a member that did not train in it.
     epoch_args: passed on to every `epoch_fn` call (a distilling student's teacher params).
     mesh: the epoch's mesh (`members_epoch(..., mesh)`); the progress is placed on it.
+    evaluated: the (stacked) training state → what `validate` takes and `best_params` keeps
+      (`evaluated_params`, or `evaluated_with_state` for BatchNorm networks).
 
   Returns:
     The final progress: `best_params` are the parameters to report; a member with
@@ -432,7 +455,7 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
                          np.argmax(~np.isfinite(step_losses), axis=1) + 1)
     failed_step = np.where(active & ~finite, first_step + first_bad, np.asarray(progress.failed_step))
     active &= finite
-    eval_params = state.ema_params if state.ema_params is not None else state.params
+    eval_params = evaluated(state)
     val_accuracy = np.asarray(validate(eval_params), np.float32)
     improved = active & (val_accuracy > np.asarray(progress.best_val_accuracy))
     progress = Progress(
