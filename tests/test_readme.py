@@ -11,7 +11,7 @@ def _python_blocks(marker: str) -> list[str]:
   return [block for block in re.findall(r"```python\n(.*?)```", README, re.S) if marker in block]
 
 
-def test_readme_example_compresses_and_runs_a_users_own_cnn():
+def test_readme_example_compresses_and_trains_a_stock_resnet_with_batchnorm():
   (example,) = _python_blocks("lrnet.compress(")
   namespace = {}
   exec(compile(example, "README.md", "exec"), namespace)  # pylint: disable=exec-used
