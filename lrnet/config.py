@@ -5,16 +5,21 @@ Errors are `ConfigError`s with one line naming the field, its value and what is 
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import numbers
 import os
-from typing import Any
+import re
+from typing import Any, Callable
 
 import ml_collections
 
 from lrnet import allocation
 from lrnet import data
 
-MODELS = ("mlp", "convnet", "resmlp", "cnn")  # lrnet.models.NETWORKS
+MODELS = ("mlp", "convnet", "resmlp", "cnn", "resnet18")  # lrnet.models.NETWORKS
+# A user network: model.name = "package.module:function" (`user_network`).
+USER_NETWORK_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 NUM_CLASSES = 10
 PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
@@ -70,6 +75,68 @@ def _unit_interval(config, field: str, closed_low: bool):
       (0 <= value < 1) if closed_low else (0 < value < 1))
   if not ok:
     _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
+
+
+def _one_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def is_user_network(name) -> bool:
+  """Whether `model.name` names a user network ("package.module:function") rather than one of
+  `MODELS` (the form alone: `user_network` checks the rest)."""
+  return isinstance(name, str) and ":" in name
+
+
+# The built-in networks' fields (`lrnet.models.NETWORK_FIELDS`). A config written for one keeps
+# them (digits.py's `model.hidden`) when `model.name` names a user network: that function gets
+# those of them its signature takes, and every other field of the group.
+BUILT_IN_FIELDS = ("hidden", "channels", "dense", "width", "blocks", "dropout", "widths")
+
+
+def user_network(model_config, num_classes: int) -> Callable:
+  """The forward function of a user network `model.name = "package.module:function"`:
+  `function(num_classes, **fields)`, `fields` the `model` group's fields but `name` (less the
+  `BUILT_IN_FIELDS` the function does not take). The module is imported (`importlib`: it must
+  be on `sys.path`, e.g. the working directory of `python -m`).
+
+  Raises:
+    ConfigError: (one line naming model.name) a name not of that form, a module that cannot be
+      imported, a missing or non-callable attribute, a signature that does not take these
+      fields, or a result that is not a Haiku forward function (e.g. an `hk.Transformed`).
+  """
+  name = model_config.name
+  if not isinstance(name, str) or not USER_NETWORK_FORM.fullmatch(name):
+    _fail("model.name", name, f"allowed: {', '.join(MODELS)}, or a user network "
+                              "'package.module:function' returning a Haiku forward function")
+  module_name, function_name = name.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as error:  # pylint: disable=broad-except  # ModuleNotFoundError, or its own
+    _fail("model.name", name, f"cannot import module {module_name!r} ({_one_line(error)}); it "
+                              "must be on sys.path, e.g. run from the directory holding it")
+  function = getattr(module, function_name, None)
+  if not callable(function):
+    _fail("model.name", name, f"{function_name!r} in module {module_name!r} is "
+                              f"{'missing' if function is None else 'not a function'}")
+  fields = {key: model_config[key] for key in model_config.keys() if key != "name"}
+  try:
+    signature = inspect.signature(function)
+  except (TypeError, ValueError):  # no signature (a builtin): every field goes
+    signature = None
+  if signature is not None:
+    takes = signature.parameters
+    if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+      fields = {k: v for k, v in fields.items() if k in takes or k not in BUILT_IN_FIELDS}
+    try:
+      signature.bind(num_classes, **fields)
+    except TypeError as error:
+      _fail("model.name", name, f"the function must take num_classes and the model group's "
+                                f"fields {sorted(fields)} ({_one_line(error)})")
+  forward = function(num_classes, **fields)
+  if not callable(forward) or hasattr(forward, "init"):
+    _fail("model.name", name, "the function must return a Haiku forward function (what one "
+                              f"passes to hk.transform), got {type(forward).__name__}")
+  return forward
 
 
 def check_workdir(path: str) -> None:
@@ -143,14 +210,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _unit_interval(config, "data.val_fraction", closed_low=False)
 
   model = _get(config, "model.name")
-  if model not in MODELS:
-    _fail("model.name", model, f"allowed: {', '.join(MODELS)}")
+  if is_user_network(model):
+    user_network(config.model, NUM_CLASSES)  # imports and calls it: its fields are its own
+  elif model not in MODELS:
+    _fail("model.name", model, f"allowed: {', '.join(MODELS)}, or a user network "
+                               "'package.module:function' returning a Haiku forward function")
   widths = {"mlp": "hidden", "convnet": "dense"}.get(model)
   if widths is not None and widths in config.model:
     value = config.model[widths]
     if (not isinstance(value, (tuple, list)) or not value
         or not all(is_int(h) and h >= 1 for h in value)):
       _fail(f"model.{widths}", value, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
+  if model == "resnet18" and "widths" in config.model:
+    value = config.model.widths
+    if (not isinstance(value, (tuple, list)) or len(value) != 4
+        or not all(is_int(w) and w >= 1 for w in value)):
+      _fail("model.widths", value, "must be 4 positive integers (the block groups' channels), "
+                                   "e.g. (64, 128, 256, 512)")
   if model == "resmlp":
     for field in ("width", "blocks"):
       if field in config.model:
@@ -206,6 +282,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       or not set(kinds) <= set(STUDENT_KINDS)):
     _fail("sweep.kinds", kinds, f"must be a tuple of distinct student kinds from {STUDENT_KINDS} "
                                 "(empty: truncation only)")
+  if "dense_control" in kinds and is_user_network(model):
+    _fail("sweep.kinds", tuple(kinds), f"'dense_control' needs a network of {', '.join(MODELS)}: "
+                                       "a user network has no known width fields to shrink; "
+                                       "leave it out of sweep.kinds")
   if not isinstance(_get(config, "sweep.parallel_ranks"), bool):
     _fail("sweep.parallel_ranks", config.sweep.parallel_ranks, "must be True or False")
   every = _get(config, "checkpoint_every_secs")

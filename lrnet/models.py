@@ -1,7 +1,9 @@
-"""The origin notebooks' networks as plain Haiku functions of stock modules.
+"""The networks lrnet compresses, as plain Haiku functions of stock modules.
 
-Each `*_fn` returns `fn(images) -> logits` (what one passes to `hk.transform`); images are
-[batch, height, width, channels] (or [batch, features] for the MLPs). `lrnet.factorized` and
+Each `*_fn` returns a forward function (what one passes to `hk.transform`, or to
+`hk.transform_with_state` for `resnet18_fn`'s BatchNorm): `fn(images) -> logits`, or
+`fn(images, is_training) -> logits` for `resnet18_fn`; images are [batch, height, width, channels]
+(or [batch, features] for the MLPs), logits [batch, num_classes]. `lrnet.factorized` and
 `lrnet.straight_through` turn any of them into its factorized twin or straight-through student.
 
 * `mlp_fn`: the reference ReLU MLP (origin notebook 000: 784 → 5 × 1024 → 10), layers `linear_i`.
@@ -12,9 +14,15 @@ Each `*_fn` returns `fn(images) -> logits` (what one passes to `hk.transform`); 
   of 1000-wide dense layers → classes.
 * `cnn_fn` (notebook 003's teacher): conv 3×3·32 → max-pool → conv 3×3·64 → max-pool → dropout
   → dense 128 → dropout → classes, VALID padding as in Keras. Dropout (rate 0.5) is applied
-  only when the network is run with an rng (`hk.maybe_next_rng_key`); lrnet's training runs
-  without one.
+  when the network is run with an rng (training passes one; evaluation does not):
+  `hk.maybe_next_rng_key`.
+* `resnet18_fn`: `hk.nets.ResNet` in its ResNet-18 form (four groups of two basic blocks,
+  BatchNorm, v1) for small images (CIFAR-10's 32×32, Fashion-MNIST's 28×28×1): a 3×3 stride-1
+  stem conv and no initial max-pool; `widths` are the four groups' channels.
 
+`network(model_config, num_classes)` builds the network a config's `model` group names: a name
+of `NETWORKS`, or a user network `"package.module:function"` (`config.user_network`).
+`takes_is_training` and `count_network_params` work for any forward function.
 `mlp` is the reference MLP as a dense, factorized or straight-through network in one call.
 """
 
@@ -26,11 +34,13 @@ from typing import Callable, Sequence
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
+from lrnet import config as config_lib
 from lrnet import students
 from lrnet import tracker
 
-Forward = Callable[[jax.Array], jax.Array]
+Forward = Callable[..., jax.Array]  # images [batch, ...] (, is_training) -> logits [batch, classes]
 
 
 def mlp_fn(num_classes: int, hidden: Sequence[int] = (1024,) * 5) -> Forward:
@@ -72,7 +82,11 @@ def resmlp_fn(num_classes: int, width: int = 1000, blocks: int = 2) -> Forward:
 
 def cnn_fn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 128,
            dropout: float = 0.5) -> Forward:
-  """Origin notebook 003's CNN teacher (module docstring)."""
+  """Origin notebook 003's CNN teacher (module docstring).
+
+  Dropout applies when the network is run with an rng (training passes one; evaluation does
+  not): `hk.maybe_next_rng_key` is None without one.
+  """
   def drop(x: jax.Array) -> jax.Array:
     key = hk.maybe_next_rng_key()
     return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
@@ -87,28 +101,123 @@ def cnn_fn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 12
   return forward
 
 
-NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cnn_fn}
+class _SmallImageResNet(hk.nets.ResNet):
+  """`hk.nets.ResNet` without the initial max-pool: for 32×32 (or 28×28) inputs, where the
+  ImageNet stem's 4× downsampling would leave 2×2 maps after the last group. Haiku has no
+  constructor argument for the pool, so `__call__` is Haiku's own less that one line."""
+
+  def __call__(self, inputs, is_training, test_local_stats=False):
+    out = self.initial_conv(inputs)
+    if not self.resnet_v2:
+      out = jax.nn.relu(self.initial_batchnorm(out, is_training, test_local_stats))
+    for block_group in self.block_groups:
+      out = block_group(out, is_training, test_local_stats)
+    if self.resnet_v2:
+      out = jax.nn.relu(self.final_batchnorm(out, is_training, test_local_stats))
+    return self.logits(jnp.mean(out, axis=(1, 2)))  # global average pool: [batch, widths[3]]
+
+
+def resnet18_fn(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512)) -> Forward:
+  """ResNet-18 (`hk.nets.ResNet`'s 18-layer configuration, BatchNorm) for small images.
+
+  The stem is a 3×3 stride-1 conv of `widths[0]` channels (no bias; BatchNorm follows) and
+  there is no initial max-pool, so a 32×32 input reaches the groups whole: 32 → 32 → 16 → 8 → 4
+  (28×28: 28 → 28 → 14 → 7 → 4). Haiku's logits layer starts at zero.
+
+  Args:
+    num_classes: output width (logits).
+    widths: the channels of the four block groups (Haiku's `channels_per_group`).
+
+  Returns:
+    `forward(images, is_training) -> logits`, images [batch, height, width, channels], logits
+    [batch, num_classes]; for `hk.transform_with_state` (BatchNorm statistics are state).
+    `is_training` must be a Python bool (batch statistics and state updates, or the moving
+    averages).
+  """
+  widths = tuple(int(w) for w in widths)
+  if len(widths) != 4 or min(widths) < 1:
+    raise ValueError(f"resnet18 widths must be 4 positive integers, got {widths}")
+  config = dict(hk.nets.ResNet.CONFIGS[18], channels_per_group=widths)
+
+  def forward(images: jax.Array, is_training: bool) -> jax.Array:
+    net = _SmallImageResNet(
+        num_classes=num_classes,
+        initial_conv_config={"output_channels": widths[0], "kernel_shape": 3, "stride": 1},
+        name="resnet18", **config)
+    return net(images, is_training)
+  return forward
+
+
+NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cnn_fn,
+            "resnet18": resnet18_fn}
 
 
 # The config fields (`model.<field>`) each network takes besides the number of classes.
 NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense", "channels"), "resmlp": ("width", "blocks"),
-                  "cnn": ("channels", "dense", "dropout")}
+                  "cnn": ("channels", "dense", "dropout"), "resnet18": ("widths",)}
 # The fields that set widths (`scaled` shrinks them; depth stays).
 WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("channels", "dense"), "resmlp": ("width",),
-                "cnn": ("channels", "dense")}
+                "cnn": ("channels", "dense"), "resnet18": ("widths",)}
+# User networks ("package.module:function") have no known width fields: no `scaled` or
+# `dense_control` for them (a ValueError, which the sweep records as that run's error).
+
+
+def takes_is_training(fn: Callable) -> bool:
+  """Whether forward function `fn` has an `is_training` parameter (e.g. `resnet18_fn`'s, for
+  BatchNorm): callers then pass it as a static Python bool, closed over, never traced."""
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):  # no signature (a builtin): plain `fn(images)`
+    return False
+  parameter = parameters.get("is_training")
+  return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)
+
+
+def count_network_params(fn: Callable, example: jax.Array) -> int:
+  """The number of parameters (not state: BatchNorm statistics are left out) of forward function
+  `fn` on inputs shaped like `example` [batch, ...], by shape alone (`jax.eval_shape`).
+
+  Works for any network: `hk.transform_with_state`, with `is_training=True` where `fn` takes it.
+  """
+  run = (lambda images: fn(images, is_training=True)) if takes_is_training(fn) else fn
+  params, _ = jax.eval_shape(hk.transform_with_state(run).init, jax.random.PRNGKey(0), example)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
 def network(model_config, num_classes: int) -> Forward:
-  """The network a config's `model` group names (`model.name`), with the fields of
-  `NETWORK_FIELDS` that the group sets (the others keep their defaults)."""
-  fields = {field: model_config[field] for field in NETWORK_FIELDS[model_config.name]
-            if field in model_config}
-  return NETWORKS[model_config.name](num_classes, **fields)
+  """The network a config's `model` group names (`model.name`).
+
+  A name of `NETWORKS` takes the fields of `NETWORK_FIELDS` that the group sets (the others keep
+  their defaults). A user network `"package.module:function"` is imported and called as
+  `function(num_classes, **fields)` with every field of the group but `name`; it must return a
+  Haiku forward function (what one passes to `hk.transform`).
+
+  Raises:
+    config.ConfigError: a user network that cannot be imported or called with these fields, or
+      that returns something other than a forward function (one line naming `model.name`).
+  """
+  name = model_config.name
+  if config_lib.is_user_network(name):
+    return config_lib.user_network(model_config, num_classes)
+  fields = {field: model_config[field] for field in NETWORK_FIELDS[name] if field in model_config}
+  return NETWORKS[name](num_classes, **fields)
+
+
+def _check_built_in(model_config, what: str) -> None:
+  if model_config.name not in WIDTH_FIELDS:
+    raise ValueError(f"no {what} for model.name={model_config.name!r}: user networks have no "
+                     f"known width fields (only {', '.join(WIDTH_FIELDS)} have)")
 
 
 def scaled(model_config, factor: float):
   """A copy of a `model` config group with every width (`WIDTH_FIELDS`, defaults included)
-  multiplied by `factor` and rounded down, at least 1."""
+  multiplied by `factor` and rounded down, at least 1.
+
+  Raises:
+    ValueError: a user network (no known width fields).
+  """
+  _check_built_in(model_config, "scaled network")
   config = model_config.copy_and_resolve_references()
   defaults = inspect.signature(NETWORKS[config.name]).parameters
   for field in WIDTH_FIELDS[config.name]:
@@ -124,21 +233,24 @@ def dense_control(model_config, num_classes: int, example: jax.Array, max_params
   """The widest `scaled(model_config, f)`, f ≤ 1, with at most `max_params` parameters: a dense
   network of the same depth and the size of a compressed student (bisection on f).
 
+  Parameters are counted by `count_network_params` (state such as BatchNorm statistics is not
+  counted), so networks with an `is_training` argument work too.
+
   Returns:
     (model config, its parameter count).
 
   Raises:
-    ValueError: even width 1 everywhere has more than `max_params` parameters.
+    ValueError: even width 1 everywhere has more than `max_params` parameters; or a user network
+      (no known width fields; the sweep records the error for that run).
   """
+  _check_built_in(model_config, "dense control")
   counts = {}
 
   def count(factor):
     config = scaled(model_config, factor)
     key = tuple(str(config[field]) for field in WIDTH_FIELDS[config.name])
     if key not in counts:
-      shapes = jax.eval_shape(hk.transform(network(config, num_classes)).init,
-                              jax.random.PRNGKey(0), example)
-      counts[key] = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+      counts[key] = count_network_params(network(config, num_classes), example)
     return counts[key]
 
   low, high = 0.0, 1.0

@@ -154,3 +154,53 @@ def test_dense_control_is_the_widest_network_within_the_student_size(name, field
       assert count(wider) > budget
   with pytest.raises(ValueError, match="at most 10 parameters"):
     lrnet.models.dense_control(config, 10, example, 10)
+
+
+def test_resnet18_is_the_small_image_resnet_and_its_dense_control_fits():
+  import ml_collections
+  fn = lrnet.models.resnet18_fn(10, widths=(4, 8, 8, 16))
+  net = hk.transform_with_state(fn)
+  images = jnp.zeros((2, 28, 28, 1))
+  params, state = jax.eval_shape(lambda x: net.init(jax.random.PRNGKey(0), x, True), images)
+  assert params["resnet18/~/initial_conv"]["w"].shape == (3, 3, 1, 4)  # a 3×3 stem
+  assert "resnet18/~/initial_batchnorm/~/mean_ema" in state
+  (logits, _) = jax.eval_shape(lambda p, s, x: net.apply(p, s, None, x, False), params, state, images)
+  assert logits.shape == (2, 10)
+  assert lrnet.models.count_network_params(fn, images) == lrnet.count_params(params)
+  config = ml_collections.ConfigDict({"name": "resnet18", "widths": (4, 8, 8, 16)})
+  full = lrnet.count_params(params)
+  control, count = lrnet.models.dense_control(config, 10, images, full // 3)
+  assert count <= full // 3 and tuple(control.widths) < (4, 8, 8, 16)
+
+
+def test_the_built_in_fields_a_user_network_may_ignore_are_the_networks_fields():
+  every = {field for fields in lrnet.models.NETWORK_FIELDS.values() for field in fields}
+  assert set(lrnet.config.BUILT_IN_FIELDS) == every
+  assert set(lrnet.config.MODELS) == set(lrnet.models.NETWORKS)
+
+
+def test_a_user_network_is_imported_and_given_its_fields():
+  import ml_collections
+  config = ml_collections.ConfigDict({"name": "tests.user_networks:small_mlp", "width": 7,
+                                      "hidden": (64,)})  # hidden: a built-in field it lacks
+  forward = lrnet.models.network(config, 10)
+  params = hk.transform(forward).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+  assert params["linear_0"]["w"].shape == (64, 7)
+  with pytest.raises(ValueError, match="no dense control for model.name='tests.user_networks"):
+    lrnet.models.dense_control(config, 10, jnp.zeros((1, 8, 8, 1)), 100)
+
+
+@pytest.mark.parametrize("name, fields, pattern", [
+    ("tests.user_networks:nope", {}, r"'nope' in module 'tests.user_networks' is missing"),
+    ("tests.no_such_module:small_mlp", {}, r"cannot import module 'tests.no_such_module'"),
+    ("tests.user_networks:NOT_A_FUNCTION", {}, r"is not a function"),
+    ("tests.user_networks:transformed_mlp", {}, r"must return a Haiku forward function .*got Transformed"),
+    ("tests.user_networks:small_mlp", {"depth": 3}, r"must take num_classes and the model group's fields \['depth'\]"),
+    ("tests/user_networks.py:small_mlp", {}, r"allowed: mlp, .* 'package.module:function'"),
+])
+def test_bad_user_networks_are_one_line_config_errors(name, fields, pattern):
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(name=name, **fields))
+  with pytest.raises(lrnet.config.ConfigError, match=r"^config field model\.name=.*" + pattern) as error:
+    lrnet.models.network(config, 10)
+  assert "\n" not in str(error.value)

@@ -19,6 +19,7 @@ from configs import cifar10
 from configs import cifar10_resmlp
 from configs import digits
 from configs import fashion_mnist_convnet
+from configs import fashion_mnist_resnet
 from lrnet import config as config_lib
 from lrnet import data
 from lrnet import plots
@@ -229,6 +230,54 @@ def test_cli_user_errors_are_one_line_with_nonzero_exit(tmp_path):
   assert "nope.py" in missing.stderr
 
 
+def test_a_user_network_named_module_function_is_swept_from_the_command_line(tmp_path):
+  """As the README shows: a config file whose `model` group names the function and its fields."""
+  (tmp_path / "my_config.py").write_text(
+      "import ml_collections\n"
+      "from configs import digits\n\n"
+      "def get_config():\n"
+      "  config = digits.get_config()\n"
+      "  config.model = ml_collections.ConfigDict({'name': 'tests.user_networks:small_mlp', 'width': 24})\n"
+      "  config.sweep.kinds = ('straight_through', 'factorized')\n"
+      "  return config\n")
+  result = _cli(f"--config={tmp_path / 'my_config.py'}", f"--config.workdir={tmp_path / 'w'}",
+                "--config.teacher.epochs=12", "--config.student.epochs=1", "--config.sweep.ranks=(4,)",
+                "--config.latency.repeats=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  tmp_path = tmp_path / "w"
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert [layer["name"] for layer in results["layers"]] == ["linear_0"]  # 64 → 24 (the output: dense)
+  (entry,) = results["ranks"]
+  assert "error" not in entry and entry["params"] == 64 * 4 + 4 * 24 + 24 + 24 * 10 + 10
+  assert results["teacher"]["test_accuracy"] > 0.6
+  for kind in ("truncated", "straight_through", "factorized"):
+    assert 0.0 <= entry[f"{kind}_accuracy"] <= 1.0
+
+
+def test_a_user_network_with_batchnorm_and_dropout_is_swept(tmp_path):
+  config = small_config(tmp_path, **{"sweep.ranks": (4,), "teacher.epochs": 2, "student.epochs": 1,
+                                     "sweep.kinds": ("straight_through", "factorized")})
+  config.model.name = "tests.user_networks:batchnorm_mlp"
+  results = sweep.run_sweep(config, log=lambda _: None)
+  (entry,) = results["ranks"]
+  assert "error" not in entry
+  for kind in ("truncated", "straight_through", "factorized"):
+    assert 0.0 <= entry[f"{kind}_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--config.model.name=tests.user_networks:smal_mlp"], "is missing"),
+    (["--config.model.name=tests.user_networks:transformed_mlp"], "must return a Haiku forward"),
+    (["--config.model.name=tests.user_networks:small_mlp"], "'dense_control' needs a network of"),
+])
+def test_bad_user_networks_exit_2_with_one_line(tmp_path, args, pattern):
+  result = _cli("--config=configs/digits.py", f"--config.workdir={tmp_path / 'w'}", *args)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: config field ") and pattern in line
+  assert not (tmp_path / "w").exists()
+
+
 def test_non_finite_student_is_recorded_and_the_sweep_goes_on(tmp_path):
   config = small_config(tmp_path, **{"student.learning_rate": 1e30, "sweep.ranks": (2, 4),
                                      "sweep.kinds": ("straight_through", "factorized"),
@@ -329,12 +378,13 @@ def _write_cifar_batches(directory, per_batch=30):
                       "sweep.kinds": ("straight_through", "factorized")}),
     (fashion_mnist_convnet, {"model.channels": (4, 8), "model.dense": 16, "sweep.ranks": (0.25,),
                              "sweep.kinds": ("straight_through", "factorized")}),
+    (fashion_mnist_resnet, {"model.widths": (4, 4, 8, 8), "sweep.ranks": (0.5,)}),
 ])
 def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, module, shrink):
   """The CIFAR-10 configs on CIFAR-format files written here (their networks' widths shrunk),
-  and the Fashion-MNIST CNN config on its first 300 examples: both student kinds (and the
-  convnet's dense control, whose conv layers shrink too), with conv layers among the compressed
-  ones."""
+  and the Fashion-MNIST CNN and ResNet (BatchNorm) configs on their first 300 examples: both
+  student kinds (and the convnet's and ResNet's dense controls, whose conv layers shrink too),
+  with conv layers among the compressed ones."""
   config = module.get_config()
   config.workdir = str(tmp_path / "work")
   if config.data.name == "cifar10":
@@ -357,7 +407,9 @@ def test_the_conv_and_residual_configs_run_end_to_end(tmp_path, monkeypatch, mod
       assert 0.0 <= entry["dense_control_accuracy"] <= 1.0
       assert entry["dense_control_params"] <= entry["params"]
   names = [layer["name"] for layer in results["layers"]]
-  if module is not cifar10_resmlp:
+  if module is fashion_mnist_resnet:
+    assert "resnet18/~/block_group_0/~/block_0/~/conv_0" in names  # a stock network's path names
+  elif module is not cifar10_resmlp:
     assert names[:2] == ["conv_0", "conv_1"]  # conv layers are compressed too
 
 
