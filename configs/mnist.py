@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep.budgets = ()           # fractions in (0, 1) of the compressed layers' dense weights:
                                      # per-layer ranks from lrnet.allocate_ranks
   config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
+  # The compressed layers (module-path globs, lrnet.compression): () includes every dense and
+  # conv layer but the output layer; exclude removes from that selection.
+  config.sweep.include = ()
+  config.sweep.exclude = ()
   # Students to train; (): truncation only. dense_control: a dense net of the teacher's depth,
   # as wide as fits the factorized student's parameter count, trained from scratch.
   config.sweep.kinds = ("straight_through", "factorized", "dense_control")

@@ -153,20 +153,25 @@ def _is_embedding(leaves: Mapping) -> bool:
   return weight_name(leaves) in EMBEDDING_NAMES
 
 
-def output_module(params: Params) -> str:
+def output_module(params: Params) -> Optional[str]:
   """The module with a 2-D `w`/`kernel` whose output feeds no other: its output width n is no
   such weight's input width m (embedding tables are not looked at; see the module docstring).
+  None when no dense output is a sink but the tree holds an embedding table: a head tied to
+  the embedding (a language model's logits x Eᵀ) has no weight of its own.
 
   Raises:
     ValueError: the shapes do not single one out.
   """
-  dense = {}
+  dense, embedding = {}, False
   for name, leaves in modules(params).items():
     key = weight_name(leaves)
+    embedding = embedding or key in EMBEDDING_NAMES
     if key in WEIGHT_NAMES and len(np.shape(leaves[key])) == 2:
       dense[name] = _shape(leaves[key])
   inputs = {shape[0] for shape in dense.values()}
   sinks = [name for name, shape in dense.items() if shape[1] not in inputs]
+  if not sinks and embedding:
+    return None
   if len(sinks) != 1:
     raise ValueError(f"cannot tell the output layer from the dense shapes {dense} (a layer whose "
                      f"output width is no layer's input width); pass include= or exclude= to "

@@ -16,8 +16,10 @@ import ml_collections
 
 from lrnet import allocation
 from lrnet import data
+from lrnet import text
 
-MODELS = ("mlp", "convnet", "resmlp", "cnn", "resnet18")  # lrnet.models.NETWORKS
+MODELS = ("mlp", "convnet", "resmlp", "cnn", "resnet18", "transformer")  # lrnet.models.NETWORKS
+SEQUENCE_MODELS = ("transformer",)  # of text (lrnet.text); the others of images
 # A user network: model.name = "package.module:function" (`user_network`).
 USER_NETWORK_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 NUM_CLASSES = 10
@@ -90,7 +92,8 @@ def is_user_network(name) -> bool:
 # The built-in networks' fields (`lrnet.models.NETWORK_FIELDS`). A config written for one keeps
 # them (digits.py's `model.hidden`) when `model.name` names a user network: that function gets
 # those of them its signature takes, and every other field of the group.
-BUILT_IN_FIELDS = ("hidden", "channels", "dense", "width", "blocks", "dropout", "widths")
+BUILT_IN_FIELDS = ("hidden", "channels", "dense", "width", "blocks", "dropout", "widths",
+                   "layers", "heads", "mlp_ratio", "tied_head")
 
 
 def user_network(model_config, num_classes: int) -> Callable:
@@ -202,11 +205,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not is_int(_get(config, "seed")):
     _fail("seed", config.seed, "must be an integer")
   name = _get(config, "data.name")
-  if name not in data.DATASETS:
-    _fail("data.name", name, f"allowed: {', '.join(data.DATASETS)}")
-  data_dir = _get(config, "data.dir")
-  if data_dir is not None and not isinstance(data_dir, str):
-    _fail("data.dir", data_dir, "must be a directory path or None")
+  if name not in data.DATASETS + (text.NAME,):
+    _fail("data.name", name, f"allowed: {', '.join(data.DATASETS + (text.NAME,))}")
+  if name == text.NAME:
+    path = _get(config, "data.path")
+    if path is not None and (not isinstance(path, str) or not path):
+      _fail("data.path", path, "must be a UTF-8 file, a directory or a glob; None: the Python "
+                               "standard library's sources")
+    check_positive_int(config, "data.max_bytes")
+    check_positive_int(config, "data.context")
+  else:
+    data_dir = _get(config, "data.dir")
+    if data_dir is not None and not isinstance(data_dir, str):
+      _fail("data.dir", data_dir, "must be a directory path or None")
   _unit_interval(config, "data.val_fraction", closed_low=False)
 
   model = _get(config, "model.name")
@@ -231,6 +242,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("width", "blocks"):
       if field in config.model:
         check_positive_int(config, f"model.{field}")
+  if model == "transformer":
+    for field in ("width", "layers", "heads", "mlp_ratio"):
+      if field in config.model:
+        check_positive_int(config, f"model.{field}")
+    if "tied_head" in config.model and not isinstance(config.model.tied_head, bool):
+      _fail("model.tied_head", config.model.tied_head, "must be True or False")
+  if model in MODELS and (model in SEQUENCE_MODELS) != (name == text.NAME):
+    fitting = [m for m in MODELS if (m in SEQUENCE_MODELS) == (name == text.NAME)]
+    _fail("model.name", model, f"data.name={name!r} needs one of {', '.join(fitting)} (or a "
+                               "user network)")
 
   for run in ("teacher", "student"):
     check_positive_int(config, f"{run}.epochs")
@@ -246,6 +267,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_positive_int(config, f"{run}.shift", allow_zero=True)
     if not isinstance(_get(config, f"{run}.flip"), bool):
       _fail(f"{run}.flip", config[run].flip, "must be True or False")
+    if name == text.NAME and (config[run].shift or config[run].flip):
+      _fail(f"{run}.shift" if config[run].shift else f"{run}.flip",
+            config[run].shift or config[run].flip, "image augmentation: must be 0 / False for text")
   weight = _get(config, "student.distillation.weight")
   if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
     _fail("student.distillation.weight", weight, "must be in [0, 1] (0: no distillation)")
@@ -263,6 +287,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (not isinstance(budgets, (tuple, list)) or len(set(budgets)) != len(budgets)
       or not all(isinstance(b, float) and 0 < b < 1 for b in budgets)):
     _fail("sweep.budgets", budgets, "must be a tuple of distinct fractions in (0, 1), e.g. (0.05,)")
+  for field in ("sweep.include", "sweep.exclude"):
+    patterns = _get(config, field)
+    if not isinstance(patterns, (tuple, list)) or not all(
+        isinstance(p, str) and p for p in patterns):
+      _fail(field, patterns, "must be a tuple of module-path globs, e.g. ('*/mlp_*',); (): "
+                             "every dense and conv layer but the output layer")
   if _get(config, "truncation") not in TRUNCATIONS:
     _fail("truncation", config.truncation, f"allowed: {', '.join(TRUNCATIONS)}")
   check_positive_int(config, "calibration.examples")

@@ -186,12 +186,13 @@ def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
   evaluate = train.make_evaluate(lambda params, x: losses.collapse(net.apply(params, None, x),
                                                                    num_classes),
                                  unroll=_loops_slow(template))
-  # [n = 1] accuracies of stacked params, as `train.fit` and `sweep.train_members` take them.
-  accuracy = jax.jit(lambda params, x, y: evaluate(train.unstack(params, 1)[0], x, y)[0][None])
+  # ([1] accuracies, [1] losses) of stacked params, as `sweep.train_members` takes them.
+  members_evaluate = jax.jit(lambda params, x, y: tuple(
+      value[None] for value in evaluate(train.unstack(params, 1)[0], x, y)))
   state = train.init_state(template, optimizer, model_state=jax.random.PRNGKey(seed + 1),
                            ema=settings.ema_decay > 0)
   members = sweep.Members([run], [state], epoch_fn,
-                          lambda tree, x, y: accuracy(tree["params"], x, y),
+                          lambda tree, x, y: members_evaluate(tree["params"], x, y),
                           lambda tree, _: tree["params"], () if teacher is None else (teacher[1],))
   [(record, params)] = sweep.train_members(exp, members, settings, seed,
                                            fingerprint(exp.config, run))

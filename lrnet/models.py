@@ -19,23 +19,27 @@ Each `*_fn` returns a forward function (what one passes to `hk.transform`, or to
 * `resnet18_fn`: `hk.nets.ResNet` in its ResNet-18 form (four groups of two basic blocks,
   BatchNorm, v1) for small images (CIFAR-10's 32×32, Fashion-MNIST's 28×28×1): a 3×3 stride-1
   stem conv and no initial max-pool; `widths` are the four groups' channels.
+* `transformer_fn`: a decoder-only byte-level language model, `fn(tokens) -> logits`, tokens
+  [batch, T] int, logits [batch, T, num_classes]: pre-LayerNorm blocks of causal
+  `hk.MultiHeadAttention` and a GELU MLP, learned positions, a tied or untied head.
 
 `network(model_config, num_classes)` builds the network a config's `model` group names: a name
 of `NETWORKS`, or a user network `"package.module:function"` (`config.user_network`).
-`takes_is_training` and `count_network_params` work for any forward function.
+`modes` and `count_network_params` work for any forward function.
 `mlp` is the reference MLP as a dense, factorized or straight-through network in one call.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
 from typing import Callable, Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from lrnet import compression
 from lrnet import config as config_lib
 from lrnet import students
 from lrnet import tracker
@@ -148,41 +152,94 @@ def resnet18_fn(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512)) -
   return forward
 
 
+def transformer_fn(num_classes: int, width: int = 128, layers: int = 2, heads: int = 4,
+                   mlp_ratio: int = 4, dropout: float = 0.0, tied_head: bool = False) -> Forward:
+  """A decoder-only transformer language model (GPT-2's pre-LayerNorm layout).
+
+  x₀ = E[tokens] + P[:T] (token and learned position embeddings, [batch, T, width]); each of
+  `layers` blocks does x ← x + Attn(LN(x)), x ← x + W₂ GELU(W₁ LN(x)), the attention causal (a
+  position attends to itself and the earlier ones); logits = LN(x) Eᵀ with `tied_head`, else a
+  dense `head`. Every projection is an `hk.Linear` on [batch, T, ·] inputs, so lrnet selects it
+  by path: `block_i/attention/{query,key,value,linear}` (q, k, v, output; `heads` heads of
+  width // heads) and `block_i/mlp_in` [width, mlp_ratio·width], `block_i/mlp_out`. The
+  embeddings and the head stay dense by default (`lrnet.compression`). Dropout (`dropout`, on
+  each block's two outputs and the embeddings) applies when run with an rng, as in `cnn_fn`.
+
+  Args:
+    num_classes: the vocabulary (256 bytes for `lrnet.text`), input symbols and logits alike.
+
+  Returns:
+    `forward(tokens) -> logits`: tokens [batch, T] int in [0, num_classes), logits
+    [batch, T, num_classes]; T is fixed by the first call (the position table is [T, width]).
+  """
+  width, key_size = int(width), max(1, int(width) // heads)
+
+  def drop(x: jax.Array) -> jax.Array:
+    key = hk.maybe_next_rng_key()
+    return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
+
+  def norm(name: str) -> hk.LayerNorm:
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
+
+  def forward(tokens: jax.Array) -> jax.Array:
+    length = tokens.shape[1]
+    embed = hk.Embed(num_classes, width, w_init=hk.initializers.TruncatedNormal(0.02),
+                     name="embed")
+    with hk.name_scope("positions"):  # an embedding table of positions: [T, width]
+      positions = hk.get_parameter("embeddings", [length, width],
+                                   init=hk.initializers.TruncatedNormal(0.02))
+    x = drop(embed(tokens) + positions)                              # [batch, T, width]
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, T, T]
+    projection_init = hk.initializers.VarianceScaling(1.0 / layers)  # residual branches
+    for i in range(layers):
+      with hk.name_scope(f"block_{i}"):
+        attention = hk.MultiHeadAttention(heads, key_size, w_init=projection_init,
+                                          model_size=width, name="attention")
+        h = norm("ln_attention")(x)
+        x = x + drop(attention(h, h, h, mask=causal))
+        h = jax.nn.gelu(hk.Linear(mlp_ratio * width, name="mlp_in")(norm("ln_mlp")(x)))
+        x = x + drop(hk.Linear(width, w_init=projection_init, name="mlp_out")(h))
+    x = norm("ln_final")(x)
+    return x @ embed.embeddings.T if tied_head else hk.Linear(num_classes, name="head")(x)
+  return forward
+
+
 NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cnn_fn,
-            "resnet18": resnet18_fn}
+            "resnet18": resnet18_fn, "transformer": transformer_fn}
 
 
 # The config fields (`model.<field>`) each network takes besides the number of classes.
 NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense", "channels"), "resmlp": ("width", "blocks"),
-                  "cnn": ("channels", "dense", "dropout"), "resnet18": ("widths",)}
+                  "cnn": ("channels", "dense", "dropout"), "resnet18": ("widths",),
+                  "transformer": ("width", "layers", "heads", "mlp_ratio", "dropout", "tied_head")}
 # The fields that set widths (`scaled` shrinks them; depth stays).
 WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("channels", "dense"), "resmlp": ("width",),
-                "cnn": ("channels", "dense"), "resnet18": ("widths",)}
+                "cnn": ("channels", "dense"), "resnet18": ("widths",), "transformer": ("width",)}
 # User networks ("package.module:function") have no known width fields: no `scaled` or
-# `dense_control` for them (a ValueError, which the sweep records as that run's error).
+# `dense_control` for them (a ValueError; `config.validate` refuses the sweep's dense_control).
 
 
-def takes_is_training(fn: Callable) -> bool:
-  """Whether forward function `fn` has an `is_training` parameter (e.g. `resnet18_fn`'s, for
-  BatchNorm): callers then pass it as a static Python bool, closed over, never traced."""
+def modes(fn: Callable) -> tuple[Callable, Callable]:
+  """Forward function `fn` in training and in evaluation: `fn(x, is_training=True / False)`
+  when it takes `is_training` (BatchNorm, dropout; a static Python bool, never traced), else
+  `fn` both times."""
   try:
-    parameters = inspect.signature(fn).parameters
+    parameter = inspect.signature(fn).parameters.get("is_training")
   except (TypeError, ValueError):  # no signature (a builtin): plain `fn(images)`
-    return False
-  parameter = parameters.get("is_training")
-  return parameter is not None and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)
+    parameter = None
+  if parameter is None or parameter.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY):
+    return fn, fn
+  return functools.partial(fn, is_training=True), functools.partial(fn, is_training=False)
 
 
 def count_network_params(fn: Callable, example: jax.Array) -> int:
   """The number of parameters (not state: BatchNorm statistics are left out) of forward function
-  `fn` on inputs shaped like `example` [batch, ...], by shape alone (`jax.eval_shape`).
-
-  Works for any network: `hk.transform_with_state`, with `is_training=True` where `fn` takes it.
-  """
-  run = (lambda images: fn(images, is_training=True)) if takes_is_training(fn) else fn
-  params, _ = jax.eval_shape(hk.transform_with_state(run).init, jax.random.PRNGKey(0), example)
-  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+  `fn` on inputs shaped like `example` [batch, ...], by shape alone (`jax.eval_shape`), in its
+  training mode (`modes`)."""
+  params, _ = jax.eval_shape(hk.transform_with_state(modes(fn)[0]).init, jax.random.PRNGKey(0),
+                             example)
+  return compression.count_params(params)
 
 
 def network(model_config, num_classes: int) -> Forward:
@@ -190,8 +247,8 @@ def network(model_config, num_classes: int) -> Forward:
 
   A name of `NETWORKS` takes the fields of `NETWORK_FIELDS` that the group sets (the others keep
   their defaults). A user network `"package.module:function"` is imported and called as
-  `function(num_classes, **fields)` with every field of the group but `name`; it must return a
-  Haiku forward function (what one passes to `hk.transform`).
+  `function(num_classes, **fields)` with the group's fields but `name` (`config.user_network`);
+  it must return a Haiku forward function (what one passes to `hk.transform`).
 
   Raises:
     config.ConfigError: a user network that cannot be imported or called with these fields, or
@@ -241,7 +298,7 @@ def dense_control(model_config, num_classes: int, example: jax.Array, max_params
 
   Raises:
     ValueError: even width 1 everywhere has more than `max_params` parameters; or a user network
-      (no known width fields; the sweep records the error for that run).
+      (no known width fields).
   """
   _check_built_in(model_config, "dense control")
   counts = {}

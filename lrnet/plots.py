@@ -125,12 +125,27 @@ def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
   return shapes
 
 
+def is_text(results: Mapping[str, Any]) -> bool:
+  """A language model's results: plotted in bits per byte (test loss / ln 2), not accuracy."""
+  return results.get("dataset") == "text"
+
+
+def _score(results: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> float | None:
+  """What is plotted of `entry`'s `key` (a `<kind>_accuracy` key): that accuracy, or for text
+  the bits per byte of its `<kind>_loss`."""
+  if not is_text(results):
+    return _finite(entry.get(key))
+  loss = _finite(entry.get(key.replace("_accuracy", "_loss")))
+  return None if loss is None else loss / math.log(2)
+
+
 def accuracy_series(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Points]:
-  """(params, test accuracy) per key of :data:`ACCURACY_SERIES`, by params, of the uniform
-  ranks (`group` "ranks") or of the budgets' allocated ranks ("budgets")."""
+  """(params, test accuracy, or bits per byte for text) per key of :data:`ACCURACY_SERIES`, by
+  params, of the uniform ranks (`group` "ranks") or of the budgets' allocated ranks
+  ("budgets")."""
   entries = _rank_entries(results, group)
   return {key: _points((_finite(entry.get(PARAMS_KEYS.get(key, "params"))),
-                        _finite(entry.get(key))) for entry in entries)
+                        _score(results, entry, key)) for entry in entries)
           for key, _ in ACCURACY_SERIES}
 
 
@@ -176,7 +191,8 @@ def _title(results: Mapping[str, Any], what: str) -> str:
 
 
 def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
-  """Test accuracy of the compression methods and the dense control vs parameter count.
+  """Test accuracy (text: bits per byte) of the compression methods and the dense control vs
+  parameter count.
 
   One line per method in :data:`ACCURACY_SERIES` (always present, possibly
   empty; data from :func:`accuracy_series`), x on a log scale, then dashed the
@@ -203,27 +219,31 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
               label=f"{label}, allocated ranks")
   for entry in _rank_entries(results):
     params = _finite(entry.get("params"))
-    accuracies = [_finite(entry.get(key)) for key, _ in ACCURACY_SERIES if key not in PARAMS_KEYS]
-    accuracies = [y for y in accuracies if y is not None]
-    if params is not None and accuracies and entry.get("rank") is not None:
+    scores = [_score(results, entry, key) for key, _ in ACCURACY_SERIES if key not in PARAMS_KEYS]
+    scores = [y for y in scores if y is not None]
+    if params is not None and scores and entry.get("rank") is not None:
       # Below the lowest point: the top is crowded by the teacher line.
-      ax.annotate(_rank_label(entry.get("rank")), (params, min(accuracies)),
+      ax.annotate(_rank_label(entry.get("rank")), (params, min(scores)),
                   textcoords="offset points", xytext=(0, -6), ha="center",
                   va="top", fontsize=7)
-  teacher_accuracy = _teacher(results, "test_accuracy")
-  if teacher_accuracy is not None:
+  teacher = results.get("teacher")
+  teacher_score = _score(results, teacher, "test_accuracy") if isinstance(teacher, Mapping) else None
+  if teacher_score is not None:
     teacher_params = _teacher(results, "params")
     size = "" if teacher_params is None else f", {teacher_params:,.0f} params"
-    ax.axhline(teacher_accuracy, color="black", linestyle="--", linewidth=1,
-               label=f"teacher (dense{size}): {teacher_accuracy:.2%}")
+    shown = f"{teacher_score:.3f} bits/byte" if is_text(results) else f"{teacher_score:.2%}"
+    ax.axhline(teacher_score, color="black", linestyle="--", linewidth=1,
+               label=f"teacher (dense{size}): {shown}")
   if any(params for params, _ in series.values()):
     ax.set_xscale("log")
-  ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+  what = "test bits per byte (lower is better)" if is_text(results) else "test accuracy"
+  if not is_text(results):
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
   ax.set_xlabel("parameters of the compressed network (log scale)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(_title(results, "test accuracy vs parameters"))
+  ax.set_ylabel(what)
+  ax.set_title(_title(results, f"{what} vs parameters"))
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.legend(fontsize=8, loc="upper right" if is_text(results) else "lower right")
   return fig
 
 

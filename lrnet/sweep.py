@@ -19,9 +19,8 @@ fingerprint differs is refused unless `overwrite` (then it is trained again).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
+import math
 import os
 import shutil
 import time
@@ -48,13 +47,18 @@ from lrnet import plots
 from lrnet import rank_estimation
 from lrnet import students
 from lrnet import svd
+from lrnet import text
 from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
-CSV_FIELDS = ("rank", "budget", "params", "compression", "truncated_accuracy",
-              "whitened_truncated_accuracy", "straight_through_accuracy",
-              "factorized_accuracy", "dense_control_params", "dense_control_accuracy",
-              "latency_factorized_ms", "theoretical_latency_ratio", "error")
+# What each sweep point reports, `<kind>_accuracy` and `<kind>_loss` (mean test cross-entropy,
+# nats per label: per byte for text) for every kind.
+RESULT_KINDS = ("truncated", "whitened_truncated", "straight_through", "factorized",
+                "dense_control")
+CSV_FIELDS = (("rank", "budget", "params", "compression")
+              + tuple(f"{kind}_{metric}" for kind in RESULT_KINDS for metric in ("accuracy", "loss"))
+              + ("dense_control_params", "latency_factorized_ms", "theoretical_latency_ratio",
+                 "error"))
 Log = Callable[[str], None]
 PLOT_EVERY_SECS = 30.0
 
@@ -100,14 +104,6 @@ def _digest(fields: dict) -> str:
   return hashlib.sha256(io.dumps_json(fields).encode()).hexdigest()[:10]
 
 
-def modes(fn: Callable) -> tuple[Callable, Callable]:
-  """`fn` in training and in evaluation: `fn(x, is_training=True / False)` when it takes
-  `is_training` (BatchNorm, dropout), else `fn` both times."""
-  if "is_training" not in inspect.signature(fn).parameters:
-    return fn, fn
-  return (functools.partial(fn, is_training=True), functools.partial(fn, is_training=False))
-
-
 def eval_apply(fn: Callable) -> Callable:
   """`(tree, images, state) -> logits` of the dense network `fn` in evaluation: no rng, the
   Haiku state (BatchNorm statistics) read and not updated. `tree`: its parameters."""
@@ -128,18 +124,25 @@ class Experiment:
     self.train = parallel.replicate(split(dataset.train), self.mesh)  # placed once
     # Validation and test padded to one length (label -1: ignored by `train.make_evaluate`),
     # so that every evaluation function compiles once for both.
-    length = max(dataset.val.labels.size, dataset.test.labels.size)
+    length = max(len(dataset.val.labels), len(dataset.test.labels))
     self.val, self.test = (train.pad_split(*split(s), length) for s in (dataset.val, dataset.test))
     self.num_classes = dataset.num_classes
     self.fn = models.network(config.model, self.num_classes)
-    self.train_fn, self.eval_fn = modes(self.fn)
+    self.train_fn, self.eval_fn = models.modes(self.fn)
     self.example = self.train[0][:1]  # input shapes select the layers of the student networks
     network = students.inspect_network(self.train_fn, self.example)
-    # The compressed layers: every dense and conv layer but the output layer (and those that
-    # cannot be factorized, e.g. depthwise convs).
-    self.layers = {name: compress_lib.matrix_shapes(network.params)[name]
-                   for name in compress_lib.compressible_modules(network.params)
-                   if name not in network.unfactorizable}
+    # The compressed layers: `sweep.include` (default: every dense and conv layer but the
+    # output layer, less those that cannot be factorized, e.g. depthwise convs), less
+    # `sweep.exclude`.
+    include, exclude = (tuple(config.get("sweep", {}).get(field, ())) for field in
+                        ("include", "exclude"))  # a distillation config has no sweep group
+    try:
+      selected = compress_lib.select_ranks(network.params, 1, include or None, exclude or None,
+                                           unfactorizable=network.unfactorizable)
+    except ValueError as error:
+      raise config_lib.ConfigError(f"config fields sweep.include={include} / sweep.exclude="
+                                   f"{exclude} are invalid: {' '.join(str(error).split())}") from None
+    self.layers = {name: compress_lib.matrix_shapes(network.params)[name] for name in selected}
     # XLA:CPU runs convolutions inside loops ≈ 18× slower than outside (BUILD_NOTES.md): conv
     # networks on a CPU train one step per call and evaluate without loops.
     self.unroll = jax.default_backend() == "cpu" and any(
@@ -236,7 +239,7 @@ class Members(NamedTuple):
   names: list           # run names, one per member
   states: list          # initial `train.TrainState` per member
   epoch_fn: Callable    # from `train.members_epoch`
-  accuracy: Callable    # (stacked {"params", "state"}, images, labels) -> accuracies [n]
+  evaluate: Callable    # (stacked {"params", "state"}, images, labels) -> (accuracies [n], losses [n])
   final_params: Callable  # (member {"params", "state"}, index) -> what to save
   epoch_args: tuple = ()  # passed on to every epoch_fn call (a distilling batch's teacher)
 
@@ -270,7 +273,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
         exp.log_epoch(name, metrics)
 
   try:
-    progress = train.fit(progress, members.epoch_fn, lambda p: members.accuracy(p, *exp.val),
+    progress = train.fit(progress, members.epoch_fn, lambda p: members.evaluate(p, *exp.val)[0],
                          *exp.train, epochs=settings.epochs, seed=seed,
                          patience=settings.patience or None,
                          on_epoch=on_epoch, epoch_args=members.epoch_args,
@@ -280,7 +283,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
     for writer in writers:
       writer.close()
     checkpointer.close()
-  test_accuracy = np.asarray(members.accuracy(progress.best_params, *exp.test))
+  test_accuracy, test_loss = map(np.asarray, members.evaluate(progress.best_params, *exp.test))
   seconds = time.perf_counter() - start
   outcomes = []
   for i, (name, params) in enumerate(zip(members.names,
@@ -291,7 +294,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
       exp.log(f"[{name}] FAILED: {message}")
       outcomes.append(({"error": message}, None))
       continue
-    record = {"test_accuracy": float(test_accuracy[i]),
+    record = {"test_accuracy": float(test_accuracy[i]), "test_loss": float(test_loss[i]),
               "val_accuracy": float(progress.best_val_accuracy[i]),
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
               "seconds": seconds, "trained_with": list(members.names),
@@ -302,16 +305,17 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
 
 
 def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
-  """(stacked params, images, labels, *member args) → accuracies [n], member by member
-  (`lax.map`, or with `unroll` one copy per member: see `Experiment.unroll`)."""
-  def accuracy(params, images, labels, *args):
-    member = lambda m: evaluate(m[0], images, labels, *m[1])[0]
+  """(stacked params, images, labels, *member args) → (accuracies [n], mean losses [n]), member
+  by member (`lax.map`, or with `unroll` one copy per member: see `Experiment.unroll`)."""
+  def members(params, images, labels, *args):
+    member = lambda m: evaluate(m[0], images, labels, *m[1])
     if not unroll:
       return jax.lax.map(member, (params, args))
     n = jax.tree_util.tree_leaves(params)[0].shape[0]
-    return jnp.stack([member(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], (params, args)))
-                      for i in range(n)])
-  return jax.jit(accuracy)
+    outcomes = [member(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], (params, args)))
+                for i in range(n)]
+    return tuple(jnp.stack(values) for values in zip(*outcomes))
+  return jax.jit(members)
 
 
 def saved(exp: Experiment, params, state) -> Any:
@@ -329,7 +333,7 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
     (params, state, record), or (None, None, record with "error") if its loss or parameters
     stopped being finite.
   """
-  train_fn, eval_fn = modes(fn)
+  train_fn, eval_fn = models.modes(fn)
   net = hk.transform_with_state(train_fn)
   params, state = net.init(jax.random.PRNGKey(seed), exp.example)
   if exp.teacher_state is None:
@@ -469,10 +473,12 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
                     for name in width_ranks},) if kind != "factorized" else ()
   epoch_fn = exp.cached(("epoch",) + key, lambda: exp.members_epoch(
       net.apply, settings, len(member_ranks), side_by_side(config), distill=distill))
-  member_accuracy = exp.cached(("accuracy",) + key,
+  member_evaluate = exp.cached(("evaluate",) + key,
                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
-  accuracy = lambda tree, images, labels: member_accuracy(tree, images, labels, *stacked_ranks)
-  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, accuracy, final_params,
+  evaluate_members = lambda tree, images, labels: member_evaluate(tree, images, labels,
+                                                                 *stacked_ranks)
+  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, evaluate_members,
+                 final_params,
                  ({"params": exp.teacher_params, "state": teacher_state},) if distill else ())
 
 
@@ -555,10 +561,11 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   config, ranks = exp.config, exp.ranks(rank)
   rows = compress_lib.summarize(teacher_params, ranks)
   params = sum(row.compressed_params for row in rows)
-  truncated, whitened = (float(exp.evaluate_dense(compress_lib.project(
-      teacher_params, ranks, decompositions=decompositions), *exp.test, exp.teacher_state)[0])
+  truncated, whitened = (tuple(map(float, exp.evaluate_dense(compress_lib.project(
+      teacher_params, ranks, decompositions=decompositions), *exp.test, exp.teacher_state)))
                           for decompositions in (exp.decompositions, exp.whitened))
-  exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated:.4f}, whitened {whitened:.4f}")
+  exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated[0]:.4f} (loss "
+          f"{truncated[1]:.4f}), whitened {whitened[0]:.4f} (loss {whitened[1]:.4f})")
   factorized = students.factorized(exp.eval_fn, ranks, with_state=True)
   batch = exp.test[0][:config.latency.batch_size]
   compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
@@ -566,9 +573,10 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
            else {"rank": rank})
   return {**point, "params": params,
           "compression": compress_lib.count_params(teacher_params) / params,
-          "truncated_accuracy": truncated, "whitened_truncated_accuracy": whitened,
-          "straight_through_accuracy": None, "factorized_accuracy": None,
-          "dense_control_params": None, "dense_control_accuracy": None,
+          **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in ("accuracy", "loss")},
+          "truncated_accuracy": truncated[0], "truncated_loss": truncated[1],
+          "whitened_truncated_accuracy": whitened[0], "whitened_truncated_loss": whitened[1],
+          "dense_control_params": None,
           "latency_factorized_ms": train.measure_latency(
               lambda p, s, x: factorized.apply(p, s, x)[0], compressed, exp.teacher_state,
               batch, repeats=config.latency.repeats),
@@ -619,22 +627,40 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
     plots.write_plots(results, exp.workdir)
 
 
+def is_text(results: dict) -> bool:
+  """Whether `results` are a language model's: reported in bits per byte, not accuracy."""
+  return results["dataset"] == text.NAME
+
+
+def score(results: dict, entry: dict, kind: str) -> Optional[float]:
+  """What the table and plots show of `entry`'s `kind`: bits per byte (test loss / ln 2) for
+  text, test accuracy in % otherwise; None if not measured."""
+  if is_text(results):
+    loss = entry.get(f"{kind}_loss")
+    return None if loss is None else loss / math.log(2)
+  accuracy = entry.get(f"{kind}_accuracy")
+  return None if accuracy is None else 100 * accuracy
+
+
 def format_table(results: dict, workdir: str) -> str:
   """The final results table for the terminal, and where the results went."""
-  pct = lambda v: "      -" if v is None else f"{100 * v:7.2f}"
+  show = lambda v: "      -" if v is None else f"{v:7.3f}" if is_text(results) else f"{v:7.2f}"
+  unit = "bits/byte" if is_text(results) else "accuracy %"
   teacher = results["teacher"]
-  lines = [f"{results['dataset']}: teacher test accuracy {pct(teacher['test_accuracy']).strip()} %, "
+  teacher_score = (f"{score(results, teacher, 'test'):.3f} bits per byte" if is_text(results)
+                   else f"accuracy {score(results, teacher, 'test'):.2f} %")
+  lines = [f"{results['dataset']}: teacher test {teacher_score}, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
            f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} {'whitened':>10} "
            f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'factorized':>11}",
-           f"{'':>6} {'':>11} {'by':>8} {'accuracy %':>10} {'trunc. %':>10} {'through %':>10} "
-           f"{'accuracy %':>11} {'control %':>11} {'forward ms':>11}"]
+           f"{'':>6} {'':>11} {'by':>8} {'':>10} {'truncated':>10} {'through':>10} "
+           f"{'':>11} {'control':>11} {'forward ms':>11}",
+           f"{'':>6} {'':>11} {'':>8} {unit:>10} {unit:>10} {unit:>10} {unit:>11} {unit:>11}"]
   for e in results["ranks"] + results.get("budgets", []):
     point = str(e["rank"]) if "rank" in e else f"b{e['budget']}"
-    lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x "
-                 f"{pct(e['truncated_accuracy']):>10} {pct(e.get('whitened_truncated_accuracy')):>10} "
-                 f"{pct(e.get('straight_through_accuracy')):>10} "
-                 f"{pct(e.get('factorized_accuracy')):>11} {pct(e.get('dense_control_accuracy')):>11} "
+    values = [f"{show(score(results, e, kind)):>{10 if i < 3 else 11}}"
+              for i, kind in enumerate(RESULT_KINDS)]
+    lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x {' '.join(values)} "
                  f"{e['latency_factorized_ms']:>11.3f}"
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
   if results.get("budgets"):
@@ -643,6 +669,15 @@ def format_table(results: dict, workdir: str) -> str:
   lines.append(f"results: {os.path.join(workdir, 'results.json')} (and results.csv, "
                f"accuracy_vs_params.png, latency_vs_rank.png; per-epoch metrics in metrics/)")
   return "\n".join(lines)
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+  """The dataset of a config's `data` group: images (`lrnet.data`) or text (`lrnet.text`)."""
+  if config.data.name == text.NAME:
+    return text.load_text(config.data.path, config.data.max_bytes, config.data.context,
+                          config.data.val_fraction)
+  return data.load_dataset(config.data.name, config.data.dir,
+                           val_fraction=config.data.val_fraction, seed=config.seed)
 
 
 def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Experiment:
@@ -656,13 +691,12 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   if not parallel.is_main_process():  # several processes: process 0 logs and writes
     log = lambda line: None
   config_lib.validate(config)
-  dataset = data.load_dataset(config.data.name, config.data.dir,
-                              val_fraction=config.data.val_fraction, seed=config.seed)
+  dataset = load_data(config)
   for run in ("teacher", "student"):
-    if config[run].batch_size > dataset.train.labels.size:
+    if config[run].batch_size > len(dataset.train.labels):
       raise config_lib.ConfigError(
           f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
-          f"{dataset.train.labels.size} training examples of {config.data.name}")
+          f"{len(dataset.train.labels)} training examples of {config.data.name}")
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
     lone = parallel.single_run(mesh)  # the teacher, dense controls, ranks trained alone
@@ -683,8 +717,8 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   except OSError as error:
     raise config_lib.ConfigError(f"config field workdir={config.workdir!r} is invalid: "
                                  f"{error.strerror or error}") from None
-  log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "
-      f"{dataset.test.labels.size} test examples from {dataset.source}; workdir {workdir}")
+  log(f"{config.data.name}: {len(dataset.train.labels)} train / {len(dataset.val.labels)} val / "
+      f"{len(dataset.test.labels)} test examples from {dataset.source}; workdir {workdir}")
   log(f"devices: {parallel.describe(exp.mesh)}")
   return exp
 
@@ -711,8 +745,9 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
              "devices": parallel.describe(exp.mesh),
-             "teacher": {**{key: teacher[key] for key in ("test_accuracy", "val_accuracy",
-                                                          "params", "epochs", "seconds")},
+             "teacher": {**{key: teacher[key] for key in ("test_accuracy", "test_loss",
+                                                          "val_accuracy", "params", "epochs",
+                                                          "seconds")},
                          "latency_ms": train.measure_latency(
                              eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
                              repeats=config.latency.repeats)},
@@ -731,6 +766,7 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
       for rank, record in records.items():
         entry = entries[rank]
         entry[f"{kind}_accuracy"] = record.get("test_accuracy")
+        entry[f"{kind}_loss"] = record.get("test_loss")
         if kind == "dense_control":
           entry["dense_control_params"] = record.get("params")
         if "error" in record:

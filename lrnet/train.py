@@ -147,8 +147,8 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     logits, model_state = (apply_fn(params, model_state, rng, images) if with_rng
                            else apply_fn(params, model_state, images))
     loss, class_logits = objective(logits, labels, teacher_logits)
-    correct = jnp.sum(jnp.argmax(class_logits, -1) == labels)
-    return loss, (model_state, correct)
+    accuracy = jnp.mean(jnp.argmax(class_logits, -1) == labels)  # of every label (text: byte)
+    return loss, (model_state, accuracy)
 
   def step(state: TrainState, batch_index, images, labels, teacher_params):
     batch_images = jnp.take(images, batch_index, axis=0)
@@ -160,7 +160,7 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     teacher_logits = None
     if teacher_apply is not None:
       teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch_images))
-    (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (model_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state, batch_images, batch_labels, teacher_logits,
         jax.random.fold_in(key, 1))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -169,7 +169,7 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     if ema_params is not None:
       ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
     state = TrainState(params, opt_state, model_state, ema_params, state.step + 1)
-    return state, (loss, correct)
+    return state, (loss, accuracy)
 
   def epoch(state: TrainState, images, labels, order, teacher_params=None):
     num_steps = order.shape[0] // batch_size
@@ -180,10 +180,10 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
       for index in batch_indices:
         state, output = body(state, index)
         outputs.append(output)
-      step_losses, correct = (jnp.stack(values) for values in zip(*outputs))
+      step_losses, accuracies = (jnp.stack(values) for values in zip(*outputs))
     else:
-      state, (step_losses, correct) = jax.lax.scan(body, state, batch_indices)
-    return state, {"loss": step_losses, "accuracy": jnp.sum(correct) / (num_steps * batch_size)}
+      state, (step_losses, accuracies) = jax.lax.scan(body, state, batch_indices)
+    return state, {"loss": step_losses, "accuracy": jnp.mean(accuracies)}
 
   return epoch
 
@@ -291,8 +291,10 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
   `apply_fn(params, images, *args) -> logits` is stateless (evaluation uses the final,
   exactly projected or factorized parameters). Runs in fixed-size chunks (padded and
   masked), so memory stays bounded: a `lax.scan` over the chunks, or with `unroll` one copy
-  of the network per chunk (convolutions on XLA:CPU, see `in_calls`). Examples with a
-  negative label are padding (see `pad_split`) and not counted.
+  of the network per chunk (convolutions on XLA:CPU, see `in_calls`). Labels are [N] (a class
+  per example, logits [chunk, classes]) or [N, ...] (one per position, e.g. a language model's
+  next byte: logits [chunk, T, classes]); accuracy and loss are means over every label. A
+  negative label is padding (see `pad_split`) and not counted.
   """
 
   @jax.jit
@@ -301,8 +303,9 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
     num_chunks = -(-n // batch_size)
     pad = num_chunks * batch_size - n
     images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-    labels = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)])
-    valid = (jnp.arange(num_chunks * batch_size) < n) & (labels >= 0)
+    labels = jnp.concatenate([labels, jnp.zeros((pad,) + labels.shape[1:], labels.dtype)])
+    in_split = jnp.arange(num_chunks * batch_size) < n
+    valid = in_split.reshape((-1,) + (1,) * (labels.ndim - 1)) & (labels >= 0)
 
     def chunk(carry, index):
       correct, loss = carry
@@ -327,10 +330,10 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
 
 
 def pad_split(images: jax.Array, labels: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
-  """Pads a split to `length` examples with zero images and label -1 (ignored by evaluate)."""
+  """Pads a split to `length` examples with zero images and labels -1 (ignored by evaluate)."""
   pad = length - labels.shape[0]
   return (jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]),
-          jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)]))
+          jnp.concatenate([labels, jnp.full((pad,) + labels.shape[1:], -1, labels.dtype)]))
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:

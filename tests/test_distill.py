@@ -21,8 +21,8 @@ from lrnet import distill
 from lrnet import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RECORD_FIELDS = {"test_accuracy", "val_accuracy", "params", "epochs", "best_epoch", "seconds",
-                 "fingerprint", "trained_with"}
+RECORD_FIELDS = {"test_accuracy", "test_loss", "val_accuracy", "params", "epochs", "best_epoch",
+                 "seconds", "fingerprint", "trained_with"}
 
 
 def small_config(workdir, **overrides):

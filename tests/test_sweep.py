@@ -66,8 +66,8 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   assert on_disk["dataset"] == "digits"
   assert on_disk["config"]["model"]["hidden"] == [64, 64]
   teacher = on_disk["teacher"]
-  assert set(teacher) == {"test_accuracy", "val_accuracy", "params", "epochs", "seconds",
-                          "latency_ms"}
+  assert set(teacher) == {"test_accuracy", "test_loss", "val_accuracy", "params", "epochs",
+                          "seconds", "latency_ms"}
   assert on_disk["layers"] == [{"name": "linear_0", "shape": [64, 64]},
                                {"name": "linear_1", "shape": [64, 64]}]
   assert teacher["params"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
