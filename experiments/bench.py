@@ -35,6 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import cli
 from lrnet import checkpoint
@@ -79,7 +80,8 @@ def validate(config) -> None:
 
 def check_ranks(config, hidden_shapes) -> None:
   """One-line `ConfigError` unless every rank makes every hidden layer [m, n] smaller,
-  r·(m + n) < m·n: only then is each one factorized and projected (`lrnet.select_ranks`)."""
+  r·(m + n) < m·n: only then is each one factorized and projected
+  (`lrnet.compression.select_ranks`)."""
   max_rank = min((m * n - 1) // (m + n) for m, n in hidden_shapes)
   for field in RANK_FIELDS:
     if max(config[field]) > max_rank:
@@ -285,7 +287,7 @@ def run_bench(config, log=print) -> dict:
   widths = [images.shape[1], *hidden, num_classes]
   shapes = list(zip(widths[:-1], widths[1:]))
   check_ranks(config, shapes[:-1])
-  dense, optimizer = models.mlp(hidden, num_classes), train.adam(config.learning_rate)
+  dense, optimizer = models.mlp(hidden, num_classes), optax.adam(config.learning_rate)
   device = jax.devices()[0]
   out = {"machine": {"platform": platform.platform(), "jax": jax.__version__,
                      "backend": jax.default_backend(), "device_kind": device.device_kind,

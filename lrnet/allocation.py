@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrnet import compression
+from lrnet import svd
 
 CRITERIA = ("greedy", "energy", "stable_rank")
 GRID_SIZE = 16        # candidate ranks per layer for "greedy"
@@ -87,15 +88,10 @@ def _largest_fitting(ranks_at: Callable[[float], dict], levels: np.ndarray, shap
 
 
 def _energy_ranks(spectra: dict, shapes: dict, budget: int) -> dict:
-  captured = {}
-  for name, s in spectra.items():
-    energy = np.asarray(s, np.float64) ** 2
-    total = energy.sum()
-    captured[name] = np.cumsum(energy) / total if total > 0 else np.ones_like(energy)
-
   def ranks_at(fraction):  # the smallest r holding `fraction` of each layer's energy
-    return {name: int(np.searchsorted(c, fraction)) + 1 for name, c in captured.items()}
-  levels = np.unique(np.concatenate([[0.0], *captured.values()]))
+    return {name: max(1, svd.energy_rank_of(s, fraction)) for name, s in spectra.items()}
+  captured = [np.cumsum(np.asarray(s, np.float64) ** 2) for s in spectra.values()]
+  levels = np.unique(np.concatenate([[0.0]] + [c / c[-1] for c in captured if c[-1] > 0]))
   return _largest_fitting(ranks_at, levels, shapes, budget)
 
 
@@ -199,7 +195,7 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
     budget: an int, the selected layers' weights after compression (module docstring), or a
       float in (0, 1), that fraction of their dense weights (rounded down); or a list of them,
       sharing the SVDs and the greedy criterion's loss evaluations.
-    calibration: a `lrnet.Calibration`: spectra and truncations of SᵀW (data-aware).
+    calibration: a `lrnet.calibration.Calibration`: spectra and truncations of SᵀW (data-aware).
     criterion: one of `CRITERIA`.
     loss: `params -> scalar` loss of the network on held-out data; needed by "greedy" (jitted
       once: every truncated tree has the dense tree's nesting, types and shapes).

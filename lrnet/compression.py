@@ -202,7 +202,7 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
   Args:
     params: a parameter tree (arrays, or shapes such as `jax.ShapeDtypeStruct`s).
     rank: an int in `1..min(m, n)`; a float in (0, 1] (a fraction of `min(m, n)`, rounded up);
-      `"full"`; a callable `matrix -> int` (e.g. `lrnet.energy_rank(0.9)`); or a dict from
+      `"full"`; a callable `matrix -> int` (e.g. `lrnet.svd.energy_rank(0.9)`); or a dict from
       module name to any of these, which selects exactly those modules.
     include: module-name glob patterns (`fnmatch`, e.g. `"linear_*"`,
       `"params/Block_*/Dense_*"`) to select among the candidates, whatever their size;
@@ -309,7 +309,7 @@ def _with_calibration(params: Params, names, decompositions: Optional[dict],
 def decompose(params: Params, include: Patterns = None, exclude: Patterns = None, *,
               calibration=None, unfactorizable: Optional[Mapping[str, str]] = None) -> dict:
   """{module: Decomposition} for every module `select_ranks(params, 1, ...)` selects: one SVD
-  per weight (of SᵀW with `calibration`, a `lrnet.Calibration`), to pass to
+  per weight (of SᵀW with `calibration`, a `lrnet.calibration.Calibration`), to pass to
   `compress`/`project`/`summarize` at as many ranks as wanted.
 
   Raises:
@@ -344,8 +344,8 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
     params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`,
       `unfactorizable`.
     decompositions: from `decompose`, to reuse SVDs; used as they are.
-    calibration: a `lrnet.Calibration`: truncate data-aware (module docstring) every selected
-      module that `decompositions` lacks.
+    calibration: a `lrnet.calibration.Calibration`: truncate data-aware (module docstring)
+      every selected module that `decompositions` lacks.
 
   Returns:
     A tree of the same nesting and Mapping types: every selected module's weight replaced by
@@ -500,11 +500,6 @@ def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude:
                                dense_params - m * n + r * (m + n), dense_flops, compressed_flops,
                                per, ""))
   return rows
-
-
-def compression_ratio(rows: list[LayerSummary]) -> float:
-  """Dense parameters / compressed parameters of a summary."""
-  return sum(row.dense_params for row in rows) / sum(row.compressed_params for row in rows)
 
 
 def format_summary(rows: list[LayerSummary]) -> str:

@@ -13,30 +13,19 @@ pickles or TFDS; `digits` is scikit-learn's bundled 8x8 set.
 4. A TFDS copy already prepared under the TFDS data dir (`$TFDS_DATA_DIR` or
    `~/tensorflow_datasets`), read through TFDS's array_record data source (no
    TensorFlow needed) or, for TFRecord copies, `as_dataset` (needs TensorFlow).
-5. IDX files this module downloaded before, in `<TFDS data dir>/downloads/lrnet/<name>/`.
-6. The network, only if a 2 s probe (TLS handshake or HTTP HEAD) reaches TFDS's URL: with TensorFlow,
-   TFDS downloads and prepares the dataset; without it, the four IDX files are fetched
-   from the URLs TFDS uses and checked against TFDS's registered SHA-256 sums. CIFAR-10
-   is only downloaded with TensorFlow, which TFDS's CIFAR-10 builder needs.
 
-With none of these, `DataError` says at once (no download attempt, no tfds import) how to
-supply the data.
+Nothing is downloaded: with none of these, `DataError` says at once, in one line (no tfds
+import), where it looked and how to supply the data.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 import pickle
-import socket
-import ssl
-import threading
-from typing import Iterator, NamedTuple
-import urllib.parse
-import urllib.request
+from typing import NamedTuple
 import zlib
 
 import numpy as np
@@ -69,8 +58,7 @@ CHANNEL_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
 DATA_DIR_ENV = "LRNET_DATA_DIR"
 # Distribution packages that install IDX files (Debian: dataset-fashion-mnist).
 SYSTEM_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
-PROBE_TIMEOUT_S = 2.0
-DOWNLOAD_TIMEOUT_S = 60.0
+SYSTEM_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
 
 # digits has no official test set: a fixed, stratified 20 % is held out, the same for
 # every `seed`, so runs with different seeds are scored on the same examples.
@@ -103,7 +91,7 @@ class Split(NamedTuple):
 class Dataset(NamedTuple):
   """A dataset with disjoint train, validation and test splits."""
   name: str  # One of DATASETS.
-  source: str  # "idx:<dir>", "pickle:<dir>", "sklearn", "tfds:<dir>" or "download:<url>".
+  source: str  # "idx:<dir>", "pickle:<dir>", "sklearn" or "tfds:<dir>".
   train: Split  # Training examples minus the validation ones.
   val: Split  # Seeded, stratified part of the original training set.
   test: Split  # The dataset's test set, never mixed into train or val.
@@ -392,139 +380,27 @@ def _squeeze_channel(images: np.ndarray) -> np.ndarray:
   return images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
 
 
-def tfds_urls(name: str) -> dict[str, tuple[str, str]]:
-  """TFDS's registered download URLs and SHA-256 sums for an IDX dataset.
-
-  Read from the installed `tensorflow_datasets/url_checksums/<name>.txt` without
-  importing TFDS (the import alone takes about a second).
-
-  Returns:
-    `{file name: (url, sha256)}`, empty when TFDS or its checksum file is absent.
-  """
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  if spec is None or not spec.submodule_search_locations:
-    return {}
-  table = Path(list(spec.submodule_search_locations)[0], "url_checksums", f"{name}.txt")
-  if not table.is_file():
-    return {}
-  urls = {}
-  for line in table.read_text().splitlines():
-    fields = line.split("\t")  # url, size, sha256, file name
-    if len(fields) == 4:
-      urls[fields[3]] = (fields[0], fields[2])
-  return urls
-
-
-def network_available(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-  """Whether `url`'s server is reachable and genuine, decided within `timeout` seconds.
-
-  A bare TCP connect is not enough: sandboxes with transparent proxies accept connections
-  to any address and answer HTTP with errors. So an https URL must complete a verified
-  TLS handshake for its host, and an http URL must answer a HEAD request for its path
-  with a 2xx or 3xx status. The probe runs in a daemon thread so that a hanging DNS
-  lookup, which socket timeouts do not cover, cannot delay the caller beyond `timeout`.
-  """
-  parts = urllib.parse.urlsplit(url)
-  host = parts.hostname or ""
-  port = parts.port or (443 if parts.scheme == "https" else 80)
-  reachable = []
-
-  def probe():
-    try:
-      with socket.create_connection((host, port), timeout=timeout) as connection:
-        if parts.scheme == "https":
-          with ssl.create_default_context().wrap_socket(connection, server_hostname=host):
-            reachable.append(True)
-          return
-        connection.sendall(
-            f"HEAD {parts.path or '/'} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        status_line = b""
-        while b"\r\n" not in status_line and len(status_line) < 64:
-          chunk = connection.recv(64)
-          if not chunk:
-            break
-          status_line += chunk
-        fields = status_line.split(b" ", 2)
-        if fields[0].startswith(b"HTTP/") and fields[1:2] and fields[1][:1] in b"23":
-          reachable.append(True)
-    except (OSError, ValueError):
-      pass
-
-  thread = threading.Thread(target=probe, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  return bool(reachable)
-
-
-def _fetch(url: str, destination: Path) -> None:
-  """Downloads `url` to `destination` (overwritten)."""
-  with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-    destination.write_bytes(response.read())
-
-
-def _download_idx(name: str, urls: dict[str, tuple[str, str]], directory: Path) -> None:
-  """Fetches the four IDX files into `directory`, each checked against its SHA-256.
-
-  Each file is written under a temporary name and renamed once verified, so an
-  interrupted download never leaves a file that looks complete.
-  """
-  directory.mkdir(parents=True, exist_ok=True)
-  for stem in IDX_STEMS:
-    file_name = f"{stem}.gz"
-    target = directory / file_name
-    if target.is_file():
-      continue
-    url, sha256 = urls[file_name]
-    partial = directory / f"{file_name}.part"
-    try:
-      _fetch(url, partial)
-    except OSError as error:
-      raise DataError(f"dataset '{name}': downloading {url} failed: "
-                      f"{_one_line(error)}") from error
-    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
-    if digest != sha256:
-      partial.unlink()
-      raise DataError(f"dataset '{name}': {url} has SHA-256 {digest}, TFDS expects "
-                      f"{sha256}")
-    partial.replace(target)
-
-
-def _download_cache(name: str, root: Path) -> Path:
-  """Where IDX files downloaded without TensorFlow are kept."""
-  return root / "downloads" / "lrnet" / name
-
-
-def _load_online(name: str, root: Path, urls: dict[str, tuple[str, str]]) -> _Raw:
-  """Gets `name` over the network: TFDS prepare with TensorFlow, IDX download without."""
-  if _tensorflow_installed():
-    try:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      builder = tfds.builder(name, data_dir=str(root), file_format="array_record")
-      builder.download_and_prepare()
-    except Exception as error:  # TFDS raises many types; the user needs one line.
-      raise DataError(f"TFDS could not download '{name}' into {root}: "
-                      f"{_one_line(error)}") from error
-    return _read_tfds_prepared(name, Path(builder.data_dir))
-  cache = _download_cache(name, root)
-  _download_idx(name, urls, cache)
-  raw = _read_idx_dir(cache, name)
-  return raw._replace(source=f"download:{urls[f'{TRAIN_IMAGES}.gz'][0].rsplit('/', 1)[0]}/")
-
-
 def _local_hint(name: str) -> str:
   """How to supply `name` as local files."""
   if name in IDX_DATASETS:
     files = ", ".join(f"{stem}.gz" for stem in IDX_STEMS)
-    return f"pass --config.data.dir=<directory with {files}> (IDX files)"
-  return (f"download cifar-10-python.tar.gz from {CIFAR10_URL}, extract it, pass "
-          f"--config.data.dir=<the {CIFAR10_FOLDER} folder>")
+    return (f"set data.dir (--config.data.dir=DIR) or ${DATA_DIR_ENV}/{name} to a directory "
+            f"with {files}")
+  return (f"download cifar-10-python.tar.gz from {CIFAR10_URL}, extract it and set data.dir "
+          f"(--config.data.dir=DIR) to its {CIFAR10_FOLDER} folder")
 
 
-def _missing_message(name: str) -> str:
-  online = "connect to the internet so TFDS can download it"
-  if name not in IDX_DATASETS and not _tensorflow_installed():
-    online = "pip install tensorflow and " + online
-  return f"dataset '{name}' not found locally: {_local_hint(name)}, or {online}"
+def _missing_message(name: str, searched: list[Path]) -> str:
+  """One line: `name` is in none of `searched`, and every way to supply it."""
+  ways = [_local_hint(name)]
+  if name in SYSTEM_PACKAGES:
+    ways.append(f"apt-get install -y {SYSTEM_PACKAGES[name]}")
+  ways.append(
+      "on a machine with network run python -c \"import tensorflow_datasets as tfds; "
+      f"tfds.builder('{name}', file_format='array_record').download_and_prepare()\" and copy "
+      f"~/tensorflow_datasets/{name} to {tfds_data_dir() / name}")
+  return (f"dataset '{name}' not found (searched {', '.join(map(str, searched))}): "
+          + "; or ".join(ways))
 
 
 def _one_line(error: BaseException) -> str:
@@ -545,28 +421,16 @@ def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
     if not Path(data_dir).is_dir():
       raise DataError(f"data.dir={data_dir} is not a directory (dataset '{name}')")
     return _read_local(Path(data_dir), name)
-  local_dirs = [SYSTEM_DIRS.get(name)]
-  if os.environ.get(DATA_DIR_ENV):
-    local_dirs.insert(0, Path(os.environ[DATA_DIR_ENV], name))
+  local_dirs = [Path(os.environ[DATA_DIR_ENV], name)] if os.environ.get(DATA_DIR_ENV) else []
+  if name in SYSTEM_DIRS:
+    local_dirs.append(SYSTEM_DIRS[name])
   for directory in local_dirs:
-    if directory is not None and directory.is_dir():
+    if directory.is_dir():
       return _read_local(directory, name)
-  root = tfds_data_dir()
-  prepared = find_prepared_tfds(name, root)
+  prepared = find_prepared_tfds(name, tfds_data_dir())
   if prepared is not None:
     return _read_tfds_prepared(name, prepared)
-  idx = name in IDX_DATASETS
-  cache = _download_cache(name, root)
-  if idx and all(find_idx_file(cache, stem) for stem in IDX_STEMS):
-    return _read_idx_dir(cache, name)
-  urls = tfds_urls(name)
-  # Without TensorFlow only IDX files can be downloaded: TFDS's CIFAR-10 builder needs it.
-  if urls and (idx or _tensorflow_installed()):
-    # IDX: the smallest file; CIFAR-10: TFDS's only file.
-    probe_url = urls[f"{TEST_LABELS}.gz"][0] if idx else next(iter(urls.values()))[0]
-    if network_available(probe_url):
-      return _load_online(name, root, urls)
-  raise DataError(_missing_message(name))
+  raise DataError(_missing_message(name, local_dirs + [tfds_data_dir() / name]))
 
 
 def stratified_split(labels: np.ndarray, fraction: float,
@@ -662,36 +526,3 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                       raw.max_value),
       test=_make_split(name, raw.test_images, raw.test_labels, raw.max_value),
       num_classes=NUM_CLASSES)
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
-  """Number of batches `batches` yields for `n` examples."""
-  if batch_size <= 0:
-    raise DataError(f"batch size must be positive, got {batch_size}")
-  return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def batches(split: Split, batch_size: int, *, seed: int | None,
-            drop_remainder: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields one epoch of `(images, labels)` batches.
-
-  Args:
-    split: the examples.
-    batch_size: examples per batch; the last batch may be smaller unless dropped.
-    seed: None keeps the stored order; an int shuffles with that seed (same seed, same
-      order: pass e.g. `seed + epoch` for a fresh order each epoch).
-    drop_remainder: skip the final partial batch, so every batch has `batch_size`
-      examples (one static shape for a jitted step).
-
-  Yields:
-    images [B, H, W, C] float32 and labels [B] int32.
-  """
-  n = len(split.labels)
-  count = num_batches(n, batch_size, drop_remainder)
-  order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
-  for start in range(0, count * batch_size, batch_size):
-    index = order[start:start + batch_size]
-    yield split.images[index], split.labels[index]

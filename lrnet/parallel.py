@@ -119,15 +119,6 @@ def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
   return jax.tree_util.tree_map(lambda leaf: _put(leaf, replicated(mesh)), tree)
 
 
-def to_host(tree: Any) -> Any:
-  """`tree` as NumPy arrays, whole on every process (`np.asarray` cannot read other hosts'
-  shards)."""
-  if jax.process_count() == 1:
-    return jax.tree_util.tree_map(np.asarray, tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def check_batch_size(batch_size: int, mesh, field: str) -> None:
   """Raises a one-line ValueError naming the config `field` if `batch_size` does not split
   evenly over the `data` axis of `mesh`."""

@@ -1,33 +1,25 @@
-r"""Ranks from data: the rank of a linear map hidden in a black-box function, and the
-numerical ranks of the weight matrices of a trained network.
+r"""The rank of a linear map hidden in a black-box function (:func:`estimate_rank`).
 
-Black box (:func:`estimate_rank`). If f(x) = g(W₁ x) for an unknown W₁ of rank r (r × dim)
-and a smooth g, every gradient lies in the row space of W₁:
+If f(x) = g(W₁ x) for an unknown W₁ of rank r (r × dim) and a smooth g, every gradient lies
+in the row space of W₁:
 
 .. math:: \nabla f(x) = W_1^T \, \nabla g(W_1 x) \in \mathrm{row}(W_1),
 
 so q gradients at random points, stacked as rows of G [q, dim], span an r-dimensional
 subspace and G has r singular values above the rounding noise and min(q, dim) − r at it.
-The rank is the position of the one significant gap in the spectrum of G.
-
-Trained layers (:func:`layer_spectra`, :func:`format_spectra`, :func:`write_spectra`):
-singular values, energy ranks, stable rank and numerical rank of every 2-D weight (and of
-every 4-D conv kernel, reshaped to [kh·kw·c_in, c_out]) of a parameter tree of any nesting
-(Haiku, flax; modules named by path as in `lrnet.compression`).
+The rank is the position of the one significant gap in the spectrum of G. (The spectra of a
+trained network's layers are `lrnet.spectra`.)
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from lrnet import compression
 
 # How far (a factor) the noise actually in the gradients may exceed the predicted noise level
 # and still count as noise: the precision estimates below are right to an order of magnitude.
@@ -504,150 +496,3 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
       target = min(max_samples, cut.rank + oversampling)
     else:
       target = min(max_samples, samples + max(oversampling, samples // 2))
-
-
-# ----------------------------------------------------------------------------------------------
-# Spectra of trained layers.
-
-_MATRIX_LEAVES = ("w", "kernel")
-SPECTRUM_JSON = "teacher_spectrum.json"
-SPECTRUM_PNG = "teacher_spectrum.png"
-
-
-def _as_matrix(array) -> np.ndarray | None:
-  """A weight leaf as a float64 matrix: 2-D as is, a 4-D conv kernel [kh, kw, c_in, c_out] as
-  [kh·kw·c_in, c_out] (the matrix the convolution applies to each patch); else None."""
-  array = np.asarray(array)
-  if array.ndim == 2:
-    return array.astype(np.float64)
-  if array.ndim == 4:
-    return array.reshape(-1, array.shape[-1]).astype(np.float64)
-  return None
-
-
-def energy_rank(singular_values: np.ndarray, fraction: float) -> int:
-  """The smallest r with Σ_{i ≤ r} s_i² ≥ fraction · Σ s_i² (0 for a zero matrix)."""
-  energy = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
-  if energy.size == 0 or energy[-1] == 0:
-    return 0
-  # A relative slack of a few ulps keeps exact fractions (e.g. 0.9 of 10) from missing by rounding.
-  needed = fraction * energy[-1] * (1 - 8 * np.finfo(np.float64).eps)
-  return int(np.searchsorted(energy, needed) + 1)
-
-
-def matrix_spectrum(matrix: np.ndarray, tolerance: float | None = None) -> dict[str, Any]:
-  """Spectrum summary of one matrix W [m, n].
-
-  .. math:: \\text{stable rank} = \\frac{\\|W\\|_F^2}{\\|W\\|_2^2} = \\frac{\\sum s_i^2}{s_1^2},
-            \\qquad \\text{numerical rank} = \\#\\{i : s_i > \\tau\\}
-
-  Args:
-    matrix: [m, n].
-    tolerance: τ; default max(m, n) · eps(float32) · s₁, the rounding level of a float32 W.
-
-  Returns:
-    {"shape", "singular_values" (descending list), "energy_rank_90", "energy_rank_99",
-     "stable_rank", "numerical_rank", "tolerance"}.
-  """
-  matrix = np.asarray(matrix, np.float64)
-  singular_values = np.linalg.svd(matrix, compute_uv=False)
-  top = float(singular_values[0]) if singular_values.size else 0.0
-  if tolerance is None:
-    tolerance = max(matrix.shape) * float(np.finfo(np.float32).eps) * top
-  return {
-      "shape": [int(d) for d in matrix.shape],
-      "singular_values": [float(s) for s in singular_values],
-      "energy_rank_90": energy_rank(singular_values, 0.90),
-      "energy_rank_99": energy_rank(singular_values, 0.99),
-      "stable_rank": float(np.sum(singular_values ** 2) / top ** 2) if top > 0 else 0.0,
-      "numerical_rank": int(np.sum(singular_values > tolerance)),
-      "tolerance": float(tolerance),
-  }
-
-
-def layer_spectra(params: Mapping[str, Any], *,
-                  tolerance: float | None = None) -> dict[str, dict]:
-  """Per module of a parameter tree, the spectrum summary of its weight matrix.
-
-  Every module (`lrnet.compression.modules`: named by path, e.g. ``linear_0`` or
-  ``params/Block_0/Dense_1``) with a 2-D ``w`` or ``kernel`` leaf counts, and a 4-D conv
-  kernel [kh, kw, c_in, c_out] is read as [kh·kw·c_in, c_out]. Modules keep the tree's order.
-
-  Args:
-    params: a parameter tree, e.g. {module: {"w": array, ...}}.
-    tolerance: absolute τ for the numerical rank (default per matrix, see
-      :func:`matrix_spectrum`).
-
-  Returns:
-    {module: :func:`matrix_spectrum` dict}; a module with both leaves is keyed
-    "module/w" and "module/kernel".
-  """
-  spectra = {}
-  for module, leaves in compression.modules(params).items():
-    found = [(name, _as_matrix(leaves[name])) for name in _MATRIX_LEAVES if name in leaves]
-    found = [(name, matrix) for name, matrix in found if matrix is not None]
-    for name, matrix in found:
-      label = module if len(found) == 1 else f"{module}/{name}"
-      spectra[label] = matrix_spectrum(matrix, tolerance)
-  return spectra
-
-
-def format_spectra(spectra: Mapping[str, Mapping[str, Any]]) -> str:
-  """A plain-text table of :func:`layer_spectra` for the terminal."""
-  header = (f"{'layer':<24} {'shape':>13} {'s_max':>10} {'s_min':>10} {'E90':>5} {'E99':>5} "
-            f"{'stable':>8} {'numerical':>9}")
-  lines = [header, "-" * len(header)]
-  for name, spectrum in spectra.items():
-    values = spectrum["singular_values"]
-    shape = "x".join(str(d) for d in spectrum["shape"])
-    lines.append(
-        f"{name:<24} {shape:>13} {values[0] if values else 0:>10.4g} "
-        f"{values[-1] if values else 0:>10.4g} {spectrum['energy_rank_90']:>5d} "
-        f"{spectrum['energy_rank_99']:>5d} {spectrum['stable_rank']:>8.2f} "
-        f"{spectrum['numerical_rank']:>9d}")
-  return "\n".join(lines)
-
-
-def plot_spectra(spectra: Mapping[str, Mapping[str, Any]]):
-  """Normalised singular values s_i/s_1 (log scale) against i, one line per layer, with the
-  90 % (circle) and 99 % (square) energy ranks marked. A Figure on an Agg canvas."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-  FigureCanvasAgg(fig)
-  axes = fig.add_subplot()
-  for name, spectrum in spectra.items():
-    values = np.asarray(spectrum["singular_values"], np.float64)
-    if values.size == 0 or not values[0] > 0:
-      continue
-    normalised = np.maximum(values / values[0], np.finfo(np.float64).tiny)
-    index = np.arange(1, values.size + 1)
-    (line,) = axes.plot(index, normalised, label=name)
-    for key, marker in (("energy_rank_90", "o"), ("energy_rank_99", "s")):
-      rank = spectrum[key]
-      if 1 <= rank <= values.size:
-        axes.plot([rank], [normalised[rank - 1]], marker=marker, color=line.get_color(),
-                  linestyle="none")
-  axes.set_yscale("log")
-  axes.set_xlabel("index i")
-  axes.set_ylabel("s_i / s_1")
-  axes.set_title("Singular values per layer (o: 90 % energy, □: 99 % energy)")
-  if spectra:
-    axes.legend(fontsize="small")
-  return fig
-
-
-def write_spectra(spectra: Mapping[str, Mapping[str, Any]], directory: str | os.PathLike
-                  ) -> tuple[str, str]:
-  """Writes `spectra` as ``teacher_spectrum.json`` and its plot ``teacher_spectrum.png``
-  into `directory`, both atomically.
-
-  Returns:
-    (json path, png path).
-  """
-  from lrnet import io  # pylint: disable=g-import-not-at-top
-  json_path = os.path.join(os.fspath(directory), SPECTRUM_JSON)
-  png_path = os.path.join(os.fspath(directory), SPECTRUM_PNG)
-  io.atomic_write_json(json_path, dict(spectra))
-  io.atomic_savefig(plot_spectra(spectra), png_path, dpi=150)
-  return json_path, png_path

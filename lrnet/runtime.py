@@ -10,8 +10,6 @@ with one (BUILD_NOTES.md).
 
 from __future__ import annotations
 
-import contextlib
-
 import threadpoolctl
 
 
@@ -41,15 +39,3 @@ def limit_lapack_threads(num_threads: int = 1) -> list[str]:
     lib.set_num_threads(num_threads)
   return [lib.filepath for lib in libraries]
 
-
-@contextlib.contextmanager
-def lapack_threads(num_threads: int):
-  """Within the block, SciPy's LAPACK uses `num_threads` threads; restored afterwards."""
-  libraries = _scipy_blas()
-  before = [lib.num_threads for lib in libraries]
-  limit_lapack_threads(num_threads)
-  try:
-    yield
-  finally:
-    for lib, count in zip(libraries, before):
-      lib.set_num_threads(count)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -108,6 +109,20 @@ def truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
   return (u * jnp.where(keep, s, 0.0)) @ vt
 
 
+def energy_rank_of(singular_values, energy: float) -> int:
+  """The smallest r with Σ_{i ≤ r} s_i² ≥ energy · Σ s_i² (0 for a zero matrix).
+
+  Args:
+    singular_values: [n] descending.
+    energy: fraction in [0, 1]; a relative slack of 1e-6 keeps an exact fraction (0.9 of
+      s² = (9, 1)) or 1.0 from missing through the rounding of float32 singular values.
+  """
+  captured = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
+  if captured.size == 0 or not captured[-1] > 0:
+    return 0
+  return int(np.searchsorted(captured, energy * captured[-1] * (1 - 1e-6))) + 1
+
+
 def energy_rank(energy: float):
   """A rank rule: the smallest r whose top singular values hold `energy` of Σ s².
 
@@ -124,10 +139,7 @@ def energy_rank(energy: float):
     if isinstance(w, jax.core.Tracer) or not hasattr(w, "dtype") or not hasattr(w, "__array__"):
       raise ValueError(f"energy_rank({energy}) decides parameter shapes, so it needs concrete "
                        f"weights: call compress/project/summarize outside jax.jit")
-    s = jnp.linalg.svd(w, compute_uv=False)
-    captured = jnp.cumsum(s**2) / jnp.sum(s**2)
-    # Tolerance so that energy=1.0 does not fall past the end through rounding.
-    rank = int(jnp.searchsorted(captured, energy - 1e-6)) + 1
+    rank = energy_rank_of(jnp.linalg.svd(w, compute_uv=False), energy)
     return min(max(rank, 1), min(w.shape))
 
   rank_for.__name__ = f"energy_rank({energy})"

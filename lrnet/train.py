@@ -50,11 +50,6 @@ def stateful_apply(net) -> ApplyFn:
   return lambda params, model_state, images, *args: (net.apply(params, images, *args), model_state)
 
 
-def adam(learning_rate: float) -> optax.GradientTransformation:
-  """The reference optimizer: Adam with a constant learning rate."""
-  return optax.adam(learning_rate)
-
-
 def optimizer(settings, steps_per_epoch: int) -> optax.GradientTransformation:
   """The optimizer a run's settings ask for (`teacher` or `student` config section).
 

@@ -46,7 +46,7 @@ def _limit(budget, shapes):
 
 def _selected_shapes(include=None):
   shapes = lrnet.compression.matrix_shapes(PARAMS)
-  return {name: shapes[name] for name in lrnet.select_ranks(PARAMS, 1, include)}
+  return {name: shapes[name] for name in lrnet.compression.select_ranks(PARAMS, 1, include)}
 
 
 def test_greedy_is_the_optimum_of_the_additive_objective():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import lrnet
+from lrnet import compression
 
 
 def _conv_mlp_params():
@@ -25,7 +26,7 @@ def _conv_mlp_params():
 
 def test_default_selection_takes_dense_and_conv_layers_but_not_the_output_layer():
   params = _conv_mlp_params()
-  assert lrnet.select_ranks(params, 3) == {"conv": 3, "dense_a": 3, "dense_b": 3}
+  assert lrnet.compression.select_ranks(params, 3) == {"conv": 3, "dense_a": 3, "dense_b": 3}
   compressed = lrnet.compress(params, 3)
   assert set(compressed["dense_a"]) == {"u", "v", "b"}
   assert set(compressed["dense_b"]) == {"u", "v"}  # no bias: none invented
@@ -51,13 +52,13 @@ def test_project_keeps_shapes_and_other_leaves():
 
 def test_include_exclude_patterns_and_rank_dict():
   params = _conv_mlp_params()
-  assert lrnet.select_ranks(params, 2, include="*") == {"conv": 2, "dense_a": 2, "dense_b": 2,
+  assert lrnet.compression.select_ranks(params, 2, include="*") == {"conv": 2, "dense_a": 2, "dense_b": 2,
                                                         "head": 2}
-  assert lrnet.select_ranks(params, 2, include=["dense_*", "head"], exclude="dense_a") == {"dense_b": 2, "head": 2}
-  assert lrnet.select_ranks(params, {"head": "full", "dense_a": 0.5}) == {"dense_a": 10, "head": 5}
+  assert lrnet.compression.select_ranks(params, 2, include=["dense_*", "head"], exclude="dense_a") == {"dense_b": 2, "head": 2}
+  assert lrnet.compression.select_ranks(params, {"head": "full", "dense_a": 0.5}) == {"dense_a": 10, "head": 5}
   # energy 1.0 keeps every direction: the full rank, which would grow them, so by default none
   # is left... but named, they are taken.
-  assert lrnet.select_ranks(params, lrnet.energy_rank(1.0), include="dense_*") == {
+  assert lrnet.compression.select_ranks(params, lrnet.svd.energy_rank(1.0), include="dense_*") == {
       "dense_a": 20, "dense_b": 12}
 
 
@@ -84,9 +85,9 @@ def test_summary_counts_and_ratio():
   assert rows[0].compressed_params == 20 * (784 + 1024) + 1024
   assert rows[1].dense_flops == 2 * 1024 * 1024 and rows[1].compressed_flops == 2 * 20 * 2048
   assert sum(row.compressed_params for row in rows) == lrnet.count_params(compressed)
-  assert lrnet.compression_ratio(rows) == pytest.approx(lrnet.count_params(params) / lrnet.count_params(compressed))
-  table = lrnet.format_summary(rows)
-  assert "linear_5" in table and "total" in table
+  table = compression.format_summary(rows)
+  ratio = lrnet.count_params(params) / lrnet.count_params(compressed)
+  assert "linear_5" in table and table.endswith(f"x{ratio:.2f}")
 
 
 def test_default_selection_does_not_depend_on_key_order():
@@ -96,14 +97,14 @@ def test_default_selection_does_not_depend_on_key_order():
   deep = lrnet.models.mlp((16,) * 11, 10)
   params = jax.tree_util.tree_map(lambda x: x, deep.init(jax.random.PRNGKey(0), jnp.zeros((1, 8))))
   assert list(params)[:3] == ["linear_0", "linear_1", "linear_10"]  # sorted, not forward order
-  assert set(lrnet.select_ranks(params, 2)) == {f"linear_{i}" for i in range(11)}
+  assert set(lrnet.compression.select_ranks(params, 2)) == {f"linear_{i}" for i in range(11)}
 
   def forward(x):
     return hk.Linear(3, name="logits")(jax.nn.relu(hk.nets.MLP([12, 12])(x)))
   params = hk.transform(forward).init(jax.random.PRNGKey(0), jnp.zeros((1, 8)))
   params = jax.tree_util.tree_map(lambda x: x, params)
   assert list(params)[0] == "logits"
-  assert set(lrnet.select_ranks(params, 2)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
+  assert set(lrnet.compression.select_ranks(params, 2)) == {"mlp/~/linear_0", "mlp/~/linear_1"}
 
 
 def test_shapes_that_do_not_single_out_the_output_layer_ask_for_include():
@@ -124,6 +125,6 @@ def test_an_empty_selection_is_an_error_not_an_unchanged_tree(function):
 
 def test_energy_rank_under_jit_says_it_needs_concrete_weights():
   params = _conv_mlp_params()
-  assert lrnet.select_ranks(params, lrnet.energy_rank(0.9))["dense_a"] >= 1
+  assert lrnet.compression.select_ranks(params, lrnet.svd.energy_rank(0.9))["dense_a"] >= 1
   with pytest.raises(ValueError, match=r"energy_rank\(0\.9\) .*concrete .*outside jax\.jit"):
-    jax.jit(lambda p: lrnet.project(p, lrnet.energy_rank(0.9)))(params)
+    jax.jit(lambda p: lrnet.project(p, lrnet.svd.energy_rank(0.9)))(params)

@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # MLP) distil from the teacher, whose params every epoch takes as a shared argument.
 FOUR_DEVICES = r'''
 import json, sys, time, traceback
-import haiku as hk, jax, jax.numpy as jnp, numpy as np
+import haiku as hk, jax, jax.numpy as jnp, numpy as np, optax
 import lrnet
 from lrnet import losses, models, parallel, train
 
@@ -34,7 +34,7 @@ order = jnp.asarray(train.epoch_order(0, 1, 256))
 fn = models.mlp_fn(10, (32,))
 dense = hk.without_apply_rng(hk.transform(fn))
 teacher = dense.init(jax.random.PRNGKey(0), images[:1])
-optimizer = train.adam(1e-2)
+optimizer = optax.adam(1e-2)
 student = lrnet.straight_through(fn, 8)
 student_epoch = train.make_train_epoch(
     train.stateful_apply(student), optimizer, 32, teacher_apply=dense.apply,
@@ -194,7 +194,6 @@ def test_a_mesh_of_one_device_is_no_mesh():
   assert parallel.single_run(None) is None
   assert parallel.describe(None) == {"platform": "cpu", "device_kind": "cpu", "processes": 1,
                                      "devices": 1, "mesh": None}
-  np.testing.assert_array_equal(parallel.to_host({"x": jnp.arange(3)})["x"], [0, 1, 2])
 
 
 def test_padding_appends_copies_of_the_last_member():

@@ -1,7 +1,6 @@
 """Tests for lrnet/rank_estimation.py and experiments/rank_game.py: ranks hidden in black-box
-functions (autodiff and finite differences), refusals to guess, spectra of trained layers."""
+functions (autodiff and finite differences), refusals to guess."""
 
-import json
 import math
 import os
 import subprocess
@@ -243,68 +242,3 @@ def test_choose_cut_square_noise_block_is_never_significant():
   spectrum = np.array([1.0, 1e-8, 1e-9])
   cut = rank_estimation.choose_cut(spectrum, samples=3, dim=3, precision=1e-7)
   assert cut.rank == 1 and cut.threshold == math.inf and not cut.significant
-
-
-# ------------------------------------------------------------------------------------------------
-# Spectra of trained layers.
-
-
-def _with_singular_values(singular_values, rows, columns, seed):
-  rng = np.random.default_rng(seed)
-  u, _ = np.linalg.qr(rng.normal(size=(rows, len(singular_values))))
-  v, _ = np.linalg.qr(rng.normal(size=(columns, len(singular_values))))
-  return (u * np.asarray(singular_values)) @ v.T
-
-
-def test_layer_spectra_against_hand_computed_numbers():
-  dense = _with_singular_values([4.0, 3.0, 2.0, 1.0, 0.0], 6, 5, seed=0)
-  conv_matrix = _with_singular_values([2.0, 1.0, 1.0, 0.5], 12, 4, seed=1)
-  params = {
-      "linear_0": {"w": dense.astype(np.float32), "b": np.zeros(5, np.float32)},
-      "conv": {"w": conv_matrix.reshape(2, 2, 3, 4)},
-      "norm": {"scale": np.ones(4), "offset": np.zeros(4)},
-  }
-  spectra = rank_estimation.layer_spectra(params)
-  assert list(spectra) == ["linear_0", "conv"]
-  dense_spectrum, conv_spectrum = spectra["linear_0"], spectra["conv"]
-  assert dense_spectrum["shape"] == [6, 5] and conv_spectrum["shape"] == [12, 4]
-  np.testing.assert_allclose(dense_spectrum["singular_values"], [4, 3, 2, 1, 0], atol=1e-6)
-  # Σs² = 30: 90 % = 27 needs 16 + 9 + 4 (3 values), 99 % = 29.7 needs all four nonzero ones.
-  assert dense_spectrum["energy_rank_90"] == 3 and dense_spectrum["energy_rank_99"] == 4
-  np.testing.assert_allclose(dense_spectrum["stable_rank"], 30 / 16, rtol=1e-6)
-  assert dense_spectrum["numerical_rank"] == 4  # the zero falls below 6·eps32·4
-  np.testing.assert_allclose(dense_spectrum["tolerance"], 6 * np.finfo(np.float32).eps * 4,
-                             rtol=1e-6)
-  # Conv kernel [2, 2, 3, 4] → [12, 4]; Σs² = 6.25: 90 % = 5.625 needs 3, 99 % needs 4.
-  np.testing.assert_allclose(conv_spectrum["singular_values"], [2, 1, 1, 0.5], rtol=1e-12)
-  assert conv_spectrum["energy_rank_90"] == 3 and conv_spectrum["energy_rank_99"] == 4
-  np.testing.assert_allclose(conv_spectrum["stable_rank"], 6.25 / 4, rtol=1e-12)
-  assert conv_spectrum["numerical_rank"] == 4
-  assert rank_estimation.layer_spectra(params, tolerance=0.75)["conv"]["numerical_rank"] == 3
-
-
-def test_energy_rank_exact_fractions_and_zero_matrix():
-  # s² = (9, 1): 90 % is exactly the first value's share.
-  assert rank_estimation.energy_rank(np.array([3.0, 1.0]), 0.9) == 1
-  assert rank_estimation.energy_rank(np.array([3.0, 1.0]), 0.91) == 2
-  assert rank_estimation.energy_rank(np.zeros(3), 0.9) == 0
-
-
-def test_format_and_write_spectra(tmp_path):
-  params = {"linear_0": {"w": _with_singular_values([4.0, 3.0, 2.0, 1.0], 6, 4, seed=2)},
-            "linear_1": {"w": _with_singular_values([1.0, 1e-3], 4, 2, seed=3)}}
-  spectra = rank_estimation.layer_spectra(params)
-  table = rank_estimation.format_spectra(spectra)
-  lines = table.splitlines()
-  assert len(lines) == 4 and lines[0].split()[:2] == ["layer", "shape"]
-  assert lines[2].split()[:2] == ["linear_0", "6x4"] and lines[2].split()[-1] == "4"
-  assert lines[3].split()[-2:] == ["1.00", "2"]  # stable rank 1 + 1e-6, numerical rank 2
-  json_path, png_path = rank_estimation.write_spectra(spectra, tmp_path)
-  assert os.path.basename(json_path) == "teacher_spectrum.json"
-  with open(json_path, encoding="utf-8") as json_file:
-    on_disk = json.load(json_file)
-  assert on_disk == json.loads(json.dumps(spectra))
-  assert on_disk["linear_0"]["energy_rank_90"] == 3  # 30 · 0.9 = 27 ≤ 16 + 9 + 4
-  with open(png_path, "rb") as png_file:
-    assert png_file.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]

@@ -12,9 +12,9 @@ def _threads():
           if lib["user_api"] == "blas"}
 
 
-def test_lapack_threads_caps_scipy_only_and_restores():
+def test_limit_lapack_threads_caps_scipy_only():
   before = _threads()
-  with runtime.lapack_threads(1):
+  with threadpoolctl.threadpool_limits(limits=None, user_api="blas"):  # restores them on exit
     limited = runtime.limit_lapack_threads(1)
     assert limited, "SciPy's OpenBLAS was not found"
     during = _threads()

@@ -58,19 +58,19 @@ def test_non_matrix_raises():
 
 
 def test_resolve_rank_forms():
-  assert lrnet.resolve_rank((784, 1024), 20) == 20
-  assert lrnet.resolve_rank((784, 1024), 0.1) == 79  # ceil(78.4)
-  assert lrnet.resolve_rank((784, 1024), 1.0) == 784
-  assert lrnet.resolve_rank((784, 1024), "full") == 784
+  assert lrnet.svd.resolve_rank((784, 1024), 20) == 20
+  assert lrnet.svd.resolve_rank((784, 1024), 0.1) == 79  # ceil(78.4)
+  assert lrnet.svd.resolve_rank((784, 1024), 1.0) == 784
+  assert lrnet.svd.resolve_rank((784, 1024), "full") == 784
   for bad, pattern in [(0.0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), ("half", "'full'"), (785, r"1\.\.784")]:
     with pytest.raises(ValueError, match=pattern):
-      lrnet.resolve_rank((784, 1024), bad)
+      lrnet.svd.resolve_rank((784, 1024), bad)
 
 
 def test_truncate_masked_matches_truncate_for_traced_ranks():
   w = _matrix(20, 14, seed=5)
   ranks = jnp.arange(1, 15)
-  batched = jax.jit(jax.vmap(lrnet.truncate_masked, in_axes=(None, 0)))(w, ranks)
+  batched = jax.jit(jax.vmap(lrnet.svd.truncate_masked, in_axes=(None, 0)))(w, ranks)
   for i, r in enumerate(range(1, 15)):
     np.testing.assert_allclose(batched[i], lrnet.truncate(w, r), atol=1e-5)
 
@@ -81,13 +81,21 @@ def test_energy_rank_picks_smallest_rank_with_that_energy():
   q2, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(5, 5)))
   w = jnp.asarray((q1 * s) @ q2.T, jnp.float32)
   fractions = np.cumsum(s**2) / np.sum(s**2)  # [0.775, 0.969, 0.9845, 0.9984, 1]
-  assert lrnet.energy_rank(0.7)(w) == 1
-  assert lrnet.energy_rank(0.9)(w) == 2
-  assert lrnet.energy_rank(0.98)(w) == 3
-  assert lrnet.energy_rank(1.0)(w) == 5
+  assert lrnet.svd.energy_rank(0.7)(w) == 1
+  assert lrnet.svd.energy_rank(0.9)(w) == 2
+  assert lrnet.svd.energy_rank(0.98)(w) == 3
+  assert lrnet.svd.energy_rank(1.0)(w) == 5
   assert fractions[1] > 0.9
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
-    lrnet.energy_rank(0.0)
+    lrnet.svd.energy_rank(0.0)
+
+
+def test_energy_rank_of_exact_fractions_and_zero_matrix():
+  # s² = (9, 1): 90 % is exactly the first value's share.
+  assert lrnet.svd.energy_rank_of(np.array([3.0, 1.0]), 0.9) == 1
+  assert lrnet.svd.energy_rank_of(np.array([3.0, 1.0]), 0.91) == 2
+  assert lrnet.svd.energy_rank_of(np.array([3.0, 1.0]), 1.0) == 2
+  assert lrnet.svd.energy_rank_of(np.zeros(3), 0.9) == 0
 
 
 def test_times_transpose_is_a_times_b_transposed():

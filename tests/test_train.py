@@ -24,7 +24,7 @@ VALIDATE = jax.jit(jax.vmap(lambda p: EVALUATE(p, *VAL)[0]))
 
 def _fit(epochs=3, learning_rate=1e-3, patience=None, on_epoch=None, params=None):
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1]) if params is None else params
-  optimizer = train.adam(learning_rate)
+  optimizer = optax.adam(learning_rate)
   epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 1)
   return train.fit(train.start_progress([train.init_state(params, optimizer)]), epoch_fn, VALIDATE,
                    *TRAIN, epochs=epochs, seed=0, patience=patience, on_epoch=on_epoch)
@@ -80,7 +80,7 @@ def test_patience_stops_each_member_at_its_exact_epoch():
     calls.append(None)
     return scripted[:, len(calls) - 1]
 
-  optimizer = train.adam(1e-3)
+  optimizer = optax.adam(1e-3)
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
   states = [train.init_state(params, optimizer)] * 2
   epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 2)
@@ -95,7 +95,7 @@ def test_patience_stops_each_member_at_its_exact_epoch():
 def test_a_failing_member_is_recorded_and_the_other_trains_on():
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
   bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params)
-  optimizer = train.adam(1e-3)
+  optimizer = optax.adam(1e-3)
   epoch_fn = train.members_epoch(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32), 2)
   progress = train.fit(train.start_progress([train.init_state(p, optimizer) for p in (params, bad)]),
                        epoch_fn, VALIDATE, *TRAIN, epochs=2, seed=0)
@@ -105,7 +105,7 @@ def test_a_failing_member_is_recorded_and_the_other_trains_on():
 
 
 def test_the_epoch_is_traced_once_for_every_epoch():
-  optimizer = train.adam(1e-3)
+  optimizer = optax.adam(1e-3)
   epoch = chex.assert_max_traces(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32),
                                  n=1)
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
@@ -119,7 +119,7 @@ def test_factorized_members_keep_their_padding_zero_and_train_like_one_by_one(si
   """Zero-padded to a common rank, a factorized member is exactly a rank-r network: its padding
   stays zero, and it trains as it would alone at its own rank."""
   teacher = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
-  optimizer = train.adam(1e-2)
+  optimizer = optax.adam(1e-2)
 
   def run(ranks, width):
     net = models.mlp((64,), 10, ranks=width)
@@ -153,7 +153,7 @@ def test_evaluate_handles_sizes_that_are_not_multiples_of_the_chunk():
 
 def test_unrolled_epoch_in_calls_equals_the_scanned_epoch():
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
-  optimizer = train.adam(1e-3)
+  optimizer = optax.adam(1e-3)
   order = jnp.asarray(train.epoch_order(0, 1, 320))
   results = []
   for unroll in (False, True):
@@ -212,7 +212,7 @@ def test_cosine_schedule_warms_up_then_decays_and_weight_decay_selects_adamw():
 
 def test_distillation_weight_zero_reproduces_the_plain_epoch_bit_for_bit():
   params = NET.init(jax.random.PRNGKey(0), TRAIN[0][:1])
-  optimizer = train.adam(1e-3)
+  optimizer = optax.adam(1e-3)
   order = jnp.asarray(train.epoch_order(0, 1, TRAIN[1].shape[0]))
   plain = jax.jit(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32))
   zero = jax.jit(train.make_train_epoch(train.stateful_apply(NET), optimizer, 32,
