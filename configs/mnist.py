@@ -3,7 +3,9 @@
   python -m experiments.sweep --config=configs/mnist.py --config.data.dir=/path/to/mnist/idx
 
 MNIST comes from IDX files in `data.dir` (train-images-idx3-ubyte.gz, ...) or TFDS.
-Other configs import `get_config` and override only what changes.
+Other configs import `get_config` and override only what changes. A field's meaning is the
+comment ending the line that first assigns it (`--help` prints them; README.md's table is
+generated from them): one line each.
 """
 
 import ml_collections
@@ -14,10 +16,10 @@ def recipe(epochs: int, batch_size: int, patience: int) -> ml_collections.Config
   """A training recipe; the defaults are origin notebook 000's (Adam 1e-3, nothing else)."""
   run = ml_collections.ConfigDict()
   run.epochs = epochs              # at most; early stopping on validation accuracy
-  run.batch_size = batch_size
+  run.batch_size = batch_size      # examples per step
   run.learning_rate = 1e-3         # Adam's (peak, with a schedule)
   run.schedule = "constant"        # constant | cosine (linear warm-up, cosine decay to 0)
-  run.warmup_epochs = 0.0          # cosine: warm-up length
+  run.warmup_epochs = 0.0          # cosine: epochs of linear warm-up
   run.weight_decay = 0.0           # > 0: AdamW's decoupled weight decay
   run.label_smoothing = 0.0        # ε of the smoothed one-hot targets
   run.shift = 0                    # augmentation: random shifts of up to this many pixels
@@ -31,16 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.workdir = "workdirs/mnist"  # results, checkpoints, logs and plots go here
   config.seed = 0                    # initialisation, validation split and shuffling
-  config.overwrite = False           # allow a workdir holding results of another config
+  config.overwrite = False           # retrain finished runs of settings other than this config's
   config.checkpoint_every_secs = 30.0  # training checkpoints at most this often; 0: every epoch
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "mnist"         # mnist | fashion_mnist | digits
-  config.data.dir = config_dict.placeholder(str)  # directory of IDX files; None: search
+  config.data.name = "mnist"  # mnist | fashion_mnist | digits | cifar10 | text (lrnet.text)
+  config.data.dir = config_dict.placeholder(str)  # IDX files (or cifar-10-batches-py); None: search
   config.data.val_fraction = 0.1     # carved from the training set (early stopping, model choice)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "mlp"          # mlp | convnet | resmlp | cnn (lrnet.models)
+  config.model.name = "mlp"  # mlp | convnet | resmlp | cnn | resnet18 | transformer | "module:fn"
   config.model.hidden = (1024,) * 5  # mlp: hidden widths
 
   # The teacher's recipe also trains the dense controls (equal-size dense nets from scratch).
@@ -48,26 +50,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.student = recipe(epochs=10, batch_size=100, patience=3)  # low-rank students
   config.student.distillation = ml_collections.ConfigDict()  # from the teacher's outputs
   config.student.distillation.weight = 0.0       # w in (1-w)·CE + w·T²·KL(teacher‖student); 0: off
-  config.student.distillation.temperature = 4.0  # T
+  config.student.distillation.temperature = 4.0  # T, softening both outputs
 
   config.sweep = ml_collections.ConfigDict()
-  config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # int ≤ min(m, n), fraction in (0, 1], or "full"
-  config.sweep.budgets = ()           # fractions in (0, 1) of the compressed layers' dense weights:
-                                     # per-layer ranks from lrnet.allocate_ranks
+  config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # ints ≤ min(m, n), fractions, "full"
+  config.sweep.budgets = ()  # fractions in (0, 1) of the compressed layers' weights (allocated)
   config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
-  # The compressed layers (module-path globs, lrnet.compression): () includes every dense and
-  # conv layer but the output layer; exclude removes from that selection.
-  config.sweep.include = ()
-  config.sweep.exclude = ()
-  # Students to train; (): truncation only. dense_control: a dense net of the teacher's depth,
-  # as wide as fits the factorized student's parameter count, trained from scratch.
-  config.sweep.kinds = ("straight_through", "factorized", "dense_control")
+  config.sweep.include = ()  # compressed layers, module-path globs; (): dense, conv but the output
+  config.sweep.exclude = ()  # module-path globs removed from that selection
+  # dense_control: a dense net of the teacher's depth, as wide as fits the factorized student's
+  # parameter count, trained from scratch with the students' recipe (an equal training budget);
+  # dense_control_long: the same net trained with the teacher's recipe.
+  config.sweep.kinds = (  # students trained at each point; (): truncation only
+      "straight_through", "factorized", "dense_control")
 
-  # Where students start: svd (plain truncation) | whitened (truncation minimising the layer
-  # outputs' error on calibration inputs). Truncated accuracy is reported for both.
-  config.truncation = "svd"
+  # Truncated accuracy is reported for both starts.
+  config.truncation = "svd"  # students start from: svd (plain) | whitened (for calibration inputs)
   config.calibration = ml_collections.ConfigDict()  # inputs whitening the truncation
-  config.calibration.examples = 2048  # training examples
+  config.calibration.examples = 2048  # training examples whose inputs whiten the truncation
   config.calibration.damping = 0.01   # λ = damping · trace(XᵀX)/m added to XᵀX
   config.allocation = ml_collections.ConfigDict()  # per-layer ranks of sweep.budgets
   config.allocation.criterion = "greedy"  # greedy (validation loss) | energy | stable_rank
@@ -79,10 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices (lrnet.parallel): `members` splits a batch of ranks (sweep.parallel_ranks), `data`
   # splits every training batch; -1: every device the other axis leaves. 1 and 1: one device.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.members = 1
-  config.mesh.data = 1
+  config.mesh.members = 1  # devices a batch of ranks is split over
+  config.mesh.data = 1     # devices every training batch is split over
 
   config.latency = ml_collections.ConfigDict()  # forward latency, dense vs factorized
-  config.latency.batch_size = 100
-  config.latency.repeats = 30
+  config.latency.batch_size = 100  # examples per measured forward pass
+  config.latency.repeats = 30     # timed passes (the median is reported)
+  config.latency.remeasure = False  # measure again though this workdir's results.json has them
   return config

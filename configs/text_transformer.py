@@ -47,6 +47,7 @@ def get_config():
   config.student.warmup_epochs = 0.1
   config.student.patience = 0
 
+  config.sweep.kinds = ("straight_through", "factorized", "dense_control", "dense_control_long")
   config.sweep.ranks = (8, 16, 32)
   config.sweep.budgets = (0.25,)
   config.sweep.parallel_ranks = True

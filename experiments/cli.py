@@ -1,11 +1,14 @@
-"""What every lrnet entry point shares: the config flag and user-facing error handling."""
+"""What every lrnet entry point shares: the config flag, `--help` with every config field, and
+user-facing error handling."""
 
+import ast
 import difflib
 import importlib.util
 import os
 import re
 import signal
 import sys
+import tokenize
 
 from absl import app
 from absl import flags
@@ -24,6 +27,10 @@ CONFIG = config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config"])
 
 USER_ERRORS = (config_lib.ConfigError, data.DataError, train.NonFiniteError)
+HELP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "digits.py")  # the quick start's: `--help` without `--config`
+# `config.teacher.epochs = 30  # its meaning`: the target less its first name, and the comment.
+ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*((?:\.\w+)+)\s*=(?!=)")
 
 
 def _exit_with(message: str):
@@ -60,14 +67,77 @@ def load_config(spec: str):
   return module.get_config(*args)
 
 
-def _field_paths(config, prefix: str = "") -> list[str]:
-  """Every group and field of `config` as a dotted path."""
-  paths = []
+def _fields(config, prefix: str = "") -> list[tuple[str, object]]:
+  """Every group and field of `config` as (dotted path, value)."""
+  fields = []
   for key, value in config.items():
-    paths.append(prefix + key)
+    fields.append((prefix + key, value))
     if hasattr(value, "items"):
-      paths += _field_paths(value, f"{prefix}{key}.")
-  return paths
+      fields += _fields(value, f"{prefix}{key}.")
+  return fields
+
+
+def _config_sources(path: str) -> list[str]:
+  """The config files `path` imports (`from configs import mnist`), depth first, then `path`."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  sources = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "configs":
+      for alias in node.names:
+        spec = importlib.util.find_spec(f"configs.{alias.name}")
+        sources += [s for s in _config_sources(spec.origin) if s not in sources]
+  return sources + [os.path.abspath(path)]
+
+
+def field_comments(path: str) -> list[tuple[str, str]]:
+  """(target, comment) of every assignment that a comment ends, in the order of
+  `_config_sources`: the convention that a field's comment is its meaning. The target is the
+  assigned name less its first part: `teacher.epochs`, or `epochs` of a recipe's `run.epochs`."""
+  comments = []
+  for source in _config_sources(path):
+    with open(source) as f:
+      for token in tokenize.generate_tokens(f.readline):
+        match = ASSIGNMENT.match(token.line) if token.type == tokenize.COMMENT else None
+        if match:
+          comments.append((match.group(1)[1:], token.string.lstrip("#").strip()))
+  return comments
+
+
+def config_fields(spec: str) -> list[tuple[str, str, str]]:
+  """(field, value, meaning) of every field of the config file `spec` ("file.py[:arg]"), by
+  name: the meaning is the comment of the field's first assignment, else of the first one of
+  a name it ends with (a recipe's)."""
+  comments = field_comments(spec.split(":", 1)[0])
+  meaning = lambda field: next(
+      (comment for target, comment in sorted(comments, key=lambda c: c[0] != field)
+       if field == target or field.endswith("." + target)), "")
+  return [(field, repr(value), meaning(field))
+          for field, value in _fields(load_config(spec)) if not hasattr(value, "items")]
+
+
+def config_help(spec: str) -> str:
+  """`--help`: the entry point's docstring and every field of the config `spec`."""
+  fields = config_fields(spec)
+  width = min(max(len(f"{field} = {value}") for field, value, _ in fields), 48)
+  return "\n".join([(sys.modules["__main__"].__doc__ or "").strip(), "",
+                    f"Fields of {spec} (set one with --config.FIELD=VALUE; absl's flags: "
+                    "--helpfull):"]
+                   + [f"  {f'{field} = {value}':<{width}}  # {meaning}".rstrip(" #")
+                      for field, value, meaning in fields])
+
+
+def field_table(spec: str) -> str:
+  """README.md's table of the fields of `spec`, markdown; `teacher.X` and `student.X` share a
+  row where their meanings agree."""
+  rows = {}  # (field less "teacher."/"student.", meaning) -> [(field, value)], teacher first
+  for field, value, meaning in config_fields(spec):
+    row = rows.setdefault((re.sub(r"^(student|teacher)\.", "", field), meaning), [])
+    row.insert(0 if field.startswith("teacher.") else len(row), (field, value))
+  cells = lambda items: ", ".join(f"`{item}`" for item in items)
+  return "\n".join([f"| field | `{spec}` | meaning |", "| --- | --- | --- |"]
+                   + [f"| {cells(f for f, _ in row)} | {cells(v for _, v in row)} | "
+                      f"{meaning.replace('|', '/')} |" for (_, meaning), row in rows.items()])
 
 
 def check_config_overrides(argv: list[str]) -> None:
@@ -78,7 +148,7 @@ def check_config_overrides(argv: list[str]) -> None:
   fields = [re.sub(r"\[[^]]*\]", "", m.group(2)) for m in overrides if m]  # "a.b[0]": a.b
   if spec is None or not fields:
     return
-  known = _field_paths(load_config(spec))
+  known = [path for path, _ in _fields(load_config(spec))]
   for field in fields:
     if field not in known:
       close = difflib.get_close_matches(field, known, n=1)
@@ -95,8 +165,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _terminate(signum, frame):
-  del frame
-  raise KeyboardInterrupt(f"signal {signum}")
+  del signum, frame
+  raise KeyboardInterrupt()
 
 
 def run_guarded(job) -> None:
@@ -108,16 +178,21 @@ def run_guarded(job) -> None:
   except USER_ERRORS as error:
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted: everything finished so far is saved; run the same command again to resume",
-          file=sys.stderr, flush=True)
+  except KeyboardInterrupt as interrupt:
+    # A run in training stops after its epoch and says what it saved (`lrnet.sweep`).
+    saved = interrupt.args[0] if interrupt.args else "no run was training; every finished run is saved"
+    print(f"interrupted: {saved}; run the same command again to resume", file=sys.stderr,
+          flush=True)
     sys.exit(130)
 
 
 def run_app(job) -> None:
-  """The whole entry point: checks the config file and its overrides, parses flags, runs
-  `job(config)` guarded."""
+  """The whole entry point: `--help` (every field of --config, default `HELP_CONFIG`), else
+  checks the config file and its overrides, parses flags, runs `job(config)` guarded."""
   check_config_file(sys.argv)
+  if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):
+    print(config_help(_config_spec(sys.argv) or os.path.relpath(HELP_CONFIG)))
+    sys.exit(0)
   check_config_overrides(sys.argv)
 
   def main(argv):

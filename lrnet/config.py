@@ -25,7 +25,7 @@ USER_NETWORK_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 NUM_CLASSES = 10
 PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
-STUDENT_KINDS = ("straight_through", "factorized", "dense_control")
+STUDENT_KINDS = ("straight_through", "factorized", "dense_control", "dense_control_long")
 SCHEDULES = ("constant", "cosine")
 TRUNCATIONS = ("svd", "whitened")
 
@@ -312,10 +312,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       or not set(kinds) <= set(STUDENT_KINDS)):
     _fail("sweep.kinds", kinds, f"must be a tuple of distinct student kinds from {STUDENT_KINDS} "
                                 "(empty: truncation only)")
-  if "dense_control" in kinds and is_user_network(model):
-    _fail("sweep.kinds", tuple(kinds), f"'dense_control' needs a network of {', '.join(MODELS)}: "
+  if {"dense_control", "dense_control_long"} & set(kinds) and is_user_network(model):
+    _fail("sweep.kinds", tuple(kinds), f"the dense controls need a network of {', '.join(MODELS)}: "
                                        "a user network has no known width fields to shrink; "
-                                       "leave it out of sweep.kinds")
+                                       "leave them out of sweep.kinds")
   if not isinstance(_get(config, "sweep.parallel_ranks"), bool):
     _fail("sweep.parallel_ranks", config.sweep.parallel_ranks, "must be True or False")
   every = _get(config, "checkpoint_every_secs")
@@ -329,12 +329,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("mesh", config.mesh.to_dict(), "at most one axis may be -1")
   check_positive_int(config, "latency.batch_size")
   check_positive_int(config, "latency.repeats")
+  if not isinstance(config.latency.get("remeasure", False), bool):
+    _fail("latency.remeasure", config.latency.remeasure, "must be True or False")
 
 
 def experiment_fields(config: ml_collections.ConfigDict) -> dict:
   """The config as a dict, less the fields that do not change results (workdir, overwrite,
-  checkpoint_every_secs, and mesh: results equal one device's up to rounding)."""
+  checkpoint_every_secs, latency.remeasure, and mesh: results equal one device's up to
+  rounding)."""
   fields = config.to_dict()
   for key in ("workdir", "overwrite", "checkpoint_every_secs", "mesh"):
     fields.pop(key, None)
+  fields.get("latency", {}).pop("remeasure", None)
   return fields

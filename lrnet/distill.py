@@ -191,9 +191,13 @@ def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
       value[None] for value in evaluate(train.unstack(params, 1)[0], x, y)))
   state = train.init_state(template, optimizer, model_state=jax.random.PRNGKey(seed + 1),
                            ema=settings.ema_decay > 0)
+  flops = sweep.step_flops(lambda params, _, rng, x: (net.apply(params, rng, x), None), state,
+                           exp.train[0][:settings.batch_size],
+                           None if teacher is None else lambda x: teacher_apply(teacher[1], x))
   members = sweep.Members([run], [state], epoch_fn,
                           lambda tree, x, y: members_evaluate(tree["params"], x, y),
-                          lambda tree, _: tree["params"], () if teacher is None else (teacher[1],))
+                          lambda tree, _: tree["params"], () if teacher is None else (teacher[1],),
+                          flops)
   [(record, params)] = sweep.train_members(exp, members, settings, seed,
                                            fingerprint(exp.config, run))
   return sweep.finish_network(exp, run, params, record)

@@ -36,17 +36,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from lrnet import allocation
 from lrnet import io
+from lrnet import spectra as spectra_lib
 
 ACCURACY_SERIES = (
     ("truncated_accuracy", "truncated SVD (no retraining)"),
     ("whitened_truncated_accuracy", "whitened truncation (no retraining)"),
     ("straight_through_accuracy", "straight-through retrained"),
     ("factorized_accuracy", "factorized fine-tuned"),
-    ("dense_control_accuracy", "dense control (same size, from scratch)"),
+    ("dense_control_accuracy", "dense control (same size and training budget)"),
+    ("dense_control_long_accuracy", "dense control (same size, teacher's recipe)"),
 )
 # Where a series' points sit on the parameter axis (default: the compressed network's size).
-PARAMS_KEYS = {"dense_control_accuracy": "dense_control_params"}
+PARAMS_KEYS = {"dense_control_accuracy": "dense_control_params",
+               "dense_control_long_accuracy": "dense_control_long_params"}
 ACCURACY_FILE = "accuracy_vs_params.png"
 LATENCY_FILE = "latency_vs_rank.png"
 _FIGSIZE = (7.0, 4.5)
@@ -60,7 +64,7 @@ class LatencySeries(NamedTuple):
   dense_ms: float | None  # teacher.latency_ms: one horizontal line
   factorized: Points  # (int rank, latency_factorized_ms), sorted by rank
   theory: Points  # (int rank, theoretical_latency_ratio × dense_ms)
-  break_even: list[tuple[tuple[int, int], float]]  # (m, n), r* inside x-range
+  break_even: list[tuple[tuple[int, int], int]]  # (m, n), break-even rank inside x-range
   left_out: list[str]  # labels of the ranks with no place on the rank axis
 
 
@@ -102,14 +106,6 @@ def _points(pairs) -> Points:
   """The (x, y) pairs with both finite, sorted by x, as two lists."""
   pairs = sorted((x, y) for x, y in pairs if x is not None and y is not None)
   return [x for x, _ in pairs], [y for _, y in pairs]
-
-
-def break_even_rank(m: int, n: int) -> float:
-  r"""Rank at which an m×n layer costs as much factorized as dense.
-
-  :math:`r(m + n) = mn \iff r^* = mn/(m + n)`; above it factorizing costs more.
-  """
-  return m * n / (m + n)
 
 
 def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -170,7 +166,7 @@ def latency_series(results: Mapping[str, Any]) -> LatencySeries:
   break_even = []
   if ranks:
     for shape in layer_shapes(results):
-      rank = break_even_rank(*shape)
+      rank = allocation.break_even_rank(shape)
       if min(ranks) <= rank <= max(ranks):
         break_even.append((shape, rank))
   left_out = [_rank_label(entry.get("rank")) for entry in entries
@@ -315,3 +311,21 @@ def write_plots(results: Mapping[str, Any],
     io.atomic_savefig(fig, path, dpi=_DPI)
     paths.append(path)
   return paths
+
+
+def plot_teacher_spectrum(spectra: Mapping[str, Mapping[str, Any]], dataset: str,
+                          swept: Mapping[str, Sequence[int]]) -> Figure:
+  """`lrnet.spectra.plot_spectra`'s figure of the teacher's layers, titled with the
+  dataset, with each layer's swept ranks (`swept`: {layer: ranks}) marked × on its line."""
+  fig = spectra_lib.plot_spectra(spectra)
+  axes = fig.axes[0]
+  lines = {line.get_label(): line for line in axes.get_lines()}
+  for name, ranks in swept.items():
+    if name in lines:
+      values = lines[name].get_ydata()
+      ranks = [rank for rank in ranks if 1 <= rank <= len(values)]
+      axes.plot(ranks, [values[rank - 1] for rank in ranks], marker="x", markersize=9,
+                linestyle="none", color=lines[name].get_color())
+  axes.set_title(f"{dataset}: the teacher's singular values (o, □: 90, 99 % energy; "
+                 "×: swept ranks)")
+  return fig

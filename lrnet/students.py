@@ -36,7 +36,7 @@ or transposed convolutions: `unfactorizable` names them; naming one is an error)
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax

@@ -19,10 +19,13 @@ fingerprint differs is refused unless `overwrite` (then it is trained again).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -44,7 +47,7 @@ from lrnet import metrics as metrics_lib
 from lrnet import models
 from lrnet import parallel
 from lrnet import plots
-from lrnet import rank_estimation
+from lrnet import spectra as spectra_lib
 from lrnet import students
 from lrnet import svd
 from lrnet import text
@@ -54,13 +57,20 @@ KINDS = config_lib.STUDENT_KINDS
 # What each sweep point reports, `<kind>_accuracy` and `<kind>_loss` (mean test cross-entropy,
 # nats per label: per byte for text) for every kind.
 RESULT_KINDS = ("truncated", "whitened_truncated", "straight_through", "factorized",
-                "dense_control")
+                "dense_control", "dense_control_long")
+# The dense controls and the recipe each trains with: the students' (an equal training budget)
+# or the teacher's.
+DENSE_CONTROLS = {"dense_control": "student", "dense_control_long": "teacher"}
 CSV_FIELDS = (("rank", "budget", "params", "compression")
               + tuple(f"{kind}_{metric}" for kind in RESULT_KINDS for metric in ("accuracy", "loss"))
-              + ("dense_control_params", "latency_factorized_ms", "theoretical_latency_ratio",
-                 "error"))
+              + ("dense_control_params", "dense_control_long_params", "latency_factorized_ms",
+                 "theoretical_latency_ratio", "error"))
 Log = Callable[[str], None]
 PLOT_EVERY_SECS = 30.0
+SILENT_SECS = 10.0  # a sweep that logged nothing this long says where it is (`heartbeat`)
+WRITES = ("results.csv", plots.ACCURACY_FILE, plots.LATENCY_FILE, spectra_lib.SPECTRUM_JSON,
+          spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/", "metrics/",
+          "tensorboard/")  # besides results.json: the final line names them
 
 
 def _print(line: str) -> None:
@@ -92,8 +102,8 @@ def run_name(rank, kind: str) -> str:
 def fingerprint(config: ml_collections.ConfigDict, kind: Optional[str] = None) -> dict:
   """The config fields the teacher (`kind` None) or a student of `kind` depends on."""
   fields = config_lib.experiment_fields(config)
-  keys = ["seed", "data", "model", "teacher"]  # a dense control's too: it is trained like one
-  if kind not in (None, "dense_control"):
+  keys = ["seed", "data", "model", DENSE_CONTROLS.get(kind, "teacher")]
+  if kind is not None and kind not in DENSE_CONTROLS:
     keys += ["student", "truncation", "calibration", "allocation"]
     if kind == "straight_through":
       keys.append("projection")
@@ -116,7 +126,7 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, log: Log = _print):
     self.config = config
-    self.log = log
+    self._log = log
     self.workdir = os.path.abspath(config.workdir)
     self.dataset = dataset
     split = lambda s: (jnp.asarray(s.images), jnp.asarray(s.labels))
@@ -154,6 +164,34 @@ class Experiment:
     self.whitened = None        # ... of SᵀW: whitened by the layer inputs' statistics
     self.allocated = {}         # {budget fraction: {module: rank}}
     self.cache = {}             # compiled programs, shared by every rank
+    self.places = {}            # {run: "3/14 rank 8 factorized"}: its place in the plan (`plan`)
+    self.epochs_left = 0        # member epochs the plan has still to train (`time_left`)
+    self.epochs_done = 0        # ... and has trained since
+    self.started = time.perf_counter()
+    self.latencies = {}         # forward latencies measured before (`known_latencies`)
+    self.doing = "starting"     # where the sweep is, for `heartbeat`
+    self.last_line = time.perf_counter()  # when the last line was logged
+    self.interrupted = []       # signals deferred to the end of the epoch (`deferred_interrupts`)
+
+  def log(self, line: str) -> None:
+    self.last_line = time.perf_counter()
+    self._log(line)
+
+  def where(self, runs: list) -> str:
+    """'[3/14 rank 8 factorized]': the runs' places in the plan (their names outside a sweep)."""
+    return f"[{', '.join(self.places.get(run, run) for run in runs)}]"
+
+  def latency(self, key: str, measure: Callable[[], float]) -> float:
+    """A forward latency in ms: as measured before for `key` (`known_latencies`), else
+    `measure()`'s."""
+    return self.latencies[key] if key in self.latencies else measure()
+
+  def time_left(self) -> str:
+    """'; sweep ≈ 40 s left': the member epochs left × the sweep's seconds per epoch so far."""
+    if not (self.places and self.epochs_done):
+      return ""
+    left = self.epochs_left * (time.perf_counter() - self.started) / self.epochs_done
+    return f"; sweep ≈ {left:.0f} s left" if left < 120 else f"; sweep ≈ {left / 60:.0f} min left"
 
   def optimizer(self, settings):
     """The optimizer of a run's recipe (`teacher` or `student` section)."""
@@ -209,20 +247,21 @@ class Experiment:
     return io.read_json(path) if os.path.exists(path) else None
 
   def log_epoch(self, run: str, metrics: dict) -> None:
-    self.log(f"[{run}] epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
+    self.log(f"{self.where([run])} epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
              f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
-             f"({metrics['seconds']:.1f} s)")
+             f"({metrics['seconds']:.1f} s{self.time_left()})")
 
-  def periodic_saver(self, checkpointer: checkpoint.Checkpointer) -> Callable[[int, Any], None]:
-    """`save(step, tree)` that writes a checkpoint when `checkpoint_every_secs` have passed
-    since the last one (0: every call). Resume then repeats at most that much training."""
-    last = [time.perf_counter()]
+  def periodic_saver(self, checkpointer: checkpoint.Checkpointer) -> Callable[..., None]:
+    """`save(step, tree, at_once=False)` that writes a checkpoint when `checkpoint_every_secs`
+    have passed since the last one (0: every call), or `at_once`, once per step. Resume then
+    repeats at most that much training."""
+    last = [time.perf_counter(), None]  # time and step of the last save
 
-    def save(step: int, tree) -> None:
+    def save(step: int, tree, at_once: bool = False) -> None:
       now = time.perf_counter()
-      if now - last[0] >= self.config.checkpoint_every_secs:
+      if step != last[1] and (at_once or now - last[0] >= self.config.checkpoint_every_secs):
         checkpointer.save(step, tree)
-        last[0] = now
+        last[:] = now, step
     return save
 
   def finish(self, run: str, params, record: dict) -> dict:
@@ -234,6 +273,101 @@ class Experiment:
     return record
 
 
+@contextlib.contextmanager
+def deferred_interrupts(exp: Experiment):
+  """Inside, SIGINT and SIGTERM are noted in `exp.interrupted` rather than stopping the process
+  at once, so that the epoch in training ends and is saved first (`train_members`); a second
+  one stops at once. Signal handlers live in the main thread: elsewhere nothing changes."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def note(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if exp.interrupted:
+      raise KeyboardInterrupt(f"{name} again: stopped at once, losing the epoch in training; "
+                              "the last checkpoint and every finished run are kept")
+    exp.interrupted.append(name)
+  previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def heartbeat(exp: Experiment, silent_secs: float = SILENT_SECS):
+  """Inside, a thread logs where the sweep is (`exp.doing`) when nothing was logged for
+  `silent_secs`, and at once when an interrupt waits for the epoch to end."""
+  done, told = threading.Event(), [0]
+
+  def beat():
+    while not done.wait(0.5):
+      silent = time.perf_counter() - exp.last_line
+      if len(exp.interrupted) > told[0]:
+        told[0] = len(exp.interrupted)
+        exp.log(f"{exp.interrupted[-1]}: stopping once {exp.doing} is trained and saved "
+                "(again: stop at once, losing it)")
+      elif silent >= silent_secs:
+        exp.log(f"{exp.doing} ({silent:.0f} s without output)")
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
+def point_label(point) -> str:
+  """'rank 8', 'rank 0.25', 'budget 0.05'."""
+  return f"budget {point.fraction}" if isinstance(point, Budget) else f"rank {point}"
+
+
+def plan(exp: Experiment) -> str:
+  """Numbers the sweep's runs in training order (`exp.places`), counts the epochs they may
+  train (`exp.epochs_left`) and says what will run, in one line."""
+  config, points = exp.config, sweep_points(exp.config)
+  recipe = lambda kind: config[DENSE_CONTROLS.get(kind, "student")]
+  runs = [("teacher", "teacher", config.teacher.epochs)] + [
+      (run_name(point, kind), f"{point_label(point)} {kind}", recipe(kind).epochs)
+      for kind in config.sweep.kinds for point in points]
+  for i, (run, label, _) in enumerate(runs):
+    exp.places[run] = f"{i + 1}/{len(runs)} {label}"
+  exp.started = time.perf_counter()
+  reused = [label for run, label, _ in runs if exp.finished(run) is not None]
+  exp.epochs_left = sum(epochs for run, _, epochs in runs if exp.finished(run) is None)
+  students = f"{', '.join(config.sweep.kinds)} at" if config.sweep.kinds else "truncation only at"
+  at = " and ".join(filter(None, [f"ranks {', '.join(map(str, config.sweep.ranks))}",
+                                  config.sweep.budgets and
+                                  f"budgets {', '.join(map(str, config.sweep.budgets))}"]))
+  return (f"plan: {len(runs)} runs: the teacher, then {students} {at}; "
+          + (f"reusing {len(reused)} finished: {', '.join(reused)}" if reused
+             else "none finished before"))
+
+
+def known_latencies(exp: Experiment) -> dict:
+  """The forward latencies (ms) results.json in the workdir holds for this network, its
+  compressed layers, the latency settings and these devices: {"teacher": ms, `_digest` of a
+  point's layer ranks: ms}; {} with `latency.remeasure`. A rerun then rewrites them unchanged."""
+  path = exp.path("results.json")
+  if exp.config.latency.get("remeasure") or not os.path.exists(path):
+    return {}
+  old = io.read_json(path)
+  new = io.to_jsonable({"config": config_lib.experiment_fields(exp.config),
+                        "devices": parallel.describe(exp.mesh),
+                        "layers": [{"name": n, "shape": list(s)} for n, s in exp.layers.items()]})
+  if (old.get("devices") != new["devices"] or old.get("layers") != new["layers"]
+      or any(old["config"].get(key) != new["config"][key] for key in ("data", "model", "latency"))):
+    return {}
+  ranks = lambda entry: entry.get("layer_ranks") or exp.ranks(entry["rank"])
+  return {"teacher": old["teacher"]["latency_ms"],
+          **{_digest(ranks(entry)): entry["latency_factorized_ms"]
+             for entry in old["ranks"] + old.get("budgets", [])}}
+
+
 class Members(NamedTuple):
   """One batch of runs trained together by `train.fit` (a single run is a batch of one)."""
   names: list           # run names, one per member
@@ -242,6 +376,26 @@ class Members(NamedTuple):
   evaluate: Callable    # (stacked {"params", "state"}, images, labels) -> (accuracies [n], losses [n])
   final_params: Callable  # (member {"params", "state"}, index) -> what to save
   epoch_args: tuple = ()  # passed on to every epoch_fn call (a distilling batch's teacher)
+  step_flops: Optional[float] = None  # one member's training step (`step_flops`)
+
+
+def step_flops(apply_fn: Callable, state: train.TrainState, images, extra_forward=None) -> float:
+  """Estimated FLOPs of one training step on the batch `images`: XLA's cost analysis of the
+  lowered (not compiled) gradient of `apply_fn(params, model_state, rng, images)`'s logits —
+  forward, backward and whatever the forward does besides (a straight-through student's
+  trackers) — plus `extra_forward(images)`'s (a distilling teacher), Adam's updates left out."""
+  def loss(params):
+    return jnp.sum(apply_fn(params, state.model_state, jax.random.PRNGKey(0), images)[0])
+  flops = jax.jit(jax.grad(loss)).lower(state.params).cost_analysis().get("flops", 0.0)
+  if extra_forward is not None:
+    flops += jax.jit(extra_forward).lower(images).cost_analysis().get("flops", 0.0)
+  return float(flops)
+
+
+def cost(record: dict) -> dict:
+  """A run record's training cost: optimizer steps, epochs, examples seen, wall seconds and
+  estimated training FLOPs (`step_flops` × steps)."""
+  return {key: record.get(key) for key in ("steps", "epochs", "examples", "seconds", "train_flops")}
 
 
 def train_members(exp: Experiment, members: Members, settings, seed: int,
@@ -256,33 +410,51 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   progress = train.start_progress(members.states, train.evaluated_with_state)
   checkpointer = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
+  where, count = exp.where(members.names), len(members.names)
   if resumed:
     progress, _ = checkpointer.restore(progress)
-    exp.log(f"[{', '.join(members.names)}] resuming after epoch {int(progress.epoch)}")
+    exp.log(f"{where} resuming after epoch {int(progress.epoch)}")
+  exp.epochs_left -= int(progress.epoch) * count
+  exp.doing = f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
   steps = np.asarray(progress.state.step)
   writers = [metrics_lib.MetricsWriter(exp.workdir, name,
                                        resume_from_step=int(steps[i]) if resumed else None)
              for i, name in enumerate(members.names)]
   saver = exp.periodic_saver(checkpointer)
 
+  def save(progress):
+    """Checkpoints when due; with an interrupt deferred (SIGINT, SIGTERM) at once, and stops."""
+    epoch = int(progress.epoch)
+    saver(epoch, progress, at_once=bool(exp.interrupted))
+    if exp.interrupted:
+      raise KeyboardInterrupt(f"{exp.interrupted[0]} during {where}: saved it after epoch "
+                              f"{epoch} of {settings.epochs} in {checkpoint_dir}")
+
   def on_epoch(progress, member_metrics):
-    saver(int(progress.epoch), progress)
+    exp.epochs_left, exp.epochs_done = exp.epochs_left - count, exp.epochs_done + count
     for name, writer, metrics in zip(members.names, writers, member_metrics):
       if metrics is not None:
         writer.write(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
         exp.log_epoch(name, metrics)
+    exp.doing = f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
+    save(progress)
 
   try:
-    progress = train.fit(progress, members.epoch_fn, lambda p: members.evaluate(p, *exp.val)[0],
-                         *exp.train, epochs=settings.epochs, seed=seed,
-                         patience=settings.patience or None,
-                         on_epoch=on_epoch, epoch_args=members.epoch_args,
-                         mesh=exp.mesh_for(len(members.states)),
-                         evaluated=train.evaluated_with_state)
+    with deferred_interrupts(exp):
+      progress = train.fit(progress, members.epoch_fn, lambda p: members.evaluate(p, *exp.val)[0],
+                           *exp.train, epochs=settings.epochs, seed=seed,
+                           patience=settings.patience or None,
+                           on_epoch=on_epoch, epoch_args=members.epoch_args,
+                           mesh=exp.mesh_for(len(members.states)),
+                           evaluated=train.evaluated_with_state)
+      if exp.interrupted:  # after the last epoch's `on_epoch`
+        save(progress)
   finally:
     for writer in writers:
       writer.close()
     checkpointer.close()
+  exp.epochs_left -= (settings.epochs - int(progress.epoch)) * count  # stopped early
+  exp.doing = f"{where} testing"
   test_accuracy, test_loss = map(np.asarray, members.evaluate(progress.best_params, *exp.test))
   seconds = time.perf_counter() - start
   outcomes = []
@@ -294,9 +466,12 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
       exp.log(f"[{name}] FAILED: {message}")
       outcomes.append(({"error": message}, None))
       continue
+    steps = int(np.asarray(progress.state.step)[i])
     record = {"test_accuracy": float(test_accuracy[i]), "test_loss": float(test_loss[i]),
               "val_accuracy": float(progress.best_val_accuracy[i]),
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
+              "steps": steps, "examples": steps * settings.batch_size,
+              "train_flops": None if members.step_flops is None else steps * members.step_flops,
               "seconds": seconds, "trained_with": list(members.names),
               "fingerprint": fingerprint_fields}
     outcomes.append((record, members.final_params(params, i)))
@@ -326,8 +501,10 @@ def saved(exp: Experiment, params, state) -> Any:
   return {"params": params, "state": {name: state[name] for name in exp.teacher_state}}
 
 
-def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict) -> tuple:
-  """Trains (or reloads) a dense network `fn` from scratch with the teacher's recipe.
+def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
+                settings=None) -> tuple:
+  """Trains (or reloads) a dense network `fn` from scratch with the recipe `settings` (a config
+  section; default the teacher's).
 
   Returns:
     (params, state, record), or (None, None, record with "error") if its loss or parameters
@@ -340,10 +517,11 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
     exp.teacher_state = state  # its structure; the trained values replace it
   record = exp.finished(run)
   if record is not None:
-    exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
+    if run not in exp.places:  # else the plan listed it
+      exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
     tree = checkpoint.load_pytree(exp.path("models", run), saved(exp, params, state))
     return (*((tree["params"], tree["state"]) if state else (tree, {})), record)
-  settings = exp.config.teacher
+  settings = settings or exp.config.teacher
   start = train.init_state(params, exp.optimizer(settings), model_state=state,
                            ema=settings.ema_decay > 0)
   evaluate = (exp.evaluate_dense if fn is exp.fn
@@ -351,7 +529,8 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
   members = Members([run], [start], exp.members_epoch(net.apply, settings, 1),
                     _evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y,
                                                                   tree["state"]), exp.unroll),
-                    lambda tree, _: tree)
+                    lambda tree, _: tree,
+                    step_flops=step_flops(net.apply, start, exp.train[0][:settings.batch_size]))
   [(record, tree)] = train_members(exp, members, settings, exp.config.seed, fields)
   if tree is None:
     return None, None, record
@@ -366,8 +545,8 @@ def finish_network(exp: Experiment, run: str, params, record: dict, to_save=None
   if params is None:
     return None, record
   record["params"] = compress_lib.count_params(params)
-  exp.log(f"[{run}] test accuracy {record['test_accuracy']:.4f} (val {record['val_accuracy']:.4f}, "
-          f"{record['epochs']} epochs, {record['seconds']:.1f} s)")
+  exp.log(f"{exp.where([run])} test accuracy {record['test_accuracy']:.4f} (val "
+          f"{record['val_accuracy']:.4f}, {record['epochs']} epochs, {record['seconds']:.1f} s)")
   return params, exp.finish(run, params if to_save is None else to_save, record)
 
 
@@ -387,21 +566,21 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   return params, record
 
 
-def run_dense_control(exp: Experiment, rank) -> dict:
-  """The dense control of `rank`: the widest network of the teacher's depth with at most the
-  factorized student's parameters (`models.dense_control`), trained from scratch like the
-  teacher."""
+def run_dense_control(exp: Experiment, rank, kind: str) -> dict:
+  """The dense control `kind` of `rank`: the widest network of the teacher's depth with at most
+  the factorized student's parameters (`models.dense_control`), trained from scratch with the
+  recipe `DENSE_CONTROLS[kind]` names."""
   max_params = sum(row.compressed_params
                    for row in compress_lib.summarize(exp.teacher_params, exp.ranks(rank)))
   try:
     model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example,
                                          max_params)
   except ValueError as error:  # e.g. fixed conv layers larger than the student
-    exp.log(f"[{run_name(rank, 'dense_control')}] not trained: {error}")
+    exp.log(f"[{run_name(rank, kind)}] not trained: {error}")
     return {"error": str(error)}
-  _, _, record = train_dense(exp, run_name(rank, "dense_control"),
-                             models.network(model, exp.num_classes), exp.config.seed,
-                             fingerprint(exp.config, "dense_control"))
+  _, _, record = train_dense(exp, run_name(rank, kind), models.network(model, exp.num_classes),
+                             exp.config.seed, fingerprint(exp.config, kind),
+                             exp.config[DENSE_CONTROLS[kind]])
   return {**record, "params": params}
 
 
@@ -477,9 +656,14 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
   evaluate_members = lambda tree, images, labels: member_evaluate(tree, images, labels,
                                                                  *stacked_ranks)
+  teacher_forward = (lambda x: eval_apply(exp.eval_fn)(exp.teacher_params, x, teacher_state)
+                     if distill else None)
+  flops = exp.cached(("flops",) + key, lambda: step_flops(
+      net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
   return Members([run_name(r, kind) for r in ranks], states, epoch_fn, evaluate_members,
                  final_params,
-                 ({"params": exp.teacher_params, "state": teacher_state},) if distill else ())
+                 ({"params": exp.teacher_params, "state": teacher_state},) if distill else (),
+                 flops)
 
 
 def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:
@@ -495,9 +679,9 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
       pending.append(rank)
   if done:
     on_records(done)
-  if kind == "dense_control":
+  if kind in DENSE_CONTROLS:
     for rank in pending:
-      on_records({rank: run_dense_control(exp, rank)})
+      on_records({rank: run_dense_control(exp, rank, kind)})
     return
   for ranks in rank_batches(exp.config, pending):
     outcomes = train_members(exp, student_members(exp, kind, ranks), exp.config.student,
@@ -506,7 +690,8 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
     for rank, (record, params) in zip(ranks, outcomes):
       name = run_name(rank, kind)
       if params is not None:
-        exp.log(f"[{name}] test accuracy {record['test_accuracy']:.4f} ({record['epochs']} epochs)")
+        exp.log(f"{exp.where([name])} test accuracy {record['test_accuracy']:.4f} "
+                f"({record['epochs']} epochs)")
         record = exp.finish(name, params, record)
       records[rank] = record
     on_records(records)
@@ -576,10 +761,10 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
           **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in ("accuracy", "loss")},
           "truncated_accuracy": truncated[0], "truncated_loss": truncated[1],
           "whitened_truncated_accuracy": whitened[0], "whitened_truncated_loss": whitened[1],
-          "dense_control_params": None,
-          "latency_factorized_ms": train.measure_latency(
+          "dense_control_params": None, "dense_control_long_params": None,
+          "latency_factorized_ms": exp.latency(_digest(ranks), lambda: train.measure_latency(
               lambda p, s, x: factorized.apply(p, s, x)[0], compressed, exp.teacher_state,
-              batch, repeats=config.latency.repeats),
+              batch, repeats=config.latency.repeats)),
           # Matmul FLOPs of the factorized network over the dense one (conv layers per output
           # position: exact for the whole network only when they share one output size).
           "theoretical_latency_ratio": (sum(row.compressed_flops for row in rows)
@@ -620,9 +805,12 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
   if not parallel.is_main_process():
     return
   io.atomic_write_json(exp.path("results.json"), results)
-  rows = [{field: entry.get(field) for field in CSV_FIELDS}
-          for entry in results["ranks"] + results["budgets"]]
-  io.atomic_write_csv(exp.path("results.csv"), rows, CSV_FIELDS)
+  # First the teacher's row: the dense network's size, test numbers and forward latency.
+  teacher = {**results["teacher"], "rank": "teacher", "compression": 1.0}
+  fields = CSV_FIELDS + ("test_accuracy", "test_loss", "latency_ms")
+  rows = [{field: entry.get(field) for field in fields}
+          for entry in [teacher] + results["ranks"] + results["budgets"]]
+  io.atomic_write_csv(exp.path("results.csv"), rows, fields)
   if with_plots:
     plots.write_plots(results, exp.workdir)
 
@@ -652,10 +840,12 @@ def format_table(results: dict, workdir: str) -> str:
   lines = [f"{results['dataset']}: teacher test {teacher_score}, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
            f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} {'whitened':>10} "
-           f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'factorized':>11}",
+           f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'dense ctrl.':>11} "
+           f"{'factorized':>11}",
            f"{'':>6} {'':>11} {'by':>8} {'':>10} {'truncated':>10} {'through':>10} "
-           f"{'':>11} {'control':>11} {'forward ms':>11}",
-           f"{'':>6} {'':>11} {'':>8} {unit:>10} {unit:>10} {unit:>10} {unit:>11} {unit:>11}"]
+           f"{'':>11} {'control':>11} {'teacher rec.':>11} {'forward ms':>11}",
+           f"{'':>6} {'':>11} {'':>8} {unit:>10} {unit:>10} {unit:>10} {unit:>11} {unit:>11} "
+           f"{unit:>11}"]
   for e in results["ranks"] + results.get("budgets", []):
     point = str(e["rank"]) if "rank" in e else f"b{e['budget']}"
     values = [f"{show(score(results, e, kind)):>{10 if i < 3 else 11}}"
@@ -666,8 +856,8 @@ def format_table(results: dict, workdir: str) -> str:
   if results.get("budgets"):
     lines.append("budgets (bF: a fraction F of the compressed layers' weights), ranks per layer: "
                  + "; ".join(f"b{e['budget']} {e['layer_ranks']}" for e in results["budgets"]))
-  lines.append(f"results: {os.path.join(workdir, 'results.json')} (and results.csv, "
-               f"accuracy_vs_params.png, latency_vs_rank.png; per-epoch metrics in metrics/)")
+  lines.append(f"results: {os.path.join(workdir, 'results.json')}, and in that directory "
+               f"{', '.join(WRITES)}")
   return "\n".join(lines)
 
 
@@ -732,25 +922,41 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   Raises:
     config_lib.ConfigError, data.DataError: see `open_experiment`.
     train.NonFiniteError: the teacher diverged.
+    KeyboardInterrupt: SIGINT or SIGTERM; a run in training saves its epoch first and says so.
   """
   exp = open_experiment(config, log)
+  exp.latencies = known_latencies(exp)  # before results.json is rewritten
+  exp.log(plan(exp))
+  with heartbeat(exp):
+    return _sweep(exp)
+
+
+def _sweep(exp: Experiment) -> dict:
+  """`run_sweep` of an opened experiment."""
+  config, log = exp.config, exp.log
   teacher_params, teacher = run_teacher(exp)
   exp.teacher_params = teacher_params
   exp.decompositions = compress_lib.decompose(teacher_params, include=list(exp.layers))
+  exp.doing = "calibrating the whitened truncation, allocating the budgets' ranks"
   prepare_points(exp)
-  spectra = rank_estimation.layer_spectra({name: teacher_params[name] for name in exp.layers})
-  rank_estimation.write_spectra(spectra, exp.workdir)
-  log(rank_estimation.format_spectra(spectra))
+  spectra = spectra_lib.layer_spectra({name: teacher_params[name] for name in exp.layers})
+  io.atomic_write_json(exp.path(spectra_lib.SPECTRUM_JSON), spectra)
+  swept = {name: sorted({exp.ranks(point)[name] for point in sweep_points(config)
+                         if name in exp.ranks(point)}) for name in exp.layers}
+  io.atomic_savefig(plots.plot_teacher_spectrum(spectra, config.data.name, swept),
+                    exp.path(spectra_lib.SPECTRUM_PNG), dpi=150)
+  log(spectra_lib.format_spectra(spectra))
+  exp.doing = "truncating and timing every rank and budget"
   batch = exp.test[0][:config.latency.batch_size]
   layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
              "devices": parallel.describe(exp.mesh),
-             "teacher": {**{key: teacher[key] for key in ("test_accuracy", "test_loss",
-                                                          "val_accuracy", "params", "epochs",
-                                                          "seconds")},
-                         "latency_ms": train.measure_latency(
+             "teacher": {**{key: teacher.get(key) for key in ("test_accuracy", "test_loss",
+                                                              "val_accuracy", "params")},
+                         **cost(teacher),
+                         "latency_ms": exp.latency("teacher", lambda: train.measure_latency(
                              eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
-                             repeats=config.latency.repeats)},
+                             repeats=config.latency.repeats))},
              "layers": layers,
              "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
              "budgets": [rank_numbers(exp, Budget(b), teacher_params)
@@ -767,8 +973,9 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
         entry = entries[rank]
         entry[f"{kind}_accuracy"] = record.get("test_accuracy")
         entry[f"{kind}_loss"] = record.get("test_loss")
-        if kind == "dense_control":
-          entry["dense_control_params"] = record.get("params")
+        entry[f"{kind}_cost"] = cost(record)
+        if kind in DENSE_CONTROLS:
+          entry[f"{kind}_params"] = record.get("params")
         if "error" in record:
           entry["error"] = "; ".join(filter(None, [entry.get("error"), f"{kind}: {record['error']}"]))
       with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
@@ -784,4 +991,6 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
 
 def train_teacher_only(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   """Trains (or reloads) the teacher of `config` into its workdir; returns its record."""
-  return run_teacher(open_experiment(config, log))[1]
+  exp = open_experiment(config, log)
+  with heartbeat(exp):
+    return run_teacher(exp)[1]

@@ -110,7 +110,7 @@ def _single_layer(weight):
 
 def test_whitening_with_an_isotropic_covariance_is_plain_truncation():
   weight = RANDOM.normal(size=(12, 9))
-  calibration = lrnet.Calibration({"layer": 7.0 * 50 * np.eye(12)}, {"layer": 50})
+  calibration = lrnet.calibration.Calibration({"layer": 7.0 * 50 * np.eye(12)}, {"layer": 50})
   params = _single_layer(weight)
   whitened = lrnet.project(params, {"layer": 4}, calibration=calibration)["layer"]["w"]
   np.testing.assert_allclose(whitened, lrnet.project(params, {"layer": 4})["layer"]["w"], atol=1e-5)
@@ -121,7 +121,7 @@ def test_whitened_truncation_is_the_data_weighted_optimum_and_beats_plain_trunca
   x = RANDOM.normal(size=(rows, m)) * np.geomspace(10, 0.1, m)  # anisotropic, rotated
   x = x @ np.linalg.qr(RANDOM.normal(size=(m, m)))[0]
   weight = RANDOM.normal(size=(m, n))
-  calibration = lrnet.Calibration({"layer": x.T @ x}, {"layer": rows}, damping=0.0)
+  calibration = lrnet.calibration.Calibration({"layer": x.T @ x}, {"layer": rows}, damping=0.0)
   params = _single_layer(weight)
   whitened = np.asarray(
       lrnet.project(params, {"layer": rank}, calibration=calibration)["layer"]["w"], np.float64)
@@ -149,7 +149,7 @@ def test_a_singular_covariance_gives_finite_truncations(damping):
   x = RANDOM.normal(size=(40, 10))
   x[:, :4] = 0.0  # inputs that are always zero, such as constant border pixels
   weight = RANDOM.normal(size=(10, 6))
-  calibration = lrnet.Calibration({"layer": x.T @ x}, {"layer": 40}, damping=damping)
+  calibration = lrnet.calibration.Calibration({"layer": x.T @ x}, {"layer": 40}, damping=damping)
   projected = np.asarray(lrnet.project(_single_layer(weight), {"layer": 2},
                                        calibration=calibration)["layer"]["w"], np.float64)
   assert np.all(np.isfinite(projected))

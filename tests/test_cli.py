@@ -125,11 +125,6 @@ def test_a_removed_projection_method_is_one_line_naming_the_allowed_ones(method,
       "(streaming and subspace were removed)")
 
 
-def test_config_defines_the_methods_itself():
-  assert config_lib.PROJECTION_METHODS == ("exact", "alternating")
-  assert not hasattr(config_lib, "models")  # lrnet.models no longer decides what a config allows
-
-
 def test_a_non_finite_error_is_one_line(monkeypatch, capsys):
   monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's handlers
   monkeypatch.setattr(cli.logging, "set_verbosity", lambda level: None)
@@ -141,3 +136,29 @@ def test_a_non_finite_error_is_one_line(monkeypatch, capsys):
     cli.run_guarded(job)
   assert exit_info.value.code == 2
   assert capsys.readouterr().err == "error: teacher: non-finite loss nan at step 3\n"
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  return {name: value for key, value in tree.items()
+          for name, value in (_leaves(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                              else [(prefix + key, value)])}
+
+
+@pytest.mark.parametrize("args, spec", [((), "configs/digits.py"),
+                                        (("--config=configs/fashion_mnist_resnet.py",),
+                                         "configs/fashion_mnist_resnet.py")])
+def test_help_lists_every_field_of_the_given_config_with_its_value_and_meaning(args, spec):
+  result = run_entry_point("experiments.sweep", "--help", *args)
+  assert result.returncode == 0, result.stderr
+  assert f"Fields of {spec} (set one with --config.FIELD=VALUE" in result.stdout
+  lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+  fields = _leaves(cli.load_config(spec).to_dict())
+  listed = {line.split(" = ")[0]: line for line in lines if " = " in line}
+  assert set(listed) == set(fields)
+  for field, value in fields.items():
+    assert listed[field].startswith(f"{field} = {value!r}")
+  meanings = {field: line.split("  # ", 1)[1] for field, line in listed.items() if "  # " in line}
+  assert meanings["student.epochs"] == "at most; early stopping on validation accuracy"  # recipe's
+  assert meanings["latency.batch_size"] == "examples per measured forward pass"  # not a recipe's
+  if spec == "configs/digits.py":  # every field of the quick start's config has its meaning
+    assert set(meanings) == set(fields)

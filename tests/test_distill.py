@@ -22,7 +22,7 @@ from lrnet import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {"test_accuracy", "test_loss", "val_accuracy", "params", "epochs", "best_epoch",
-                 "seconds", "fingerprint", "trained_with"}
+                 "seconds", "fingerprint", "trained_with", "steps", "examples", "train_flops"}
 
 
 def small_config(workdir, **overrides):
@@ -58,6 +58,8 @@ def test_results_json_has_the_schema_and_the_table_is_printed(finished):
     assert set(record) == RECORD_FIELDS, run
     assert 0.0 <= record["test_accuracy"] <= 1.0 and 0.0 <= record["val_accuracy"] <= 1.0
     assert record["seconds"] > 0 and 1 <= record["best_epoch"] <= record["epochs"]
+    batch = 32 if run == "teacher" else 64
+    assert record["examples"] == record["steps"] * batch and record["train_flops"] > 0
   # 64 → 64 → 20 and 64 → 32 → 32 → 20 (k = 2 outputs per class).
   assert on_disk["runs"]["teacher"]["params"] == 64 * 64 + 64 + 64 * 20 + 20
   assert on_disk["runs"]["student_alone"]["params"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 20 + 20

@@ -118,7 +118,7 @@ def test_origin_networks_have_the_notebooks_shapes(name, images, parameters):
   assert jax.eval_shape(net.apply, params, images).shape == (2, 10)
   # The default selection: every dense and conv layer but the output layer.
   output = lrnet.compression.output_module(params)
-  assert set(lrnet.select_ranks(params, 4)) == set(params) - {output}
+  assert set(lrnet.compression.select_ranks(params, 4)) == set(params) - {output}
 
 
 def test_cnn_dropout_only_with_an_rng():

@@ -13,7 +13,7 @@ import threadpoolctl
 
 import lrnet
 from lrnet import compression
-from lrnet import rank_estimation
+from lrnet import spectra
 
 RANDOM = np.random.default_rng(3)
 SHAPES = {"dense_0": (12, 10), "dense_1": (10, 8), "dense_2": (8, 6)}
@@ -91,7 +91,7 @@ def test_modules_are_named_by_path_and_flat_names_are_unchanged():
   assert list(compression.modules(flat_tree())) == list(SHAPES)
   assert compression.matrix_shapes(nested_tree()) == {PATHS[k]: s for k, s in SHAPES.items()}
   assert compression.output_module(nested_tree()) == "params/Dense_2"
-  assert lrnet.select_ranks(nested_tree(), 2) == {"params/Dense_0": 2,
+  assert lrnet.compression.select_ranks(nested_tree(), 2) == {"params/Dense_0": 2,
                                                   "params/Block_0/Dense_1": 2}
 
 
@@ -130,11 +130,11 @@ def test_mapping_types_are_kept_and_a_type_that_cannot_be_rebuilt_becomes_a_dict
 
 def test_globs_and_rank_dicts_use_path_names():
   tree = nested_tree()
-  assert lrnet.select_ranks(tree, 2, include="params/*") == {
+  assert lrnet.compression.select_ranks(tree, 2, include="params/*") == {
       "params/Dense_0": 2, "params/Block_0/Dense_1": 2, "params/Dense_2": 2}
-  assert lrnet.select_ranks(tree, 2, include="*", exclude="params/Block_0/*") == {
+  assert lrnet.compression.select_ranks(tree, 2, include="*", exclude="params/Block_0/*") == {
       "params/Dense_0": 2, "params/Dense_2": 2}
-  assert lrnet.select_ranks(tree, {"params/Block_0/Dense_1": "full", "params/Dense_2": 0.5}) == {
+  assert lrnet.compression.select_ranks(tree, {"params/Block_0/Dense_1": "full", "params/Dense_2": 0.5}) == {
       "params/Block_0/Dense_1": 8, "params/Dense_2": 3}
   with pytest.raises(ValueError, match=r"without a dense or conv weight: \['Dense_1'\]"):
     lrnet.compress(tree, {"Dense_1": 2})
@@ -150,7 +150,7 @@ def test_embedding_tables_are_compressed_only_when_named():
                      "Dense_0": {"kernel": RANDOM.normal(size=(16, 32)).astype(np.float32)},
                      "Dense_1": {"kernel": np.ones((32, 50), np.float32)}}}
   # Counted as a dense layer, the table's input width 50 would hide the output layer Dense_1.
-  assert lrnet.select_ranks(tree, 2) == {"params/Dense_0": 2}
+  assert lrnet.compression.select_ranks(tree, 2) == {"params/Dense_0": 2}
   assert lrnet.compress(tree, 2)["params"]["Embed_0"] is tree["params"]["Embed_0"]
   notes = {row.name: row.note for row in lrnet.summarize(tree, 2)}
   assert notes["params/Embed_0"].startswith("embedding table")
@@ -170,8 +170,8 @@ def test_unfactorizable_layers_are_skipped_summarized_and_refused_when_named():
   tree = nested_tree()
   tree["params"]["Conv_0"] = {"kernel": np.ones((3, 3, 1, 12), np.float32)}  # depthwise-like
   unfactorizable = {"params/Conv_0": "depthwise conv"}
-  assert "params/Conv_0" in lrnet.select_ranks(tree, 1)
-  assert set(lrnet.select_ranks(tree, 1, unfactorizable=unfactorizable)) == {
+  assert "params/Conv_0" in lrnet.compression.select_ranks(tree, 1)
+  assert set(lrnet.compression.select_ranks(tree, 1, unfactorizable=unfactorizable)) == {
       "params/Dense_0", "params/Block_0/Dense_1"}
   rows = {row.name: row for row in lrnet.summarize(tree, 2, unfactorizable=unfactorizable)}
   assert rows["params/Conv_0"].rank is None
@@ -196,7 +196,7 @@ def test_summary_rows_follow_the_tree_and_add_up():
       "batch_stats/BatchNorm_0"].dense_params == 20
   assert sum(row.compressed_params for row in rows) == lrnet.count_params(
       lrnet.compress(tree, 3))
-  assert "params/Block_0/Dense_1" in lrnet.format_summary(rows)
+  assert "params/Block_0/Dense_1" in lrnet.compression.format_summary(rows)
 
 
 def test_pad_project_masked_and_decompose_on_a_nested_tree():
@@ -222,8 +222,8 @@ def test_pad_project_masked_and_decompose_on_a_nested_tree():
 
 
 def test_layer_spectra_are_keyed_by_path():
-  nested = rank_estimation.layer_spectra(nested_tree())
-  flat = rank_estimation.layer_spectra(flat_tree())
+  nested = spectra.layer_spectra(nested_tree())
+  flat = spectra.layer_spectra(flat_tree())
   assert list(nested) == list(PATHS.values())
   for name, path in PATHS.items():
     assert nested[path] == flat[name]
@@ -254,8 +254,8 @@ def nested_loss(params):
 def test_calibrated_allocation_on_a_nested_tree_equals_the_flat_one():
   hidden = np.maximum(INPUTS @ WEIGHTS["dense_0"] + BIASES["dense_0"], 0)
   grams = {"dense_0": INPUTS.T.astype(np.float64) @ INPUTS, "dense_1": hidden.T @ hidden}
-  flat_calibration = lrnet.Calibration(grams, {"dense_0": 32, "dense_1": 32})
-  nested_calibration = lrnet.Calibration({PATHS[n]: g for n, g in grams.items()},
+  flat_calibration = lrnet.calibration.Calibration(grams, {"dense_0": 32, "dense_1": 32})
+  nested_calibration = lrnet.calibration.Calibration({PATHS[n]: g for n, g in grams.items()},
                                          {PATHS[n]: 32 for n in grams})
   rename = lambda ranks: {PATHS[name]: rank for name, rank in ranks.items()}
   traces = []

@@ -54,7 +54,7 @@ RESULTS = {
     ],
 }
 INT_RANKS = [4, 16, 64]
-BREAK_EVEN_64x512 = 64 * 512 / (64 + 512)  # 56.9; 512x512's 256 is > 64
+BREAK_EVEN_64x512 = 56  # the largest r with r·(64 + 512) < 64·512; 512x512's 255 is > 64
 
 
 def _results(**changes):
@@ -147,7 +147,7 @@ def test_latency_figure_dense_is_one_horizontal_line():
   np.testing.assert_array_equal(dense.get_xdata(), [0, 1])  # axes-wide
   assert dense.get_label() == "dense (measured): 0.21 ms"
   np.testing.assert_allclose(break_even.get_xdata(), [BREAK_EVEN_64x512] * 2)
-  assert break_even.get_label() == "break-even 64×512: r=56.89"
+  assert break_even.get_label() == "break-even 64×512: r=56"
   assert ax.get_xscale() == "log"
   assert [tick.get_text() for tick in ax.get_xticklabels()] == ["4", "16", "64"]
   low, high = ax.get_xlim()
@@ -158,10 +158,10 @@ def test_latency_figure_dense_is_one_horizontal_line():
 
 
 @pytest.mark.parametrize("shapes, expected", [
-    # 64x64 appears twice but is marked once; both r* lie in [4, 64].
+    # 64x64 appears twice but is marked once; both break-even ranks lie in [4, 64].
     ([(64, 512), (64, 64), (64, 64)],
-     [((64, 512), BREAK_EVEN_64x512), ((64, 64), 32.0)]),
-    ([(512, 512), (512, 512)], []),  # r* = 256 is past the largest rank
+     [((64, 512), BREAK_EVEN_64x512), ((64, 64), 31)]),
+    ([(512, 512), (512, 512)], []),  # 255 is past the largest rank
     ([(64, 512), "junk", {"shape": [0, 5]}, {"shape": None}],
      [((64, 512), BREAK_EVEN_64x512)]),
 ])
@@ -219,8 +219,15 @@ def test_write_plots_writes_pngs_atomically(tmp_path):
   assert sorted(os.listdir(workdir)) == [
       "accuracy_vs_params.png", "latency_vs_rank.png"]  # no temp files left
   for path in paths:
-    data = pathlib.Path(path).read_bytes()
-    assert data.startswith(PNG_MAGIC)
-    width, height = (int.from_bytes(data[16:20], "big"),
-                     int.from_bytes(data[20:24], "big"))
-    assert (width, height) == (1050, 675)  # 7x4.5 inches at 150 dpi
+    assert pathlib.Path(path).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_teacher_spectrum_names_the_dataset_and_marks_each_layers_swept_ranks():
+  spectrum = lambda values: {"singular_values": values, "energy_rank_90": 1, "energy_rank_99": 2}
+  spectra = {"linear_0": spectrum([4.0, 2.0, 1.0, 0.5]), "linear_1": spectrum([1.0, 0.1])}
+  fig = plots.plot_teacher_spectrum(spectra, "digits", {"linear_0": [2, 4], "linear_1": [1]})
+  axes = fig.axes[0]
+  assert axes.get_title().startswith("digits: ") and "×: swept ranks" in axes.get_title()
+  swept = [line for line in axes.get_lines() if line.get_marker() == "x"]
+  assert [(list(line.get_xdata()), list(line.get_ydata())) for line in swept] == [
+      ([2, 4], [0.5, 0.125]), ([1], [1.0])]

@@ -47,10 +47,10 @@ def test_st_truncate_under_vmap_over_matrices():
 def test_st_truncate_masked_vmaps_over_ranks_with_identity_grad():
   w = _matrix(9, 7)
   ranks = jnp.array([1, 3, 7])
-  out = jax.jit(jax.vmap(lrnet.st_truncate_masked, in_axes=(None, 0)))(w, ranks)
+  out = jax.jit(jax.vmap(lrnet.projection.st_truncate_masked, in_axes=(None, 0)))(w, ranks)
   for i, r in enumerate([1, 3, 7]):
     np.testing.assert_allclose(out[i], lrnet.truncate(w, r), atol=1e-5)
-  grad = jax.grad(lambda w: jnp.sum(lrnet.st_truncate_masked(w, 2) ** 2))(w)
+  grad = jax.grad(lambda w: jnp.sum(lrnet.projection.st_truncate_masked(w, 2) ** 2))(w)
   np.testing.assert_allclose(grad, 2 * lrnet.truncate(w, 2), atol=1e-5)
 
 
@@ -61,7 +61,7 @@ def test_st_factored_matmul_forward_and_straight_through_vjp():
   right_rows = vt[:k]                                              # Vᵀ, [k, n], all k rows
   left_rows = jnp.where(jnp.arange(k)[:, None] < r, (w @ vt[:k].T).T, 0.0)  # (W V)ᵀ, rows ≥ r zero
   w_hat = lrnet.truncate(w, r)
-  y, vjp = jax.vjp(lrnet.st_factored_matmul, x, w, left_rows, right_rows)
+  y, vjp = jax.vjp(lrnet.projection.st_factored_matmul, x, w, left_rows, right_rows)
   np.testing.assert_allclose(y, x @ w_hat, atol=1e-5)
   dx, dw, dleft, dright = jax.jit(vjp)(g)
   np.testing.assert_allclose(dx, g @ w_hat.T, atol=1e-5)
@@ -77,7 +77,7 @@ def test_st_factored_matmul_from_the_left_side():
   u, _, _ = jnp.linalg.svd(w, full_matrices=False)
   left_rows = u[:, :r].T
   w_hat = lrnet.truncate(w, r)
-  y, vjp = jax.vjp(lrnet.st_factored_matmul, x, w, left_rows, left_rows @ w)
+  y, vjp = jax.vjp(lrnet.projection.st_factored_matmul, x, w, left_rows, left_rows @ w)
   np.testing.assert_allclose(y, x @ w_hat, atol=1e-5)
   np.testing.assert_allclose(vjp(g)[0], g @ w_hat.T, atol=1e-5)
 
@@ -87,9 +87,9 @@ def test_st_factored_matmul_never_reads_w():
   # and its gradient is still xᵀ g.
   x, left_rows, right_rows = _matrix(4, 6, seed=1), _matrix(2, 6, seed=2), _matrix(2, 5, seed=3)
   g = _matrix(4, 5, seed=4)
-  y_zero = lrnet.st_factored_matmul(x, jnp.zeros((6, 5)), left_rows, right_rows)
-  y_other = lrnet.st_factored_matmul(x, _matrix(6, 5, seed=5), left_rows, right_rows)
+  y_zero = lrnet.projection.st_factored_matmul(x, jnp.zeros((6, 5)), left_rows, right_rows)
+  y_other = lrnet.projection.st_factored_matmul(x, _matrix(6, 5, seed=5), left_rows, right_rows)
   np.testing.assert_array_equal(y_zero, y_other)
-  dw = jax.grad(lambda w: jnp.sum(lrnet.st_factored_matmul(x, w, left_rows, right_rows) * g))(
+  dw = jax.grad(lambda w: jnp.sum(lrnet.projection.st_factored_matmul(x, w, left_rows, right_rows) * g))(
       jnp.zeros((6, 5)))
   np.testing.assert_allclose(dw, x.T @ g, atol=1e-5)

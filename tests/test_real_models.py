@@ -196,7 +196,7 @@ def test_unfactorizable_convolutions_are_skipped_and_named_ones_refused():
     return hk.Linear(10, name="logits")(x)
 
   images = IMAGES[:, :8, :8]
-  network = lrnet.inspect_network(net, images)
+  network = lrnet.students.inspect_network(net, images)
   assert network.unfactorizable == {"depthwise": "depthwise conv", "grouped": "grouped conv",
                                     "transposed": "transposed conv"}
   params = hk.transform(net).init(KEY, images)

@@ -140,14 +140,14 @@ def test_init_alone_gives_a_state_that_works():
 def test_selection_never_grows_a_layer_unless_named_and_the_summary_says_so():
   _, params = _dense(own_resmlp)
   # mid_i, res_i: 48×32, 32×48; rank 20 would cost 20·80 = 1600 ≥ 1536 weights: left dense.
-  assert set(lrnet.select_ranks(params, 20)) == {"embed"}
-  assert set(lrnet.select_ranks(params, 10)) == {"embed", "mid_0", "res_0", "mid_1", "res_1"}
+  assert set(lrnet.compression.select_ranks(params, 20)) == {"embed"}
+  assert set(lrnet.compression.select_ranks(params, 10)) == {"embed", "mid_0", "res_0", "mid_1", "res_1"}
   notes = {row.name: row.note for row in lrnet.summarize(params, 20)}
   assert notes["mid_0"].startswith("kept dense") and notes["res_1"].startswith("kept dense")
   assert notes["out"] == "output layer" and notes["embed"] == ""
-  assert set(lrnet.select_ranks(params, 20, include="mid_*")) == {"mid_0", "mid_1"}
+  assert set(lrnet.compression.select_ranks(params, 20, include="mid_*")) == {"mid_0", "mid_1"}
   with pytest.raises(ValueError, match="no module selected"):
-    lrnet.select_ranks(params, 40, include="res_*", exclude="res_*")
+    lrnet.compression.select_ranks(params, 40, include="res_*", exclude="res_*")
 
 
 def test_flax_style_kernel_names_and_conv_summary_flops():

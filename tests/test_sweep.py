@@ -6,11 +6,14 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -67,7 +70,7 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   assert on_disk["config"]["model"]["hidden"] == [64, 64]
   teacher = on_disk["teacher"]
   assert set(teacher) == {"test_accuracy", "test_loss", "val_accuracy", "params", "epochs",
-                          "seconds", "latency_ms"}
+                          "steps", "examples", "train_flops", "seconds", "latency_ms"}
   assert on_disk["layers"] == [{"name": "linear_0", "shape": [64, 64]},
                                {"name": "linear_1", "shape": [64, 64]}]
   assert teacher["params"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
@@ -97,7 +100,9 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   assert low["factorized_accuracy"] > low["truncated_accuracy"]
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [row["rank"] for row in rows] == ["2", "full"]
+  assert [row["rank"] for row in rows] == ["teacher", "2", "full"]
+  assert float(rows[0]["latency_ms"]) == teacher["latency_ms"]  # the dense network's
+  assert float(rows[0]["test_accuracy"]) == teacher["test_accuracy"]
   spectrum = json.loads((workdir / "teacher_spectrum.json").read_text())
   assert set(spectrum) == {"linear_0", "linear_1"}
   assert spectrum["linear_0"]["shape"] == [64, 64] and 1 <= spectrum["linear_0"]["energy_rank_90"] <= 64
@@ -107,9 +112,18 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4]
   assert list((workdir / "tensorboard" / "teacher").iterdir())
   assert any("rank" in line and "truncated" in line for line in lines)
+  assert lines[2] == ("plan: 7 runs: the teacher, then straight_through, factorized, "
+                      "dense_control at ranks 2, full; none finished before")
+  assert re.fullmatch(r"\[1/7 teacher\] epoch   1  .*; sweep ≈ \d+ (s|min) left\)", lines[3])
+  assert _trained(lines) == {"teacher", "rank 2 straight_through", "rank full straight_through",
+                             "rank 2 factorized", "rank full factorized", "rank 2 dense_control",
+                             "rank full dense_control"}
   table = lines[-1].splitlines()
   assert "teacher test accuracy" in table[0] and "straight-" in table[1]
-  assert table[-1].startswith(f"results: {workdir / 'results.json'}")
+  assert table[-1].startswith(f"results: {workdir / 'results.json'}, and in that directory ")
+  named = table[-1].split("directory ")[1].split(", ")
+  assert sorted(named) == sorted(path.name + "/" * path.is_dir() for path in workdir.iterdir()
+                                 if path.name not in ("results.json", "checkpoints"))
 
 
 def test_the_plots_draw_what_the_sweep_writes(finished_sweep):
@@ -126,13 +140,40 @@ def test_the_plots_draw_what_the_sweep_writes(finished_sweep):
   assert [list(points) for points in series.factorized] == [[2], [low["latency_factorized_ms"]]]
 
 
-def test_rerun_reuses_finished_work_and_gives_same_results(finished_sweep):
-  workdir, results, _ = finished_sweep
+def _trained(lines) -> set:
+  """The runs whose epochs `lines` log, as the plan names them ('rank 4 factorized')."""
+  return {re.match(r"\[\d+/\d+ (.*?)\] epoch ", line)[1] for line in lines
+          if re.match(r"\[\d+/\d+ .*?\] epoch +\d+  loss", line)}
+
+
+def _reused(lines) -> list:
+  """The finished runs the plan line reuses."""
+  (plan,) = [line for line in lines if line.startswith("plan: ")]
+  return plan.split("finished: ")[1].split(", ") if "finished: " in plan else []
+
+
+def test_a_rerun_that_trains_nothing_rewrites_every_file_byte_for_byte(finished_sweep, tmp_path,
+                                                                      monkeypatch):
+  workdir, _, _ = finished_sweep
+  files = ("results.json", "results.csv", "accuracy_vs_params.png", "latency_vs_rank.png",
+           "teacher_spectrum.json", "teacher_spectrum.png", "config.json")
+  before = {name: (workdir / name).read_bytes() for name in files}
   lines = []
-  again = sweep.run_sweep(small_config(workdir), log=lines.append)
-  assert not any(" epoch " in line for line in lines), "finished runs must not train again"
-  assert any("reusing the trained teacher" in line for line in lines)
-  assert _reproducible(again) == _reproducible(results)
+  sweep.run_sweep(small_config(workdir), log=lines.append)
+  assert not _trained(lines), "finished runs must not train again"
+  assert _reused(lines) == ["teacher", "rank 2 straight_through", "rank full straight_through",
+                            "rank 2 factorized", "rank full factorized", "rank 2 dense_control",
+                            "rank full dense_control"]
+  assert not any("reusing the trained" in line for line in lines)  # listed once, by the plan
+  assert {name: (workdir / name).read_bytes() for name in files} == before
+  # Asked to, a rerun measures the latencies again (here in a copy of the workdir).
+  shutil.copytree(workdir, tmp_path / "copy")
+  monkeypatch.setattr(sweep.train, "measure_latency", lambda *args, **kwargs: 123.0)
+  again = sweep.run_sweep(small_config(tmp_path / "copy", **{"latency.remeasure": True}),
+                          log=lambda _: None)
+  assert again["teacher"]["latency_ms"] == 123.0
+  assert [entry["latency_factorized_ms"] for entry in again["ranks"]] == [123.0, 123.0]
+  assert json.loads(json.dumps(again["config"])) == json.loads(before["results.json"])["config"]
 
 
 def test_finished_runs_of_other_settings_are_refused(finished_sweep):
@@ -150,9 +191,9 @@ def test_new_ranks_and_kinds_reuse_the_teacher_and_the_finished_runs(tmp_path):
   config = small_config(tmp_path, **{"sweep.ranks": (2, 4),
                                      "sweep.kinds": ("factorized", "straight_through")})
   second = sweep.run_sweep(config, log=lines.append)
-  trained = {line.split("]")[0].lstrip("[") for line in lines if " epoch " in line}
-  assert trained == {"rank_4_factorized", "rank_2_straight_through", "rank_4_straight_through"}
-  assert any("reusing the trained teacher" in line for line in lines)
+  assert _trained(lines) == {"rank 4 factorized", "rank 2 straight_through",
+                             "rank 4 straight_through"}
+  assert _reused(lines) == ["teacher", "rank 2 factorized"]
   assert second["ranks"][0]["factorized_accuracy"] == first["ranks"][0]["factorized_accuracy"]
   # Other student settings: refused, then with overwrite only the students train again.
   changed = small_config(tmp_path, **{"sweep.ranks": (2,), "sweep.kinds": ("factorized",),
@@ -162,9 +203,7 @@ def test_new_ranks_and_kinds_reuse_the_teacher_and_the_finished_runs(tmp_path):
   lines.clear()
   changed.overwrite = True
   sweep.run_sweep(changed, log=lines.append)
-  assert any("reusing the trained teacher" in line for line in lines)
-  assert {line.split("]")[0].lstrip("[") for line in lines if " epoch " in line} == {
-      "rank_2_factorized"}
+  assert _reused(lines) == ["teacher"] and _trained(lines) == {"rank 2 factorized"}
 
 
 def test_a_failed_start_writes_nothing_and_the_corrected_command_runs(tmp_path):
@@ -265,10 +304,35 @@ def test_a_user_network_with_batchnorm_and_dropout_is_swept(tmp_path):
     assert 0.0 <= entry[f"{kind}_accuracy"] <= 1.0
 
 
+def test_dense_controls_train_with_the_students_or_the_teachers_recipe_and_say_what_it_cost(
+    tmp_path):
+  config = small_config(tmp_path, **{"sweep.ranks": (2,), "student.batch_size": 16,
+                                     "sweep.kinds": ("dense_control", "dense_control_long")})
+  results = sweep.run_sweep(config, log=lambda line: None)
+  (entry,) = results["ranks"]
+  equal, long = entry["dense_control_cost"], entry["dense_control_long_cost"]
+  assert equal["epochs"] == config.student.epochs and long["epochs"] == config.teacher.epochs
+  for run, settings in ((equal, config.student), (long, config.teacher)):
+    assert set(run) == {"steps", "epochs", "examples", "seconds", "train_flops"}
+    assert run["steps"] * settings.batch_size == run["examples"]
+    assert run["steps"] == run["epochs"] * (len(data.load_dataset("digits").train.labels)
+                                            // settings.batch_size)
+    assert run["seconds"] > 0
+  # The same network: FLOPs per example are equal, so the longer run costs more in proportion.
+  assert long["train_flops"] > equal["train_flops"] > 0
+  assert long["train_flops"] / long["examples"] == pytest.approx(
+      equal["train_flops"] / equal["examples"], rel=0.05)
+  assert entry["dense_control_params"] == entry["dense_control_long_params"] <= entry["params"]
+  teacher = results["teacher"]
+  assert teacher["examples"] == teacher["steps"] * config.teacher.batch_size
+  assert teacher["train_flops"] == pytest.approx(
+      long["train_flops"] * teacher["params"] / entry["dense_control_params"], rel=0.2)
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--config.model.name=tests.user_networks:smal_mlp"], "is missing"),
     (["--config.model.name=tests.user_networks:transformed_mlp"], "must return a Haiku forward"),
-    (["--config.model.name=tests.user_networks:small_mlp"], "'dense_control' needs a network of"),
+    (["--config.model.name=tests.user_networks:small_mlp"], "the dense controls need a network of"),
 ])
 def test_bad_user_networks_exit_2_with_one_line(tmp_path, args, pattern):
   result = _cli("--config=configs/digits.py", f"--config.workdir={tmp_path / 'w'}", *args)
@@ -311,14 +375,15 @@ def test_train_entry_point_saves_a_teacher_the_sweep_reuses(tmp_path):
   config = small_config(tmp_path, **{"model.hidden": (16,), "teacher.epochs": 1, "student.epochs": 1,
                                      "sweep.ranks": (2,), "sweep.kinds": ()})
   sweep.run_sweep(config, log=lines.append)
-  assert any("reusing the trained teacher" in line for line in lines)
+  assert _reused(lines) == ["teacher"]
 
 
 def _reproducible(results):
   """Everything in results.json but timings (latencies, seconds), which differ run to run."""
   return {"teacher": {k: v for k, v in results["teacher"].items()
                       if k not in ("seconds", "latency_ms")},
-          "ranks": [{k: v for k, v in entry.items() if "latency" not in k}
+          "ranks": [{k: ({**v, "seconds": None} if k.endswith("_cost") else v)
+                     for k, v in entry.items() if "latency" not in k}
                     for entry in results["ranks"]]}
 
 
@@ -357,7 +422,66 @@ def test_sigkill_at_a_seeded_moment_then_rerun_gives_the_uninterrupted_results(f
   assert _reproducible(on_disk) == _reproducible(json.loads(json.dumps(results))), (
       f"killed after {delay:.2f} s; first run's output:\n{output[-2000:]}")
   with open(tmp_path / "results.csv", newline="") as f:
-    assert len(list(csv.DictReader(f))) == len(results["ranks"])
+    assert len(list(csv.DictReader(f))) == 1 + len(results["ranks"])  # and the teacher's row
+
+
+def test_sigint_after_a_students_epoch_saves_it_and_the_rerun_resumes_after_it(finished_sweep,
+                                                                            tmp_path):
+  """Driven in-process: the epoch line's log callback sends the signal, as Ctrl-C would."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread")
+  source, results, _ = finished_sweep
+  copy_teacher(source, tmp_path)
+  config = small_config(tmp_path, **{"sweep.ranks": (2,), "sweep.kinds": ("straight_through",)})
+  lines = []
+
+  def log(line):
+    lines.append(line)
+    if line.startswith("[2/2 rank 2 straight_through] epoch   1 "):
+      os.kill(os.getpid(), signal.SIGINT)  # the default checkpoint interval (30 s) has not come
+
+  with pytest.raises(KeyboardInterrupt, match=(
+      r"^SIGINT during \[2/2 rank 2 straight_through\]: saved it after epoch 1 of 2 in "
+      + re.escape(str(tmp_path / "checkpoints" / "rank_2_straight_through-")))):
+    sweep.run_sweep(config, log=log)
+  assert not (tmp_path / "runs" / "rank_2_straight_through.json").exists()
+  lines.clear()
+  resumed = sweep.run_sweep(config, log=lines.append)
+  assert "[2/2 rank 2 straight_through] resuming after epoch 1" in lines
+  epochs = [re.search(r"\] epoch +(\d+)  loss", line) for line in lines]
+  assert [int(epoch[1]) for epoch in epochs if epoch] == [2]
+  keys = [f"{kind}_{metric}" for kind in ("truncated", "whitened_truncated", "straight_through")
+          for metric in ("accuracy", "loss")]
+  assert ([resumed["ranks"][0][key] for key in keys]
+          == [results["ranks"][0][key] for key in keys])  # as uninterrupted
+
+
+def test_a_signal_waits_for_the_epoch_and_a_second_one_stops_at_once():
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers need the main thread")
+  exp = types.SimpleNamespace(interrupted=[])
+  previous = signal.getsignal(signal.SIGTERM)
+  with sweep.deferred_interrupts(exp):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert exp.interrupted == ["SIGTERM"]
+    with pytest.raises(KeyboardInterrupt, match="^SIGINT again: stopped at once"):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_silent_sweep_says_where_it_is_and_that_it_waits_for_the_epoch():
+  lines = []
+  exp = types.SimpleNamespace(interrupted=[], doing="[3/7 rank 2 factorized] epoch 2 of 5",
+                              last_line=time.perf_counter(), log=lines.append)
+  with sweep.heartbeat(exp, silent_secs=0.3):
+    time.sleep(0.7)
+    exp.interrupted.append("SIGINT")
+    time.sleep(0.6)
+  assert re.fullmatch(r"\[3/7 rank 2 factorized\] epoch 2 of 5 \(\d s without output\)", lines[0])
+  assert any(line.startswith("SIGINT: stopping once [3/7 rank 2 factorized] epoch 2 of 5 is "
+                             "trained and saved") for line in lines)
 
 
 def _write_cifar_batches(directory, per_batch=30):
@@ -529,4 +653,4 @@ def test_budgets_and_whitened_starts_in_the_sweep(tmp_path):
   assert budgets["factorized_accuracy"] == ([budget["params"]], [budget["factorized_accuracy"]])
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [row["rank"] for row in rows] == ["2", ""] and rows[1]["budget"] == "0.1"
+  assert [row["rank"] for row in rows] == ["teacher", "2", ""] and rows[2]["budget"] == "0.1"

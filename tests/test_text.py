@@ -149,15 +149,16 @@ def tiny_config(tmp_path, **overrides):
 
 
 def test_a_text_sweep_reports_losses_and_bits_per_byte_for_every_kind(tmp_path):
-  lines = []
-  results = sweep.run_sweep(tiny_config(tmp_path), log=lines.append)
+  lines, config = [], tiny_config(tmp_path)
+  assert set(config.sweep.kinds) == set(config_lib.STUDENT_KINDS)
+  results = sweep.run_sweep(config, log=lines.append)
   on_disk = json.loads((tmp_path / "work" / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
   assert on_disk["dataset"] == "text" and 0 < on_disk["teacher"]["test_loss"] < math.log(256)
   assert len(on_disk["layers"]) == 6
   for entry in on_disk["ranks"] + on_disk["budgets"]:
     assert "error" not in entry
-    for kind in sweep.RESULT_KINDS:
+    for kind in ("truncated", "whitened_truncated") + tuple(config.sweep.kinds):
       assert 0 <= entry[f"{kind}_accuracy"] <= 1 and 0 < entry[f"{kind}_loss"] < 10, kind
   assert [e["budget"] for e in on_disk["budgets"]] == [0.25]
   table = lines[-1 - next(i for i, line in enumerate(reversed(lines)) if "teacher test" in line):]
