@@ -45,7 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.name = "mlp"  # mlp | convnet | resmlp | cnn | resnet18 | transformer | "module:fn"
   config.model.hidden = (1024,) * 5  # mlp: hidden widths
 
-  # The teacher's recipe also trains the dense controls (equal-size dense nets from scratch).
   config.teacher = recipe(epochs=30, batch_size=50, patience=5)
   config.student = recipe(epochs=10, batch_size=100, patience=3)  # low-rank students
   config.student.distillation = ml_collections.ConfigDict()  # from the teacher's outputs
@@ -56,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sweep.ranks = (10, 20, 50, 100, 200, "full")  # ints ≤ min(m, n), fractions, "full"
   config.sweep.budgets = ()  # fractions in (0, 1) of the compressed layers' weights (allocated)
   config.sweep.parallel_ranks = False  # integer ranks of a kind as one batch, one compilation
+  config.sweep.seeds = 1  # students and controls trained with seeds seed … seed+N-1: mean ± sd
   config.sweep.include = ()  # compressed layers, module-path globs; (): dense, conv but the output
   config.sweep.exclude = ()  # module-path globs removed from that selection
   # dense_control: a dense net of the teacher's depth, as wide as fits the factorized student's

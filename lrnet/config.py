@@ -254,19 +254,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                "user network)")
 
   for run in ("teacher", "student"):
-    check_positive_int(config, f"{run}.epochs")
-    check_positive_int(config, f"{run}.batch_size")
-    _positive_float(config, f"{run}.learning_rate")
-    check_positive_int(config, f"{run}.patience", allow_zero=True)
-    _unit_interval(config, f"{run}.ema_decay", closed_low=True)
-    if _get(config, f"{run}.schedule") not in SCHEDULES:
-      _fail(f"{run}.schedule", config[run].schedule, f"allowed: {', '.join(SCHEDULES)}")
-    _non_negative(config, f"{run}.warmup_epochs")
-    _non_negative(config, f"{run}.weight_decay")
-    _unit_interval(config, f"{run}.label_smoothing", closed_low=True)
-    check_positive_int(config, f"{run}.shift", allow_zero=True)
-    if not isinstance(_get(config, f"{run}.flip"), bool):
-      _fail(f"{run}.flip", config[run].flip, "must be True or False")
+    check_recipe(config, run)
     if name == text.NAME and (config[run].shift or config[run].flip):
       _fail(f"{run}.shift" if config[run].shift else f"{run}.flip",
             config[run].shift or config[run].flip, "image augmentation: must be 0 / False for text")
@@ -316,21 +304,44 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("sweep.kinds", tuple(kinds), f"the dense controls need a network of {', '.join(MODELS)}: "
                                        "a user network has no known width fields to shrink; "
                                        "leave them out of sweep.kinds")
+  check_positive_int(config, "sweep.seeds")
   if not isinstance(_get(config, "sweep.parallel_ranks"), bool):
     _fail("sweep.parallel_ranks", config.sweep.parallel_ranks, "must be True or False")
   every = _get(config, "checkpoint_every_secs")
   if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
     _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
+  check_mesh(config)
+  check_positive_int(config, "latency.batch_size")
+  check_positive_int(config, "latency.repeats")
+  if not isinstance(config.latency.get("remeasure", False), bool):
+    _fail("latency.remeasure", config.latency.remeasure, "must be True or False")
+
+
+def check_recipe(config, run: str) -> None:
+  """Checks the fields of a training recipe section `run` (`configs.mnist.recipe`)."""
+  for field in ("epochs", "batch_size"):
+    check_positive_int(config, f"{run}.{field}")
+  for field in ("patience", "shift"):
+    check_positive_int(config, f"{run}.{field}", allow_zero=True)
+  _positive_float(config, f"{run}.learning_rate")
+  for field in ("warmup_epochs", "weight_decay"):
+    _non_negative(config, f"{run}.{field}")
+  for field in ("ema_decay", "label_smoothing"):
+    _unit_interval(config, f"{run}.{field}", closed_low=True)
+  if _get(config, f"{run}.schedule") not in SCHEDULES:
+    _fail(f"{run}.schedule", config[run].schedule, f"allowed: {', '.join(SCHEDULES)}")
+  if not isinstance(_get(config, f"{run}.flip"), bool):
+    _fail(f"{run}.flip", config[run].flip, "must be True or False")
+
+
+def check_mesh(config) -> None:
+  """Checks `mesh.members` and `mesh.data`: integers ≥ 1, or at most one of them -1."""
   for axis in ("members", "data"):
     size = _get(config, f"mesh.{axis}")
     if not is_int(size) or (size < 1 and size != -1):
       _fail(f"mesh.{axis}", size, "must be an integer >= 1, or -1 (every device left)")
   if config.mesh.members == -1 and config.mesh.data == -1:
     _fail("mesh", config.mesh.to_dict(), "at most one axis may be -1")
-  check_positive_int(config, "latency.batch_size")
-  check_positive_int(config, "latency.repeats")
-  if not isinstance(config.latency.get("remeasure", False), bool):
-    _fail("latency.remeasure", config.latency.remeasure, "must be True or False")
 
 
 def experiment_fields(config: ml_collections.ConfigDict) -> dict:

@@ -23,7 +23,6 @@ with runs "teacher", "student_alone", "student_soft_targets", "student_subclass"
 from __future__ import annotations
 
 import os
-import shutil
 
 import haiku as hk
 import jax
@@ -49,24 +48,6 @@ def _check_widths(config, field: str) -> None:
   if (not isinstance(value, (tuple, list)) or not value
       or not all(config_lib.is_int(width) and width >= 1 for width in value)):
     config_lib._fail(field, value, "must be a non-empty tuple of positive integers, e.g. (784, 784)")
-
-
-def _check_recipe(config, run: str) -> None:
-  """The fields of a `configs.mnist.recipe` section, checked as `config_lib.validate` does."""
-  for field in ("epochs", "batch_size"):
-    config_lib.check_positive_int(config, f"{run}.{field}")
-  for field in ("patience", "shift"):
-    config_lib.check_positive_int(config, f"{run}.{field}", allow_zero=True)
-  config_lib._positive_float(config, f"{run}.learning_rate")
-  for field in ("warmup_epochs", "weight_decay"):
-    config_lib._non_negative(config, f"{run}.{field}")
-  for field in ("ema_decay", "label_smoothing"):
-    config_lib._unit_interval(config, f"{run}.{field}", closed_low=True)
-  schedule = config_lib._get(config, f"{run}.schedule")
-  if schedule not in config_lib.SCHEDULES:
-    config_lib._fail(f"{run}.schedule", schedule, f"allowed: {', '.join(config_lib.SCHEDULES)}")
-  if not isinstance(config_lib._get(config, f"{run}.flip"), bool):
-    config_lib._fail(f"{run}.flip", config[run].flip, "must be True or False")
 
 
 def _check_choice(config, field: str, allowed) -> None:
@@ -102,17 +83,14 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
     _check_widths(config, f"model.{widths}")
   _check_widths(config, "student.hidden")
   for run in ("teacher", "student"):
-    _check_recipe(config, run)
+    config_lib.check_recipe(config, run)
   config_lib._non_negative(config, "teacher.diversity.weight")
   config_lib._positive_float(config, "teacher.diversity.temperature")
   weight = config_lib._get(config, "student.distillation.weight")
   if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
     config_lib._fail("student.distillation.weight", weight, "must be in (0, 1]")
   config_lib._positive_float(config, "student.distillation.temperature")
-  for axis in ("members", "data"):
-    size = config_lib._get(config, f"mesh.{axis}")
-    if not config_lib.is_int(size) or (size < 1 and size != -1):
-      config_lib._fail(f"mesh.{axis}", size, "must be an integer >= 1, or -1 (every device left)")
+  config_lib.check_mesh(config)
 
 
 def fingerprint(config: ml_collections.ConfigDict, run: str) -> dict:
@@ -120,20 +98,6 @@ def fingerprint(config: ml_collections.ConfigDict, run: str) -> dict:
   fields = config_lib.experiment_fields(config)
   keys = ["seed", "data", "model", "teacher"] + (["student"] if run != "teacher" else [])
   return {**{key: fields[key] for key in keys}, "run": run}
-
-
-def _check_finished(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses finished runs of other settings in `workdir`, or with `overwrite` removes them."""
-  path = lambda run: os.path.join(workdir, "runs", f"{run}.json")
-  stale = [run for run in RUNS if os.path.exists(path(run)) and io.read_json(path(run)).get(
-      "fingerprint") != io.to_jsonable(fingerprint(config, run))]
-  if stale and not config.overwrite:
-    raise config_lib.ConfigError(
-        f"workdir {workdir} holds finished run(s) {', '.join(stale)} trained with other settings; "
-        f"use another --config.workdir or pass --config.overwrite=True to retrain them")
-  for run in stale:
-    os.remove(path(run))
-    shutil.rmtree(os.path.join(workdir, "models", run), ignore_errors=True)
 
 
 def _loops_slow(params) -> bool:
@@ -228,7 +192,8 @@ def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.
     exp = sweep.Experiment(config, dataset, log)
   except ValueError as error:  # the mesh
     raise config_lib.ConfigError(str(error)) from None
-  _check_finished(config, exp.workdir)
+  sweep.check_finished_runs(config, exp.workdir,
+                            {run: fingerprint(config, run) for run in RUNS})
   os.makedirs(exp.workdir, exist_ok=True)
   io.atomic_write_json(exp.path("config.json"), config_lib.experiment_fields(config))
   log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "

@@ -51,7 +51,11 @@ ACCURACY_SERIES = (
 # Where a series' points sit on the parameter axis (default: the compressed network's size).
 PARAMS_KEYS = {"dense_control_accuracy": "dense_control_params",
                "dense_control_long_accuracy": "dense_control_long_params"}
+# The kinds that train, and of them the students (whose cost may add the teacher's).
+TRAINED_SERIES = ("straight_through_accuracy", "factorized_accuracy", "dense_control_accuracy",
+                  "dense_control_long_accuracy")
 ACCURACY_FILE = "accuracy_vs_params.png"
+COST_FILE = "accuracy_vs_cost.png"
 LATENCY_FILE = "latency_vs_rank.png"
 _FIGSIZE = (7.0, 4.5)
 _DPI = 150
@@ -92,6 +96,14 @@ def _rank_label(rank: Any) -> str:
   return "full" if isinstance(rank, str) else f"r={rank}"
 
 
+def _point_label(entry: Mapping[str, Any]) -> str:
+  """'r=8', 'r=25%', 'full', or a budget's 'b=4%'."""
+  if "budget" in entry and "rank" not in entry:
+    budget = _finite(entry.get("budget"))
+    return "budget" if budget is None else f"b={budget:.3g}"
+  return _rank_label(entry.get("rank"))
+
+
 def _rank_entries(results: Mapping[str, Any], group: str = "ranks") -> Sequence[Mapping[str, Any]]:
   return [entry for entry in results.get(group) or ()
           if isinstance(entry, Mapping)]
@@ -126,23 +138,75 @@ def is_text(results: Mapping[str, Any]) -> bool:
   return results.get("dataset") == "text"
 
 
-def _score(results: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> float | None:
+def score(results: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> float | None:
   """What is plotted of `entry`'s `key` (a `<kind>_accuracy` key): that accuracy, or for text
-  the bits per byte of its `<kind>_loss`."""
+  the bits per byte of its `<kind>_loss`; None where not measured."""
   if not is_text(results):
     return _finite(entry.get(key))
   loss = _finite(entry.get(key.replace("_accuracy", "_loss")))
   return None if loss is None else loss / math.log(2)
 
 
-def accuracy_series(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Points]:
-  """(params, test accuracy, or bits per byte for text) per key of :data:`ACCURACY_SERIES`, by
-  params, of the uniform ranks (`group` "ranks") or of the budgets' allocated ranks
-  ("budgets")."""
+def spread(results: Mapping[str, Any], entry: Mapping[str, Any], key: str) -> float | None:
+  """The ± of `score`: the standard deviation over seeds (`<kind>_accuracy_sd`; text: of the
+  bits per byte), else the accuracy's binomial standard error (`<kind>_accuracy_se`)."""
+  if is_text(results):
+    sd = _finite(entry.get(key.replace("_accuracy", "_loss_sd")))
+    return None if sd is None else sd / math.log(2)
+  sd = _finite(entry.get(f"{key}_sd"))
+  return sd if sd is not None else _finite(entry.get(f"{key}_se"))
+
+
+class Marks(NamedTuple):
+  """A series' points, sorted by x: positions, their ± (None: none known) and labels."""
+  x: list[float]
+  y: list[float]
+  spread: list[float | None]
+  labels: list[str]
+
+
+def _marks(results: Mapping[str, Any], entries, key: str, x_of) -> Marks:
+  """`key`'s score of each entry at x = `x_of(entry)`, those with both finite."""
+  rows = sorted((x, y, spread(results, entry, key), _point_label(entry))
+                for entry in entries
+                for x, y in [(_finite(x_of(entry)), score(results, entry, key))]
+                if x is not None and y is not None)
+  return Marks(*(list(column) for column in zip(*rows))) if rows else Marks([], [], [], [])
+
+
+def accuracy_marks(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Marks]:
+  """Per key of :data:`ACCURACY_SERIES`, its points at (params, test accuracy, or bits per byte
+  for text) of the uniform ranks (`group` "ranks") or the budgets' allocated ranks
+  ("budgets"); a dense control at its own parameter count."""
   entries = _rank_entries(results, group)
-  return {key: _points((_finite(entry.get(PARAMS_KEYS.get(key, "params"))),
-                        _score(results, entry, key)) for entry in entries)
+  return {key: _marks(results, entries, key,
+                      lambda entry, key=key: entry.get(PARAMS_KEYS.get(key, "params")))
           for key, _ in ACCURACY_SERIES}
+
+
+def accuracy_series(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Points]:
+  """(params, score) of :func:`accuracy_marks`, per key of :data:`ACCURACY_SERIES`."""
+  return {key: (marks.x, marks.y) for key, marks in accuracy_marks(results, group).items()}
+
+
+def cost_marks(results: Mapping[str, Any]) -> dict[str, Marks]:
+  """Per key of :data:`TRAINED_SERIES`, its points at (estimated training FLOPs of the run,
+  `<kind>_cost["train_flops"]`, score), ranks and budgets together."""
+  entries = list(_rank_entries(results)) + list(_rank_entries(results, "budgets"))
+  flops = lambda entry, key: (entry.get(key.replace("_accuracy", "_cost")) or {}).get("train_flops")
+  return {key: _marks(results, entries, key, lambda entry, key=key: flops(entry, key))
+          for key in TRAINED_SERIES}
+
+
+def _draw(ax, marks: Marks, color: str, label: str, **style) -> None:
+  """`marks` as a line (`style`), their ± as bars and each point's rank label beside it."""
+  ax.plot(marks.x, marks.y, color=color, label=label, **style)
+  bars = [(x, y, e) for x, y, e in zip(marks.x, marks.y, marks.spread) if e is not None]
+  if bars:
+    x, y, e = zip(*bars)
+    ax.errorbar(x, y, yerr=e, fmt="none", ecolor=color, elinewidth=1, capsize=0, alpha=0.6)
+  for x, y, text in zip(marks.x, marks.y, marks.labels):
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=color)
 
 
 def latency_series(results: Mapping[str, Any]) -> LatencySeries:
@@ -191,10 +255,11 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   parameter count.
 
   One line per method in :data:`ACCURACY_SERIES` (always present, possibly
-  empty; data from :func:`accuracy_series`), x on a log scale, then dashed the
-  same methods at the budgets' allocated ranks (where the sweep has budgets); each
-  rank entry annotated with its rank below its lowest accuracy; the teacher's test
-  accuracy as a dashed horizontal line labelled with its parameter count.
+  empty; data from :func:`accuracy_marks`), x on a log scale, then dashed the
+  same methods at the budgets' allocated ranks (where the sweep has budgets); every
+  point labelled with its rank (or budget) and drawn with its ± (:func:`spread`) as
+  an error bar; the teacher's test accuracy as a dashed horizontal line labelled
+  with its parameter count.
 
   Args:
     results: the sweep results (schema in the module docstring).
@@ -205,41 +270,79 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   """
   fig = _new_figure()
   ax = fig.add_subplot()
-  series = accuracy_series(results)
-  budgets = accuracy_series(results, "budgets")
+  series, budgets = accuracy_marks(results), accuracy_marks(results, "budgets")
   for i, (key, label) in enumerate(ACCURACY_SERIES):
-    ax.plot(*series[key], marker="o", markersize=4, label=label, color=f"C{i}")
+    _draw(ax, series[key], f"C{i}", label, marker="o", markersize=4)
   for i, (key, label) in enumerate(ACCURACY_SERIES):
-    if budgets[key][0]:
-      ax.plot(*budgets[key], marker="s", markersize=4, linestyle="--", color=f"C{i}",
-              label=f"{label}, allocated ranks")
-  for entry in _rank_entries(results):
-    params = _finite(entry.get("params"))
-    scores = [_score(results, entry, key) for key, _ in ACCURACY_SERIES if key not in PARAMS_KEYS]
-    scores = [y for y in scores if y is not None]
-    if params is not None and scores and entry.get("rank") is not None:
-      # Below the lowest point: the top is crowded by the teacher line.
-      ax.annotate(_rank_label(entry.get("rank")), (params, min(scores)),
-                  textcoords="offset points", xytext=(0, -6), ha="center",
-                  va="top", fontsize=7)
+    if budgets[key].x:
+      _draw(ax, budgets[key], f"C{i}", f"{label}, allocated ranks", marker="s", markersize=4,
+            linestyle="--")
   teacher = results.get("teacher")
-  teacher_score = _score(results, teacher, "test_accuracy") if isinstance(teacher, Mapping) else None
+  teacher_score = score(results, teacher, "test_accuracy") if isinstance(teacher, Mapping) else None
   if teacher_score is not None:
     teacher_params = _teacher(results, "params")
     size = "" if teacher_params is None else f", {teacher_params:,.0f} params"
     shown = f"{teacher_score:.3f} bits/byte" if is_text(results) else f"{teacher_score:.2%}"
     ax.axhline(teacher_score, color="black", linestyle="--", linewidth=1,
                label=f"teacher (dense{size}): {shown}")
-  if any(params for params, _ in series.values()):
+  _finish_score_axes(ax, results, any(marks.x for marks in series.values()), "parameters",
+                     "parameters of the compressed network (log scale)")
+  return fig
+
+
+def _finish_score_axes(ax, results: Mapping[str, Any], log_x: bool, against: str,
+                       xlabel: str) -> None:
+  """Scales, labels, title ('<dataset>: test accuracy vs `against`'), grid and legend of a
+  figure whose y is `score`."""
+  if log_x:
     ax.set_xscale("log")
   what = "test bits per byte (lower is better)" if is_text(results) else "test accuracy"
   if not is_text(results):
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-  ax.set_xlabel("parameters of the compressed network (log scale)")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(what)
-  ax.set_title(_title(results, f"{what} vs parameters"))
+  ax.set_title(_title(results, f"{what} vs {against}"))
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8, loc="upper right" if is_text(results) else "lower right")
+  ax.legend(fontsize=7, loc="upper right" if is_text(results) else "lower right")
+
+
+def plot_accuracy_vs_cost(results: Mapping[str, Any]) -> Figure:
+  """Test accuracy (text: bits per byte) of every trained kind vs what its training cost.
+
+  x: a run's estimated training FLOPs (`<kind>_cost["train_flops"]`: forward and backward per
+  step × steps, log scale). Per kind of :data:`TRAINED_SERIES` its points (ranks and budgets,
+  each labelled, with ± bars) filled at the run's own cost; the students again, hollow, at
+  their cost plus the teacher's (what they cost from nothing, against a control alone); the
+  teacher as a black star.
+
+  Returns:
+    The figure; ``fig.axes[0].get_lines()``: per kind its own-cost points, then for the
+    students those with the teacher's cost added (where the teacher's is known), then the
+    teacher (where known).
+  """
+  fig = _new_figure()
+  ax = fig.add_subplot()
+  labels = dict(ACCURACY_SERIES)
+  colors = {key: f"C{i}" for i, (key, _) in enumerate(ACCURACY_SERIES)}
+  marks = cost_marks(results)
+  teacher = results.get("teacher") if isinstance(results.get("teacher"), Mapping) else {}
+  teacher_flops = _finite(teacher.get("train_flops"))
+  for key in TRAINED_SERIES:
+    _draw(ax, marks[key], colors[key], f"{labels[key]}: its own training", marker="o",
+          markersize=5, linestyle="none")
+  for key in TRAINED_SERIES:
+    if key not in PARAMS_KEYS and teacher_flops is not None:
+      shifted = marks[key]._replace(x=[x + teacher_flops for x in marks[key].x],
+                                    labels=[""] * len(marks[key].x))
+      _draw(ax, shifted, colors[key], f"{labels[key]}: + the teacher's training", marker="o",
+            markersize=5, linestyle="none", markerfacecolor="none")
+  teacher_score = score(results, teacher, "test_accuracy")
+  if teacher_flops is not None and teacher_score is not None:
+    ax.plot([teacher_flops], [teacher_score], marker="*", markersize=10, color="black",
+            linestyle="none", label="teacher (dense)")
+  _finish_score_axes(ax, results, any(m.x for m in marks.values()) or teacher_flops is not None,
+                     "training cost", "training cost: estimated FLOPs, forward + backward "
+                     "(log scale)")
   return fig
 
 
@@ -291,18 +394,19 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
 
 def write_plots(results: Mapping[str, Any],
                 workdir: str | os.PathLike) -> list[str]:
-  """Writes :data:`ACCURACY_FILE` and :data:`LATENCY_FILE` into `workdir`.
+  """Writes :data:`ACCURACY_FILE`, :data:`COST_FILE` and :data:`LATENCY_FILE` into `workdir`.
 
   Args:
     results: the sweep results (schema in the module docstring).
     workdir: output directory (created if missing).
 
   Returns:
-    The two paths written (atomically, see :func:`lrnet.io.atomic_savefig`).
+    The paths written (atomically, see :func:`lrnet.io.atomic_savefig`).
   """
   os.makedirs(workdir, exist_ok=True)
   figures = {
       ACCURACY_FILE: plot_accuracy_vs_params(results),
+      COST_FILE: plot_accuracy_vs_cost(results),
       LATENCY_FILE: plot_latency_vs_rank(results),
   }
   paths = []

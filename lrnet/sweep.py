@@ -54,22 +54,24 @@ from lrnet import text
 from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
-# What each sweep point reports, `<kind>_accuracy` and `<kind>_loss` (mean test cross-entropy,
-# nats per label: per byte for text) for every kind.
+# What each sweep point reports for every kind: `<kind>_accuracy` and `<kind>_loss` (mean test
+# cross-entropy, nats per label: per byte for text), over seeds their means with `_accuracy_sd`
+# and `_loss_sd`, and `_accuracy_se`, the test set's binomial standard error (`kind_numbers`).
 RESULT_KINDS = ("truncated", "whitened_truncated", "straight_through", "factorized",
                 "dense_control", "dense_control_long")
 # The dense controls and the recipe each trains with: the students' (an equal training budget)
 # or the teacher's.
 DENSE_CONTROLS = {"dense_control": "student", "dense_control_long": "teacher"}
+METRICS = ("accuracy", "loss", "accuracy_se", "accuracy_sd", "loss_sd")
 CSV_FIELDS = (("rank", "budget", "params", "compression")
-              + tuple(f"{kind}_{metric}" for kind in RESULT_KINDS for metric in ("accuracy", "loss"))
+              + tuple(f"{kind}_{metric}" for kind in RESULT_KINDS for metric in METRICS)
               + ("dense_control_params", "dense_control_long_params", "latency_factorized_ms",
                  "theoretical_latency_ratio", "error"))
 Log = Callable[[str], None]
 PLOT_EVERY_SECS = 30.0
 SILENT_SECS = 10.0  # a sweep that logged nothing this long says where it is (`heartbeat`)
-WRITES = ("results.csv", plots.ACCURACY_FILE, plots.LATENCY_FILE, spectra_lib.SPECTRUM_JSON,
-          spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/", "metrics/",
+WRITES = ("results.csv", plots.ACCURACY_FILE, plots.COST_FILE, plots.LATENCY_FILE,
+          spectra_lib.SPECTRUM_JSON, spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/", "metrics/",
           "tensorboard/")  # besides results.json: the final line names them
 
 
@@ -95,8 +97,15 @@ def rank_label(rank) -> str:
   return f"f{rank}" if isinstance(rank, float) else str(rank)
 
 
-def run_name(rank, kind: str) -> str:
-  return f"rank_{rank_label(rank)}_{kind}"
+def run_name(rank, kind: str, seed: int = 0) -> str:
+  """'rank_8_factorized', and for the `seed`-th repetition (`sweep.seeds`) 'rank_8_factorized_seed1'."""
+  return f"rank_{rank_label(rank)}_{kind}" + (f"_seed{seed}" if seed else "")
+
+
+def seed_runs(config) -> list:
+  """(run, kind, point, seed) of every student and control of the sweep, in training order."""
+  return [(run_name(point, kind, seed), kind, point, seed) for kind in config.sweep.kinds
+          for seed in range(config.sweep.seeds) for point in sweep_points(config)]
 
 
 def fingerprint(config: ml_collections.ConfigDict, kind: Optional[str] = None) -> dict:
@@ -198,11 +207,13 @@ class Experiment:
     return train.optimizer(settings, self.train[1].shape[0] // settings.batch_size)
 
   def members_epoch(self, apply_fn: Callable, settings, num_members: int,
-                    side_by_side: bool = False, distill: bool = False) -> Callable:
+                    side_by_side: bool = False, distill: bool = False,
+                    seed: Optional[int] = None) -> Callable:
     """The jitted epoch of `num_members` members of `apply_fn(params, state, rng, images)`
     trained with `settings`' recipe (`train.members_epoch`; one step per call when
-    `self.unroll`). With `distill`, the student's distillation from the teacher, whose
-    `{"params", "state"}` the epoch then takes last."""
+    `self.unroll`), augmentation and dropout drawn from `seed` (default `config.seed`). With
+    `distill`, the student's distillation from the teacher, whose `{"params", "state"}` the
+    epoch then takes last."""
     distillation = settings.get("distillation")
     weight = distillation.weight if distill else 0.0
     objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
@@ -213,7 +224,8 @@ class Experiment:
         apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
         objective=objective,
         teacher_apply=(lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None,
-        shift=settings.shift, flip=settings.flip, seed=self.config.seed, unroll=self.unroll,
+        shift=settings.shift, flip=settings.flip,
+        seed=self.config.seed if seed is None else seed, unroll=self.unroll,
         with_rng=True)
     members = train.members_epoch(epoch, num_members, side_by_side, self.mesh_for(num_members))
     return train.in_calls(members, settings.batch_size, 1) if self.unroll else members
@@ -329,11 +341,11 @@ def point_label(point) -> str:
 def plan(exp: Experiment) -> str:
   """Numbers the sweep's runs in training order (`exp.places`), counts the epochs they may
   train (`exp.epochs_left`) and says what will run, in one line."""
-  config, points = exp.config, sweep_points(exp.config)
+  config = exp.config
   recipe = lambda kind: config[DENSE_CONTROLS.get(kind, "student")]
   runs = [("teacher", "teacher", config.teacher.epochs)] + [
-      (run_name(point, kind), f"{point_label(point)} {kind}", recipe(kind).epochs)
-      for kind in config.sweep.kinds for point in points]
+      (run, f"{point_label(point)} {kind}" + (f" seed {seed}" if seed else ""),
+       recipe(kind).epochs) for run, kind, point, seed in seed_runs(config)]
   for i, (run, label, _) in enumerate(runs):
     exp.places[run] = f"{i + 1}/{len(runs)} {label}"
   exp.started = time.perf_counter()
@@ -343,7 +355,8 @@ def plan(exp: Experiment) -> str:
   at = " and ".join(filter(None, [f"ranks {', '.join(map(str, config.sweep.ranks))}",
                                   config.sweep.budgets and
                                   f"budgets {', '.join(map(str, config.sweep.budgets))}"]))
-  return (f"plan: {len(runs)} runs: the teacher, then {students} {at}; "
+  seeds = f" × {config.sweep.seeds} seeds" if config.sweep.seeds > 1 else ""
+  return (f"plan: {len(runs)} runs: the teacher, then {students} {at}{seeds}; "
           + (f"reusing {len(reused)} finished: {', '.join(reused)}" if reused
              else "none finished before"))
 
@@ -504,7 +517,7 @@ def saved(exp: Experiment, params, state) -> Any:
 def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
                 settings=None) -> tuple:
   """Trains (or reloads) a dense network `fn` from scratch with the recipe `settings` (a config
-  section; default the teacher's).
+  section; default the teacher's), initialised, shuffled and augmented by `seed`.
 
   Returns:
     (params, state, record), or (None, None, record with "error") if its loss or parameters
@@ -526,12 +539,12 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
                            ema=settings.ema_decay > 0)
   evaluate = (exp.evaluate_dense if fn is exp.fn
               else train.make_evaluate(eval_apply(eval_fn), unroll=exp.unroll))
-  members = Members([run], [start], exp.members_epoch(net.apply, settings, 1),
+  members = Members([run], [start], exp.members_epoch(net.apply, settings, 1, seed=seed),
                     _evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y,
                                                                   tree["state"]), exp.unroll),
                     lambda tree, _: tree,
                     step_flops=step_flops(net.apply, start, exp.train[0][:settings.batch_size]))
-  [(record, tree)] = train_members(exp, members, settings, exp.config.seed, fields)
+  [(record, tree)] = train_members(exp, members, settings, seed, fields)
   if tree is None:
     return None, None, record
   params, _ = finish_network(exp, run, tree["params"], record,
@@ -566,20 +579,21 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   return params, record
 
 
-def run_dense_control(exp: Experiment, rank, kind: str) -> dict:
+def run_dense_control(exp: Experiment, rank, kind: str, seed: int = 0) -> dict:
   """The dense control `kind` of `rank`: the widest network of the teacher's depth with at most
   the factorized student's parameters (`models.dense_control`), trained from scratch with the
-  recipe `DENSE_CONTROLS[kind]` names."""
+  recipe `DENSE_CONTROLS[kind]` names, seed `config.seed + seed`."""
+  run = run_name(rank, kind, seed)
   max_params = sum(row.compressed_params
                    for row in compress_lib.summarize(exp.teacher_params, exp.ranks(rank)))
   try:
     model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example,
                                          max_params)
   except ValueError as error:  # e.g. fixed conv layers larger than the student
-    exp.log(f"[{run_name(rank, kind)}] not trained: {error}")
+    exp.log(f"[{run}] not trained: {error}")
     return {"error": str(error)}
-  _, _, record = train_dense(exp, run_name(rank, kind), models.network(model, exp.num_classes),
-                             exp.config.seed, fingerprint(exp.config, kind),
+  _, _, record = train_dense(exp, run, models.network(model, exp.num_classes),
+                             exp.config.seed + seed, fingerprint(exp.config, kind),
                              exp.config[DENSE_CONTROLS[kind]])
   return {**record, "params": params}
 
@@ -600,8 +614,9 @@ def rank_batches(config, ranks: list) -> list:
   return ([integers] if integers else []) + [[rank] for rank in ranks if rank not in integers]
 
 
-def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
-  """The `kind` students of `ranks` as one batch, all starting from the teacher.
+def student_members(exp: Experiment, kind: str, ranks: list, seed: int = 0) -> Members:
+  """The `kind` students of `ranks` as one batch, all starting from the teacher, augmented and
+  dropped out by `config.seed + seed` (shuffled by `train_students`).
 
   A batch of several ranks shares one program of the largest rank: factorized members have
   their factors zero-padded to it (a zero column of U meets a zero row of V, so both gradients
@@ -650,8 +665,9 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
     final_params = lambda tree, i: saved(exp, tree["params"], tree["state"])
   stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
                     for name in width_ranks},) if kind != "factorized" else ()
-  epoch_fn = exp.cached(("epoch",) + key, lambda: exp.members_epoch(
-      net.apply, settings, len(member_ranks), side_by_side(config), distill=distill))
+  epoch_fn = exp.cached(("epoch", seed) + key, lambda: exp.members_epoch(
+      net.apply, settings, len(member_ranks), side_by_side(config), distill=distill,
+      seed=config.seed + seed))
   member_evaluate = exp.cached(("evaluate",) + key,
                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
   evaluate_members = lambda tree, images, labels: member_evaluate(tree, images, labels,
@@ -660,19 +676,20 @@ def student_members(exp: Experiment, kind: str, ranks: list) -> Members:
                      if distill else None)
   flops = exp.cached(("flops",) + key, lambda: step_flops(
       net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
-  return Members([run_name(r, kind) for r in ranks], states, epoch_fn, evaluate_members,
+  return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn, evaluate_members,
                  final_params,
                  ({"params": exp.teacher_params, "state": teacher_state},) if distill else (),
                  flops)
 
 
-def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None]) -> None:
-  """Every `kind` student of the sweep, in `rank_batches`. Calls `on_records({rank: record})`
-  as runs finish (or were finished before)."""
+def train_students(exp: Experiment, kind: str, seed: int,
+                   on_records: Callable[[dict], None]) -> None:
+  """Every `kind` student (or control) of the sweep's `seed`-th repetition, in `rank_batches`.
+  Calls `on_records({rank: record})` as runs finish (or were finished before)."""
   fields = fingerprint(exp.config, kind)
   pending, done = [], {}
   for rank in sweep_points(exp.config):
-    record = exp.finished(run_name(rank, kind))
+    record = exp.finished(run_name(rank, kind, seed))
     if record is not None:
       done[rank] = record
     else:
@@ -681,14 +698,14 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
     on_records(done)
   if kind in DENSE_CONTROLS:
     for rank in pending:
-      on_records({rank: run_dense_control(exp, rank, kind)})
+      on_records({rank: run_dense_control(exp, rank, kind, seed)})
     return
   for ranks in rank_batches(exp.config, pending):
-    outcomes = train_members(exp, student_members(exp, kind, ranks), exp.config.student,
-                             exp.config.seed + 1, fields)
+    outcomes = train_members(exp, student_members(exp, kind, ranks, seed), exp.config.student,
+                             exp.config.seed + 1 + seed, fields)
     records = {}
     for rank, (record, params) in zip(ranks, outcomes):
-      name = run_name(rank, kind)
+      name = run_name(rank, kind, seed)
       if params is not None:
         exp.log(f"{exp.where([name])} test accuracy {record['test_accuracy']:.4f} "
                 f"({record['epochs']} epochs)")
@@ -697,23 +714,25 @@ def train_students(exp: Experiment, kind: str, on_records: Callable[[dict], None
     on_records(records)
 
 
-def check_finished_runs(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses finished runs of this sweep trained under other settings, or with `overwrite`
-  removes them (all of them when the teacher differs: every student depends on it).
+def check_finished_runs(config: ml_collections.ConfigDict, workdir: str,
+                        expected: Optional[dict] = None) -> None:
+  """Refuses finished runs in `workdir` trained under other settings than `expected`'s
+  ({run: fingerprint}, default this sweep's: `fingerprint`), or with `overwrite` removes them
+  (all of them when the teacher differs: every student depends on it).
 
   Raises:
     config_lib.ConfigError: naming the runs and the differing fields.
   """
-  runs = [("teacher", None)] + [(run_name(rank, kind), kind) for kind in config.sweep.kinds
-                                for rank in sweep_points(config)]
+  if expected is None:
+    expected = {"teacher": fingerprint(config), **{
+        run: fingerprint(config, kind) for run, kind, _, _ in seed_runs(config)}}
   stale = {}
-  for run, kind in runs:
+  for run, fields in expected.items():
     path = os.path.join(workdir, "runs", f"{run}.json")
     if os.path.exists(path):
       recorded = io.read_json(path).get("fingerprint")
-      expected = io.to_jsonable(fingerprint(config, kind))
-      if recorded != expected:
-        stale[run] = _differing_fields(recorded or {}, expected)
+      if recorded != io.to_jsonable(fields):
+        stale[run] = _differing_fields(recorded or {}, io.to_jsonable(fields))
   if not stale:
     return
   if not config.overwrite:
@@ -741,6 +760,30 @@ def _differing_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
+def standard_error(accuracy: Optional[float], num_labels: int) -> Optional[float]:
+  """The binomial standard error √(p(1 − p)/n) of an accuracy p measured on n test labels."""
+  return None if accuracy is None else math.sqrt(accuracy * (1 - accuracy) / num_labels)
+
+
+def kind_numbers(kind: str, records: list, num_labels: int) -> dict:
+  """A sweep point's `<kind>_*` numbers from its runs, one per seed (`sweep.seeds`): the mean
+  test accuracy and loss of the runs that finished, their sample standard deviations over seeds
+  (None for one seed), the mean accuracy's binomial standard error on the `num_labels` test
+  labels, how many seeds finished, the cost of one run (`cost`) and a control's parameters."""
+  finished = [record for record in records if "error" not in record]
+  numbers = {}
+  for metric in ("accuracy", "loss"):
+    values = [record[f"test_{metric}"] for record in finished]
+    numbers[f"{kind}_{metric}"] = float(np.mean(values)) if values else None
+    numbers[f"{kind}_{metric}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  numbers[f"{kind}_accuracy_se"] = standard_error(numbers[f"{kind}_accuracy"], num_labels)
+  numbers[f"{kind}_seeds"] = len(finished)
+  numbers[f"{kind}_cost"] = cost(records[0])
+  if kind in DENSE_CONTROLS:
+    numbers[f"{kind}_params"] = records[0].get("params")
+  return numbers
+
+
 def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   """What needs no training at `rank`: size, truncated accuracy, factorized latency."""
   config, ranks = exp.config, exp.ranks(rank)
@@ -756,11 +799,14 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
   compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
   point = ({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
            else {"rank": rank})
+  num_labels = exp.dataset.test.labels.size
   return {**point, "params": params,
           "compression": compress_lib.count_params(teacher_params) / params,
-          **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in ("accuracy", "loss")},
+          **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in METRICS},
           "truncated_accuracy": truncated[0], "truncated_loss": truncated[1],
+          "truncated_accuracy_se": standard_error(truncated[0], num_labels),
           "whitened_truncated_accuracy": whitened[0], "whitened_truncated_loss": whitened[1],
+          "whitened_truncated_accuracy_se": standard_error(whitened[0], num_labels),
           "dense_control_params": None, "dense_control_long_params": None,
           "latency_factorized_ms": exp.latency(_digest(ranks), lambda: train.measure_latency(
               lambda p, s, x: factorized.apply(p, s, x)[0], compressed, exp.teacher_state,
@@ -815,44 +861,52 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
     plots.write_plots(results, exp.workdir)
 
 
-def is_text(results: dict) -> bool:
-  """Whether `results` are a language model's: reported in bits per byte, not accuracy."""
-  return results["dataset"] == text.NAME
-
-
-def score(results: dict, entry: dict, kind: str) -> Optional[float]:
-  """What the table and plots show of `entry`'s `kind`: bits per byte (test loss / ln 2) for
-  text, test accuracy in % otherwise; None if not measured."""
-  if is_text(results):
-    loss = entry.get(f"{kind}_loss")
-    return None if loss is None else loss / math.log(2)
-  accuracy = entry.get(f"{kind}_accuracy")
-  return None if accuracy is None else 100 * accuracy
+def score(results: dict, entry: dict, kind: str) -> tuple:
+  """What the table shows of `entry`'s `kind`: (value, ±) of `plots.score` and `plots.spread`,
+  accuracies in %; None where not measured."""
+  scale = 1.0 if plots.is_text(results) else 100.0
+  value, spread = (f(results, entry, f"{kind}_accuracy") for f in (plots.score, plots.spread))
+  return (None if value is None else value * scale, None if spread is None else spread * scale)
 
 
 def format_table(results: dict, workdir: str) -> str:
   """The final results table for the terminal, and where the results went."""
-  show = lambda v: "      -" if v is None else f"{v:7.3f}" if is_text(results) else f"{v:7.2f}"
-  unit = "bits/byte" if is_text(results) else "accuracy %"
+  text_results = plots.is_text(results)
+
+  def show(value, spread):
+    if value is None:
+      return "-"
+    digits = 3 if text_results else 2
+    return f"{value:.{digits}f}" + ("" if spread is None else f"±{spread:.{digits}f}")
+  unit = "bits/byte" if text_results else "accuracy %"
   teacher = results["teacher"]
-  teacher_score = (f"{score(results, teacher, 'test'):.3f} bits per byte" if is_text(results)
-                   else f"accuracy {score(results, teacher, 'test'):.2f} %")
+  teacher_value = score(results, teacher, "test")[0]
+  teacher_score = (f"{teacher_value:.3f} bits per byte" if text_results
+                   else f"accuracy {teacher_value:.2f} %")
+  heads = [("truncated", ""), ("whitened", "truncated"), ("straight-", "through"),
+           ("factorized", ""), ("dense", "control"), ("dense ctrl.", "teacher rec.")]
+  cell = lambda text: f"{text:>13}"
   lines = [f"{results['dataset']}: teacher test {teacher_score}, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
-           f"{'rank':>6} {'parameters':>11} {'smaller':>8} {'truncated':>10} {'whitened':>10} "
-           f"{'straight-':>10} {'factorized':>11} {'dense':>11} {'dense ctrl.':>11} "
-           f"{'factorized':>11}",
-           f"{'':>6} {'':>11} {'by':>8} {'':>10} {'truncated':>10} {'through':>10} "
-           f"{'':>11} {'control':>11} {'teacher rec.':>11} {'forward ms':>11}",
-           f"{'':>6} {'':>11} {'':>8} {unit:>10} {unit:>10} {unit:>10} {unit:>11} {unit:>11} "
-           f"{unit:>11}"]
+           f"{'rank':>6} {'parameters':>11} {'smaller':>8}" + "".join(cell(a) for a, _ in heads)
+           + f" {'factorized':>11}",
+           f"{'':>6} {'':>11} {'by':>8}" + "".join(cell(b) for _, b in heads)
+           + f" {'forward ms':>11}",
+           f"{'':>6} {'':>11} {'':>8}" + cell(unit) * len(heads)]
   for e in results["ranks"] + results.get("budgets", []):
     point = str(e["rank"]) if "rank" in e else f"b{e['budget']}"
-    values = [f"{show(score(results, e, kind)):>{10 if i < 3 else 11}}"
-              for i, kind in enumerate(RESULT_KINDS)]
-    lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x {' '.join(values)} "
+    values = "".join(cell(show(*score(results, e, kind))) for kind in RESULT_KINDS)
+    lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x{values} "
                  f"{e['latency_factorized_ms']:>11.3f}"
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
+  seeds = results["config"]["sweep"].get("seeds", 1)
+  if seeds > 1:
+    lines.append(f"±: the standard deviation over {seeds} seeds (truncation: the binomial "
+                 "standard error)" if not text_results else
+                 f"±: the standard deviation over {seeds} seeds")
+  elif not text_results:
+    lines.append(f"±: the binomial standard error √(p(1−p)/n) on the n = "
+                 f"{results['test_labels']:,} test labels")
   if results.get("budgets"):
     lines.append("budgets (bF: a fraction F of the compressed layers' weights), ranks per layer: "
                  + "; ".join(f"b{e['budget']} {e['layer_ranks']}" for e in results["budgets"]))
@@ -951,8 +1005,11 @@ def _sweep(exp: Experiment) -> dict:
   layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
   results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
              "devices": parallel.describe(exp.mesh),
+             "test_labels": int(exp.dataset.test.labels.size),
              "teacher": {**{key: teacher.get(key) for key in ("test_accuracy", "test_loss",
                                                               "val_accuracy", "params")},
+                         "test_accuracy_se": standard_error(teacher["test_accuracy"],
+                                                            exp.dataset.test.labels.size),
                          **cost(teacher),
                          "latency_ms": exp.latency("teacher", lambda: train.measure_latency(
                              eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
@@ -967,22 +1024,26 @@ def _sweep(exp: Experiment) -> dict:
   # drawing (≈ 0.8 s each), and always once every kind is done; results.json/csv after every run.
   last_plot = [time.perf_counter()]
 
-  for kind in config.sweep.kinds:
-    def on_records(records, kind=kind):
-      for rank, record in records.items():
-        entry = entries[rank]
-        entry[f"{kind}_accuracy"] = record.get("test_accuracy")
-        entry[f"{kind}_loss"] = record.get("test_loss")
-        entry[f"{kind}_cost"] = cost(record)
-        if kind in DENSE_CONTROLS:
-          entry[f"{kind}_params"] = record.get("params")
-        if "error" in record:
-          entry["error"] = "; ".join(filter(None, [entry.get("error"), f"{kind}: {record['error']}"]))
+  runs = {}  # {(kind, point): {seed: record}}
+
+  for kind, seed in [(kind, seed) for kind in config.sweep.kinds
+                     for seed in range(config.sweep.seeds)]:
+    def on_records(records, kind=kind, seed=seed):
+      for point, record in records.items():
+        seeds = runs.setdefault((kind, point), {})
+        seeds[seed] = record
+        entry = entries[point]
+        entry.update(kind_numbers(kind, [seeds[s] for s in sorted(seeds)],
+                                  exp.dataset.test.labels.size))
+        errors = [f"{k}: {r['error']}" for (k, p), by_seed in runs.items() if p == point
+                  for r in by_seed.values() if "error" in r]
+        if errors:
+          entry["error"] = "; ".join(errors)
       with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
       write_results(exp, results, with_plots=with_plots)
       if with_plots:
         last_plot[0] = time.perf_counter()
-    train_students(exp, kind, on_records)
+    train_students(exp, kind, seed, on_records)
     write_results(exp, results)
     last_plot[0] = time.perf_counter()
   log(format_table(results, exp.workdir))

@@ -99,8 +99,9 @@ def test_finished_runs_of_other_settings_are_refused_then_overwritten(finished, 
     shutil.copytree(workdir / entry, other / entry)
   config = small_config(other, **{"student.distillation.temperature": 2.0,
                                   "student.epochs": 1})
-  with pytest.raises(config_lib.ConfigError, match="student_alone, student_soft_targets, "
-                                                    "student_subclass trained with other"):
+  with pytest.raises(config_lib.ConfigError, match=r"holds 3 finished run\(s\) trained with other "
+                     r"settings \(e.g. student_alone: student.distillation.temperature, "
+                     r"student.epochs\)"):
     distill.run_distill(config, log=lambda _: None)
   config.overwrite = True
   lines = []

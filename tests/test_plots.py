@@ -112,10 +112,55 @@ def test_accuracy_figure_draws_the_series_and_teacher():
   assert "parameters" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
   legend = [text.get_text() for text in ax.get_legend().get_texts()]
   assert legend == [line.get_label() for line in lines]
-  annotations = {text.get_text(): text.xy for text in ax.texts}
-  assert annotations == {"r=4": (17_162, 0.41), "r=16": (48_650, 0.62),
-                         "r=64": (174_602, 0.9), "r=25%": (278_026, 0.94),
-                         "full": (1_092_106, 0.97)}
+  # Every point of every curve carries its rank.
+  annotations = sorted((text.get_text(), text.xy) for text in ax.texts)
+  labels = {17_162: "r=4", 48_650: "r=16", 174_602: "r=64", 278_026: "r=25%", 1_092_106: "full"}
+  assert annotations == sorted((labels[x], (x, y)) for xs, ys in
+                               plots.accuracy_series(RESULTS).values() for x, y in zip(xs, ys))
+  assert ("r=4", (17_162, 0.41)) in annotations and ("full", (1_092_106, 0.97)) in annotations
+
+
+def test_error_bars_are_the_seeds_standard_deviation_else_the_binomial_standard_error():
+  entries = [dict(RESULTS["ranks"][0], factorized_accuracy_sd=0.01, factorized_accuracy_se=0.02,
+                  truncated_accuracy_se=0.03),
+             dict(RESULTS["ranks"][1], factorized_accuracy_se=0.02)]
+  marks = plots.accuracy_marks(_results(ranks=entries))
+  assert marks["factorized_accuracy"].spread == [0.02, 0.01]  # by params: rank 4, then 16
+  assert marks["truncated_accuracy"].spread == [None, 0.03]
+  ax, = plots.plot_accuracy_vs_params(_results(ranks=entries)).axes
+  bars = [c for c in ax.collections if c.get_segments()]
+  segments = sorted(np.asarray(segment).ravel().tolist() for bar in bars
+                    for segment in bar.get_segments())
+  np.testing.assert_allclose(segments, sorted([[17_162, 0.90, 17_162, 0.94],
+                                               [48_650, 0.59, 48_650, 0.65],
+                                               [48_650, 0.94, 48_650, 0.96]]))
+
+
+def test_the_cost_figure_puts_students_at_their_cost_with_and_without_the_teachers():
+  cost = lambda flops: {"steps": 10, "epochs": 1, "examples": 1000, "seconds": 1.0,
+                        "train_flops": flops}
+  entries = [dict(RESULTS["ranks"][1], factorized_cost=cost(2e9), dense_control_accuracy=0.9,
+                  dense_control_cost=cost(1e9)),
+             dict(RESULTS["ranks"][0], factorized_cost=cost(3e9))]
+  results = _results(ranks=entries, budgets=[{"budget": 0.05, "factorized_accuracy": 0.8,
+                                              "factorized_cost": cost(4e9)}])
+  results["teacher"]["train_flops"] = 1e10
+  marks = plots.cost_marks(results)
+  assert marks["factorized_accuracy"] == ([2e9, 3e9, 4e9], [0.92, 0.95, 0.8], [None] * 3,
+                                          ["r=4", "r=16", "b=0.05"])
+  assert marks["dense_control_accuracy"].x == [1e9]
+  assert marks["straight_through_accuracy"].x == []  # no cost recorded
+  ax, = plots.plot_accuracy_vs_cost(results).axes
+  own = _line(ax, "factorized fine-tuned: its own training")
+  with_teacher = _line(ax, "factorized fine-tuned: + the teacher's training")
+  np.testing.assert_allclose(with_teacher.get_xdata(), np.asarray(own.get_xdata()) + 1e10)
+  assert with_teacher.get_markerfacecolor() == "none"
+  assert [line.get_label() for line in ax.get_lines()
+          if "control" in line.get_label()] == [
+      "dense control (same size and training budget): its own training",
+      "dense control (same size, teacher's recipe): its own training"]  # no teacher cost added
+  np.testing.assert_array_equal(_line(ax, "teacher (dense)").get_xdata(), [1e10])
+  assert ax.get_xscale() == "log" and "FLOPs" in ax.get_xlabel()
 
 
 def test_latency_series_reads_theoretical_latency_ratio():
@@ -215,9 +260,10 @@ def test_write_plots_writes_pngs_atomically(tmp_path):
   workdir = tmp_path / "sweep"
   paths = plots.write_plots(RESULTS, workdir)
   assert [os.path.basename(p) for p in paths] == [
-      "accuracy_vs_params.png", "latency_vs_rank.png"]
+      "accuracy_vs_params.png", "accuracy_vs_cost.png", "latency_vs_rank.png"]
   assert sorted(os.listdir(workdir)) == [
-      "accuracy_vs_params.png", "latency_vs_rank.png"]  # no temp files left
+      "accuracy_vs_cost.png", "accuracy_vs_params.png",
+      "latency_vs_rank.png"]  # no temp files left
   for path in paths:
     assert pathlib.Path(path).read_bytes().startswith(PNG_MAGIC)
 

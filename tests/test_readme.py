@@ -100,7 +100,10 @@ def test_readme_quick_start_plan_and_results_example_sizes():
   for claim in (f'"params": {dense}, "epochs": 30', f'"layers": [{layers}]',
                 f'"rank": 4, "params": {low}, "compression": {dense / low:.1f}',
                 f'"dense_control_params": {control}', f'"theoretical_latency_ratio": {ratio:.3f}',
-                f'"layer_ranks": {json.dumps(budget)}, "params": {budget_params}'):
+                f'"layer_ranks": {json.dumps(budget)}, "params": {budget_params}',
+                # 1,293 training digits make 40 steps of 32 per epoch.
+                f'"epochs": 30, "steps": {30 * 40}, "examples": {30 * 40 * 32}',
+                f'"factorized_cost": {{"steps": {5 * 40}, "epochs": 5, "examples": {5 * 40 * 32}'):
     assert claim in example, claim
 
 

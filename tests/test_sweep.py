@@ -69,8 +69,11 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   assert on_disk["dataset"] == "digits"
   assert on_disk["config"]["model"]["hidden"] == [64, 64]
   teacher = on_disk["teacher"]
-  assert set(teacher) == {"test_accuracy", "test_loss", "val_accuracy", "params", "epochs",
-                          "steps", "examples", "train_flops", "seconds", "latency_ms"}
+  assert set(teacher) == {"test_accuracy", "test_accuracy_se", "test_loss", "val_accuracy",
+                          "params", "epochs", "steps", "examples", "train_flops", "seconds",
+                          "latency_ms"}
+  assert teacher["test_accuracy_se"] == pytest.approx(
+      np.sqrt(teacher["test_accuracy"] * (1 - teacher["test_accuracy"]) / 359))
   assert on_disk["layers"] == [{"name": "linear_0", "shape": [64, 64]},
                                {"name": "linear_1", "shape": [64, 64]}]
   assert teacher["params"] == 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
@@ -327,6 +330,41 @@ def test_dense_controls_train_with_the_students_or_the_teachers_recipe_and_say_w
   assert teacher["examples"] == teacher["steps"] * config.teacher.batch_size
   assert teacher["train_flops"] == pytest.approx(
       long["train_flops"] * teacher["params"] / entry["dense_control_params"], rel=0.2)
+
+
+def test_seeds_repeat_students_and_controls_and_report_mean_sd_and_standard_error(tmp_path):
+  kinds = ("factorized", "dense_control")
+  config = small_config(tmp_path, **{"sweep.ranks": (2,), "sweep.kinds": kinds,
+                                     "sweep.seeds": 2, "teacher.epochs": 2})
+  lines = []
+  results = sweep.run_sweep(config, log=lines.append)
+  assert any(line.startswith("plan: 5 runs:") and "× 2 seeds" in line for line in lines)
+  (entry,) = results["ranks"]
+  n = results["test_labels"]
+  assert n == len(data.load_dataset("digits").test.labels) == 359
+  for kind in kinds:
+    runs = [json.loads((tmp_path / "runs" / f"rank_2_{kind}{suffix}.json").read_text())
+            for suffix in ("", "_seed1")]
+    accuracies = [run["test_accuracy"] for run in runs]
+    assert runs[0]["test_loss"] != runs[1]["test_loss"]  # other shuffles (and initialisation)
+    assert entry[f"{kind}_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert entry[f"{kind}_accuracy_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert entry[f"{kind}_loss"] == pytest.approx(np.mean([run["test_loss"] for run in runs]))
+    p = entry[f"{kind}_accuracy"]
+    assert entry[f"{kind}_accuracy_se"] == pytest.approx(np.sqrt(p * (1 - p) / n))
+    assert entry[f"{kind}_seeds"] == 2
+  assert entry["truncated_accuracy_se"] == pytest.approx(
+      np.sqrt(entry["truncated_accuracy"] * (1 - entry["truncated_accuracy"]) / n))
+  assert entry["truncated_accuracy_sd"] is None
+  assert "±: the standard deviation over 2 seeds" in lines[-1]
+  # One seed: the first seed's runs, reused as they are, with the standard error as ±.
+  lines.clear()
+  config.sweep.seeds = 1
+  (single,) = sweep.run_sweep(config, log=lines.append)["ranks"]
+  first = json.loads((tmp_path / "runs" / "rank_2_factorized.json").read_text())
+  assert single["factorized_accuracy"] == first["test_accuracy"]
+  assert single["factorized_accuracy_sd"] is None and single["factorized_seeds"] == 1
+  assert "reusing 3 finished" in lines[2] and "binomial standard error" in lines[-1]
 
 
 @pytest.mark.parametrize("args, pattern", [
