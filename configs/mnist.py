@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hidden = (1024,) * 5  # mlp: hidden widths
 
   config.teacher = recipe(epochs=30, batch_size=50, patience=5)
+  # Recommended for students (BUILD_NOTES "Students' recipe", measured over seeds): cosine decay
+  # over all epochs, --config.student.schedule=cosine --config.student.patience=0.
   config.student = recipe(epochs=10, batch_size=100, patience=3)  # low-rank students
   config.student.distillation = ml_collections.ConfigDict()  # from the teacher's outputs
   config.student.distillation.weight = 0.0       # w in (1-w)·CE + w·T²·KL(teacher‖student); 0: off
