@@ -338,3 +338,21 @@ def test_no_gradient_and_bad_ranks_and_shapes_are_refused():
     tracker.init(w, 3, oversample=-1)
   with pytest.raises(ValueError, match="pad_to"):
     tracker.init(w, 3, oversample=2, pad_to=4)
+
+
+def test_a_start_of_exactly_rank_r_stops_refreshing_once_updates_give_it_a_tail():
+  """A whitened truncation starts straight-through training from a W of rank exactly r: its
+  tail is only the updates since, and the certificate settles near 2e-4. Under the default
+  tolerance the calls then stop refreshing (under 1e-4 every call would), and Ŵ stays optimal."""
+  key = jax.random.PRNGKey(0)
+  u, s, vt = jnp.linalg.svd(jax.random.normal(key, (512, 512)) / np.sqrt(512))
+  w = (u[:, :10] * s[:10]) @ vt[:10]
+  state = tracker.init(w, 10)
+  refreshes = []
+  for call in range(40):  # Adam-like steps: every entry moves by 1e-3
+    w = w + 1e-3 * jnp.sign(jax.random.normal(jax.random.fold_in(key, call), w.shape))
+    state, left, right = tracker.project(w, state, 10)
+    refreshes.append(int(state.refreshes))
+  assert refreshes[-1] == refreshes[19] < 20, refreshes
+  w_hat = tracker.leading_rows(left, 10).T @ right
+  assert float(tracker.optimality_ratio(w, w_hat, 10)) <= 1.001
