@@ -10,7 +10,7 @@ import inspect
 import numbers
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ml_collections
 
@@ -204,6 +204,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_workdir(workdir)
   if not is_int(_get(config, "seed")):
     _fail("seed", config.seed, "must be an integer")
+  name = _check_data(config)
+  model = _check_model(config, name)
+  for run in ("teacher", "student"):
+    check_recipe(config, run)
+    if name == text.NAME and (config[run].shift or config[run].flip):
+      _fail(f"{run}.shift" if config[run].shift else f"{run}.flip",
+            config[run].shift or config[run].flip, "image augmentation: must be 0 / False for text")
+  weight = _get(config, "student.distillation.weight")
+  if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
+    _fail("student.distillation.weight", weight, "must be in [0, 1] (0: no distillation)")
+  _positive_float(config, "student.distillation.temperature")
+  _check_sweep(config, model)
+  every = _get(config, "checkpoint_every_secs")
+  if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
+    _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
+  check_mesh(config)
+  check_positive_int(config, "latency.batch_size")
+  check_positive_int(config, "latency.repeats")
+  if not isinstance(config.latency.get("remeasure", False), bool):
+    _fail("latency.remeasure", config.latency.remeasure, "must be True or False")
+
+
+def _check_data(config) -> str:
+  """Checks the `data` group; returns `data.name`."""
   name = _get(config, "data.name")
   if name not in data.DATASETS + (text.NAME,):
     _fail("data.name", name, f"allowed: {', '.join(data.DATASETS + (text.NAME,))}")
@@ -219,7 +243,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if data_dir is not None and not isinstance(data_dir, str):
       _fail("data.dir", data_dir, "must be a directory path or None")
   _unit_interval(config, "data.val_fraction", closed_low=False)
+  return name
 
+
+def check_widths(config, field: str, count: Optional[int] = None,
+                 example: str = "(1024,)*5") -> None:
+  """Checks that `config.<field>` is a non-empty tuple of positive integers (`count` of them)."""
+  value = _get(config, field)
+  if (not isinstance(value, (tuple, list)) or not value or (count and len(value) != count)
+      or not all(is_int(width) and width >= 1 for width in value)):
+    _fail(field, value, f"must be {count or 'a non-empty tuple of'} positive integers, e.g. "
+                        f"{example}")
+
+
+def _check_model(config, name: str) -> str:
+  """Checks the `model` group for data `name`; returns `model.name`."""
   model = _get(config, "model.name")
   if is_user_network(model):
     user_network(config.model, NUM_CLASSES)  # imports and calls it: its fields are its own
@@ -228,16 +266,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                "'package.module:function' returning a Haiku forward function")
   widths = {"mlp": "hidden", "convnet": "dense"}.get(model)
   if widths is not None and widths in config.model:
-    value = config.model[widths]
-    if (not isinstance(value, (tuple, list)) or not value
-        or not all(is_int(h) and h >= 1 for h in value)):
-      _fail(f"model.{widths}", value, "must be a non-empty tuple of positive integers, e.g. (1024,)*5")
+    check_widths(config, f"model.{widths}")
   if model == "resnet18" and "widths" in config.model:
-    value = config.model.widths
-    if (not isinstance(value, (tuple, list)) or len(value) != 4
-        or not all(is_int(w) and w >= 1 for w in value)):
-      _fail("model.widths", value, "must be 4 positive integers (the block groups' channels), "
-                                   "e.g. (64, 128, 256, 512)")
+    check_widths(config, "model.widths", 4, "(64, 128, 256, 512), the block groups' channels")
   if model == "resmlp":
     for field in ("width", "blocks"):
       if field in config.model:
@@ -252,17 +283,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fitting = [m for m in MODELS if (m in SEQUENCE_MODELS) == (name == text.NAME)]
     _fail("model.name", model, f"data.name={name!r} needs one of {', '.join(fitting)} (or a "
                                "user network)")
+  return model
 
-  for run in ("teacher", "student"):
-    check_recipe(config, run)
-    if name == text.NAME and (config[run].shift or config[run].flip):
-      _fail(f"{run}.shift" if config[run].shift else f"{run}.flip",
-            config[run].shift or config[run].flip, "image augmentation: must be 0 / False for text")
-  weight = _get(config, "student.distillation.weight")
-  if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
-    _fail("student.distillation.weight", weight, "must be in [0, 1] (0: no distillation)")
-  _positive_float(config, "student.distillation.temperature")
 
+def _check_sweep(config, model: str) -> None:
+  """Checks the `sweep` group and the fields of the students it trains."""
   ranks = _get(config, "sweep.ranks")
   if not isinstance(ranks, (tuple, list)) or not ranks:
     _fail("sweep.ranks", ranks, "must be a non-empty tuple of ranks, e.g. (10, 20, 'full')")
@@ -307,14 +332,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_positive_int(config, "sweep.seeds")
   if not isinstance(_get(config, "sweep.parallel_ranks"), bool):
     _fail("sweep.parallel_ranks", config.sweep.parallel_ranks, "must be True or False")
-  every = _get(config, "checkpoint_every_secs")
-  if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
-    _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
-  check_mesh(config)
-  check_positive_int(config, "latency.batch_size")
-  check_positive_int(config, "latency.repeats")
-  if not isinstance(config.latency.get("remeasure", False), bool):
-    _fail("latency.remeasure", config.latency.remeasure, "must be True or False")
 
 
 def check_recipe(config, run: str) -> None:

@@ -43,13 +43,6 @@ METHODS = ("alone", "soft_targets", "subclass")
 RUNS = ("teacher",) + tuple(f"student_{method}" for method in METHODS)
 
 
-def _check_widths(config, field: str) -> None:
-  value = config_lib._get(config, field)
-  if (not isinstance(value, (tuple, list)) or not value
-      or not all(config_lib.is_int(width) and width >= 1 for width in value)):
-    config_lib._fail(field, value, "must be a non-empty tuple of positive integers, e.g. (784, 784)")
-
-
 def _check_choice(config, field: str, allowed) -> None:
   value = config_lib._get(config, field)
   if value not in allowed:
@@ -80,8 +73,8 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   config_lib.check_positive_int(config, "model.subclasses")
   widths = {"cnn": "channels", "mlp": "hidden", "convnet": "dense"}.get(config.model.name)
   if widths in config.model:
-    _check_widths(config, f"model.{widths}")
-  _check_widths(config, "student.hidden")
+    config_lib.check_widths(config, f"model.{widths}", example="(784, 784)")
+  config_lib.check_widths(config, "student.hidden", example="(784, 784)")
   for run in ("teacher", "student"):
     config_lib.check_recipe(config, run)
   config_lib._non_negative(config, "teacher.diversity.weight")

@@ -20,6 +20,7 @@ fingerprint differs is refused unless `overwrite` (then it is trained again).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -986,68 +987,83 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
 
 
 def _sweep(exp: Experiment) -> dict:
-  """`run_sweep` of an opened experiment."""
-  config, log = exp.config, exp.log
+  """`run_sweep` of an opened experiment: the teacher, what needs no training at every point,
+  then every student kind and seed."""
   teacher_params, teacher = run_teacher(exp)
   exp.teacher_params = teacher_params
   exp.decompositions = compress_lib.decompose(teacher_params, include=list(exp.layers))
   exp.doing = "calibrating the whitened truncation, allocating the budgets' ranks"
   prepare_points(exp)
+  write_spectra(exp, teacher_params)
+  exp.doing = "truncating and timing every rank and budget"
+  results = untrained_results(exp, teacher_params, teacher)
+  write_results(exp, results)
+  train_kinds(exp, results)
+  exp.log(format_table(results, exp.workdir))
+  return results
+
+
+def write_spectra(exp: Experiment, teacher_params) -> None:
+  """The teacher's layer spectra: logged, written, and plotted with the swept ranks marked."""
   spectra = spectra_lib.layer_spectra({name: teacher_params[name] for name in exp.layers})
   io.atomic_write_json(exp.path(spectra_lib.SPECTRUM_JSON), spectra)
-  swept = {name: sorted({exp.ranks(point)[name] for point in sweep_points(config)
+  swept = {name: sorted({exp.ranks(point)[name] for point in sweep_points(exp.config)
                          if name in exp.ranks(point)}) for name in exp.layers}
-  io.atomic_savefig(plots.plot_teacher_spectrum(spectra, config.data.name, swept),
+  io.atomic_savefig(plots.plot_teacher_spectrum(spectra, exp.config.data.name, swept),
                     exp.path(spectra_lib.SPECTRUM_PNG), dpi=150)
-  log(spectra_lib.format_spectra(spectra))
-  exp.doing = "truncating and timing every rank and budget"
+  exp.log(spectra_lib.format_spectra(spectra))
+
+
+def untrained_results(exp: Experiment, teacher_params, teacher: dict) -> dict:
+  """results.json before any student: the teacher's numbers and cost, the compressed layers,
+  and every point's `rank_numbers`."""
+  config, num_labels = exp.config, exp.dataset.test.labels.size
   batch = exp.test[0][:config.latency.batch_size]
-  layers = [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()]
-  results = {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
-             "devices": parallel.describe(exp.mesh),
-             "test_labels": int(exp.dataset.test.labels.size),
-             "teacher": {**{key: teacher.get(key) for key in ("test_accuracy", "test_loss",
-                                                              "val_accuracy", "params")},
-                         "test_accuracy_se": standard_error(teacher["test_accuracy"],
-                                                            exp.dataset.test.labels.size),
-                         **cost(teacher),
-                         "latency_ms": exp.latency("teacher", lambda: train.measure_latency(
-                             eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
-                             repeats=config.latency.repeats))},
-             "layers": layers,
-             "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
-             "budgets": [rank_numbers(exp, Budget(b), teacher_params)
-                         for b in config.sweep.budgets]}
-  write_results(exp, results)
+  return {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
+          "devices": parallel.describe(exp.mesh), "test_labels": int(num_labels),
+          "teacher": {**{key: teacher.get(key) for key in ("test_accuracy", "test_loss",
+                                                           "val_accuracy", "params")},
+                      "test_accuracy_se": standard_error(teacher["test_accuracy"], num_labels),
+                      **cost(teacher),
+                      "latency_ms": exp.latency("teacher", lambda: train.measure_latency(
+                          eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
+                          repeats=config.latency.repeats))},
+          "layers": [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()],
+          "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
+          "budgets": [rank_numbers(exp, Budget(b), teacher_params)
+                      for b in config.sweep.budgets]}
+
+
+def train_kinds(exp: Experiment, results: dict) -> None:
+  """Trains every kind of `sweep.kinds` at every point, seed by seed, into `results` (each
+  entry's `kind_numbers` over the seeds so far), rewriting results.json and the CSV after every
+  run and the plots at most every PLOT_EVERY_SECS (≈ 0.8 s a drawing) and after every kind."""
+  config = exp.config
   entries = dict(zip(sweep_points(config), results["ranks"] + results["budgets"]))
-  # Plots are redrawn after a finished run only if PLOT_EVERY_SECS have passed since the last
-  # drawing (≈ 0.8 s each), and always once every kind is done; results.json/csv after every run.
+  runs = {}  # {(kind, point): {seed: record}}
   last_plot = [time.perf_counter()]
 
-  runs = {}  # {(kind, point): {seed: record}}
+  def on_records(records, kind, seed):
+    for point, record in records.items():
+      by_seed = runs.setdefault((kind, point), {})
+      by_seed[seed] = record
+      entry = entries[point]
+      entry.update(kind_numbers(kind, [by_seed[s] for s in sorted(by_seed)],
+                                exp.dataset.test.labels.size))
+      errors = [f"{k}: {r['error']}" for (k, p), seeds in runs.items() if p == point
+                for r in seeds.values() if "error" in r]
+      if errors:
+        entry["error"] = "; ".join(errors)
+    with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
+    write_results(exp, results, with_plots=with_plots)
+    if with_plots:
+      last_plot[0] = time.perf_counter()
 
-  for kind, seed in [(kind, seed) for kind in config.sweep.kinds
-                     for seed in range(config.sweep.seeds)]:
-    def on_records(records, kind=kind, seed=seed):
-      for point, record in records.items():
-        seeds = runs.setdefault((kind, point), {})
-        seeds[seed] = record
-        entry = entries[point]
-        entry.update(kind_numbers(kind, [seeds[s] for s in sorted(seeds)],
-                                  exp.dataset.test.labels.size))
-        errors = [f"{k}: {r['error']}" for (k, p), by_seed in runs.items() if p == point
-                  for r in by_seed.values() if "error" in r]
-        if errors:
-          entry["error"] = "; ".join(errors)
-      with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
-      write_results(exp, results, with_plots=with_plots)
-      if with_plots:
-        last_plot[0] = time.perf_counter()
-    train_students(exp, kind, seed, on_records)
+  for kind in config.sweep.kinds:
+    for seed in range(config.sweep.seeds):
+      train_students(exp, kind, seed, functools.partial(on_records, kind=kind, seed=seed))
     write_results(exp, results)
     last_plot[0] = time.perf_counter()
-  log(format_table(results, exp.workdir))
-  return results
 
 
 def train_teacher_only(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
