@@ -170,10 +170,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.
   validate_distill(config)
   dataset = data.load_dataset(config.data.name, config.data.dir,
                               val_fraction=config.data.val_fraction, seed=config.seed)
-  for run in ("teacher", "student"):
-    if config[run].batch_size > dataset.train.labels.size:
-      config_lib._fail(f"{run}.batch_size", config[run].batch_size,
-                       f"larger than the {dataset.train.labels.size} training examples")
+  sweep.check_batch_sizes(config, dataset)
   example = dataset.train.images[:1]
   with np.errstate(divide="ignore"):  # Haiku's init scale of a layer without inputs
     shapes = jax.eval_shape(hk.transform(models.network(config.model, 1)).init,
@@ -185,12 +182,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.
     exp = sweep.Experiment(config, dataset, log)
   except ValueError as error:  # the mesh
     raise config_lib.ConfigError(str(error)) from None
-  sweep.check_finished_runs(config, exp.workdir,
-                            {run: fingerprint(config, run) for run in RUNS})
-  os.makedirs(exp.workdir, exist_ok=True)
-  io.atomic_write_json(exp.path("config.json"), config_lib.experiment_fields(config))
-  log(f"{config.data.name}: {dataset.train.labels.size} train / {dataset.val.labels.size} val / "
-      f"{dataset.test.labels.size} test examples from {dataset.source}; workdir {exp.workdir}")
+  sweep.prepare_workdir(exp, {run: fingerprint(config, run) for run in RUNS})
   return exp
 
 

@@ -937,11 +937,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
     log = lambda line: None
   config_lib.validate(config)
   dataset = load_data(config)
-  for run in ("teacher", "student"):
-    if config[run].batch_size > len(dataset.train.labels):
-      raise config_lib.ConfigError(
-          f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
-          f"{len(dataset.train.labels)} training examples of {config.data.name}")
+  check_batch_sizes(config, dataset)
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
     lone = parallel.single_run(mesh)  # the teacher, dense controls, ranks trained alone
@@ -954,18 +950,34 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   exp = Experiment(config, dataset, log)
   for rank in config.sweep.ranks:
     config_lib.check_rank_value(rank, list(exp.layers.values()), "sweep.ranks")
-  workdir = exp.workdir
-  check_finished_runs(config, workdir)
+  prepare_workdir(exp)
+  log(f"devices: {parallel.describe(exp.mesh)}")
+  return exp
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data.Dataset) -> None:
+  """Refuses a teacher or student batch larger than the training split."""
+  for run in ("teacher", "student"):
+    if config[run].batch_size > len(dataset.train.labels):
+      raise config_lib.ConfigError(
+          f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
+          f"{len(dataset.train.labels)} training examples of {config.data.name}")
+
+
+def prepare_workdir(exp: Experiment, expected: Optional[dict] = None) -> None:
+  """Checks the workdir's finished runs (`check_finished_runs`), writes config.json into it and
+  says what data the experiment trains on."""
+  config, dataset = exp.config, exp.dataset
+  check_finished_runs(config, exp.workdir, expected)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    io.atomic_write_json(os.path.join(workdir, "config.json"), config_lib.experiment_fields(config))
+    os.makedirs(exp.workdir, exist_ok=True)
+    io.atomic_write_json(exp.path("config.json"), config_lib.experiment_fields(config))
   except OSError as error:
     raise config_lib.ConfigError(f"config field workdir={config.workdir!r} is invalid: "
                                  f"{error.strerror or error}") from None
-  log(f"{config.data.name}: {len(dataset.train.labels)} train / {len(dataset.val.labels)} val / "
-      f"{len(dataset.test.labels)} test examples from {dataset.source}; workdir {workdir}")
-  log(f"devices: {parallel.describe(exp.mesh)}")
-  return exp
+  exp.log(f"{config.data.name}: {len(dataset.train.labels)} train / {len(dataset.val.labels)} "
+          f"val / {len(dataset.test.labels)} test examples from {dataset.source}; workdir "
+          f"{exp.workdir}")
 
 
 def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
