@@ -132,7 +132,9 @@ def eval_apply(fn: Callable) -> Callable:
 
 
 class Experiment:
-  """What every run of a sweep shares: config, data on the device, networks, workdir."""
+  """What every run of a sweep shares: config, data on the device, networks, workdir, compiled
+  programs, and where the sweep is (its plan, progress and deferred interrupts, mutated as it
+  goes). What the teacher gives every point is a `Teacher`, passed explicitly."""
 
   def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, log: Log = _print):
     self.config = config
@@ -168,11 +170,6 @@ class Experiment:
     self.unroll = jax.default_backend() == "cpu" and any(
         leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(network.params))
     self.evaluate_dense = train.make_evaluate(eval_apply(self.eval_fn), unroll=self.unroll)
-    self.teacher_params = None  # set once the teacher is trained or loaded
-    self.teacher_state = None   # ... and its Haiku state (BatchNorm statistics; {} if none)
-    self.decompositions = None  # the teacher's SVDs, one per compressed layer
-    self.whitened = None        # ... of SᵀW: whitened by the layer inputs' statistics
-    self.allocated = {}         # {budget fraction: {module: rank}}
     self.cache = {}             # compiled programs, shared by every rank
     self.places = {}            # {run: "3/14 rank 8 factorized"}: its place in the plan (`plan`)
     self.epochs_left = 0        # member epochs the plan has still to train (`time_left`)
@@ -236,16 +233,9 @@ class Experiment:
     its batch (`parallel.single_run`)."""
     return self.mesh if num_members > 1 else parallel.single_run(self.mesh)
 
-  def ranks(self, rank) -> dict:
-    """A sweep point's ranks, resolved: {module: int}, every compressed layer for a rank, the
-    allocated ones for a `Budget` (the others stay dense)."""
-    if isinstance(rank, Budget):
-      return self.allocated[rank.fraction]
+  def uniform_ranks(self, rank) -> dict:
+    """{module: int} of a uniform rank (int, fraction or "full") at every compressed layer."""
     return {name: svd.resolve_rank(shape, rank) for name, shape in self.layers.items()}
-
-  def start(self) -> dict:
-    """The students' starting decompositions: plain SVD, or whitened (`truncation`)."""
-    return self.whitened if self.config.truncation == "whitened" else self.decompositions
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
@@ -284,6 +274,26 @@ class Experiment:
       os.makedirs(self.path("runs"), exist_ok=True)
       io.atomic_write_json(self.path("runs", f"{run}.json"), record)
     return record
+
+
+class Teacher(NamedTuple):
+  """The trained teacher and what every sweep point derives from it (`prepare_teacher`)."""
+  params: Any
+  state: dict           # its Haiku state (BatchNorm statistics; {} if none)
+  decompositions: dict  # its SVDs, one per compressed layer
+  whitened: dict        # ... of SᵀW: whitened by the layer inputs' statistics
+  allocated: dict       # {budget fraction: {module: rank}}
+
+  def ranks(self, exp: Experiment, point) -> dict:
+    """A sweep point's ranks, resolved: {module: int}, every compressed layer for a rank, the
+    allocated ones for a `Budget` (the others stay dense)."""
+    if isinstance(point, Budget):
+      return self.allocated[point.fraction]
+    return exp.uniform_ranks(point)
+
+  def start(self, truncation: str) -> dict:
+    """The students' starting decompositions: plain SVD, or whitened (`truncation`)."""
+    return self.whitened if truncation == "whitened" else self.decompositions
 
 
 @contextlib.contextmanager
@@ -376,7 +386,7 @@ def known_latencies(exp: Experiment) -> dict:
   if (old.get("devices") != new["devices"] or old.get("layers") != new["layers"]
       or any(old["config"].get(key) != new["config"][key] for key in ("data", "model", "latency"))):
     return {}
-  ranks = lambda entry: entry.get("layer_ranks") or exp.ranks(entry["rank"])
+  ranks = lambda entry: entry.get("layer_ranks") or exp.uniform_ranks(entry["rank"])
   return {"teacher": old["teacher"]["latency_ms"],
           **{_digest(ranks(entry)): entry["latency_factorized_ms"]
              for entry in old["ranks"] + old.get("budgets", [])}}
@@ -507,12 +517,12 @@ def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
   return jax.jit(members)
 
 
-def saved(exp: Experiment, params, state) -> Any:
-  """What a finished network saves: its parameters, with its Haiku state when the teacher keeps
-  one (`{"params", "state"}`, the state less any tracker's)."""
-  if not exp.teacher_state:
+def saved(params, state, kept) -> Any:
+  """What a finished network saves: its parameters, with the Haiku state of the modules in
+  `kept` when there are any (`{"params", "state"}`: a student's less its trackers)."""
+  if not kept:
     return params
-  return {"params": params, "state": {name: state[name] for name in exp.teacher_state}}
+  return {"params": params, "state": {name: state[name] for name in kept}}
 
 
 def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
@@ -527,13 +537,11 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
   train_fn, eval_fn = models.modes(fn)
   net = hk.transform_with_state(train_fn)
   params, state = net.init(jax.random.PRNGKey(seed), exp.example)
-  if exp.teacher_state is None:
-    exp.teacher_state = state  # its structure; the trained values replace it
   record = exp.finished(run)
   if record is not None:
     if run not in exp.places:  # else the plan listed it
       exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
-    tree = checkpoint.load_pytree(exp.path("models", run), saved(exp, params, state))
+    tree = checkpoint.load_pytree(exp.path("models", run), saved(params, state, state))
     return (*((tree["params"], tree["state"]) if state else (tree, {})), record)
   settings = settings or exp.config.teacher
   start = train.init_state(params, exp.optimizer(settings), model_state=state,
@@ -549,7 +557,7 @@ def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict
   if tree is None:
     return None, None, record
   params, _ = finish_network(exp, run, tree["params"], record,
-                             saved(exp, tree["params"], tree["state"]) if state else None)
+                             saved(tree["params"], tree["state"], state) if state else None)
   return params, tree["state"], record
 
 
@@ -564,9 +572,8 @@ def finish_network(exp: Experiment, run: str, params, record: dict, to_save=None
   return params, exp.finish(run, params if to_save is None else to_save, record)
 
 
-def run_teacher(exp: Experiment) -> tuple[Any, dict]:
-  """Trains (or reloads) the dense teacher; sets `exp.teacher_state`. Returns its params and
-  its record.
+def run_teacher(exp: Experiment) -> tuple[Any, dict, dict]:
+  """Trains (or reloads) the dense teacher. Returns its params, Haiku state and record.
 
   Raises:
     train.NonFiniteError: the teacher's loss or parameters stopped being finite.
@@ -576,17 +583,16 @@ def run_teacher(exp: Experiment) -> tuple[Any, dict]:
   if params is None:
     raise train.NonFiniteError(f"the teacher diverged ({record['error']}); lower "
                                f"teacher.learning_rate or check the data")
-  exp.teacher_state = state
-  return params, record
+  return params, state, record
 
 
-def run_dense_control(exp: Experiment, rank, kind: str, seed: int = 0) -> dict:
+def run_dense_control(exp: Experiment, teacher: Teacher, rank, kind: str, seed: int = 0) -> dict:
   """The dense control `kind` of `rank`: the widest network of the teacher's depth with at most
   the factorized student's parameters (`models.dense_control`), trained from scratch with the
   recipe `DENSE_CONTROLS[kind]` names, seed `config.seed + seed`."""
   run = run_name(rank, kind, seed)
   max_params = sum(row.compressed_params
-                   for row in compress_lib.summarize(exp.teacher_params, exp.ranks(rank)))
+                   for row in compress_lib.summarize(teacher.params, teacher.ranks(exp, rank)))
   try:
     model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example,
                                          max_params)
@@ -615,7 +621,8 @@ def rank_batches(config, ranks: list) -> list:
   return ([integers] if integers else []) + [[rank] for rank in ranks if rank not in integers]
 
 
-def student_members(exp: Experiment, kind: str, ranks: list, seed: int = 0) -> Members:
+def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
+                    seed: int = 0) -> Members:
   """The `kind` students of `ranks` as one batch, all starting from the teacher, augmented and
   dropped out by `config.seed + seed` (shuffled by `train_students`).
 
@@ -628,34 +635,34 @@ def student_members(exp: Experiment, kind: str, ranks: list, seed: int = 0) -> M
   """
   settings, config = exp.config.student, exp.config
   width = ranks[0] if len(ranks) == 1 else max(ranks)
-  width_ranks = exp.ranks(width)
+  width_ranks = teacher.ranks(exp, width)
   # Padded with copies of the last rank to a multiple of the mesh's members axis (results dropped).
   padding = parallel.member_padding(len(ranks), exp.mesh) if len(ranks) > 1 else 0
-  member_ranks = [exp.ranks(r) for r in list(ranks) + [ranks[-1]] * padding]
+  member_ranks = [teacher.ranks(exp, r) for r in list(ranks) + [ranks[-1]] * padding]
   optimizer = exp.optimizer(settings)
   ema = settings.ema_decay > 0
   distill = settings.distillation.weight > 0
   key = (kind, rank_label(width), len(member_ranks))
-  teacher_state = exp.teacher_state
+  teacher_state = teacher.state
   dense_state = lambda state: {name: state[name] for name in teacher_state}
   if kind == "factorized":
     net = students.factorized(exp.train_fn, width_ranks, with_state=True, apply_rng=True)
     twin = students.factorized(exp.eval_fn, width_ranks, with_state=True)
     states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
-        exp.teacher_params, member, decompositions=exp.start()), width_ranks),
+        teacher.params, member, decompositions=teacher.start(config.truncation)), width_ranks),
         optimizer, model_state=teacher_state, ema=ema) for member in member_ranks]
     evaluate = train.make_evaluate(lambda params, x, state: twin.apply(params, state, x)[0],
                                    unroll=exp.unroll)
     evaluate_tree = lambda tree, x, y: evaluate(tree["params"], x, y, tree["state"])
-    final_params = lambda tree, i: saved(
-        exp, compress_lib.unpad_factors(tree["params"], member_ranks[i]), tree["state"])
+    final_params = lambda tree, i: saved(compress_lib.unpad_factors(
+        tree["params"], member_ranks[i]), tree["state"], teacher_state)
   else:
     net = students.straight_through(exp.train_fn, width_ranks, method=config.projection.method,
                                     oversample=config.projection.oversample, apply_rng=True)
     # From the teacher's weights (their projection is its truncation), or from its whitened
     # truncation (already of rank r).
-    starts = [exp.teacher_params if config.truncation == "svd" else compress_lib.project(
-        exp.teacher_params, member, decompositions=exp.whitened) for member in member_ranks]
+    starts = [teacher.params if config.truncation == "svd" else compress_lib.project(
+        teacher.params, member, decompositions=teacher.whitened) for member in member_ranks]
     states = [train.init_state(start, optimizer, ema=ema,
                                model_state=students.tracker_state(
                                    net, start, exp.example, rank=member, state=teacher_state))
@@ -663,7 +670,7 @@ def student_members(exp: Experiment, kind: str, ranks: list, seed: int = 0) -> M
     # The reported student is its weights truncated exactly at its own ranks.
     evaluate_tree = lambda tree, x, y, r: exp.evaluate_dense(
         compress_lib.project_masked(tree["params"], r), x, y, dense_state(tree["state"]))
-    final_params = lambda tree, i: saved(exp, tree["params"], tree["state"])
+    final_params = lambda tree, i: saved(tree["params"], tree["state"], teacher_state)
   stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
                     for name in width_ranks},) if kind != "factorized" else ()
   epoch_fn = exp.cached(("epoch", seed) + key, lambda: exp.members_epoch(
@@ -673,17 +680,17 @@ def student_members(exp: Experiment, kind: str, ranks: list, seed: int = 0) -> M
                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
   evaluate_members = lambda tree, images, labels: member_evaluate(tree, images, labels,
                                                                  *stacked_ranks)
-  teacher_forward = (lambda x: eval_apply(exp.eval_fn)(exp.teacher_params, x, teacher_state)
+  teacher_forward = (lambda x: eval_apply(exp.eval_fn)(teacher.params, x, teacher_state)
                      if distill else None)
   flops = exp.cached(("flops",) + key, lambda: step_flops(
       net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
   return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn, evaluate_members,
                  final_params,
-                 ({"params": exp.teacher_params, "state": teacher_state},) if distill else (),
+                 ({"params": teacher.params, "state": teacher_state},) if distill else (),
                  flops)
 
 
-def train_students(exp: Experiment, kind: str, seed: int,
+def train_students(exp: Experiment, teacher: Teacher, kind: str, seed: int,
                    on_records: Callable[[dict], None]) -> None:
   """Every `kind` student (or control) of the sweep's `seed`-th repetition, in `rank_batches`.
   Calls `on_records({rank: record})` as runs finish (or were finished before)."""
@@ -699,10 +706,11 @@ def train_students(exp: Experiment, kind: str, seed: int,
     on_records(done)
   if kind in DENSE_CONTROLS:
     for rank in pending:
-      on_records({rank: run_dense_control(exp, rank, kind, seed)})
+      on_records({rank: run_dense_control(exp, teacher, rank, kind, seed)})
     return
   for ranks in rank_batches(exp.config, pending):
-    outcomes = train_members(exp, student_members(exp, kind, ranks, seed), exp.config.student,
+    outcomes = train_members(exp, student_members(exp, teacher, kind, ranks, seed),
+                             exp.config.student,
                              exp.config.seed + 1 + seed, fields)
     records = {}
     for rank, (record, params) in zip(ranks, outcomes):
@@ -785,19 +793,20 @@ def kind_numbers(kind: str, records: list, num_labels: int) -> dict:
   return numbers
 
 
-def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
+def rank_numbers(exp: Experiment, teacher: Teacher, rank) -> dict:
   """What needs no training at `rank`: size, truncated accuracy, factorized latency."""
-  config, ranks = exp.config, exp.ranks(rank)
+  config, ranks, teacher_params = exp.config, teacher.ranks(exp, rank), teacher.params
   rows = compress_lib.summarize(teacher_params, ranks)
   params = sum(row.compressed_params for row in rows)
   truncated, whitened = (tuple(map(float, exp.evaluate_dense(compress_lib.project(
-      teacher_params, ranks, decompositions=decompositions), *exp.test, exp.teacher_state)))
-                          for decompositions in (exp.decompositions, exp.whitened))
+      teacher_params, ranks, decompositions=decompositions), *exp.test, teacher.state)))
+                          for decompositions in (teacher.decompositions, teacher.whitened))
   exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated[0]:.4f} (loss "
           f"{truncated[1]:.4f}), whitened {whitened[0]:.4f} (loss {whitened[1]:.4f})")
   factorized = students.factorized(exp.eval_fn, ranks, with_state=True)
   batch = exp.test[0][:config.latency.batch_size]
-  compressed = compress_lib.compress(teacher_params, ranks, decompositions=exp.decompositions)
+  compressed = compress_lib.compress(teacher_params, ranks,
+                                     decompositions=teacher.decompositions)
   point = ({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
            else {"rank": rank})
   num_labels = exp.dataset.test.labels.size
@@ -810,7 +819,7 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
           "whitened_truncated_accuracy_se": standard_error(whitened[0], num_labels),
           "dense_control_params": None, "dense_control_long_params": None,
           "latency_factorized_ms": exp.latency(_digest(ranks), lambda: train.measure_latency(
-              lambda p, s, x: factorized.apply(p, s, x)[0], compressed, exp.teacher_state,
+              lambda p, s, x: factorized.apply(p, s, x)[0], compressed, teacher.state,
               batch, repeats=config.latency.repeats)),
           # Matmul FLOPs of the factorized network over the dense one (conv layers per output
           # position: exact for the whole network only when they share one output size).
@@ -818,32 +827,31 @@ def rank_numbers(exp: Experiment, rank, teacher_params) -> dict:
                                         / sum(row.dense_flops for row in rows))}
 
 
-def prepare_points(exp: Experiment) -> None:
-  """The teacher's whitened decompositions (`lrnet.calibrate` on `calibration.examples` training
-  examples) and the ranks `lrnet.allocate_ranks` gives each budget: criterion
-  `allocation.criterion`, the loss the validation split's, whitened with `truncation` whitened."""
-  config = exp.config
+def prepare_teacher(exp: Experiment, params, state: dict) -> Teacher:
+  """The teacher with its decompositions: plain SVDs, whitened ones (`lrnet.calibrate` on
+  `calibration.examples` training examples), and the ranks `lrnet.allocate_ranks` gives each
+  budget (criterion `allocation.criterion`, the loss the validation split's, whitened with
+  `truncation` whitened)."""
+  config, layers = exp.config, list(exp.layers)
+  decompositions = compress_lib.decompose(params, include=layers)
   order = train.epoch_order(config.seed, 0, exp.train[1].shape[0])[:config.calibration.examples]
   images = jnp.asarray(exp.dataset.train.images[order])  # on the default device, like the params
   batches = [images[i:i + 500] for i in range(0, images.shape[0], 500)]
-  statistics = calibration_lib.calibrate(exp.eval_fn, exp.teacher_params, batches,
-                                         include=list(exp.layers),
+  statistics = calibration_lib.calibrate(exp.eval_fn, params, batches, include=layers,
                                          damping=config.calibration.damping,
-                                         state=exp.teacher_state or None)
-  exp.whitened = compress_lib.decompose(exp.teacher_params, include=list(exp.layers),
-                                        calibration=statistics)
-  if not config.sweep.budgets:
-    return
-  greedy = config.allocation.criterion == "greedy"
-  allocated = allocation.allocate_ranks(
-      exp.teacher_params, list(config.sweep.budgets), include=list(exp.layers),
-      calibration=statistics if config.truncation == "whitened" else None,
-      criterion=config.allocation.criterion,
-      loss=(lambda params: exp.evaluate_dense(params, *exp.val, exp.teacher_state)[1])
-      if greedy else None)
-  for fraction, ranks in zip(config.sweep.budgets, allocated):
-    exp.allocated[fraction] = ranks
-    exp.log(f"[budget {fraction}] allocated ranks {ranks}")
+                                         state=state or None)
+  whitened = compress_lib.decompose(params, include=layers, calibration=statistics)
+  allocated = {}
+  if config.sweep.budgets:
+    greedy = config.allocation.criterion == "greedy"
+    for fraction, ranks in zip(config.sweep.budgets, allocation.allocate_ranks(
+        params, list(config.sweep.budgets), include=layers,
+        calibration=statistics if config.truncation == "whitened" else None,
+        criterion=config.allocation.criterion,
+        loss=(lambda p: exp.evaluate_dense(p, *exp.val, state)[1]) if greedy else None)):
+      allocated[fraction] = ranks
+      exp.log(f"[budget {fraction}] allocated ranks {ranks}")
+  return Teacher(params, state, decompositions, whitened, allocated)
 
 
 def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> None:
@@ -1001,52 +1009,50 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
 def _sweep(exp: Experiment) -> dict:
   """`run_sweep` of an opened experiment: the teacher, what needs no training at every point,
   then every student kind and seed."""
-  teacher_params, teacher = run_teacher(exp)
-  exp.teacher_params = teacher_params
-  exp.decompositions = compress_lib.decompose(teacher_params, include=list(exp.layers))
+  params, state, record = run_teacher(exp)
   exp.doing = "calibrating the whitened truncation, allocating the budgets' ranks"
-  prepare_points(exp)
-  write_spectra(exp, teacher_params)
+  teacher = prepare_teacher(exp, params, state)
+  write_spectra(exp, teacher)
   exp.doing = "truncating and timing every rank and budget"
-  results = untrained_results(exp, teacher_params, teacher)
+  results = untrained_results(exp, teacher, record)
   write_results(exp, results)
-  train_kinds(exp, results)
+  train_kinds(exp, teacher, results)
   exp.log(format_table(results, exp.workdir))
   return results
 
 
-def write_spectra(exp: Experiment, teacher_params) -> None:
+def write_spectra(exp: Experiment, teacher: Teacher) -> None:
   """The teacher's layer spectra: logged, written, and plotted with the swept ranks marked."""
-  spectra = spectra_lib.layer_spectra({name: teacher_params[name] for name in exp.layers})
+  spectra = spectra_lib.layer_spectra({name: teacher.params[name] for name in exp.layers})
   io.atomic_write_json(exp.path(spectra_lib.SPECTRUM_JSON), spectra)
-  swept = {name: sorted({exp.ranks(point)[name] for point in sweep_points(exp.config)
-                         if name in exp.ranks(point)}) for name in exp.layers}
+  points = [teacher.ranks(exp, point) for point in sweep_points(exp.config)]
+  swept = {name: sorted({ranks[name] for ranks in points if name in ranks})
+           for name in exp.layers}
   io.atomic_savefig(plots.plot_teacher_spectrum(spectra, exp.config.data.name, swept),
                     exp.path(spectra_lib.SPECTRUM_PNG), dpi=150)
   exp.log(spectra_lib.format_spectra(spectra))
 
 
-def untrained_results(exp: Experiment, teacher_params, teacher: dict) -> dict:
+def untrained_results(exp: Experiment, teacher: Teacher, record: dict) -> dict:
   """results.json before any student: the teacher's numbers and cost, the compressed layers,
   and every point's `rank_numbers`."""
   config, num_labels = exp.config, exp.dataset.test.labels.size
   batch = exp.test[0][:config.latency.batch_size]
   return {"dataset": config.data.name, "config": config_lib.experiment_fields(config),
           "devices": parallel.describe(exp.mesh), "test_labels": int(num_labels),
-          "teacher": {**{key: teacher.get(key) for key in ("test_accuracy", "test_loss",
-                                                           "val_accuracy", "params")},
-                      "test_accuracy_se": standard_error(teacher["test_accuracy"], num_labels),
-                      **cost(teacher),
+          "teacher": {**{key: record.get(key) for key in ("test_accuracy", "test_loss",
+                                                          "val_accuracy", "params")},
+                      "test_accuracy_se": standard_error(record["test_accuracy"], num_labels),
+                      **cost(record),
                       "latency_ms": exp.latency("teacher", lambda: train.measure_latency(
-                          eval_apply(exp.eval_fn), teacher_params, batch, exp.teacher_state,
+                          eval_apply(exp.eval_fn), teacher.params, batch, teacher.state,
                           repeats=config.latency.repeats))},
           "layers": [{"name": name, "shape": list(shape)} for name, shape in exp.layers.items()],
-          "ranks": [rank_numbers(exp, rank, teacher_params) for rank in config.sweep.ranks],
-          "budgets": [rank_numbers(exp, Budget(b), teacher_params)
-                      for b in config.sweep.budgets]}
+          "ranks": [rank_numbers(exp, teacher, rank) for rank in config.sweep.ranks],
+          "budgets": [rank_numbers(exp, teacher, Budget(b)) for b in config.sweep.budgets]}
 
 
-def train_kinds(exp: Experiment, results: dict) -> None:
+def train_kinds(exp: Experiment, teacher: Teacher, results: dict) -> None:
   """Trains every kind of `sweep.kinds` at every point, seed by seed, into `results` (each
   entry's `kind_numbers` over the seeds so far), rewriting results.json and the CSV after every
   run and the plots at most every PLOT_EVERY_SECS (≈ 0.8 s a drawing) and after every kind."""
@@ -1073,7 +1079,8 @@ def train_kinds(exp: Experiment, results: dict) -> None:
 
   for kind in config.sweep.kinds:
     for seed in range(config.sweep.seeds):
-      train_students(exp, kind, seed, functools.partial(on_records, kind=kind, seed=seed))
+      train_students(exp, teacher, kind, seed,
+                     functools.partial(on_records, kind=kind, seed=seed))
     write_results(exp, results)
     last_plot[0] = time.perf_counter()
 
@@ -1082,4 +1089,4 @@ def train_teacher_only(config: ml_collections.ConfigDict, log: Log = _print) -> 
   """Trains (or reloads) the teacher of `config` into its workdir; returns its record."""
   exp = open_experiment(config, log)
   with heartbeat(exp):
-    return run_teacher(exp)[1]
+    return run_teacher(exp)[2]
