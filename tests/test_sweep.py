@@ -109,8 +109,15 @@ def test_sweep_writes_results_files_with_the_schema(finished_sweep):
   spectrum = json.loads((workdir / "teacher_spectrum.json").read_text())
   assert set(spectrum) == {"linear_0", "linear_1"}
   assert spectrum["linear_0"]["shape"] == [64, 64] and 1 <= spectrum["linear_0"]["energy_rank_90"] <= 64
-  for name in ("accuracy_vs_params.png", "latency_vs_rank.png", "teacher_spectrum.png"):
+  for name in ("accuracy_vs_params.png", "accuracy_vs_cost.png", "latency_vs_rank.png",
+               "teacher_spectrum.png"):
     assert (workdir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The cost figure of this sweep: every trained kind at its runs' estimated training FLOPs.
+  marks = plots.cost_marks(on_disk)
+  for kind in ("straight_through", "factorized", "dense_control"):
+    assert marks[f"{kind}_accuracy"].x == sorted(
+        entry[f"{kind}_cost"]["train_flops"] for entry in on_disk["ranks"]), kind
+    assert all(flops > 0 for flops in marks[f"{kind}_accuracy"].x)
   metrics = (workdir / "metrics" / "teacher.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3, 4]
   assert list((workdir / "tensorboard" / "teacher").iterdir())
@@ -158,8 +165,8 @@ def _reused(lines) -> list:
 def test_a_rerun_that_trains_nothing_rewrites_every_file_byte_for_byte(finished_sweep, tmp_path,
                                                                       monkeypatch):
   workdir, _, _ = finished_sweep
-  files = ("results.json", "results.csv", "accuracy_vs_params.png", "latency_vs_rank.png",
-           "teacher_spectrum.json", "teacher_spectrum.png", "config.json")
+  files = ("results.json", "results.csv", "accuracy_vs_params.png", "accuracy_vs_cost.png",
+           "latency_vs_rank.png", "teacher_spectrum.json", "teacher_spectrum.png", "config.json")
   before = {name: (workdir / name).read_bytes() for name in files}
   lines = []
   sweep.run_sweep(small_config(workdir), log=lines.append)
