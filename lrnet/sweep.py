@@ -52,6 +52,7 @@ from lrnet import spectra as spectra_lib
 from lrnet import students
 from lrnet import svd
 from lrnet import text
+from lrnet import tracker as tracker_lib
 from lrnet import train
 
 KINDS = config_lib.STUDENT_KINDS
@@ -407,10 +408,13 @@ def step_flops(apply_fn: Callable, state: train.TrainState, images, extra_forwar
   """Estimated FLOPs of one training step on the batch `images`: XLA's cost analysis of the
   lowered (not compiled) gradient of `apply_fn(params, model_state, rng, images)`'s logits —
   forward, backward and whatever the forward does besides (a straight-through student's
-  trackers) — plus `extra_forward(images)`'s (a distilling teacher), Adam's updates left out."""
+  trackers, less their rarely taken refresh: `tracker.refresh_left_out`; of two branches the
+  analysis counts the costlier) — plus `extra_forward(images)`'s (a distilling teacher), Adam's
+  updates left out."""
   def loss(params):
     return jnp.sum(apply_fn(params, state.model_state, jax.random.PRNGKey(0), images)[0])
-  flops = jax.jit(jax.grad(loss)).lower(state.params).cost_analysis().get("flops", 0.0)
+  with tracker_lib.refresh_left_out():
+    flops = jax.jit(jax.grad(loss)).lower(state.params).cost_analysis().get("flops", 0.0)
   if extra_forward is not None:
     flops += jax.jit(extra_forward).lower(images).cost_analysis().get("flops", 0.0)
   return float(flops)

@@ -41,7 +41,10 @@ side alternates with the call count (a refresh keeps the phase): members search 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
@@ -53,6 +56,8 @@ import numpy as np
 from lrnet import svd
 
 DEFAULT_OVERSAMPLE = 10
+# Set inside `refresh_left_out`: calls traced there build no refresh.
+_REFRESH_LEFT_OUT = contextvars.ContextVar("refresh_left_out", default=False)
 DEFAULT_TOLERANCE = 1e-3  # ρ ≤ 1.001; see the module docstring
 # Energy differences below this many eps·‖W‖_F² are rounding noise (measured: ≤ 5.4).
 _NOISE_FACTOR = 8.0
@@ -356,6 +361,19 @@ def _refresh(w: jax.Array, call: _Call) -> _Call:
   return _Call(new_state, singular_values[:, None] * left_rows, right_rows)
 
 
+@contextlib.contextmanager
+def refresh_left_out():
+  """Inside, `project` traces as with `tolerance=inf`, building no refresh: for estimating a
+  step's cost (`lrnet.sweep.step_flops`), which XLA's cost analysis would charge with the
+  refresh's SVD on every call (≈ 9× a rank-10 student's step), though from a trained teacher
+  calls do not take it."""
+  token = _REFRESH_LEFT_OUT.set(True)
+  try:
+    yield
+  finally:
+    _REFRESH_LEFT_OUT.reset(token)
+
+
 def project(w: jax.Array, state: TrackerState, rank, *,
             tolerance: float = DEFAULT_TOLERANCE) -> tuple[TrackerState, jax.Array, jax.Array]:
   """This call's factors of the rank-r projection of `w`, from one product with `w`.
@@ -366,7 +384,8 @@ def project(w: jax.Array, state: TrackerState, rank, *,
     rank: r, a Python int in `1..width` (checked) or a traced int32 scalar (clipped into
       `1..width`).
     tolerance: a call whose drift certificate (≈ ρ − 1) is not below this is replaced by an
-      exact SVD; 0 forces an SVD on every call, `inf` never.
+      exact SVD; 0 forces an SVD on every call, `inf` never (no refresh is built; also inside
+      `refresh_left_out`).
 
   Returns:
     (new state, left rows [K, m], right rows [K, n]) with Ŵ_r = Σ_{i<r} left_iᵀ right_i, i.e.
@@ -380,6 +399,8 @@ def project(w: jax.Array, state: TrackerState, rank, *,
     svd.check_rank(w.shape, rank)
     if not rank <= size:
       raise ValueError(f"rank must be an integer in 1..{size} (the tracked rows), got {rank!r}")
+  if _REFRESH_LEFT_OUT.get():
+    tolerance = math.inf
   return _project(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance))
 
 
@@ -398,6 +419,8 @@ def _project(w, state, rank, *, tolerance):
                      jnp.where(_any_member(needs_ranking), 2, 1))
   call = lax.switch(branch, [functools.partial(_half_step, w, state, rank, energies, *sides)
                              for sides in ((True,), (False,), (False, needs_ranking))])
+  if math.isinf(tolerance):
+    return call.state._replace(refreshes=state.refreshes), call.left_rows, call.right_rows
   needs_refresh = ~(call.state.drift < tolerance)  # also on NaN
   call = _cond_any(needs_refresh, lambda call: _refresh(w, call), lambda call: call, call)
   new_state = call.state._replace(refreshes=state.refreshes + needs_refresh.astype(jnp.int32))

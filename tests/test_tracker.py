@@ -356,3 +356,23 @@ def test_a_start_of_exactly_rank_r_stops_refreshing_once_updates_give_it_a_tail(
   assert refreshes[-1] == refreshes[19] < 20, refreshes
   w_hat = tracker.leading_rows(left, 10).T @ right
   assert float(tracker.optimality_ratio(w, w_hat, 10)) <= 1.001
+
+
+def test_inside_refresh_left_out_calls_build_no_refresh_and_compute_the_same():
+  """`sweep.step_flops` lowers a step there: XLA's cost analysis would otherwise charge every call
+  with the refresh's SVD, a branch a trained teacher's calls do not take."""
+  key = jax.random.PRNGKey(3)
+  w = jax.random.normal(key, (256, 192))
+  state = tracker.init(w, 8)
+  moved = w + 1e-3 * jax.random.normal(jax.random.fold_in(key, 1), w.shape)
+  flops = lambda: jax.jit(lambda w, s: tracker.project(w, s, 8)[1]).lower(
+      moved, state).cost_analysis()["flops"]
+  with_refresh = flops()
+  with tracker.refresh_left_out():
+    without = flops()
+    lean_state, lean_left, lean_right = tracker.project(moved, state, 8)
+  assert without < with_refresh / 2, (without, with_refresh)
+  new_state, left, right = tracker.project(moved, state, 8)
+  assert int(new_state.refreshes) == int(lean_state.refreshes) == 0
+  np.testing.assert_array_equal(lean_left, left)
+  np.testing.assert_array_equal(lean_right, right)
