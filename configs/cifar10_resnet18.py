@@ -13,7 +13,8 @@ def get_config():
   config.workdir = "workdirs/cifar10_resnet18"
   config.model = config.model.copy_and_resolve_references()
   with config.unlocked():
-    config.model = type(config.model)({"name": "resnet18", "widths": (64, 128, 256, 512)})
+    config.model = type(config.model)({"name": "resnet18"})
+    config.model.widths = (64, 128, 256, 512)  # resnet18: the four block groups' channels
   for run in ("teacher", "student"):
     config[run].shift, config[run].flip = 4, True
   config.sweep.ranks = (0.125, 0.25, 0.5)

@@ -16,7 +16,8 @@ def get_config():
   config = fashion_mnist_convnet.get_config()
   config.workdir = "workdirs/fashion_mnist_resnet"
   with config.unlocked():
-    config.model = type(config.model)({"name": "resnet18", "widths": (8, 16, 32, 64)})
+    config.model = type(config.model)({"name": "resnet18"})
+    config.model.widths = (8, 16, 32, 64)  # resnet18: the four block groups' channels
   config.teacher.batch_size = 128
   config.teacher.epochs = 2
   config.student.batch_size = 128

@@ -28,10 +28,10 @@ def get_config():
   config.model.name = "transformer"
   del config.model.hidden
   config.model.width = 128         # d_model; the dense control narrows it
-  config.model.layers = 2
-  config.model.heads = 4
+  config.model.layers = 2          # transformer blocks (the dense control keeps the depth)
+  config.model.heads = 4           # attention heads (width divisible by them)
   config.model.mlp_ratio = 4       # MLP width = mlp_ratio · width
-  config.model.dropout = 0.0
+  config.model.dropout = 0.0       # on the embeddings and each block's two outputs, in training
   config.model.tied_head = False   # True: logits = LN(x) Eᵀ, no head of its own
 
   config.teacher.epochs = 3
