@@ -50,10 +50,6 @@ def _cost(shape: tuple[int, int], rank: Optional[int]) -> int:
   return m * n if rank is None else rank * (m + n)
 
 
-def _total_cost(ranks: dict, shapes: dict) -> int:
-  return sum(_cost(shape, ranks.get(name)) for name, shape in shapes.items())
-
-
 def _resolve_budget(budget, shapes: dict) -> int:
   """The budget in parameters; raises unless it holds every layer at its cheapest."""
   dense = sum(m * n for m, n in shapes.values())
@@ -80,7 +76,8 @@ def _largest_fitting(ranks_at: Callable[[float], dict], levels: np.ndarray, shap
   low, high = 0, len(levels)  # levels[low] fits, levels[high:] do not
   while high - low > 1:
     middle = (low + high) // 2
-    if _total_cost(ranks(levels[middle]), shapes) <= budget:
+    trial = ranks(levels[middle])
+    if sum(_cost(shape, trial.get(name)) for name, shape in shapes.items()) <= budget:
       low = middle
     else:
       high = middle

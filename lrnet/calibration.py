@@ -47,8 +47,7 @@ class Calibration(NamedTuple):
     .. math:: C = Q \\,\\mathrm{diag}(e)\\, Q^T, \\qquad S = Q \\,\\mathrm{diag}(\\sqrt e)\\, Q^T
 
     Eigenvalues are floored at 1e-12 of the mean input variance, so damping 0 with a singular C
-    stays finite.
-    A layer whose inputs were all zero gets C = I (every truncation fits its data equally).
+    stays finite. A layer whose inputs were all zero gets C = I (every truncation fits equally).
 
     Raises:
       ValueError: `name` has no statistics, or the damping is negative.
@@ -69,12 +68,6 @@ class Calibration(NamedTuple):
     return (eigenvectors * root) @ eigenvectors.T, (eigenvectors / root) @ eigenvectors.T
 
 
-def _check_conv(module: hk.ConvND) -> None:
-  if module.feature_group_count != 1 or module.mask is not None:
-    raise ValueError(f"{module.module_name}: grouped or masked convolutions cannot be "
-                     f"calibrated; exclude it")
-
-
 def conv_patches(module: hk.ConvND, inputs: jax.Array) -> jax.Array:
   """The rows X of a conv layer: y = X · kernel.reshape(-1, c_out) at every output position.
 
@@ -86,7 +79,9 @@ def conv_patches(module: hk.ConvND, inputs: jax.Array) -> jax.Array:
     [batch · output positions, prod(kernel_shape) · c_in], columns ordered (*kernel, c_in) with
     c_in fastest. (`lax.conv_general_dilated_patches` orders them channel-major: permuted here.)
   """
-  _check_conv(module)
+  if module.feature_group_count != 1 or module.mask is not None:
+    raise ValueError(f"{module.module_name}: grouped or masked convolutions cannot be "
+                     f"calibrated; exclude it")
   if inputs.ndim == module.num_spatial_dims + 1:
     inputs = inputs[None]
   channels_first = jnp.moveaxis(inputs, module.channel_index, 1)  # [batch, c_in, *spatial]
@@ -100,13 +95,6 @@ def conv_patches(module: hk.ConvND, inputs: jax.Array) -> jax.Array:
   return jnp.transpose(patches, (0, 3, 2, 1)).reshape(-1, window * c_in)
 
 
-def layer_rows(module, inputs: jax.Array) -> jax.Array:
-  """X of a dense ([..., m] → [rows, m]) or conv (`conv_patches`) layer's call."""
-  if isinstance(module, hk.Linear):
-    return inputs.reshape(-1, inputs.shape[-1])
-  return conv_patches(module, inputs)
-
-
 def _batch_statistics(fn: Callable, selected: frozenset, kwargs: Mapping) -> Callable:
   """jit(params, state, *args) -> {module: (XᵀX [m, m] float32, rows int32)} for one batch;
   `kwargs` are closed over (static), `fn`'s new state is discarded."""
@@ -117,7 +105,9 @@ def _batch_statistics(fn: Callable, selected: frozenset, kwargs: Mapping) -> Cal
       module = context.module
       if (context.method_name == "__call__" and isinstance(module, (hk.Linear, hk.ConvND))
           and module.module_name in selected):
-        rows = layer_rows(module, jnp.asarray(call_args[0]))
+        inputs = jnp.asarray(call_args[0])  # X: a dense layer's [..., m] as [rows, m]
+        rows = (inputs.reshape(-1, inputs.shape[-1]) if isinstance(module, hk.Linear)
+                else conv_patches(module, inputs))
         gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST,
                                    preferred_element_type=jnp.float32)
         previous_gram, previous_rows = statistics.get(module.module_name, (0.0, 0))

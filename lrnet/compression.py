@@ -2,47 +2,43 @@
 
 A parameter tree is any nesting of Mappings: Haiku's flat `{module: {param: array}}`, flax linen
 variables (`{"params": {"Block_0": {"Dense_1": {"kernel", "bias"}}}, "batch_stats": ...}`) or a
-pure-dict flax NNX state. A module is a Mapping node that directly holds a non-Mapping leaf; it
-is named by the '/'-joined keys leading to it (`"params/Block_0/Dense_1"`; in a Haiku tree, its
-key: `linear_0`). `include`/`exclude` globs, rank dicts, decompositions and calibrations use
-these names; `modules` and `replace_modules` map between names and nodes.
+pure-dict flax NNX state. A module is a Mapping node that directly holds a non-Mapping leaf,
+named by the '/'-joined keys leading to it (`"params/Block_0/Dense_1"`; in a Haiku tree, its
+key: `linear_0`), the names globs, rank dicts, decompositions and calibrations use.
 
 A module is a candidate when it holds a weight `w` (or `kernel`) of 2 dims (a dense layer,
 [m, n], y = x W + b) or 3–5 dims (a conv kernel [*spatial, c_in, c_out], seen as the matrix
 [prod(spatial)·c_in, c_out]), or an embedding table `embeddings` (hk.Embed) or `embedding` (flax
-nn.Embed) [vocab, d]. Truncation and factorization act on that matrix. Every other leaf (biases,
-norm scales, BatchNorm statistics) is left alone, and compressed trees keep the input's nesting
-and Mapping types, with every unselected leaf the same object.
+nn.Embed) [vocab, d]; truncation acts on that matrix. Other leaves (biases, norm scales,
+BatchNorm statistics) are left alone: compressed trees keep the input's nesting and Mapping
+types, with every unselected leaf the same object.
 
 By default every candidate except the output layer and embedding tables is selected, and never
 one whose factorization at the requested rank would not be smaller (r·(m + n) ≥ m·n;
 `summarize` says which), nor one the caller marks `unfactorizable` (`{name: reason}`: grouped,
 depthwise or transposed convs, which look like conv weights). The output layer is found from
-the shapes, not from the tree's key order (which `tree_map`, optax and orbax sort: `linear_10`
-before `linear_2`): it is the one 2-D `w`/`kernel` whose output width is no such weight's input
-width, i.e. whose output feeds no other dense layer (embeddings do not count; unfactorizable
-layers do when 2-D). Where the shapes do not single it out (an autoencoder whose output width is
-its input width), a `ValueError` asks for `include`/`exclude`. Naming modules (`include`, or a
-rank dict) selects them whatever the size, embeddings included; naming an unfactorizable one
+the shapes, not from the key order (which `tree_map`, optax and orbax sort: `linear_10` before
+`linear_2`): the one 2-D `w`/`kernel` whose output width is no such weight's input width
+(embeddings do not count; unfactorizable layers do when 2-D). Where the shapes do not single it
+out (an autoencoder), a `ValueError` asks for `include`/`exclude`. Naming modules (`include`, or
+a rank dict) selects them whatever the size, embeddings included; naming an unfactorizable one
 (not excluded) is a `ValueError`.
 
-Selection and rank rules need shapes only, except rules such as `energy_rank` that read the
-weights. `decompose` computes each selected weight's SVD once; `compress`, `project` and
-`summarize` take it (`decompositions=`) so that a sweep over ranks does not repeat them.
+`decompose` computes each selected weight's SVD once; `compress`, `project` and `summarize`
+take it (`decompositions=`) so that a sweep over ranks does not repeat them.
 
 Data-aware truncation (`calibration=`, from `lrnet.calibrate`): with C = S Sᵀ the damped second
 moment of a layer's inputs (`Calibration.whitening`), the rank-r W′ minimising
 ‖Sᵀ(W − W′)‖_F = (E‖x(W − W′)‖² + λ‖W − W′‖²_F)^½ is W′ = S⁻ᵀ[SᵀW]_r: with SᵀW = U Σ Vᵀ, the
 factors are S⁻ᵀU_r√Σ_r and √Σ_r V_rᵀ, and each dropped σ_i adds exactly σ_i² to
-‖Sᵀ(W − W′)‖²_F. `decompose(..., calibration=)` stores this SVD as W = (S⁻ᵀU) Σ Vᵀ, so every
-rank reuses it.
+‖Sᵀ(W − W′)‖²_F. `decompose(..., calibration=)` stores this SVD as W = (S⁻ᵀU) Σ Vᵀ.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,24 +54,13 @@ EMBEDDING_NAMES = ("embeddings", "embedding")
 
 
 def _as_patterns(patterns: Patterns) -> Optional[list[str]]:
-  if patterns is None:
-    return None
   if isinstance(patterns, str):
     return [patterns]
-  return list(patterns)
+  return None if patterns is None else list(patterns)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
   return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def _module_nodes(node: Mapping, path: tuple = ()) -> Iterator[tuple[tuple, Mapping]]:
-  """(path, node) of every module node under `node`, depth first in the tree's order."""
-  if any(not isinstance(child, Mapping) for child in node.values()):
-    yield path, node
-  for key, child in node.items():
-    if isinstance(child, Mapping):
-      yield from _module_nodes(child, path + (key,))
 
 
 def _name(path: tuple) -> str:
@@ -85,16 +70,16 @@ def _name(path: tuple) -> str:
 def modules(params: Params) -> dict[str, Mapping]:
   """{name: node} of every module node (a Mapping directly holding a non-Mapping leaf), named by
   its '/'-joined path, depth first in the tree's order."""
-  return {_name(path): node for path, node in _module_nodes(params)}
+  found = {}
 
-
-def _rebuilt(like: Mapping, children: dict) -> Mapping:
-  """`children` in a Mapping of `like`'s type where its constructor takes a dict, else a dict."""
-  try:
-    rebuilt = type(like)(children)
-  except (TypeError, ValueError):
-    return children
-  return rebuilt if isinstance(rebuilt, Mapping) else children
+  def visit(node: Mapping, path: tuple):
+    if any(not isinstance(child, Mapping) for child in node.values()):
+      found[_name(path)] = node
+    for key, child in node.items():
+      if isinstance(child, Mapping):
+        visit(child, path + (key,))
+  visit(params, ())
+  return found
 
 
 def replace_modules(params: Params, replacements: Mapping[str, Mapping]) -> Params:
@@ -111,7 +96,11 @@ def replace_modules(params: Params, replacements: Mapping[str, Mapping]) -> Para
                 for key, child in source.items()}
     if source is node and all(children[key] is node[key] for key in children):
       return node
-    return _rebuilt(node, children)
+    try:
+      rebuilt = type(node)(children)
+    except (TypeError, ValueError):
+      return children
+    return rebuilt if isinstance(rebuilt, Mapping) else children
   return rebuild(params, ())
 
 
@@ -142,11 +131,6 @@ def matrix_shapes(params: Params) -> dict[str, tuple[int, int]]:
       shape = _shape(leaves[key])
       shapes[name] = (math.prod(shape[:-1]), shape[-1])
   return shapes
-
-
-def candidate_modules(params: Params) -> list[str]:
-  """Names of modules holding a dense or conv weight or an embedding table, in the tree's order."""
-  return list(matrix_shapes(params))
 
 
 def _is_embedding(leaves: Mapping) -> bool:
@@ -184,37 +168,28 @@ def compressible_modules(params: Params,
   """The default selection, in the tree's order: every candidate except the output layer,
   embedding tables and `unfactorizable` ones."""
   output, nodes = output_module(params), modules(params)
-  return [name for name in candidate_modules(params)
+  return [name for name in matrix_shapes(params)
           if name != output and not _is_embedding(nodes[name])
           and name not in (unfactorizable or {})]
-
-
-def _smaller(shape: tuple[int, int], rank: int) -> bool:
-  m, n = shape
-  return rank * (m + n) < m * n
 
 
 def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
                  exclude: Patterns = None, *,
                  unfactorizable: Optional[Mapping[str, str]] = None) -> dict[str, int]:
-  """Resolves which modules are compressed, and to which integer rank.
+  """`{module_name: rank}` in the tree's order: which modules are compressed, to which rank.
 
   Args:
     params: a parameter tree (arrays, or shapes such as `jax.ShapeDtypeStruct`s).
     rank: an int in `1..min(m, n)`; a float in (0, 1] (a fraction of `min(m, n)`, rounded up);
-      `"full"`; a callable `matrix -> int` (e.g. `lrnet.svd.energy_rank(0.9)`); or a dict from
-      module name to any of these, which selects exactly those modules.
-    include: module-name glob patterns (`fnmatch`, e.g. `"linear_*"`,
-      `"params/Block_*/Dense_*"`) to select among the candidates, whatever their size;
-      default: every candidate but the output layer, embedding tables and unfactorizable
-      modules, less those the rank would not make smaller.
+      `"full"`; a callable `matrix -> int` (e.g. `lrnet.svd.energy_rank(0.9)`, which needs the
+      weights, not shapes); or a dict from module name to any of these, which selects exactly
+      those modules.
+    include: module-name glob patterns (`fnmatch`, e.g. `"params/Block_*/Dense_*"`) to select
+      among the candidates, whatever their size; default: the module docstring's.
     exclude: glob patterns removed from the selection.
     unfactorizable: {module: reason} for weights that cannot be factorized (depthwise, grouped
-      or transposed convs): never selected by default; shown as "not factorizable: reason"
-      (a reason already starting so is shown as it is).
-
-  Returns:
-    `{module_name: rank}` in the tree's order.
+      or transposed convs): never selected by default; `summarize` notes "not factorizable:
+      reason".
 
   Raises:
     ValueError: an unknown module in a rank dict, a pattern that selects nothing, an empty
@@ -259,7 +234,8 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     except ValueError as error:
       raise ValueError(f"module {name!r}: {error}") from None
   if automatic:
-    ranks = {name: r for name, r in ranks.items() if _smaller(shapes[name], r)}
+    ranks = {name: r for name, r in ranks.items()  # only those the rank makes smaller
+             if r * sum(shapes[name]) < math.prod(shapes[name])}
   if not ranks:
     raise ValueError(f"no module selected for compression (candidates: {candidates}, "
                      f"include={include}, exclude={exclude}, rank={rank!r}; by default a layer "
@@ -291,18 +267,19 @@ def _whitened_svd(matrix: jax.Array, root: jax.Array, inverse_root: jax.Array) -
   return Decomposition(jnp.matmul(inverse_root, u, precision=jax.lax.Precision.HIGHEST), s, vt)
 
 
-def _with_calibration(params: Params, names, decompositions: Optional[dict],
-                      calibration) -> dict:
-  """`decompositions`, plus the whitened one of each of `names` they lack when calibrated."""
-  decompositions = dict(decompositions or {})
-  if calibration is not None:
-    nodes = modules(params)
-    for name in names:
-      if name not in decompositions:
-        weight = _weight(nodes[name])
+def _with_decompositions(params: Params, names, decompositions: Optional[dict],
+                         calibration) -> dict:
+  """`decompositions`, plus the SVD (whitened with `calibration`) of each of `names` they lack."""
+  decompositions, nodes = dict(decompositions or {}), modules(params)
+  for name in names:
+    if name not in decompositions:
+      matrix = _matrix(_weight(nodes[name]))
+      if calibration is None:
+        decompositions[name] = Decomposition(*jnp.linalg.svd(matrix, full_matrices=False))
+      else:
         root, inverse_root = calibration.whitening(name)
-        decompositions[name] = _whitened_svd(_matrix(weight), root.astype(weight.dtype),
-                                             inverse_root.astype(weight.dtype))
+        decompositions[name] = _whitened_svd(matrix, root.astype(matrix.dtype),
+                                             inverse_root.astype(matrix.dtype))
   return decompositions
 
 
@@ -316,18 +293,7 @@ def decompose(params: Params, include: Patterns = None, exclude: Patterns = None
     ValueError: as `select_ranks`; a selected module has no calibration statistics.
   """
   names = select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
-  if calibration is not None:
-    return _with_calibration(params, names, None, calibration)
-  nodes = modules(params)
-  return {name: Decomposition(*jnp.linalg.svd(_matrix(_weight(nodes[name])), full_matrices=False))
-          for name in names}
-
-
-def _factors(weight, rank: int, decomposition: Optional[Decomposition]):
-  if decomposition is None:
-    return svd.factorize(_matrix(weight), rank)
-  root_s = jnp.sqrt(decomposition.s[:rank])
-  return decomposition.u[:, :rank] * root_s, root_s[:, None] * decomposition.vt[:rank]
+  return _with_decompositions(params, names, None, calibration)
 
 
 def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
@@ -355,22 +321,16 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
     ValueError: as `select_ranks`; a selected module without calibration statistics.
   """
   ranks = select_ranks(params, rank, include, exclude, unfactorizable=unfactorizable)
-  decompositions = _with_calibration(params, ranks, decompositions, calibration)
+  decompositions = _with_decompositions(params, ranks, decompositions, calibration)
   nodes, replacements = modules(params), {}
   for name, r in ranks.items():
     key = weight_name(nodes[name])
-    weight = nodes[name][key]
-    u, v = _factors(weight, r, decompositions.get(name))
+    u, s, vt = decompositions[name]
+    root_s = jnp.sqrt(s[:r])
     rest = {k: value for k, value in nodes[name].items() if k != key}
-    replacements[name] = {"u": u.reshape(tuple(weight.shape[:-1]) + (r,)), "v": v, **rest}
+    replacements[name] = {"u": (u[:, :r] * root_s).reshape(nodes[name][key].shape[:-1] + (r,)),
+                          "v": root_s[:, None] * vt[:r], **rest}
   return replace_modules(params, replacements)
-
-
-def _truncated(weight, rank: int, decomposition: Optional[Decomposition]):
-  if decomposition is None:
-    return svd.truncate(_matrix(weight), rank).reshape(weight.shape)
-  return ((decomposition.u[:, :rank] * decomposition.s[:rank]) @ decomposition.vt[:rank]
-          ).reshape(weight.shape)
 
 
 def _with_weights(params: Params, weights: Mapping[str, Any]) -> Params:
@@ -386,10 +346,12 @@ def project(params: Params, rank: RankRule, include: Patterns = None, exclude: P
   """The same tree (nesting, types, shapes) with each selected weight replaced by its rank-r
   truncation (an embedding table truncated likewise); other arguments as in `compress`."""
   ranks = select_ranks(params, rank, include, exclude, unfactorizable=unfactorizable)
-  decompositions = _with_calibration(params, ranks, decompositions, calibration)
-  nodes = modules(params)
-  return _with_weights(params, {name: _truncated(_weight(nodes[name]), r, decompositions.get(name))
-                                for name, r in ranks.items()})
+  decompositions = _with_decompositions(params, ranks, decompositions, calibration)
+  nodes, weights = modules(params), {}
+  for name, r in ranks.items():
+    u, s, vt = decompositions[name]
+    weights[name] = ((u[:, :r] * s[:r]) @ vt[:r]).reshape(_weight(nodes[name]).shape)
+  return _with_weights(params, weights)
 
 
 def project_masked(params: Params, ranks: Mapping[str, Any]) -> Params:
@@ -492,13 +454,12 @@ def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude:
       per = "output position" if len(weight_shape) > 2 else "example"
       dense_flops, compressed_flops = 2 * m * n, 2 * (r or 0) * (m + n)
     if r is None:
-      rows.append(LayerSummary(name, weight_shape, None, dense_params, dense_params, dense_flops,
-                               dense_flops, per,
-                               _note(name, leaves, output, unfactorizable, automatic)))
+      compressed_params, compressed_flops = dense_params, dense_flops
+      note = _note(name, leaves, output, unfactorizable, automatic)
     else:
-      rows.append(LayerSummary(name, weight_shape, r, dense_params,
-                               dense_params - m * n + r * (m + n), dense_flops, compressed_flops,
-                               per, ""))
+      compressed_params, note = dense_params - m * n + r * (m + n), ""
+    rows.append(LayerSummary(name, weight_shape, r, dense_params, compressed_params, dense_flops,
+                             compressed_flops, per, note))
   return rows
 
 

@@ -6,29 +6,21 @@ rank-r approximation; the gradient with respect to Ŵ is applied to W unchanged.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from lrnet import svd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _st_truncate(w, rank):
-  return svd.truncate(w, rank)
+@jax.custom_vjp
+def _straight_through(w: jax.Array, projected: jax.Array) -> jax.Array:
+  """`projected`, with the cotangent passed to `w` unchanged and none to `projected`."""
+  del w
+  return projected
 
 
-def _st_truncate_fwd(w, rank):
-  return svd.truncate(w, rank), None
-
-
-def _st_truncate_bwd(rank, residuals, cotangent):
-  del rank, residuals
-  return (cotangent,)
-
-
-_st_truncate.defvjp(_st_truncate_fwd, _st_truncate_bwd)
+_straight_through.defvjp(lambda w, projected: (projected, None),
+                         lambda _, cotangent: (cotangent, jnp.zeros_like(cotangent)))
 
 
 def st_truncate(w: jax.Array, rank: int) -> jax.Array:
@@ -46,29 +38,13 @@ def st_truncate(w: jax.Array, rank: int) -> jax.Array:
     Ŵ, [m, n].
   """
   svd.check_rank(w.shape, rank)
-  return _st_truncate(w, rank)
-
-
-@jax.custom_vjp
-def _st_truncate_masked(w, rank):
-  return svd.truncate_masked(w, rank)
-
-
-def _st_truncate_masked_fwd(w, rank):
-  return svd.truncate_masked(w, rank), rank
-
-
-def _st_truncate_masked_bwd(rank, cotangent):
-  # Integer inputs take a float0 zero cotangent.
-  return cotangent, jnp.zeros(jnp.shape(rank), jax.dtypes.float0)
-
-
-_st_truncate_masked.defvjp(_st_truncate_masked_fwd, _st_truncate_masked_bwd)
+  return _straight_through(w, svd.truncate(jax.lax.stop_gradient(w), rank))
 
 
 def st_truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
   """`st_truncate` for a traced integer `rank` (vmap over ranks); no range check."""
-  return _st_truncate_masked(w, jnp.asarray(rank, jnp.int32))
+  projected = svd.truncate_masked(jax.lax.stop_gradient(w), jnp.asarray(rank, jnp.int32))
+  return _straight_through(w, projected)
 
 
 @jax.custom_vjp

@@ -1,11 +1,10 @@
 """Any Haiku network, factorized or trained straight-through, without rewriting it.
 
 `fn` is anything one passes to `hk.transform_with_state`: it may keep Haiku state (BatchNorm
-statistics), draw from `hk.next_rng_key()` (dropout) and take any positional and keyword
-arguments (`is_training=True`, static Python values included), which pass through `init`,
-`apply` and `tracker_state` unchanged. Its dense (`hk.Linear`, on inputs [..., m]) and conv
-(`hk.ConvND`: 1-, 2- and 3-D) layers are intercepted by module name (`hk.intercept_methods`,
-`hk.custom_getter`):
+statistics), draw from `hk.next_rng_key()` (dropout) and take any arguments (static Python values
+such as `is_training=True` included), which pass through `init`, `apply` and `tracker_state`
+unchanged. Its dense (`hk.Linear`, on inputs [..., m]) and conv (`hk.ConvND`: 1-, 2- and 3-D)
+layers are intercepted by module name (`hk.intercept_methods`, `hk.custom_getter`):
 
 * `factorized(fn, rank)`: each selected layer computes through two factors. A linear layer
   y = (x U) V + b with U [m, r], V [r, n]; a conv layer with kernel [kh, kw, c_in, c_out] (the
@@ -19,13 +18,12 @@ arguments (`is_training=True`, static Python values included), which pass throug
   the projection with one product with W per call (`lrnet.tracker`), and a linear layer computes
   through the two factors (`projection.st_factored_matmul`). Its Haiku state holds, next to
   `fn`'s own, per selected module the rank it projects to (`"rank"`, an int32 that may differ
-  between members of a batch) and, alternating, its tracker (`"tracker"`). `tracker_state`
-  builds that state for given parameters (e.g. a teacher's) and state.
+  between members of a batch) and, alternating, its tracker (`"tracker"`), which
+  `tracker_state` builds for given parameters (e.g. a teacher's).
 
-Call forms follow Haiku's: `with_state=True` is `hk.transform_with_state`'s (`init` → (params,
-state), `apply(params, state, ...)` → (out, state)), else `hk.transform`'s; `apply_rng=True`
-puts an rng after the params (and state), else `apply` takes none (`hk.without_apply_rng`).
-A student always has state.
+Call forms follow Haiku's: `with_state=True` is `hk.transform_with_state`'s, else
+`hk.transform`'s; `apply_rng=True` puts an rng after the params (and state), else `apply` takes
+none (`hk.without_apply_rng`). A student always has state.
 
 Selection (`include`, `exclude`, `rank`) is `lrnet.compression.select_ranks` on the dense
 parameters: by default every dense and conv layer except the output layer, never a layer the
@@ -99,12 +97,6 @@ def inspect_network(fn: Callable, *args, **kwargs) -> DenseNetwork:
   return DenseNetwork(params, state, {name: kinds[name] for name in candidates if name in kinds})
 
 
-def _select(fn: Callable, rank, include, exclude, args, kwargs) -> dict:
-  network = inspect_network(fn, *args, **kwargs)
-  return compression.select_ranks(network.params, rank, include, exclude,
-                                  unfactorizable=network.unfactorizable)
-
-
 def _haiku_form(fn: Callable, init: Callable, apply: Callable, with_state: bool,
                 apply_rng: bool):
   """Haiku's call forms (module docstring) of `fn`'s `transform_with_state`-style init/apply."""
@@ -149,18 +141,14 @@ def _factorized_call(module, inputs: jax.Array, rank) -> jax.Array:
   """y of a factorized linear or conv layer (see the module docstring)."""
   m, n = _matrix_shape(module, inputs)
   r = svd.resolve_rank((m, n), rank)
-  if isinstance(module, hk.Linear):
-    u = hk.get_parameter("u", [m, r], inputs.dtype, init=_default_w_init(m))
-    v = hk.get_parameter("v", [r, n], inputs.dtype, init=_default_w_init(r))
-    return _bias(module, inputs, (inputs @ u) @ v)
-  c_in = inputs.shape[module.channel_index]
-  u = hk.get_parameter("u", list(module.kernel_shape) + [c_in, r], inputs.dtype,
-                       init=_default_w_init(m))
+  linear = isinstance(module, hk.Linear)
+  u_shape = [m, r] if linear else [*module.kernel_shape, inputs.shape[module.channel_index], r]
+  u = hk.get_parameter("u", u_shape, inputs.dtype, init=_default_w_init(m))
   v = hk.get_parameter("v", [r, n], inputs.dtype, init=_default_w_init(r))
-  hidden = _conv(module, inputs, u)
-  output = jnp.moveaxis(jnp.moveaxis(hidden, module.channel_index, -1) @ v, -1,
-                        module.channel_index)
-  return _bias(module, inputs, output)
+  if linear:
+    return _bias(module, inputs, (inputs @ u) @ v)
+  hidden = jnp.moveaxis(_conv(module, inputs, u), module.channel_index, -1)
+  return _bias(module, inputs, jnp.moveaxis(hidden @ v, -1, module.channel_index))
 
 
 def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bool = False,
@@ -169,20 +157,17 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bo
 
   Args:
     fn: a Haiku function (what one passes to `hk.transform_with_state`).
-    rank: every form `lrnet.compress` takes: an int, a fraction of min(m, n), `"full"`, or a
-      dict per module. (A rule that needs the weights, such as `energy_rank`, cannot
-      initialise a network from scratch: compress dense parameters instead.)
+    rank: every form `lrnet.compress` takes but a rule that needs the weights (`energy_rank`
+      cannot initialise a network from scratch: compress dense parameters instead).
     include, exclude: module-name glob patterns, as in `lrnet.compress`.
-    with_state: Haiku state in and out (`fn` keeps state, e.g. BatchNorm statistics: the
-      dense network's state serves the twin unchanged).
+    with_state: Haiku state in and out (e.g. BatchNorm statistics: the dense network's state
+      serves the twin unchanged).
     apply_rng: `apply` takes an rng for `fn`'s `hk.next_rng_key()` (dropout).
 
   Returns:
-    `hk.Transformed` (`init(rng, *args, **kwargs)` → params, `apply(params, *args, **kwargs)`),
-    or with `with_state` `hk.TransformedWithState`; an rng after params (and state) with
-    `apply_rng`. `init` gives a fan-in initialisation of both factors (Var(U V) ≈ that of the
-    dense layer); `apply` takes the parameters of
-    `lrnet.compress(dense_params, rank, include=..., exclude=...)`.
+    `hk.Transformed`, or with `with_state` `hk.TransformedWithState` (module docstring). `init`
+    gives a fan-in initialisation of both factors (Var(U V) ≈ that of the dense layer); `apply`
+    takes the parameters of `lrnet.compress(dense_params, rank, include=..., exclude=...)`.
   """
   def run(ranks, *args, **kwargs):
     def interceptor(next_f, call_args, call_kwargs, context):
@@ -193,7 +178,9 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bo
       return fn(*args, **kwargs)
 
   def init(rng, *args, **kwargs):
-    ranks = _select(fn, rank, include, exclude, args, kwargs)
+    network = inspect_network(fn, *args, **kwargs)
+    ranks = compression.select_ranks(network.params, rank, include, exclude,
+                                     unfactorizable=network.unfactorizable)
     return hk.transform_with_state(lambda *a, **k: run(ranks, *a, **k)).init(rng, *args, **kwargs)
 
   def apply(params, state, rng, *args, **kwargs):
@@ -285,9 +272,8 @@ def straight_through(fn: Callable, rank, *, include=None, exclude=None,
 
   Returns:
     A `Student` (an `hk.TransformedWithState`): `init(rng, *args, **kwargs)` gives dense
-    parameters and the state for them (`fn`'s own and the trackers');
-    `apply(params, state[, rng], *args, **kwargs)` returns `(output, new_state)`. For given
-    parameters and state use `tracker_state`.
+    parameters and their state (`fn`'s own and the trackers'; for given parameters use
+    `tracker_state`); `apply(params, state[, rng], *args, **kwargs)` → `(output, new_state)`.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -359,10 +345,8 @@ def tracker_state(student: Student, params, *args, rank=None, state=None, **kwar
   pairs of its current weight; `fn`'s own state from `state`.
 
   Args:
-    student: from `straight_through`.
-    params: dense parameters of the student's structure.
-    *args, **kwargs: example arguments of `fn` (their shapes select the layers, as in `init`;
-      Python values such as `is_training=True` stay static).
+    student, params: from `straight_through`, and dense parameters of its structure.
+    *args, **kwargs: example arguments of `fn`, as in `init` (Python values stay static).
     rank: a member's own rank (every form `compress` takes; at most the student's): the state
       projects to it and tracks its own r + oversample pairs, padded to the student's size, so
       that students of different ranks train side by side in one program (`jax.vmap` over the

@@ -25,17 +25,10 @@ def times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def check_rank(shape: Sequence[int], rank) -> int:
-  """Validates `rank` for a matrix of `shape` and returns it as an `int`.
-
-  Args:
-    shape: the matrix shape `(m, n)`.
-    rank: the requested rank; must be an integer in `1..min(m, n)`.
-
-  Returns:
-    `rank` as a Python `int`.
+  """`rank` as an `int`, checked to be an integer in `1..min(m, n)` for a matrix of `shape`.
 
   Raises:
-    ValueError: if the matrix is not 2-D or the rank is not an integer in range.
+    ValueError: the matrix is not 2-D, or the rank is not an integer in range.
   """
   shape = tuple(int(d) for d in shape)
   if len(shape) != 2:
@@ -43,68 +36,41 @@ def check_rank(shape: Sequence[int], rank) -> int:
   max_rank = min(shape)
   is_int = isinstance(rank, numbers.Integral) and not isinstance(rank, bool)
   if not is_int or not 1 <= rank <= max_rank:
-    raise ValueError(
-        f"rank must be an integer in 1..{max_rank} for a matrix of shape {shape}, "
-        f"got {rank!r}")
+    raise ValueError(f"rank must be an integer in 1..{max_rank} for a matrix of shape {shape}, "
+                     f"got {rank!r}")
   return int(rank)
 
 
-def _svd(w: jax.Array):
-  return jnp.linalg.svd(w, full_matrices=False)
-
-
 def truncate(w: jax.Array, rank: int) -> jax.Array:
-  """Best rank-`rank` approximation of `w` (Eckart–Young).
+  """Ŵ [m, n], the best approximation of `w` [m, n] of rank ≤ `rank` (an integer in
+  `1..min(m, n)`; Eckart–Young), with ‖W − Ŵ‖²_F = Σ_{i > r} s_i².
 
   .. math:: \\hat W = U_{:, :r} \\, \\mathrm{diag}(s_{:r}) \\, V^T_{:r, :}
-
-  Args:
-    w: matrix, [m, n].
-    rank: integer in `1..min(m, n)`.
-
-  Returns:
-    Ŵ, [m, n], of rank ≤ `rank`, with ‖W − Ŵ‖²_F = Σ_{i > r} s_i².
   """
   rank = check_rank(w.shape, rank)
-  u, s, vt = _svd(w)
+  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   return (u[:, :rank] * s[:rank]) @ vt[:rank]
 
 
 def factorize(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-  """Factors `(u, v)` with `u @ v == truncate(w, rank)`, singular values split evenly.
+  """Factors u [m, rank], v [rank, n] of `w` [m, n] with `u @ v == truncate(w, rank)`.
 
   .. math:: u = U_{:, :r} \\sqrt{S_r}, \\qquad v = \\sqrt{S_r} V^T_{:r, :}
 
   Splitting √s onto both sides gives factors of equal scale, so both train well.
-
-  Args:
-    w: matrix, [m, n].
-    rank: integer in `1..min(m, n)`.
-
-  Returns:
-    `u` [m, rank] and `v` [rank, n].
   """
   rank = check_rank(w.shape, rank)
-  u, s, vt = _svd(w)
+  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   root_s = jnp.sqrt(s[:rank])
   return u[:, :rank] * root_s, root_s[:, None] * vt[:rank]
 
 
 def truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
-  """Rank-`rank` approximation where `rank` may be a traced integer.
-
-  Keeps every shape static by zeroing the singular values past `rank`, so one
-  compiled function serves every rank (e.g. `jax.vmap` over a batch of ranks).
-  No range check is possible on a traced value: ranks past `min(m, n)` keep everything.
-
-  Args:
-    w: matrix, [m, n].
-    rank: integer scalar (may be traced).
-
-  Returns:
-    Ŵ, [m, n].
-  """
-  u, s, vt = _svd(w)
+  """Ŵ [m, n], the rank-`rank` approximation of `w` [m, n] for an integer `rank` that may be
+  traced: zeroing the singular values past it keeps every shape static, so one compiled
+  function serves every rank (e.g. `jax.vmap` over ranks). No range check is possible on a
+  traced value: ranks past `min(m, n)` keep everything."""
+  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
   keep = jnp.arange(s.shape[0]) < rank
   return (u * jnp.where(keep, s, 0.0)) @ vt
 
@@ -124,14 +90,8 @@ def energy_rank_of(singular_values, energy: float) -> int:
 
 
 def energy_rank(energy: float):
-  """A rank rule: the smallest r whose top singular values hold `energy` of Σ s².
-
-  Args:
-    energy: fraction in (0, 1].
-
-  Returns:
-    A function `w -> int` usable as `rank` in `lrnet.compress` and friends.
-  """
+  """A rank rule `w -> int` for `lrnet.compress` and friends: the smallest r whose top singular
+  values hold `energy` (a fraction in (0, 1]) of Σ s²."""
   if not 0.0 < energy <= 1.0:
     raise ValueError(f"energy must be in (0, 1], got {energy!r}")
 
@@ -147,18 +107,13 @@ def energy_rank(energy: float):
 
 
 def resolve_rank(shape: Sequence[int], rank) -> int:
-  """Turns a rank specification into an integer rank for a matrix of `shape`.
+  """The integer rank in `1..min(m, n)` a rank specification gives for a matrix of `shape`.
 
   Args:
     shape: the matrix shape `(m, n)`.
-    rank: one of
-      * an int in `1..min(m, n)`;
-      * a float in (0, 1]: a fraction of `min(m, n)`, rounded up;
-      * the string `"full"`: `min(m, n)` (no truncation);
-      * a callable `w_shape_or_matrix -> int` is handled by the caller (it needs the matrix).
-
-  Returns:
-    The rank as an `int` in `1..min(m, n)`.
+    rank: an int in `1..min(m, n)`; a float in (0, 1], a fraction of `min(m, n)` rounded up; or
+      `"full"`, `min(m, n)` (no truncation). (A callable rule needs the matrix: the caller
+      applies it.)
 
   Raises:
     ValueError: naming the allowed values, the shape and the offending rank.
@@ -168,13 +123,11 @@ def resolve_rank(shape: Sequence[int], rank) -> int:
   if isinstance(rank, str):
     if rank == "full":
       return max_rank
-    raise ValueError(
-        f"rank must be an int in 1..{max_rank}, a fraction in (0, 1] or 'full' for a "
-        f"matrix of shape {shape}, got {rank!r}")
+    raise ValueError(f"rank must be an int in 1..{max_rank}, a fraction in (0, 1] or 'full' for "
+                     f"a matrix of shape {shape}, got {rank!r}")
   if isinstance(rank, float):
     if not 0.0 < rank <= 1.0:
-      raise ValueError(
-          f"a rank fraction must be in (0, 1] (of min(m, n) = {max_rank} for shape "
-          f"{shape}), got {rank!r}")
+      raise ValueError(f"a rank fraction must be in (0, 1] (of min(m, n) = {max_rank} for shape "
+                       f"{shape}), got {rank!r}")
     return max(1, math.ceil(rank * max_rank - 1e-9))
   return check_rank(shape, rank)

@@ -1,11 +1,9 @@
 """The alternating tracker: the rank-r projection of a slowly moving matrix, one product per step.
 
 A straight-through student needs, at every training step, the best rank-r approximation Ŵ of
-weights W that moved a little since the last step. An SVD per step costs 35–45× the dense step;
-this tracker costs one product with W per step.
-
-It keeps k = r + oversample singular pairs of W as rows (right rows [k, n], left rows [k, m]) and
-searches W's right and left side by turns:
+weights W that moved a little since the last step: an SVD per step costs 35–45× the dense step,
+this tracker one product with W. It keeps k = r + oversample singular pairs of W as rows (right
+rows [k, n], left rows [k, m]) and searches W's right and left side by turns:
 
 * a **right call** multiplies the right search rows X by W (Z = X Wᵀ) and runs Rayleigh–Ritz
   (`_rayleigh_ritz`): the best rank-r approximation of the current W with rows in span(X),
@@ -25,10 +23,10 @@ excess over the r-th value of a probe ⟂ the tracked rows that one power step p
 W's top direction outside them (gain is blind to an invariant but wrong subspace);
 drift = sqrt(1 + max(gain, miss) / tail) − 1 with tail = ‖W‖_F² − Σ_{i<r} σ_i². A call whose
 drift is not below `tolerance` (default 1e-3: ρ ≤ 1.001; or is not finite) is replaced by an
-exact refresh: an SVD of W. From a trained teacher this never happens in practice (BUILD_NOTES.md:
-0 refreshes), so the refresh is a guard, not a path that needs to be fast. From a W of rank
-exactly r (a whitened truncation) the tail is only the updates since, and the certificate settles
-near 2e-4 (ρ − 1 itself ≈ 1e-4): under a tolerance of 1e-4 every call would refresh.
+exact refresh, an SVD of W: a guard, not a path that needs to be fast (from a trained teacher,
+0 refreshes: BUILD_NOTES.md). From a W of rank exactly r (a whitened truncation) the tail is only
+the updates since, and the certificate settles near 2e-4 (ρ − 1 ≈ 1e-4): under a tolerance of
+1e-4 every call would refresh.
 
 **Batches.** Under `vmap` a `lax.cond` on a batched predicate becomes a select that computes
 both branches for every member. Here every branch (Rayleigh–Ritz on a left call, the refresh, a
@@ -103,13 +101,9 @@ def _any_member_vmap(axis_size, in_batched, pred):
 
 def _cond_any(pred: jax.Array, true_fn: Callable[[Any], _T], false_fn: Callable[[Any], _T],
               operand: Any) -> _T:
-  """`true_fn(operand)` where `pred`, else `false_fn(operand)`, computing `true_fn` only if
-  some member needs it also under `vmap`.
-
-  Batched, a `lax.cond` on a batched predicate becomes a select that computes both branches for
-  every member; here the cond's predicate is whether any member's holds (unbatched), and inside
-  it each member selects its own branch's result.
-  """
+  """`true_fn(operand)` where `pred`, else `false_fn(operand)`; under `vmap`, `true_fn` is
+  computed only if some member needs it, each member selecting its own branch's result (module
+  docstring, Batches)."""
   def either(operand):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), true_fn(operand),
                                   false_fn(operand))
@@ -161,23 +155,28 @@ def _probe(rows: jax.Array, candidates: list[jax.Array], has_room: bool) -> jax.
   return probe
 
 
-def _exact_pairs(w: jax.Array, size: int, width: jax.Array):
-  """Top-`size` singular triplets of `w` by SVD, rows ≥ `width` zeroed: u [size, m], s, vt."""
+def _exact_pairs(w: jax.Array, size: int, width: jax.Array, right_probe: jax.Array,
+                 left_probe: jax.Array) -> dict:
+  """The top-`size` singular pairs of `w` by SVD as `TrackerState` fields (rows ≥ `width`
+  zeroed), with probes ⟂ them made from the given ones (`_probe`)."""
   u, singular_values, vt = jnp.linalg.svd(w, full_matrices=False)
   keep = _rank_mask(size, width)
-  return (jnp.where(keep[:, None], u[:, :size].T, 0.0), jnp.where(keep, singular_values[:size], 0.0),
-          jnp.where(keep[:, None], vt[:size], 0.0))
+  left_rows = jnp.where(keep[:, None], u[:, :size].T, 0.0)
+  right_rows = jnp.where(keep[:, None], vt[:size], 0.0)
+  has_room = size < min(w.shape)
+  return dict(right_rows=right_rows, left_rows=left_rows,
+              singular_values=jnp.where(keep, singular_values[:size], 0.0),
+              right_probe=_probe(right_rows, [right_probe], has_room),
+              left_probe=_probe(left_rows, [left_probe], has_room))
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _init(w: jax.Array, size: int, width: jax.Array) -> TrackerState:
-  has_room = size < min(w.shape)
-  left_rows, singular_values, right_rows = _exact_pairs(w, size, width)
-  zero, count = jnp.zeros((), w.dtype), jnp.zeros((), jnp.int32)
-  return TrackerState(right_rows, left_rows, singular_values,
-                      _probe(right_rows, [jnp.zeros((w.shape[1],), w.dtype)], has_room),
-                      _probe(left_rows, [jnp.zeros((w.shape[0],), w.dtype)], has_room),
-                      width=width, side=count, drift=zero, refreshes=count)
+  pairs = _exact_pairs(w, size, width, jnp.zeros((w.shape[1],), w.dtype),
+                       jnp.zeros((w.shape[0],), w.dtype))
+  count = jnp.zeros((), jnp.int32)
+  return TrackerState(**pairs, width=width, side=count, drift=jnp.zeros((), w.dtype),
+                      refreshes=count)
 
 
 def init(w: jax.Array, rank: int, oversample: int = DEFAULT_OVERSAMPLE,
@@ -212,8 +211,8 @@ def _rayleigh_ritz(gram: jax.Array, image_gram: jax.Array,
 
   The rows come from the last call and are nearly orthonormal, E = X Xᵀ − I small: C is then
   (I + E)^(-1/2) by its series to third order (off by ≈ 0.27 ‖E‖⁴, products only), else the
-  inverse of the Cholesky factor of X Xᵀ. Padding gets an identity Gram block and eigenvalue −1, so it sorts
-  last; T's padding rows are zeroed, so that T X and T Z keep them zero.
+  inverse of the Cholesky factor of X Xᵀ. Padding gets an identity Gram block and eigenvalue
+  −1, so it sorts last; T's padding rows are zeroed, so that T X and T Z keep them zero.
 
   Returns:
     (λ [K], descending, ≥ 0: the squared Ritz values; T [K, K]: T X are the orthonormal Ritz
@@ -279,13 +278,10 @@ class _Call(NamedTuple):
 
 def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, energies: tuple,
                search_right: bool, needs_ranking: Optional[jax.Array] = None) -> _Call:
-  """One call: the rank-r projection of the current W through the search rows of one side.
-
-  With X the searched rows [K, d] and their images Z = X Wᵀ (right) or X W (left), [K, e]. A
-  right call runs Rayleigh–Ritz: the best rank-r approximation of W with rows in span(X) is
-  Σ_{i<r} (T Z)_iᵀ (T X)_i. A left call searches the unit images of the last Ritz vectors, which
-  are orthonormal and ranked, and projects through them as they are: Ŵ = Σ_{i<r} x_i (x_iᵀ W),
-  or runs Rayleigh–Ritz too where `needs_ranking` (see `_unranked_is_near_optimal`).
+  """One call (module docstring): the rank-r projection of the current W through the searched
+  rows X [K, d] of one side and their images Z = X Wᵀ (right) or X W (left), [K, e]: a right
+  call's Ŵ = Σ_{i<r} (T Z)_iᵀ (T X)_i (`_rayleigh_ritz`), a left call's Ŵ = Σ_{i<r} x_i (x_iᵀ W),
+  or Rayleigh–Ritz too where `needs_ranking`.
 
   Drift: for an exact singular pair W x_i = σ_i y_i (y_i the previous call's vectors on the
   other side, `partners`), so the residual ‖Z_i − σ_i y_i‖² is the energy one more power step
@@ -294,12 +290,8 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, energies: tup
   there only the part of Z_i outside span(Y) counts, ‖Z_i‖² − ‖Y Z_iᵀ‖² (its Rayleigh–Ritz
   step removes the rotation inside the span).
   """
-  if search_right:
-    rows, probe, partners, other_probe = (state.right_rows, state.right_probe, state.left_rows,
-                                          state.left_probe)
-  else:
-    rows, probe, partners, other_probe = (state.left_rows, state.left_probe, state.right_rows,
-                                          state.right_probe)
+  right, left = (state.right_rows, state.right_probe), (state.left_rows, state.left_probe)
+  (rows, probe), (partners, other_probe) = (right, left) if search_right else (left, right)
   size = rows.shape[0]
   active = _rank_mask(size, state.width)
   total, noise = energies
@@ -351,14 +343,9 @@ def _refresh(w: jax.Array, call: _Call) -> _Call:
   # given `w` itself XLA:CPU lays `w` out so before the cond, on every call (≈ 1 ms at 1024²
   # per layer and step). The product costs only when the refresh runs.
   fresh = w @ jnp.eye(w.shape[1], dtype=w.dtype)
-  left_rows, singular_values, right_rows = _exact_pairs(fresh, size, state.width)
-  has_room = size < min(w.shape)
-  right_probe = _probe(right_rows, [state.right_probe], has_room)
-  left_probe = _probe(left_rows, [state.left_probe], has_room)
-  new_state = state._replace(right_rows=right_rows, left_rows=left_rows,
-                             singular_values=singular_values, right_probe=right_probe,
-                             left_probe=left_probe)
-  return _Call(new_state, singular_values[:, None] * left_rows, right_rows)
+  new_state = state._replace(**_exact_pairs(fresh, size, state.width, state.right_probe,
+                                            state.left_probe))
+  return _Call(new_state, *exact_factors(new_state))
 
 
 @contextlib.contextmanager
@@ -428,20 +415,13 @@ def _project(w, state, rank, *, tolerance):
 
 
 def optimality_ratio(w: jax.Array, w_hat: jax.Array, rank) -> jax.Array:
-  """‖W − Ŵ‖_F / ‖W − W_r‖_F with W_r the exact truncated SVD: ≥ 1, and 1 is optimal.
+  """ρ [] = ‖W − Ŵ‖_F / ‖W − W_r‖_F for `w` [m, n] and its approximation `w_hat` [m, n], W_r the
+  exact truncated SVD at `rank` (in `1..min(m, n)`, may be traced): ≥ 1, and 1 is optimal.
 
   .. math:: \\rho = \\|W - \\hat W\\|_F \\Big/ \\sqrt{\\textstyle\\sum_{i > r} s_i^2}
 
   Computes an SVD; for tests and benchmarks. When W has rank ≤ r the optimum is 0 and the
   denominator is floored at eps·‖W‖_F.
-
-  Args:
-    w: matrix, [m, n].
-    w_hat: its approximation, [m, n].
-    rank: integer in `1..min(m, n)` (may be traced).
-
-  Returns:
-    The ratio, [].
   """
   if isinstance(rank, numbers.Integral):
     svd.check_rank(w.shape, rank)
