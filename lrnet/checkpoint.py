@@ -45,14 +45,11 @@ absl_logging.get_absl_logger().addFilter(ORBAX_INFO_FILTER)  # idempotent
 def _to_savable(tree: Any) -> Any:
   """Turns Python and numpy scalar leaves into 0-d arrays orbax can store.
 
-  ``jax.Array`` and ``jax.ShapeDtypeStruct`` leaves are kept as they are, so
-  that orbax restores them as jax arrays with the target's sharding.
+  ``jax.Array`` and ``jax.ShapeDtypeStruct`` leaves are kept, so that orbax
+  restores them as jax arrays with the target's sharding.
   """
-  def convert(leaf):
-    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
-      return leaf
-    return np.asarray(leaf)
-  return jax.tree.map(convert, tree)
+  keep = (jax.Array, jax.ShapeDtypeStruct, np.ndarray)
+  return jax.tree.map(lambda leaf: leaf if isinstance(leaf, keep) else np.asarray(leaf), tree)
 
 
 def _like(target_leaf: Any, restored_leaf: Any) -> Any:
@@ -72,25 +69,19 @@ def _from_restored(target_like: Any, restored: Any) -> Any:
   Raises:
     ValueError: if the stored tree does not have the target's structure.
   """
-  target_leaves, treedef = jax.tree.flatten(target_like)
+  target_leaves, treedef = jax.tree_util.tree_flatten_with_path(target_like)
   restored_leaves, restored_treedef = jax.tree.flatten(restored)
   if len(restored_leaves) != len(target_leaves):
-    raise ValueError(
-        "The checkpoint does not match target_like: expected the structure "
-        f"{treedef}, got {restored_treedef}.")
-  # orbax checks shapes for jax-array targets only; numpy targets get
-  # whatever was stored.
-  for path, target_leaf, restored_leaf in zip(
-      jax.tree_util.tree_flatten_with_path(target_like)[0], target_leaves,
-      restored_leaves):
+    raise ValueError("The checkpoint does not match target_like: expected the structure "
+                     f"{treedef}, got {restored_treedef}.")
+  # orbax checks shapes for jax-array targets only; numpy targets get whatever was stored.
+  for (path, target_leaf), restored_leaf in zip(target_leaves, restored_leaves):
     if np.shape(target_leaf) != np.shape(restored_leaf):
-      raise ValueError(
-          f"Shape mismatch at {jax.tree_util.keystr(path[0])}: target_like "
-          f"has {np.shape(target_leaf)}, the checkpoint "
-          f"{np.shape(restored_leaf)}.")
-  return treedef.unflatten(
-      _like(target_leaf, restored_leaf)
-      for target_leaf, restored_leaf in zip(target_leaves, restored_leaves))
+      raise ValueError(f"Shape mismatch at {jax.tree_util.keystr(path)}: target_like has "
+                       f"{np.shape(target_leaf)}, the checkpoint {np.shape(restored_leaf)}.")
+  return treedef.unflatten(_like(target_leaf, restored_leaf)
+                           for (_, target_leaf), restored_leaf in zip(target_leaves,
+                                                                     restored_leaves))
 
 
 class Checkpointer:
@@ -101,7 +92,7 @@ class Checkpointer:
   ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed
   save never appears in :meth:`steps`; leftover temporary directories are
   deleted when a Checkpointer is created. Only the newest `max_to_keep` steps
-  are kept. One process should write a directory at a time.
+  (``None``: all) are kept. One process should write a directory at a time.
 
   Example::
 
@@ -113,32 +104,17 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-    """Opens (creating if needed) a checkpoint directory.
-
-    Args:
-      directory: where the steps are stored.
-      max_to_keep: number of most recent steps kept on disk (``None``: all).
-    """
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_names=(_STATE_ITEM, _METADATA_ITEM))
+        max_to_keep=max_to_keep, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(_STATE_ITEM, _METADATA_ITEM))
 
-  def save(self, step: int, state: Any,
-           metadata: dict[str, Any] | None = None) -> None:
-    """Writes `state` as `step`; returns once it is complete on disk.
-
-    Args:
-      step: a non-negative step number not saved before in this directory.
-      state: any pytree of arrays and scalars (jax, numpy or Python).
-      metadata: small JSON-like dict (numpy scalars allowed, see
-        :func:`lrnet.io.to_jsonable`), e.g. the epoch or the config.
+  def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> None:
+    """Writes `state` (any pytree of jax, numpy or Python arrays and scalars) as `step`;
+    returns once it is complete on disk. `metadata` is a small JSON-like dict (numpy scalars
+    allowed, see :func:`lrnet.io.to_jsonable`), e.g. the epoch or the config.
 
     Raises:
       orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: if `step`
@@ -149,8 +125,7 @@ class Checkpointer:
         _METADATA_ITEM: ocp.args.JsonSave(io.to_jsonable(metadata or {})),
     })
     if not self._manager.save(int(step), args=args, force=True):
-      raise RuntimeError(f"orbax declined to save step {step} in "
-                         f"{self.directory}.")
+      raise RuntimeError(f"orbax declined to save step {step} in {self.directory}.")
     self._manager.wait_until_finished()
 
   def steps(self) -> list[int]:
@@ -163,9 +138,8 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def restore(self, target_like: Any, step: int | None = None
-              ) -> tuple[Any, dict[str, Any]]:
-    """Reads a step back into the structure and types of `target_like`.
+  def restore(self, target_like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Reads a step (default: the latest) back into the structure and types of `target_like`.
 
     Args:
       target_like: a pytree like the saved state (e.g. a freshly initialised
@@ -180,19 +154,19 @@ class Checkpointer:
     Raises:
       FileNotFoundError: if there is no checkpoint (or no such step).
     """
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    elif step not in self.steps():
-      raise FileNotFoundError(f"No checkpoint for step {step} in "
-                              f"{self.directory} (have {self.steps()}).")
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory} "
+                              f"(have {steps}).")
     restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
         _STATE_ITEM: ocp.args.StandardRestore(_to_savable(target_like)),
         _METADATA_ITEM: ocp.args.JsonRestore(),
     }))
-    state = _from_restored(target_like, restored[_STATE_ITEM])
-    return state, restored[_METADATA_ITEM]
+    return _from_restored(target_like, restored[_STATE_ITEM]), restored[_METADATA_ITEM]
 
   def close(self) -> None:
     """Waits for pending work and releases orbax's resources."""
@@ -210,19 +184,13 @@ def _save_standard(path: str, tree: Any) -> None:
     checkpointer.save(path, args=ocp.args.StandardSave(_to_savable(tree)))
 
 
-def save_pytree(path: str | os.PathLike, tree: Any,
-                overwrite: bool = False) -> None:
-  """Writes a finished artefact (e.g. teacher params) to directory `path`.
+def save_pytree(path: str | os.PathLike, tree: Any, overwrite: bool = False) -> None:
+  """Writes a finished artefact (a pytree of arrays and scalars) to the directory `path`.
 
-  Synchronous and atomic: `path` appears only once complete. With
-  `overwrite`, the new tree is written beside the old one first and then
-  swapped in by two renames, so a crash never leaves a partial `path` (at
-  worst, between the renames, the old tree sits in ``.old-<name>-*``).
-
-  Args:
-    path: the checkpoint directory to create.
-    tree: pytree of arrays and scalars.
-    overwrite: replace an existing `path`.
+  Synchronous and atomic: `path` appears only once complete. With `overwrite`, the new tree
+  is written beside the old one first and then swapped in by two renames, so a crash never
+  leaves a partial `path` (at worst, between the renames, the old tree sits in
+  ``.old-<name>-*``).
 
   Raises:
     FileExistsError: if `path` exists and `overwrite` is false.
@@ -251,7 +219,7 @@ def save_pytree(path: str | os.PathLike, tree: Any,
 
 
 def load_pytree(path: str | os.PathLike, target_like: Any) -> Any:
-  """Reads a tree written by :func:`save_pytree` (see :meth:`restore`).
+  """Reads a tree written by :func:`save_pytree` (see :meth:`Checkpointer.restore`).
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -260,6 +228,5 @@ def load_pytree(path: str | os.PathLike, target_like: Any) -> Any:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No saved pytree at {path}.")
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(
-        path, args=ocp.args.StandardRestore(_to_savable(target_like)))
+    restored = checkpointer.restore(path, args=ocp.args.StandardRestore(_to_savable(target_like)))
   return _from_restored(target_like, restored)

@@ -67,14 +67,9 @@ DIGITS_TEST_SEED = 0
 DIGITS_MAX_VALUE = 16.0  # load_digits pixels are counts 0..16.
 
 # IDX type codes (third magic byte) -> big-endian NumPy dtype.
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
+_IDX_DTYPES = {code: np.dtype(kind) for code, kind in
+               [(0x08, ">u1"), (0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"),
+                (0x0E, ">f8")]}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -89,12 +84,13 @@ class Split(NamedTuple):
 
 
 class Dataset(NamedTuple):
-  """A dataset with disjoint train, validation and test splits."""
+  """A dataset with disjoint train, validation (a seeded, stratified part of the original
+  training set) and test splits."""
   name: str  # One of DATASETS.
   source: str  # "idx:<dir>", "pickle:<dir>", "sklearn" or "tfds:<dir>".
-  train: Split  # Training examples minus the validation ones.
-  val: Split  # Seeded, stratified part of the original training set.
-  test: Split  # The dataset's test set, never mixed into train or val.
+  train: Split
+  val: Split
+  test: Split
   num_classes: int
 
 
@@ -112,13 +108,11 @@ class _Raw(NamedTuple):
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Reads an IDX file (the MNIST format), plain or gzip-compressed.
+  """Reads an IDX file (the MNIST format), plain or gzip-compressed (a `.gz` suffix or the
+  gzip magic bytes).
 
   The header is two zero bytes, a type code, the number of dimensions, then each
   dimension as a big-endian uint32; the payload follows in big-endian order.
-
-  Args:
-    path: file to read; gzip is detected by a `.gz` suffix or the gzip magic bytes.
 
   Returns:
     Array of shape `dims` in native byte order (e.g. [N, 28, 28] uint8 for images).
@@ -167,10 +161,8 @@ def _read_bytes(path: Path) -> bytes:
 
 def find_idx_file(directory: str | os.PathLike, stem: str) -> Path | None:
   """Returns `<directory>/<stem>.gz`, else `<directory>/<stem>`, else None."""
-  for candidate in (Path(directory) / f"{stem}.gz", Path(directory) / stem):
-    if candidate.is_file():
-      return candidate
-  return None
+  candidates = (Path(directory) / f"{stem}.gz", Path(directory) / stem)
+  return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def _read_idx_dir(directory: Path, name: str) -> _Raw:
@@ -179,9 +171,8 @@ def _read_idx_dir(directory: Path, name: str) -> _Raw:
   Raises:
     DataError: naming the first missing file, or any reading/consistency problem.
   """
-  paths = {}
+  paths = {stem: find_idx_file(directory, stem) for stem in IDX_STEMS}
   for stem in IDX_STEMS:
-    paths[stem] = find_idx_file(directory, stem)
     if paths[stem] is None:
       raise DataError(
           f"dataset '{name}': {directory} has no {stem}.gz (or {stem}); it needs "
@@ -192,8 +183,7 @@ def _read_idx_dir(directory: Path, name: str) -> _Raw:
     raise DataError(
         f"{paths[TRAIN_IMAGES]} has images of shape {train_images.shape[1:]} but "
         f"{paths[TEST_IMAGES]} has {test_images.shape[1:]}")
-  return _Raw(train_images, train_labels, test_images, test_labels, 255.0,
-              f"idx:{directory}")
+  return _Raw(train_images, train_labels, test_images, test_labels, 255.0, f"idx:{directory}")
 
 
 def _read_idx_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -231,12 +221,10 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Reads one batch file of CIFAR-10's python version.
 
-  The file is a pickled dict (bytes keys) whose `b"data"` is [N, 3072] uint8, each row
-  an image's 1024 red, then 1024 green, then 1024 blue pixels, each plane 32x32 in
-  row-major order, and whose `b"labels"` is a list of N ints in 0..9.
-
-  Args:
-    path: the batch file, e.g. `cifar-10-batches-py/data_batch_1`.
+  The file (e.g. `cifar-10-batches-py/data_batch_1`) is a pickled dict (bytes keys) whose
+  `b"data"` is [N, 3072] uint8, each row an image's 1024 red, then 1024 green, then 1024 blue
+  pixels, each plane 32x32 in row-major order, and whose `b"labels"` is a list of N ints in
+  0..9.
 
   Returns:
     images [N, 32, 32, 3] uint8 (channels last) and labels [N] int64.
@@ -264,10 +252,8 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"{path}: expected b'data' of shape [N, {pixels}] uint8, got {found}")
   if not isinstance(labels, list) or len(labels) != len(images):
     found = len(labels) if isinstance(labels, list) else type(labels).__name__
-    raise DataError(f"{path}: expected b'labels' as a list of {len(images)} ints, got "
-                    f"{found}")
-  bad = [label for label in labels
-         if type(label) is not int or not 0 <= label < NUM_CLASSES]
+    raise DataError(f"{path}: expected b'labels' as a list of {len(images)} ints, got {found}")
+  bad = [label for label in labels if type(label) is not int or not 0 <= label < NUM_CLASSES]
   if bad:
     raise DataError(f"{path}: label {bad[0]!r} is not an int in 0..{NUM_CLASSES - 1}")
   images = images.reshape(-1, 3, CIFAR10_SIDE, CIFAR10_SIDE).transpose(0, 2, 3, 1)
@@ -283,19 +269,14 @@ def _read_cifar_dir(directory: Path) -> _Raw:
     raise DataError(
         f"dataset 'cifar10': {directory} has no {missing[0]}; it needs "
         f"{', '.join(CIFAR10_BATCHES)} (or a {CIFAR10_FOLDER} folder holding them)")
-  arrays = [read_cifar_batch(directory / name) for name in CIFAR10_BATCHES]
-  train_images = np.concatenate([images for images, _ in arrays[:-1]])
-  train_labels = np.concatenate([labels for _, labels in arrays[:-1]])
-  test_images, test_labels = arrays[-1]
-  return _Raw(train_images, train_labels, test_images, test_labels, 255.0,
-              f"pickle:{directory}")
+  images, labels = zip(*(read_cifar_batch(directory / name) for name in CIFAR10_BATCHES))
+  return _Raw(np.concatenate(images[:-1]), np.concatenate(labels[:-1]), images[-1], labels[-1],
+              255.0, f"pickle:{directory}")
 
 
 def _read_local(directory: Path, name: str) -> _Raw:
   """Reads `name` from a directory of its files (IDX files or CIFAR-10 batches)."""
-  if name in IDX_DATASETS:
-    return _read_idx_dir(directory, name)
-  return _read_cifar_dir(directory)
+  return _read_idx_dir(directory, name) if name in IDX_DATASETS else _read_cifar_dir(directory)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -306,8 +287,7 @@ def _read_digits() -> _Raw:
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
   images, labels = digits.images, digits.target  # [1797, 8, 8] float64 0..16, [1797]
-  train_index, test_index = stratified_split(labels, DIGITS_TEST_FRACTION,
-                                             DIGITS_TEST_SEED)
+  train_index, test_index = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
   return _Raw(images[train_index], labels[train_index], images[test_index],
               labels[test_index], DIGITS_MAX_VALUE, "sklearn")
 
@@ -356,28 +336,23 @@ def _read_tfds_prepared(name: str, version_dir: Path) -> _Raw:
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder = tfds.builder_from_directory(str(version_dir))
-    arrays = {}
-    if has_array_record:
-      sources = builder.as_data_source()
-      for split in ("train", "test"):
-        examples = sources[split].__getitems__(list(range(len(sources[split]))))
-        arrays[split] = (np.stack([e["image"] for e in examples]),
-                         np.array([e["label"] for e in examples]))
-    else:
-      for split in ("train", "test"):
+    sources, arrays = builder.as_data_source() if has_array_record else None, []
+    for split in ("train", "test"):
+      if has_array_record:
+        source = sources[split]
+        examples = source.__getitems__(list(range(len(source))))
+        images, labels = (np.stack([e["image"] for e in examples]),
+                          np.array([e["label"] for e in examples]))
+      else:
         batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        arrays[split] = (batch["image"], batch["label"])
+        images, labels = batch["image"], batch["label"]
+      # [N, H, W, 1] -> [N, H, W]: TFDS image features carry a channel axis.
+      arrays += [images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images,
+                 labels]
   except Exception as error:  # TFDS raises many types; the user needs one line.
     raise DataError(f"could not read the TFDS copy of '{name}' at {version_dir}: "
                     f"{_one_line(error)}") from error
-  (train_images, train_labels), (test_images, test_labels) = arrays["train"], arrays["test"]
-  return _Raw(_squeeze_channel(train_images), train_labels,
-              _squeeze_channel(test_images), test_labels, 255.0, f"tfds:{version_dir}")
-
-
-def _squeeze_channel(images: np.ndarray) -> np.ndarray:
-  """[N, H, W, 1] -> [N, H, W]; TFDS image features carry a channel axis."""
-  return images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
+  return _Raw(*arrays, 255.0, f"tfds:{version_dir}")
 
 
 def _local_hint(name: str) -> str:
@@ -435,30 +410,23 @@ def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
 
 def stratified_split(labels: np.ndarray, fraction: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Splits example indices into kept and held-out parts, class by class.
+  """Splits the indices of examples with [N] integer `labels` into kept and held-out parts.
 
   Each class holds out `round(fraction * count)` of its examples, chosen by a
   permutation seeded with `seed`, so the held-out part has the class balance of the whole.
-
-  Args:
-    labels: [N] integer class labels.
-    fraction: share of each class to hold out, in (0, 1).
-    seed: same seed, same split.
 
   Returns:
     `(kept, held)`: sorted, disjoint index arrays that together cover range(N).
   """
   rng = np.random.default_rng(seed)
-  held = [rng.permutation(np.flatnonzero(labels == label))
-          for label in np.unique(labels)]
+  held = [rng.permutation(np.flatnonzero(labels == label)) for label in np.unique(labels)]
   held = np.sort(np.concatenate(
       [index[:int(np.floor(fraction * len(index) + 0.5))] for index in held]))
   kept = np.setdiff1d(np.arange(len(labels)), held, assume_unique=True)
   return kept, held
 
 
-def _make_split(name: str, images: np.ndarray, labels: np.ndarray,
-                max_value: float) -> Split:
+def _make_split(name: str, images: np.ndarray, labels: np.ndarray, max_value: float) -> Split:
   """[N, H, W(, C)] pixels in [0, max_value] -> Split of [N, H, W, C] float32 images.
 
   Pixels are scaled to [0, 1], then for datasets in CHANNEL_STATS standardised per
@@ -477,7 +445,7 @@ def _make_split(name: str, images: np.ndarray, labels: np.ndarray,
 
 
 def _check_labels(raw: _Raw, name: str) -> None:
-  for labels in (raw.train_labels, raw.test_labels):
+  for labels in raw.train_labels, raw.test_labels:
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
       raise DataError(f"dataset '{name}' ({raw.source}): labels span "
                       f"[{labels.min()}, {labels.max()}], expected 0..{NUM_CLASSES - 1}")
@@ -485,15 +453,13 @@ def _check_labels(raw: _Raw, name: str) -> None:
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  val_fraction: float = 0.1, seed: int = 0) -> Dataset:
-  """Loads a dataset with a seeded validation split carved from its training set.
-
-  See the module docstring for the order in which sources are tried.
+  """Loads a dataset with a seeded validation split carved from its training set, from the
+  first source that has it (module docstring).
 
   Args:
     name: one of DATASETS.
     data_dir: directory holding the four MNIST-format IDX files (plain or .gz), or for
-      cifar10 the `cifar-10-batches-py` folder or its parent; None searches the default
-      places.
+      cifar10 the `cifar-10-batches-py` folder or its parent; None: the default places.
     val_fraction: share of each training class moved to the validation split, in (0, 1).
     seed: seeds the validation split; the test split does not depend on it.
 
@@ -517,12 +483,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     raise DataError(f"data.val_fraction={val_fraction} leaves an empty train or "
                     f"validation split of dataset '{name}' ({len(raw.train_labels)} "
                     "training examples)")
-  return Dataset(
-      name=name,
-      source=raw.source,
-      train=_make_split(name, raw.train_images[train_index],
-                        raw.train_labels[train_index], raw.max_value),
-      val=_make_split(name, raw.train_images[val_index], raw.train_labels[val_index],
-                      raw.max_value),
-      test=_make_split(name, raw.test_images, raw.test_labels, raw.max_value),
-      num_classes=NUM_CLASSES)
+  splits = [(raw.train_images[index], raw.train_labels[index])
+            for index in (train_index, val_index)] + [(raw.test_images, raw.test_labels)]
+  return Dataset(name, raw.source,
+                 *(_make_split(name, images, labels, raw.max_value) for images, labels in splits),
+                 num_classes=NUM_CLASSES)

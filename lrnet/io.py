@@ -20,46 +20,31 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-_TMP_PREFIX = ".tmp-"
-# Permission bits requested for new files; the process umask is applied by
-# os.open, as for a plain open(path, "w") (tempfile.mkstemp would force 0600).
-_FILE_MODE = 0o666
-
-
-def _fsync_directory(directory: str) -> None:
-  """Makes a rename inside `directory` durable (POSIX only; no-op elsewhere)."""
-  if not hasattr(os, "O_DIRECTORY"):
-    return
-  fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+import numpy as np
 
 
 def _open_temporary(directory: str, name: str) -> tuple[int, str]:
-  """Creates a new, uniquely named temporary file next to the target."""
+  """Creates a new, uniquely named ``<directory>/.tmp-<name>-<random>`` file.
+
+  Mode 0o666 filtered by the process umask, as for a plain ``open(path, "w")``
+  (``tempfile.mkstemp`` would force 0600).
+  """
   while True:
-    tmp_path = os.path.join(
-        directory, f"{_TMP_PREFIX}{name}-{secrets.token_hex(6)}")
+    tmp_path = os.path.join(directory, f".tmp-{name}-{secrets.token_hex(6)}")
     try:
-      return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                     _FILE_MODE), tmp_path
+      return os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_path
     except FileExistsError:
       continue
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old or the new content.
+  """Writes `data` to `path` (whose directory must exist) so that readers see the old or the
+  new content.
 
-  The bytes go to ``<dir>/.tmp-<name>-<random>``, which is flushed, fsynced and
-  renamed over `path` with :func:`os.replace`; then the directory is fsynced.
-  On any exception the temporary file is removed and `path` is untouched.
-  An existing target keeps its permission bits.
-
-  Args:
-    path: destination file; its directory must exist.
-    data: the complete new content.
+  The bytes go to a temporary file beside `path`, which is flushed, fsynced and renamed over
+  `path` with :func:`os.replace`; then the directory is fsynced (POSIX). On any exception the
+  temporary file is removed and `path` is untouched. An existing target keeps its permission
+  bits.
   """
   path = os.fspath(path)
   directory, name = os.path.split(os.path.abspath(path))
@@ -78,52 +63,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except FileNotFoundError:
       pass
     raise
-  _fsync_directory(directory)
+  if hasattr(os, "O_DIRECTORY"):  # makes the rename durable
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      os.fsync(directory_fd)
+    finally:
+      os.close(directory_fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str,
-                      encoding: str = "utf-8") -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
   """Atomically writes `text` (see :func:`atomic_write_bytes`)."""
   atomic_write_bytes(path, text.encode(encoding))
 
 
 def to_jsonable(obj: Any) -> Any:
-  """Converts `obj` to plain JSON types, keeping mapping order.
+  """Converts a tree of containers, numbers, strings and arrays to plain JSON types
+  (dict/list/str/int/float/bool/None), keeping mapping order.
 
   * mappings -> dict (keys that are numpy scalars become Python scalars);
   * lists, tuples (NamedTuples included) -> list;
-  * numpy/JAX arrays and anything with ``__array__`` -> nested lists;
-  * numpy scalars -> ``int``/``float``/``bool``;
+  * numpy/JAX arrays and scalars -> nested lists, ``int``/``float``/``bool``;
   * NaN and ±inf -> ``None`` (JSON ``null``).
 
   Anything else (e.g. an arbitrary object) is returned unchanged, so that
   ``json.dumps`` raises ``TypeError`` on it.
-
-  Args:
-    obj: a tree of containers, numbers, strings and arrays.
-
-  Returns:
-    An equivalent tree of dict/list/str/int/float/bool/None.
   """
   if isinstance(obj, (str, bool, int)) or obj is None:
     return obj
   if isinstance(obj, float):
     return obj if math.isfinite(obj) else None
   if isinstance(obj, Mapping):
-    return {_to_json_key(key): to_jsonable(value) for key, value in obj.items()}
+    return {(key.item() if isinstance(key, np.generic) else key): to_jsonable(value)
+            for key, value in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [to_jsonable(value) for value in obj]
-  if hasattr(obj, "dtype") and hasattr(obj, "__array__"):
-    # numpy scalar, numpy array or jax.Array; .tolist() yields Python scalars.
-    import numpy as np  # pylint: disable=g-import-not-at-top
+  if hasattr(obj, "dtype") and hasattr(obj, "__array__"):  # numpy or jax: .tolist() is Python
     return to_jsonable(np.asarray(obj).tolist())
   return obj
-
-
-def _to_json_key(key: Any) -> Any:
-  if hasattr(key, "item") and hasattr(key, "dtype"):
-    return key.item()
-  return key
 
 
 def dumps_json(obj: Any, indent: int | None = 2) -> str:
@@ -135,17 +111,11 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
   return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any,
-                      indent: int | None = 2) -> None:
-  """Atomically writes `obj` as JSON (conventions in :func:`to_jsonable`).
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+  """Atomically writes `obj` as JSON (:func:`dumps_json`; keys are not sorted).
 
   Serialisation happens before any file is touched, so an unserialisable
   object raises ``TypeError`` and leaves `path` as it was.
-
-  Args:
-    path: destination file.
-    obj: JSON-like tree; mapping order is kept, keys are not sorted.
-    indent: ``json.dumps`` indent.
   """
   atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
 
@@ -156,18 +126,13 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.load(json_file)
 
 
-def atomic_write_csv(path: str | os.PathLike,
-                     rows: Iterable[Mapping[str, Any]],
+def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
                      fieldnames: Sequence[str] | None = None) -> None:
-  """Atomically writes `rows` as CSV with a header line.
+  """Atomically writes `rows` (one mapping per row) as CSV with a header line.
 
-  Missing keys and ``None`` become empty cells; a key absent from
-  `fieldnames` raises ``ValueError`` (catches typos).
-
-  Args:
-    path: destination file.
-    rows: one mapping per row.
-    fieldnames: column order; default: keys in order of first appearance.
+  Columns are `fieldnames`, default: keys in order of first appearance. Missing keys and
+  ``None`` become empty cells; a key absent from `fieldnames` raises ``ValueError`` (catches
+  typos).
   """
   rows = list(rows)
   if fieldnames is None:
@@ -179,15 +144,9 @@ def atomic_write_csv(path: str | os.PathLike,
   atomic_write_text(path, buffer.getvalue())
 
 
-def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any
-                   ) -> None:
-  """Atomically saves a matplotlib figure; the format comes from the suffix.
-
-  Args:
-    fig: a ``matplotlib.figure.Figure``.
-    path: destination, e.g. ``plots/accuracy.png`` or ``.pdf``/``.svg``.
-    **savefig_kwargs: forwarded to ``Figure.savefig`` (e.g. ``dpi``).
-  """
+def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+  """Atomically saves a matplotlib figure to `path` (e.g. ``plots/accuracy.png``, ``.pdf``,
+  ``.svg``: the format comes from the suffix); `savefig_kwargs` go to ``Figure.savefig``."""
   suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
   if not suffix:
     raise ValueError(f"Cannot infer the figure format of {path!r}: no suffix.")

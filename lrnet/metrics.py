@@ -38,19 +38,11 @@ def tensorboard_dir(workdir: str | os.PathLike, run_name: str) -> str:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a JSONL metrics file, ignoring a truncated last line.
-
-  A process killed mid-write can leave a partial last line; it is dropped.
-  An unparsable line anywhere else means real corruption and raises.
-
-  Args:
-    path: a ``.jsonl`` file written by :class:`MetricsWriter`.
-
-  Returns:
-    One dict per complete line, in file order.
+  """The records of a JSONL file of :class:`MetricsWriter`, one dict per complete line in file
+  order. A partial last line (a process killed mid-write) is dropped.
 
   Raises:
-    ValueError: if a line other than the last one is not valid JSON.
+    ValueError: if a line other than the last one is not valid JSON (real corruption).
   """
   with open(path, encoding="utf-8") as jsonl_file:
     lines = jsonl_file.read().splitlines()
@@ -94,14 +86,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | os.PathLike, run_name: str,
                resume_from_step: int | None = None):
-    """Opens the run's logs.
-
-    Args:
-      workdir: the experiment directory.
-      run_name: file/directory name of this run; no path separators.
-      resume_from_step: ``None`` for a new run (existing JSONL discarded);
-        else the last step already done, whose lines are kept.
-    """
+    """Opens the logs of `run_name` (a file name: no path separators) under `workdir`."""
     if not run_name or os.sep in run_name or run_name in (".", ".."):
       raise ValueError(f"Invalid run name {run_name!r}.")
     self.run_name = run_name
@@ -109,26 +94,19 @@ class MetricsWriter:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     kept_lines = ""
     if resume_from_step is not None and os.path.exists(self.path):
-      kept_lines = "".join(
-          json.dumps(record, allow_nan=False) + "\n"
-          for record in read_metrics(self.path)
-          if record.get("step") is not None
-          and record["step"] <= resume_from_step)
+      kept_lines = "".join(json.dumps(record, allow_nan=False) + "\n"
+                           for record in read_metrics(self.path)
+                           if record.get("step") is not None and record["step"] <= resume_from_step)
     # Rewritten atomically so that a crash here loses nothing already logged.
     io.atomic_write_text(self.path, kept_lines)
     self._jsonl = open(self.path, "a", encoding="utf-8")
     purge_step = None if resume_from_step is None else resume_from_step + 1
-    self._tensorboard = SummaryWriter(tensorboard_dir(workdir, run_name),
-                                      purge_step=purge_step)
+    self._tensorboard = SummaryWriter(tensorboard_dir(workdir, run_name), purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Logs `metrics` at `step`: one flushed JSON line, plus TB scalars.
-
-    Args:
-      step: the training step (int-like).
-      metrics: name -> value; real scalars (Python, numpy, JAX, 0-d arrays)
-        also go to TensorBoard as scalars; other JSON-able values (strings,
-        lists) only to the JSONL file.
+    """Logs `metrics` {name: value} at `step`: one flushed JSON line; real scalars (Python,
+    numpy, JAX, 0-d arrays) also go to TensorBoard, other JSON-able values (strings, lists)
+    only to the JSONL file.
 
     Raises:
       ValueError: if a metric is named ``run`` or ``step``.
@@ -137,8 +115,8 @@ class MetricsWriter:
     if clashes:
       raise ValueError(f"Metric names {clashes} are reserved.")
     step = int(step)
-    record = {"run": self.run_name, "step": step, **metrics}
-    self._jsonl.write(io.dumps_json(record, indent=None) + "\n")
+    self._jsonl.write(io.dumps_json({"run": self.run_name, "step": step, **metrics},
+                                    indent=None) + "\n")
     self._jsonl.flush()
     for name, value in metrics.items():
       scalar = _as_scalar(value)

@@ -86,11 +86,10 @@ def augment(key: jax.Array, images: jax.Array, shift: int, flip: bool) -> jax.Ar
 def init_state(params: Params, optimizer: optax.GradientTransformation,
                model_state: Any = None, ema: bool = False) -> TrainState:
   """A fresh training state starting from `params`."""
-  return TrainState(params=params, opt_state=optimizer.init(params),
-                    # Copies: leaves may share buffers, which a donating step cannot take twice.
-                    model_state={} if model_state is None else jax.tree_util.tree_map(jnp.copy, model_state),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
-                    step=jnp.zeros([], jnp.int32))
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # a donating step cannot take a
+  model_state = {} if model_state is None else copy(model_state)  # shared buffer twice
+  return TrainState(params, optimizer.init(params), model_state, copy(params) if ema else None,
+                    jnp.zeros([], jnp.int32))
 
 
 def commit(tree: Any) -> Any:
@@ -118,8 +117,6 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
 
   Args:
     apply_fn: stateful apply (see `stateful_apply`).
-    optimizer: an optax transformation.
-    batch_size: examples per step.
     ema_decay: decay of the parameter EMA (used only if the state holds `ema_params`).
     objective: `lrnet.losses` objective; None: plain cross-entropy.
     teacher_apply: `(teacher_params, images) -> logits`, run inside the step on the same
@@ -132,11 +129,11 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     unroll: unroll the scan over the batches, one copy of the step each (for `in_calls`).
 
   Returns:
-    An unjitted function (see `members_epoch`). Its inputs: `images` [N, ...], `labels` [N],
-    `order` [N] int32 permutation. Metrics: `loss`
-    [steps] per step and `accuracy` [] training accuracy over the epoch.
+    An unjitted function (see `members_epoch`) of `images` [N, ...], `labels` [N] and `order`
+    [N] int32 permutation. Metrics: `loss` [steps] per step and `accuracy` [] over the epoch.
   """
-  objective = objective or (lambda logits, labels, _: (losses.cross_entropy(logits, labels), logits))
+  objective = objective or (lambda logits, labels, _: (losses.cross_entropy(logits, labels),
+                                                       logits))
 
   def loss_fn(params, model_state, images, labels, teacher_logits, rng):
     logits, model_state = (apply_fn(params, model_state, rng, images) if with_rng
@@ -146,9 +143,8 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     return loss, (model_state, accuracy)
 
   def step(state: TrainState, batch_index, images, labels, teacher_params):
-    batch_images = jnp.take(images, batch_index, axis=0)
-    batch_labels = jnp.take(labels, batch_index, axis=0)
-    batch_images, batch_labels = parallel.constrain_batch((batch_images, batch_labels))
+    batch_images, batch_labels = parallel.constrain_batch(
+        (jnp.take(images, batch_index, axis=0), jnp.take(labels, batch_index, axis=0)))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     if shift or flip:
       batch_images = augment(key, batch_images, shift, flip)
@@ -163,8 +159,7 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     ema_params = state.ema_params
     if ema_params is not None:
       ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
-    state = TrainState(params, opt_state, model_state, ema_params, state.step + 1)
-    return state, (loss, accuracy)
+    return TrainState(params, opt_state, model_state, ema_params, state.step + 1), (loss, accuracy)
 
   def epoch(state: TrainState, images, labels, order, teacher_params=None):
     num_steps = order.shape[0] // batch_size
@@ -294,13 +289,9 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
 
   @jax.jit
   def evaluate(params, images, labels, *args):
-    n = images.shape[0]
-    num_chunks = -(-n // batch_size)
-    pad = num_chunks * batch_size - n
-    images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-    labels = jnp.concatenate([labels, jnp.zeros((pad,) + labels.shape[1:], labels.dtype)])
-    in_split = jnp.arange(num_chunks * batch_size) < n
-    valid = in_split.reshape((-1,) + (1,) * (labels.ndim - 1)) & (labels >= 0)
+    num_chunks = -(-images.shape[0] // batch_size)
+    images, labels = pad_split(images, labels, num_chunks * batch_size)
+    valid = labels >= 0
 
     def chunk(carry, index):
       correct, loss = carry
@@ -336,17 +327,16 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
 
 
-def measure_latency(fn: Callable[..., jax.Array], *args, repeats: int = 20, warmup: int = 2) -> float:
+def measure_latency(fn: Callable[..., jax.Array], *args, repeats: int = 20,
+                    warmup: int = 2) -> float:
   """Median wall time in milliseconds of the jitted call `fn(*args)`, after warm-up."""
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # already jitted: reuse its compilation
-  for _ in range(warmup):
-    jax.block_until_ready(jitted(*args))
   times = []
-  for _ in range(repeats):
+  for _ in range(warmup + repeats):
     start = time.perf_counter()
     jax.block_until_ready(jitted(*args))
     times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
+  return float(np.median(times[warmup:]) * 1e3)
 
 
 class Progress(NamedTuple):
@@ -364,14 +354,12 @@ class Progress(NamedTuple):
 
 
 def evaluated_params(state: TrainState) -> Params:
-  """What a member is evaluated (and reported) with: its EMA parameters if it keeps them, else
-  its parameters."""
+  """What a member is evaluated (and reported) with: its EMA parameters if any, else params."""
   return state.ema_params if state.ema_params is not None else state.params
 
 
 def evaluated_with_state(state: TrainState) -> dict:
-  """`{"params": evaluated_params(state), "state": model_state}`: for networks that evaluate
-  with their Haiku state (BatchNorm statistics)."""
+  """`evaluated_params` with the Haiku state, for networks evaluated with it (BatchNorm)."""
   return {"params": evaluated_params(state), "state": state.model_state}
 
 
@@ -379,12 +367,12 @@ def start_progress(states: Sequence[TrainState],
                    evaluated: Callable[[TrainState], Any] = evaluated_params) -> Progress:
   """Fresh progress for members starting from `states` (one per member); `best_params` holds
   `evaluated(state)` (as `fit`'s)."""
-  n = len(states)
-  state = stack(states)
+  n, state = len(states), stack(states)
+  zeros = lambda: jnp.zeros([n], jnp.int32)
   # A copy: the first epoch donates (and so deletes) the state's buffers.
-  return Progress(state, jax.tree_util.tree_map(jnp.copy, evaluated(state)), jnp.full([n], -1.0, jnp.float32),
-                  jnp.zeros([n], jnp.int32), jnp.zeros([n], jnp.int32), jnp.ones([n], bool),
-                  jnp.zeros([n], jnp.int32), jnp.int32(0), jnp.float32(0.0))
+  return Progress(state, jax.tree_util.tree_map(jnp.copy, evaluated(state)),
+                  jnp.full([n], -1.0, jnp.float32), zeros(), zeros(), jnp.ones([n], bool),
+                  zeros(), jnp.int32(0), jnp.float32(0.0))
 
 
 def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
@@ -395,8 +383,9 @@ def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
 
 
 def _finite_members(params: Params) -> np.ndarray:
-  leaves = jax.tree_util.tree_leaves(params)
-  per_leaf = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in leaves]
+  """[n] bool: whether every parameter of each member is finite."""
+  per_leaf = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+              for leaf in jax.tree_util.tree_leaves(params)]
   return np.asarray(jnp.all(jnp.stack(per_leaf), axis=0))
 
 
@@ -451,7 +440,8 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
     finite = finite_losses & _finite_members(state.params)
     first_bad = np.where(finite_losses, step_losses.shape[1],
                          np.argmax(~np.isfinite(step_losses), axis=1) + 1)
-    failed_step = np.where(active & ~finite, first_step + first_bad, np.asarray(progress.failed_step))
+    failed_step = np.where(active & ~finite, first_step + first_bad,
+                           np.asarray(progress.failed_step))
     active &= finite
     eval_params = evaluated(state)
     val_accuracy = np.asarray(validate(eval_params), np.float32)
