@@ -6,16 +6,14 @@ tracker's optimality and SVD fallbacks over real Adam steps, factorized vs dense
 Students start from a trained network, where the projection is used: models/teacher of
 `teacher_dir`, else the MLP trained `pretrain_steps` Adam steps on `data_name` here (a random
 initialisation has a flat spectrum, the tracker's worst case). Prints a table and writes
-`bench.json` (atomically) into the workdir:
+`bench.json` (atomically) into the workdir: machine {platform, jax, backend, device_kind,
+cpu_count}; config (as run); data (the data set and its source); start (where the students'
+parameters come from); matmul_gflops (float32 1024² matmul throughput);
 
-  machine: {platform, jax, backend, device_kind, cpu_count}
-  config: the config as run;  data: the data set and its source
-  start: where the students' parameters come from (teacher_dir, or pre-training steps)
-  matmul_gflops: float32 1024² matmul throughput
   dense_step: {ms, gflops}: the dense Adam step (median of its interleaved blocks) and the
     FLOP rate it achieves (3 products per layer: forward and two backward)
   train_steps: [{method, rank, ms, ratio}]: straight-through step; ratio = its time / the dense
-    step's, both summed over blocks run in turn (`_time_against_dense`)
+    step's, both summed over blocks run in turn
   optimality: {max, refreshes, tracker_calls, ranks: [{rank, steps, max, median, measurements,
     refreshes}]}: ρ = ‖W − Ŵ‖_F / ‖W − W_r‖_F (≥ 1, 1 optimal) of the Ŵ each layer of an
     alternating student would apply next (`next_projection`), every `optimality_every` of
@@ -127,8 +125,7 @@ def _start_params(config, dense, optimizer, images, labels):
   return state.params, f"{config.pretrain_steps} Adam steps on {config.data_name}"
 
 
-def _block_timer(net, params, model_state, optimizer, images, labels, order, batch,
-                 warmup=True):
+def _block_timer(net, params, model_state, optimizer, images, labels, order, batch, warmup=True):
   """A function timing one block of Adam steps of `net` (one jitted `lax.scan` over `order`)
   in seconds; the state advances from block to block, so tracker calls count as in training.
   Compiled, and with `warmup` run once, before it is returned."""
@@ -147,19 +144,6 @@ def _block_timer(net, params, model_state, optimizer, images, labels, order, bat
   return run
 
 
-def _time_against_dense(run_student, run_dense, blocks: int, dense_times: list):
-  """(student seconds, dense seconds), each summed over `blocks` blocks run in turn.
-
-  Interleaving keeps the ratio honest on a machine whose speed drifts: the dense step measured
-  alone, first, ran 20–30 % slow on the shared 2-core CPU (BUILD_NOTES.md)."""
-  student_s = dense_s = 0.0
-  for _ in range(blocks):
-    dense_times.append(run_dense())
-    dense_s += dense_times[-1]
-    student_s += run_student()
-  return student_s, dense_s
-
-
 def _train_steps(config, params, hidden, num_classes, optimizer, images, labels, log):
   """(rows of `train_steps`, dense step ms): alternating at `ranks`, exact at `exact_ranks`."""
   batch, steps = config.batch_size, config.block_steps
@@ -175,7 +159,14 @@ def _train_steps(config, params, hidden, num_classes, optimizer, images, labels,
     model_state = students.tracker_state(net, params, images[:1])
     # An exact block is seconds long: first-call overheads vanish in it, no warm-up needed.
     run_student = timer(net, params, model_state, warmup=method != "exact")
-    student_s, dense_s = _time_against_dense(run_student, run_dense, blocks, dense_times)
+    # Dense and student blocks run in turn keep the ratio honest on a machine whose speed
+    # drifts: the dense step measured alone, first, ran 20–30 % slow on the shared 2-core CPU
+    # (BUILD_NOTES.md).
+    student_s = dense_s = 0.0
+    for _ in range(blocks):
+      dense_times.append(run_dense())
+      dense_s += dense_times[-1]
+      student_s += run_student()
     rows.append({"method": method, "rank": rank, "ms": student_s / (blocks * steps) * 1e3,
                  "ratio": student_s / dense_s})
     log(f"train step {method} rank {rank}: {rows[-1]['ratio']:.2f}× dense")
@@ -236,8 +227,7 @@ def _latency(config, params, hidden, num_classes, shapes) -> list:
       factorized = models.mlp(hidden, num_classes, ranks=rank)
       ms = train.measure_latency(jax.jit(factorized.apply), compression.compress(params, rank), x,
                                  repeats=4 * config.repeats)
-      theory = (sum(rank * (m + n) for m, n in hidden_shapes)
-                / sum(m * n for m, n in hidden_shapes))
+      theory = sum(rank * (m + n) for m, n in hidden_shapes) / sum(m * n for m, n in hidden_shapes)
       rows.append({"batch": size, "rank": rank, "dense_ms": dense_ms, "factorized_ms": ms,
                    "ratio": ms / dense_ms, "theoretical_ratio": theory})
   return rows
@@ -288,12 +278,10 @@ def run_bench(config, log=print) -> dict:
   shapes = list(zip(widths[:-1], widths[1:]))
   check_ranks(config, shapes[:-1])
   dense, optimizer = models.mlp(hidden, num_classes), optax.adam(config.learning_rate)
-  device = jax.devices()[0]
   out = {"machine": {"platform": platform.platform(), "jax": jax.__version__,
-                     "backend": jax.default_backend(), "device_kind": device.device_kind,
+                     "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
                      "cpu_count": os.cpu_count()},
-         "config": config.to_dict()}
-  out["data"] = source
+         "config": config.to_dict(), "data": source}
   params, out["start"] = _start_params(config, dense, optimizer, images, labels)
   log(f"start: {out['start']}; data: {source}")
   out["matmul_gflops"] = _matmul_gflops(config.repeats)

@@ -51,11 +51,10 @@ def _config_spec(argv: list[str]) -> str | None:
 def check_config_file(argv: list[str]) -> None:
   """Exits with one line if the --config file does not exist (ml_collections would print a traceback)."""
   spec = _config_spec(argv)
-  if spec is not None:
-    path = spec.split(":", 1)[0]  # config_flags allows "file.py:arg"
-    if not os.path.isfile(path):
-      _exit_with(f"config file --config={path} does not exist (e.g. configs/mnist.py, "
-                 f"configs/fashion_mnist.py, configs/digits.py)")
+  path = None if spec is None else spec.split(":", 1)[0]  # config_flags allows "file.py:arg"
+  if path is not None and not os.path.isfile(path):
+    _exit_with(f"config file --config={path} does not exist (e.g. configs/mnist.py, "
+               f"configs/fashion_mnist.py, configs/digits.py)")
 
 
 def load_config(spec: str):
@@ -176,8 +175,7 @@ def run_guarded(job) -> None:
   try:
     job()
   except USER_ERRORS as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit_with(str(error))
   except KeyboardInterrupt as interrupt:
     # A run in training stops after its epoch and says what it saved (`lrnet.sweep`).
     saved = interrupt.args[0] if interrupt.args else "no run was training; every finished run is saved"

@@ -6,19 +6,16 @@ only query it, must name r (≥ 95 % of the rounds right to win).
 
 Each round Hermione draws r = random.randint(1, 95), W₁ ∈ R^{r×100} and W₂ ∈ R^{100×r} with
 entries uniform in [0, 100) (float32), and answers queries x ∈ R^100 with
+f(x) = ‖sin(W₂ cos(W₁ x))‖²₂. Harry names `lrnet.rank_estimation.estimate_rank(f, 100, ...).rank`,
+by autodiff gradients or by finite differences of f.
 
-  f(x) = ‖sin(W₂ cos(W₁ x))‖²₂.
-
-Harry names `lrnet.rank_estimation.estimate_rank(f, 100, ...).rank`, by autodiff gradients or
-by finite differences of f. The draws follow the notebook's code: one
-``jax.random.PRNGKey(seed)`` (713 in the notebook) for the whole game, split once before W₁
-and once before W₂ in every round (``key, subkey = jax.random.split(key)``). Chosen here where
+The draws follow the notebook's code: one ``jax.random.PRNGKey(seed)`` (713 in the notebook)
+for the whole game, split once before W₁ and once before W₂ in every round. Chosen here where
 the notebook leaves it open: its r came from Python's unseeded global ``random``, here from
 ``random.Random(seed)``; and it ran a 2020 JAX whose threefry generator was not yet
 "partitionable", so the weights are drawn under ``jax.threefry_partitionable(False)`` (today's
 default would give other numbers from the same key; the notebook prints no weights to check
-against). Harry's query points come from ``PRNGKey(seed + 1)`` folded with the round index,
-so they never touch Hermione's key.
+against). Harry's query points come from ``PRNGKey(seed + 1)`` folded with the round index.
 """
 
 from __future__ import annotations
@@ -77,15 +74,9 @@ class GameResult(NamedTuple):
 
 def hermione_chooses(key: jax.Array, rng: random.Random
                      ) -> tuple[jax.Array, int, jax.Array, jax.Array]:
-  """One round's secret, drawn exactly as `Game.hermione_chooses_r_and_W` in the notebook.
-
-  Args:
-    key: the game's key, consumed as the notebook does (two splits).
-    rng: source of r.
-
-  Returns:
-    (the key for the next round, r, W₁ [r, 100] float32, W₂ [100, r] float32).
-  """
+  """One round's secret, drawn exactly as `Game.hermione_chooses_r_and_W` in the notebook:
+  (the key for the next round, r from `rng`, W₁ [r, 100] float32, W₂ [100, r] float32), the
+  game's `key` consumed as the notebook does (two splits)."""
   rank = rng.randint(1, MAX_RANK)
   with jax.threefry_partitionable(False):
     key, subkey = jax.random.split(key)
@@ -105,11 +96,8 @@ def hermione_function(w1: jax.Array, w2: jax.Array) -> Callable[[jax.Array], jax
 
 
 def harry_answers(f: Callable, key: jax.Array, estimator: str) -> tuple[int | None, int, str]:
-  """Harry's answer from queries of f alone.
-
-  Returns:
-    (his r, or None when the estimator refuses to guess; queries spent; the refusal or "").
-  """
+  """Harry's answer from queries of f alone: (his r, or None when the estimator refuses to
+  guess; queries spent; the refusal or "")."""
   try:
     estimate = rank_estimation.estimate_rank(
         f, DIM, key=key, differentiable=estimator == "autodiff")
@@ -123,11 +111,8 @@ def play(rounds: int, seed: int, estimator: str,
   """Plays `rounds` rounds; `log` receives one line per round."""
   if estimator not in ESTIMATORS:
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-  key = jax.random.PRNGKey(seed)
-  rng = random.Random(seed)
-  harry_key = jax.random.PRNGKey(seed + 1)
-  played = []
-  start = time.perf_counter()
+  key, rng, harry_key = jax.random.PRNGKey(seed), random.Random(seed), jax.random.PRNGKey(seed + 1)
+  played, start = [], time.perf_counter()
   for index in range(rounds):
     key, rank, w1, w2 = hermione_chooses(key, rng)
     answer = Round(rank, *harry_answers(hermione_function(w1, w2),
@@ -167,10 +152,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr, flush=True)
     sys.exit(2)
-
-  def log(line: str) -> None:
-    if _VERBOSE.value:
-      print(line, flush=True)
+  log = (lambda line: print(line, flush=True)) if _VERBOSE.value else (lambda _: None)
   result = play(_ROUNDS.value, _SEED.value, _ESTIMATOR.value, log=log)
   print(summary(result, _ESTIMATOR.value), flush=True)
 

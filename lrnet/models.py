@@ -1,27 +1,12 @@
 """The networks lrnet compresses, as plain Haiku functions of stock modules.
 
-Each `*_fn` returns a forward function (what one passes to `hk.transform`, or to
-`hk.transform_with_state` for `resnet18_fn`'s BatchNorm): `fn(images) -> logits`, or
+Each `*_fn(num_classes, ...)` returns a forward function (what one passes to `hk.transform`, or
+to `hk.transform_with_state` for `resnet18_fn`'s BatchNorm): `fn(images) -> logits`, or
 `fn(images, is_training) -> logits` for `resnet18_fn`; images are [batch, height, width, channels]
 (or [batch, features] for the MLPs), logits [batch, num_classes]. `lrnet.factorized` and
 `lrnet.straight_through` turn any of them into its factorized twin or straight-through student.
-
-* `mlp_fn`: the reference ReLU MLP (origin notebook 000: 784 → 5 × 1024 → 10), layers `linear_i`.
-* `convnet_fn` (notebook 001): conv 5×5·18 → avg-pool → conv 5×5·48 → avg-pool → dense
-  3000-2000-2000-1000 → classes, ReLU after every layer but the last (and after the first pool,
-  as the notebook has it); Haiku's default SAME padding.
-* `resmlp_fn` (notebook 004): dense 1000 → two residual blocks (x ↦ relu(x + W₂ relu(W₁ x)))
-  of 1000-wide dense layers → classes.
-* `cnn_fn` (notebook 003's teacher): conv 3×3·32 → max-pool → conv 3×3·64 → max-pool → dropout
-  → dense 128 → dropout → classes, VALID padding as in Keras. Dropout (rate 0.5) is applied
-  when the network is run with an rng (training passes one; evaluation does not):
-  `hk.maybe_next_rng_key`.
-* `resnet18_fn`: `hk.nets.ResNet` in its ResNet-18 form (four groups of two basic blocks,
-  BatchNorm, v1) for small images (CIFAR-10's 32×32, Fashion-MNIST's 28×28×1): a 3×3 stride-1
-  stem conv and no initial max-pool; `widths` are the four groups' channels.
-* `transformer_fn`: a decoder-only byte-level language model, `fn(tokens) -> logits`, tokens
-  [batch, T] int, logits [batch, T, num_classes]: pre-LayerNorm blocks of causal
-  `hk.MultiHeadAttention` and a GELU MLP, learned positions, a tied or untied head.
+They are the reference `mlp_fn`, origin notebook 001's `convnet_fn`, 004's `resmlp_fn` and
+003's `cnn_fn`, a small-image `resnet18_fn`, and `transformer_fn`, a byte-level language model.
 
 `network(model_config, num_classes)` builds the network a config's `model` group names: a name
 of `NETWORKS`, or a user network `"package.module:function"` (`config.user_network`).
@@ -48,7 +33,8 @@ Forward = Callable[..., jax.Array]  # images [batch, ...] (, is_training) -> log
 
 
 def mlp_fn(num_classes: int, hidden: Sequence[int] = (1024,) * 5) -> Forward:
-  """ReLU MLP on flattened images: hidden widths, then `num_classes` logits."""
+  """ReLU MLP on flattened images, layers `linear_i`: `hidden` widths, then `num_classes` logits
+  (origin notebook 000's reference: 784 → 5 × 1024 → 10)."""
   hidden = tuple(int(h) for h in hidden)
 
   def forward(images: jax.Array) -> jax.Array:
@@ -61,7 +47,9 @@ def mlp_fn(num_classes: int, hidden: Sequence[int] = (1024,) * 5) -> Forward:
 
 def convnet_fn(num_classes: int, dense: Sequence[int] = (3000, 2000, 2000, 1000),
                channels: Sequence[int] = (18, 48)) -> Forward:
-  """Origin notebook 001's CIFAR-10 network (module docstring); `dense`: its dense widths."""
+  """Origin notebook 001's CIFAR-10 network: conv 5×5·18 → avg-pool → conv 5×5·48 → avg-pool →
+  dense 3000-2000-2000-1000 (`channels`, `dense`) → classes, ReLU after every layer but the
+  last (and after the first pool, as the notebook has it); Haiku's default SAME padding."""
   def forward(images: jax.Array) -> jax.Array:
     x = jax.nn.relu(hk.Conv2D(channels[0], 5, name="conv_0")(images))
     x = jax.nn.relu(hk.AvgPool((2, 2, 1), (2, 2, 1), "VALID")(x))
@@ -74,7 +62,8 @@ def convnet_fn(num_classes: int, dense: Sequence[int] = (3000, 2000, 2000, 1000)
 
 
 def resmlp_fn(num_classes: int, width: int = 1000, blocks: int = 2) -> Forward:
-  """Origin notebook 004's residual MLP (module docstring)."""
+  """Origin notebook 004's residual MLP: dense `width` → `blocks` residual blocks
+  (x ↦ relu(x + W₂ relu(W₁ x))) of `width`-wide dense layers → classes."""
   def forward(images: jax.Array) -> jax.Array:
     x = jax.nn.relu(hk.Linear(width, name="linear_in")(hk.Flatten()(images)))
     for i in range(blocks):
@@ -84,16 +73,19 @@ def resmlp_fn(num_classes: int, width: int = 1000, blocks: int = 2) -> Forward:
   return forward
 
 
+def _dropout(x: jax.Array, rate: float) -> jax.Array:
+  """Dropout where the network runs with an rng (training passes one; evaluation does not):
+  `hk.maybe_next_rng_key` is None without one."""
+  key = hk.maybe_next_rng_key()
+  return x if key is None or rate == 0 else hk.dropout(key, rate, x)
+
+
 def cnn_fn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 128,
            dropout: float = 0.5) -> Forward:
-  """Origin notebook 003's CNN teacher (module docstring).
-
-  Dropout applies when the network is run with an rng (training passes one; evaluation does
-  not): `hk.maybe_next_rng_key` is None without one.
-  """
-  def drop(x: jax.Array) -> jax.Array:
-    key = hk.maybe_next_rng_key()
-    return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
+  """Origin notebook 003's CNN teacher: conv 3×3·32 → max-pool → conv 3×3·64 → max-pool →
+  dropout → dense 128 → dropout → classes, VALID padding as in Keras (`channels`, `dense`).
+  Dropout (rate `dropout`) applies only when the network is run with an rng (`_dropout`)."""
+  drop = functools.partial(_dropout, rate=dropout)
 
   def forward(images: jax.Array) -> jax.Array:
     x = jax.nn.relu(hk.Conv2D(channels[0], 3, padding="VALID", name="conv_0")(images))
@@ -108,35 +100,30 @@ def cnn_fn(num_classes: int, channels: Sequence[int] = (32, 64), dense: int = 12
 class _SmallImageResNet(hk.nets.ResNet):
   """`hk.nets.ResNet` without the initial max-pool: for 32×32 (or 28×28) inputs, where the
   ImageNet stem's 4× downsampling would leave 2×2 maps after the last group. Haiku has no
-  constructor argument for the pool, so `__call__` is Haiku's own less that one line."""
+  constructor argument for the pool, so `__call__` is Haiku's own for v1 (the form
+  `resnet18_fn` builds) less that one line."""
 
   def __call__(self, inputs, is_training, test_local_stats=False):
-    out = self.initial_conv(inputs)
-    if not self.resnet_v2:
-      out = jax.nn.relu(self.initial_batchnorm(out, is_training, test_local_stats))
+    out = self.initial_batchnorm(self.initial_conv(inputs), is_training, test_local_stats)
+    out = jax.nn.relu(out)
     for block_group in self.block_groups:
       out = block_group(out, is_training, test_local_stats)
-    if self.resnet_v2:
-      out = jax.nn.relu(self.final_batchnorm(out, is_training, test_local_stats))
     return self.logits(jnp.mean(out, axis=(1, 2)))  # global average pool: [batch, widths[3]]
 
 
 def resnet18_fn(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512)) -> Forward:
-  """ResNet-18 (`hk.nets.ResNet`'s 18-layer configuration, BatchNorm) for small images.
+  """ResNet-18 (`hk.nets.ResNet`'s 18-layer configuration: four groups of two basic blocks,
+  BatchNorm, v1) for small images (CIFAR-10's 32×32, Fashion-MNIST's 28×28×1).
 
   The stem is a 3×3 stride-1 conv of `widths[0]` channels (no bias; BatchNorm follows) and
   there is no initial max-pool, so a 32×32 input reaches the groups whole: 32 → 32 → 16 → 8 → 4
-  (28×28: 28 → 28 → 14 → 7 → 4). Haiku's logits layer starts at zero.
-
-  Args:
-    num_classes: output width (logits).
-    widths: the channels of the four block groups (Haiku's `channels_per_group`).
+  (28×28: 28 → 28 → 14 → 7 → 4). `widths`: the four groups' channels (Haiku's
+  `channels_per_group`). Haiku's logits layer starts at zero.
 
   Returns:
-    `forward(images, is_training) -> logits`, images [batch, height, width, channels], logits
-    [batch, num_classes]; for `hk.transform_with_state` (BatchNorm statistics are state).
-    `is_training` must be a Python bool (batch statistics and state updates, or the moving
-    averages).
+    `forward(images, is_training) -> logits`, for `hk.transform_with_state` (BatchNorm
+    statistics are state); `is_training` must be a Python bool (batch statistics and state
+    updates, or the moving averages).
   """
   widths = tuple(int(w) for w in widths)
   if len(widths) != 4 or min(widths) < 1:
@@ -163,20 +150,15 @@ def transformer_fn(num_classes: int, width: int = 128, layers: int = 2, heads: i
   by path: `block_i/attention/{query,key,value,linear}` (q, k, v, output; `heads` heads of
   width // heads) and `block_i/mlp_in` [width, mlp_ratio·width], `block_i/mlp_out`. The
   embeddings and the head stay dense by default (`lrnet.compression`). Dropout (`dropout`, on
-  each block's two outputs and the embeddings) applies when run with an rng, as in `cnn_fn`.
-
-  Args:
-    num_classes: the vocabulary (256 bytes for `lrnet.text`), input symbols and logits alike.
+  each block's two outputs and the embeddings) applies when run with an rng (`_dropout`).
 
   Returns:
-    `forward(tokens) -> logits`: tokens [batch, T] int in [0, num_classes), logits
-    [batch, T, num_classes]; T is fixed by the first call (the position table is [T, width]).
+    `forward(tokens) -> logits`: tokens [batch, T] int in [0, num_classes) (the vocabulary:
+    256 bytes for `lrnet.text`), logits [batch, T, num_classes]; T is fixed by the first call
+    (the position table is [T, width]).
   """
   width, key_size = int(width), max(1, int(width) // heads)
-
-  def drop(x: jax.Array) -> jax.Array:
-    key = hk.maybe_next_rng_key()
-    return x if key is None or dropout == 0 else hk.dropout(key, dropout, x)
+  drop = functools.partial(_dropout, rate=dropout)
 
   def norm(name: str) -> hk.LayerNorm:
     return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
@@ -206,23 +188,17 @@ def transformer_fn(num_classes: int, width: int = 128, layers: int = 2, heads: i
 
 NETWORKS = {"mlp": mlp_fn, "convnet": convnet_fn, "resmlp": resmlp_fn, "cnn": cnn_fn,
             "resnet18": resnet18_fn, "transformer": transformer_fn}
-
-
 # The config fields (`model.<field>`) each network takes besides the number of classes.
-NETWORK_FIELDS = {"mlp": ("hidden",), "convnet": ("dense", "channels"), "resmlp": ("width", "blocks"),
-                  "cnn": ("channels", "dense", "dropout"), "resnet18": ("widths",),
-                  "transformer": ("width", "layers", "heads", "mlp_ratio", "dropout", "tied_head")}
-# The fields that set widths (`scaled` shrinks them; depth stays).
+NETWORK_FIELDS = {name: tuple(inspect.signature(fn).parameters)[1:]
+                  for name, fn in NETWORKS.items()}
+# The fields that set widths (`scaled` shrinks them; depth stays); user networks have none.
 WIDTH_FIELDS = {"mlp": ("hidden",), "convnet": ("channels", "dense"), "resmlp": ("width",),
                 "cnn": ("channels", "dense"), "resnet18": ("widths",), "transformer": ("width",)}
-# User networks ("package.module:function") have no known width fields: no `scaled` or
-# `dense_control` for them (a ValueError; `config.validate` refuses the sweep's dense_control).
 
 
 def modes(fn: Callable) -> tuple[Callable, Callable]:
-  """Forward function `fn` in training and in evaluation: `fn(x, is_training=True / False)`
-  when it takes `is_training` (BatchNorm, dropout; a static Python bool, never traced), else
-  `fn` both times."""
+  """(training, evaluation) forms of forward function `fn`: `fn(x, is_training=True / False)`
+  when it takes `is_training` (a static Python bool, never traced), else `fn` both times."""
   try:
     parameter = inspect.signature(fn).parameters.get("is_training")
   except (TypeError, ValueError):  # no signature (a builtin): plain `fn(images)`
@@ -243,12 +219,11 @@ def count_network_params(fn: Callable, example: jax.Array) -> int:
 
 
 def network(model_config, num_classes: int) -> Forward:
-  """The network a config's `model` group names (`model.name`).
-
-  A name of `NETWORKS` takes the fields of `NETWORK_FIELDS` that the group sets (the others keep
-  their defaults). A user network `"package.module:function"` is imported and called as
-  `function(num_classes, **fields)` with the group's fields but `name` (`config.user_network`);
-  it must return a Haiku forward function (what one passes to `hk.transform`).
+  """The network a config's `model` group names (`model.name`): a name of `NETWORKS`, given the
+  fields of `NETWORK_FIELDS` that the group sets (the others keep their defaults), or a user
+  network `"package.module:function"`, imported and called as `function(num_classes, **fields)`
+  with the group's fields but `name` (`config.user_network`); it must return a Haiku forward
+  function (what one passes to `hk.transform`).
 
   Raises:
     config.ConfigError: a user network that cannot be imported or called with these fields, or
@@ -262,6 +237,8 @@ def network(model_config, num_classes: int) -> Forward:
 
 
 def _check_built_in(model_config, what: str) -> None:
+  """Raises ValueError for a user network: `scaled` and `dense_control` need known widths
+  (`config.validate` refuses the sweep's dense_control for them)."""
   if model_config.name not in WIDTH_FIELDS:
     raise ValueError(f"no {what} for model.name={model_config.name!r}: user networks have no "
                      f"known width fields (only {', '.join(WIDTH_FIELDS)} have)")
@@ -269,17 +246,13 @@ def _check_built_in(model_config, what: str) -> None:
 
 def scaled(model_config, factor: float):
   """A copy of a `model` config group with every width (`WIDTH_FIELDS`, defaults included)
-  multiplied by `factor` and rounded down, at least 1.
-
-  Raises:
-    ValueError: a user network (no known width fields).
-  """
+  multiplied by `factor` and rounded down, at least 1; ValueError for a user network."""
   _check_built_in(model_config, "scaled network")
   config = model_config.copy_and_resolve_references()
   defaults = inspect.signature(NETWORKS[config.name]).parameters
+  scale = lambda width: max(1, int(width * factor))
   for field in WIDTH_FIELDS[config.name]:
     value = config[field] if field in config else defaults[field].default
-    scale = lambda width: max(1, int(width * factor))
     new = tuple(scale(w) for w in value) if isinstance(value, (tuple, list)) else scale(value)
     with config.unlocked():
       config[field] = new
@@ -288,17 +261,14 @@ def scaled(model_config, factor: float):
 
 def dense_control(model_config, num_classes: int, example: jax.Array, max_params: int):
   """The widest `scaled(model_config, f)`, f ≤ 1, with at most `max_params` parameters: a dense
-  network of the same depth and the size of a compressed student (bisection on f).
-
-  Parameters are counted by `count_network_params` (state such as BatchNorm statistics is not
-  counted), so networks with an `is_training` argument work too.
+  network of the same depth and the size of a compressed student (bisection on f). Parameters
+  are counted by `count_network_params` (BatchNorm statistics and other state are not).
 
   Returns:
     (model config, its parameter count).
 
   Raises:
-    ValueError: even width 1 everywhere has more than `max_params` parameters; or a user network
-      (no known width fields).
+    ValueError: even width 1 everywhere has more than `max_params` parameters; a user network.
   """
   _check_built_in(model_config, "dense control")
   counts = {}
@@ -322,8 +292,7 @@ def dense_control(model_config, num_classes: int, example: jax.Array, max_params
 
 
 def _rank_dict(spec, hidden: Sequence[int], field: str) -> dict:
-  """An int/float/str for every hidden layer, or one entry per hidden layer (or per layer, the
-  output layer last; None: dense) → {"linear_i": rank}."""
+  """`spec` in the forms of `mlp`'s `ranks` → {"linear_i": rank} (None entries left out)."""
   num_layers = len(hidden) + 1
   if isinstance(spec, (int, float, str)):
     spec = [spec] * len(hidden)
@@ -336,9 +305,8 @@ def _rank_dict(spec, hidden: Sequence[int], field: str) -> dict:
 
 def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
         projection_method: str = "alternating", oversample: int = tracker.DEFAULT_OVERSAMPLE):
-  """The ReLU MLP of `mlp_fn`: dense, factorized or straight-through.
-
-  The reference network is `mlp(hidden=(1024,) * 5, num_classes=10)`: 784 → 5 × 1024 → 10.
+  """The ReLU MLP of `mlp_fn`: dense, factorized or straight-through (the reference network:
+  `mlp(hidden=(1024,) * 5, num_classes=10)`).
 
   Args:
     hidden: hidden layer widths.

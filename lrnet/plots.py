@@ -1,7 +1,6 @@
 """Figures of a rank sweep, drawn from its ``results.json``.
 
-Schema read here (the sweep's contract; accuracies are fractions in [0, 1],
-latencies in ms)::
+Schema read here (the sweep's contract; accuracies are fractions in [0, 1], latencies in ms)::
 
   {"dataset": "digits",
    "config": {...},
@@ -16,12 +15,11 @@ latencies in ms)::
               "theoretical_latency_ratio": 0.016,
               "error": "optional string"}, ...]}
 
-Any value may be missing, ``None`` or NaN and any entry may carry ``"error"``:
-points are skipped one by one, so a failed run never breaks a figure. A rank
-is an int, a float fraction of each layer's min(m, n), or ``"full"``; only
-int ranks have a place on a rank axis, so the latency figure leaves the others
-out and names them in a note. Figures are plain ``matplotlib.figure.Figure``
-objects on an Agg canvas: no pyplot, no display, no global state.
+Any value may be missing, ``None`` or NaN and any entry may carry ``"error"``: points are
+skipped one by one, so a failed run never breaks a figure. A rank is an int, a float fraction
+of each layer's min(m, n), or ``"full"``; only int ranks have a place on a rank axis, so the
+latency figure leaves the others out and names them in a note. Figures are plain
+``matplotlib.figure.Figure`` objects on an Agg canvas: no pyplot, no display, no global state.
 """
 
 from __future__ import annotations
@@ -57,8 +55,7 @@ TRAINED_SERIES = ("straight_through_accuracy", "factorized_accuracy", "dense_con
 ACCURACY_FILE = "accuracy_vs_params.png"
 COST_FILE = "accuracy_vs_cost.png"
 LATENCY_FILE = "latency_vs_rank.png"
-_FIGSIZE = (7.0, 4.5)
-_DPI = 150
+_FIGSIZE, _DPI = (7.0, 4.5), 150
 
 Points = tuple[list[float], list[float]]  # (x, y), equal lengths
 
@@ -85,9 +82,7 @@ def _finite(value: Any) -> float | None:
 
 def _int_rank(rank: Any) -> int | None:
   """An int rank; fractions (floats), ``"full"`` and junk give None."""
-  if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
-    return int(rank)
-  return None
+  return int(rank) if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) else None
 
 
 def _rank_label(rank: Any) -> str:
@@ -105,17 +100,17 @@ def _point_label(entry: Mapping[str, Any]) -> str:
 
 
 def _rank_entries(results: Mapping[str, Any], group: str = "ranks") -> Sequence[Mapping[str, Any]]:
-  return [entry for entry in results.get(group) or ()
-          if isinstance(entry, Mapping)]
+  return [entry for entry in results.get(group) or () if isinstance(entry, Mapping)]
 
 
-def _teacher(results: Mapping[str, Any], key: str) -> float | None:
+def _teacher(results: Mapping[str, Any]) -> Mapping[str, Any]:
+  """`results["teacher"]`, or {} where it is missing or not a mapping."""
   teacher = results.get("teacher")
-  return _finite(teacher.get(key)) if isinstance(teacher, Mapping) else None
+  return teacher if isinstance(teacher, Mapping) else {}
 
 
 def _points(pairs) -> Points:
-  """The (x, y) pairs with both finite, sorted by x, as two lists."""
+  """The (x, y) pairs with both not None, sorted by x, as two lists."""
   pairs = sorted((x, y) for x, y in pairs if x is not None and y is not None)
   return [x for x, _ in pairs], [y for _, y in pairs]
 
@@ -210,39 +205,29 @@ def _draw(ax, marks: Marks, color: str, label: str, **style) -> None:
 
 
 def latency_series(results: Mapping[str, Any]) -> LatencySeries:
-  """The latency figure's data; see :class:`LatencySeries`.
-
-  The x-range is that of the int ranks drawn (factorized or theory points);
-  a layer shape's break-even rank is kept only if it falls inside it.
-  """
-  dense_ms = _teacher(results, "latency_ms")
+  """The latency figure's data (:class:`LatencySeries`). The x-range is that of the int ranks
+  drawn (factorized or theory points); a layer shape's break-even rank is kept only inside it."""
+  dense_ms = _finite(_teacher(results).get("latency_ms"))
   entries = _rank_entries(results)
-  factorized = _points((_int_rank(entry.get("rank")),
-                        _finite(entry.get("latency_factorized_ms")))
+  factorized = _points((_int_rank(entry.get("rank")), _finite(entry.get("latency_factorized_ms")))
                        for entry in entries)
-  theory = []
-  for entry in entries:
-    ratio = _finite(entry.get("theoretical_latency_ratio"))
-    if ratio is not None and dense_ms is not None:
-      theory.append((_int_rank(entry.get("rank")), ratio * dense_ms))
-  theory = _points(theory)
+  ratios = [(_int_rank(entry.get("rank")), _finite(entry.get("theoretical_latency_ratio")))
+            for entry in entries] if dense_ms is not None else []
+  theory = _points((rank, ratio * dense_ms) for rank, ratio in ratios if ratio is not None)
   ranks = factorized[0] + theory[0]
-  break_even = []
-  if ranks:
-    for shape in layer_shapes(results):
-      rank = allocation.break_even_rank(shape)
-      if min(ranks) <= rank <= max(ranks):
-        break_even.append((shape, rank))
+  break_even = [(shape, rank) for shape in layer_shapes(results) if ranks
+                for rank in [allocation.break_even_rank(shape)]
+                if min(ranks) <= rank <= max(ranks)]
   left_out = [_rank_label(entry.get("rank")) for entry in entries
-              if _int_rank(entry.get("rank")) is None
-              and entry.get("rank") is not None]
+              if _int_rank(entry.get("rank")) is None and entry.get("rank") is not None]
   return LatencySeries(dense_ms, factorized, theory, break_even, left_out)
 
 
-def _new_figure() -> Figure:
+def _new_axes():
+  """(figure on an Agg canvas, its one axes)."""
   fig = Figure(figsize=_FIGSIZE, layout="constrained")
   FigureCanvasAgg(fig)
-  return fig
+  return fig, fig.add_subplot()
 
 
 def _title(results: Mapping[str, Any], what: str) -> str:
@@ -252,24 +237,19 @@ def _title(results: Mapping[str, Any], what: str) -> str:
 
 def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
   """Test accuracy (text: bits per byte) of the compression methods and the dense control vs
+  parameter count (log scale), from `results` (schema in the module docstring).
+
+  One line per method in :data:`ACCURACY_SERIES` (always present, possibly empty; data from
+  :func:`accuracy_marks`), then dashed the same methods at the budgets' allocated ranks (where
+  the sweep has budgets); every point labelled with its rank (or budget) and drawn with its ±
+  (:func:`spread`) as an error bar; the teacher as a dashed horizontal line labelled with its
   parameter count.
 
-  One line per method in :data:`ACCURACY_SERIES` (always present, possibly
-  empty; data from :func:`accuracy_marks`), x on a log scale, then dashed the
-  same methods at the budgets' allocated ranks (where the sweep has budgets); every
-  point labelled with its rank (or budget) and drawn with its ± (:func:`spread`) as
-  an error bar; the teacher's test accuracy as a dashed horizontal line labelled
-  with its parameter count.
-
-  Args:
-    results: the sweep results (schema in the module docstring).
-
   Returns:
-    The figure; ``fig.axes[0].get_lines()``: the series in order, then
-    the teacher (if its accuracy is finite).
+    The figure; ``fig.axes[0].get_lines()``: the series in order, then the teacher (if its
+    accuracy is finite).
   """
-  fig = _new_figure()
-  ax = fig.add_subplot()
+  fig, ax = _new_axes()
   series, budgets = accuracy_marks(results), accuracy_marks(results, "budgets")
   for i, (key, label) in enumerate(ACCURACY_SERIES):
     _draw(ax, series[key], f"C{i}", label, marker="o", markersize=4)
@@ -277,10 +257,9 @@ def plot_accuracy_vs_params(results: Mapping[str, Any]) -> Figure:
     if budgets[key].x:
       _draw(ax, budgets[key], f"C{i}", f"{label}, allocated ranks", marker="s", markersize=4,
             linestyle="--")
-  teacher = results.get("teacher")
-  teacher_score = score(results, teacher, "test_accuracy") if isinstance(teacher, Mapping) else None
+  teacher_score = score(results, _teacher(results), "test_accuracy")
   if teacher_score is not None:
-    teacher_params = _teacher(results, "params")
+    teacher_params = _finite(_teacher(results).get("params"))
     size = "" if teacher_params is None else f", {teacher_params:,.0f} params"
     shown = f"{teacher_score:.3f} bits/byte" if is_text(results) else f"{teacher_score:.2%}"
     ax.axhline(teacher_score, color="black", linestyle="--", linewidth=1,
@@ -307,25 +286,22 @@ def _finish_score_axes(ax, results: Mapping[str, Any], log_x: bool, against: str
 
 
 def plot_accuracy_vs_cost(results: Mapping[str, Any]) -> Figure:
-  """Test accuracy (text: bits per byte) of every trained kind vs what its training cost.
+  """Test accuracy (text: bits per byte) of every trained kind vs what its training cost: a
+  run's estimated training FLOPs (`<kind>_cost["train_flops"]`, log scale).
 
-  x: a run's estimated training FLOPs (`<kind>_cost["train_flops"]`: forward and backward per
-  step × steps, log scale). Per kind of :data:`TRAINED_SERIES` its points (ranks and budgets,
-  each labelled, with ± bars) filled at the run's own cost; the students again, hollow, at
-  their cost plus the teacher's (what they cost from nothing, against a control alone); the
-  teacher as a black star.
+  Per kind of :data:`TRAINED_SERIES` its points (ranks and budgets, each labelled, with ± bars)
+  filled at the run's own cost; the students again, hollow, at their cost plus the teacher's
+  (what they cost from nothing, against a control alone); the teacher as a black star.
 
   Returns:
     The figure; ``fig.axes[0].get_lines()``: per kind its own-cost points, then for the
     students those with the teacher's cost added (where the teacher's is known), then the
     teacher (where known).
   """
-  fig = _new_figure()
-  ax = fig.add_subplot()
+  fig, ax = _new_axes()
   labels = dict(ACCURACY_SERIES)
   colors = {key: f"C{i}" for i, (key, _) in enumerate(ACCURACY_SERIES)}
-  marks = cost_marks(results)
-  teacher = results.get("teacher") if isinstance(results.get("teacher"), Mapping) else {}
+  marks, teacher = cost_marks(results), _teacher(results)
   teacher_flops = _finite(teacher.get("train_flops"))
   for key in TRAINED_SERIES:
     _draw(ax, marks[key], colors[key], f"{labels[key]}: its own training", marker="o",
@@ -349,23 +325,15 @@ def plot_accuracy_vs_cost(results: Mapping[str, Any]) -> Figure:
 def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
   """Forward latency of the factorized network vs rank, against the dense one.
 
-  Lines, in order (data from :func:`latency_series`): factorized (measured),
-  factorized (theory: ``theoretical_latency_ratio`` × dense latency), the dense
-  latency as a horizontal line, then one vertical line per distinct layer
-  shape whose break-even rank lies within the plotted ranks. x is the int rank
-  on a log scale; fractional and ``"full"`` ranks are named under the x label.
-
-  Args:
-    results: the sweep results (schema in the module docstring).
-
-  Returns:
-    The figure; ``fig.axes[0]`` holds the lines.
+  Lines of ``fig.axes[0]``, in order (data from :func:`latency_series`): factorized
+  (measured), factorized (theory: ``theoretical_latency_ratio`` × dense latency), the dense
+  latency as a horizontal line, then one vertical line per distinct layer shape whose
+  break-even rank lies within the plotted ranks. x is the int rank on a log scale; fractional
+  and ``"full"`` ranks are named under the x label.
   """
   series = latency_series(results)
-  fig = _new_figure()
-  ax = fig.add_subplot()
-  ax.plot(*series.factorized, marker="s", markersize=4,
-          label="factorized (measured)")
+  fig, ax = _new_axes()
+  ax.plot(*series.factorized, marker="s", markersize=4, label="factorized (measured)")
   ax.plot(*series.theory, linestyle=":", marker="x", markersize=4,
           label="factorized (theory: FLOP ratio × dense)")
   if series.dense_ms is not None:
@@ -380,10 +348,8 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
     # Tick the measured ranks themselves; log ticks would read "4×10⁰".
     ax.set_xticks(ranks, [str(rank) for rank in ranks])
     ax.set_xticks([], minor=True)
-  xlabel = "rank of every factorized layer (log scale)"
-  if series.left_out:
-    xlabel += "\nnot on the rank axis: " + ", ".join(series.left_out)
-  ax.set_xlabel(xlabel)
+  left_out = "\nnot on the rank axis: " + ", ".join(series.left_out) if series.left_out else ""
+  ax.set_xlabel("rank of every factorized layer (log scale)" + left_out)
   ax.set_ylabel("forward latency (ms)")
   ax.set_ylim(bottom=0)
   ax.set_title(_title(results, "latency vs rank"))
@@ -392,28 +358,19 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
   return fig
 
 
-def write_plots(results: Mapping[str, Any],
-                workdir: str | os.PathLike) -> list[str]:
-  """Writes :data:`ACCURACY_FILE`, :data:`COST_FILE` and :data:`LATENCY_FILE` into `workdir`.
-
-  Args:
-    results: the sweep results (schema in the module docstring).
-    workdir: output directory (created if missing).
+def write_plots(results: Mapping[str, Any], workdir: str | os.PathLike) -> list[str]:
+  """Writes :data:`ACCURACY_FILE`, :data:`COST_FILE` and :data:`LATENCY_FILE` of `results`
+  into `workdir` (created if missing), atomically (:func:`lrnet.io.atomic_savefig`).
 
   Returns:
-    The paths written (atomically, see :func:`lrnet.io.atomic_savefig`).
+    The paths written.
   """
   os.makedirs(workdir, exist_ok=True)
-  figures = {
-      ACCURACY_FILE: plot_accuracy_vs_params(results),
-      COST_FILE: plot_accuracy_vs_cost(results),
-      LATENCY_FILE: plot_latency_vs_rank(results),
-  }
-  paths = []
-  for name, fig in figures.items():
-    path = os.path.join(os.fspath(workdir), name)
+  figures = {ACCURACY_FILE: plot_accuracy_vs_params(results),
+             COST_FILE: plot_accuracy_vs_cost(results), LATENCY_FILE: plot_latency_vs_rank(results)}
+  paths = [os.path.join(os.fspath(workdir), name) for name in figures]
+  for fig, path in zip(figures.values(), paths):
     io.atomic_savefig(fig, path, dpi=_DPI)
-    paths.append(path)
   return paths
 
 

@@ -27,16 +27,13 @@ _NOISE_TOLERANCE = 10.0
 # A gap is significant when it is this many times wider than the widest ratio the noise part
 # of the spectrum can show by itself (its Marchenko–Pastur spread, see `_noise_spread`).
 _GAP_MARGIN = 2.0
-# Query points handed to a vectorised f per call (performance only: bounds memory, fixes the
-# traced shape so that one compilation serves every call).
-_CHUNK = 4096
-_GRADIENT_CHUNK = 64
-# Finite differences: probe points and coordinates per (scale, step) candidate of the search.
-_PROBE_POINTS = 4
-_PROBE_COORDINATES = 8
+# Query points handed to a vectorised f (values; gradients by autodiff) per call (performance
+# only: bounds memory, fixes the traced shape so that one compilation serves every call).
+_CHUNK, _GRADIENT_CHUNK = 4096, 64
+# Finite differences: probe points and coordinates per (scale, step) candidate of the search,
+_PROBE_POINTS, _PROBE_COORDINATES = 4, 8
 # … and for measuring the precision at the chosen (scale, step) once more.
-_CHECK_POINTS = 8
-_CHECK_COORDINATES = 16
+_CHECK_POINTS, _CHECK_COORDINATES = 8, 16
 # Scales s = 2^j of the query points x = s ξ searched, j in this range, nearest to s = 1 first.
 _SCALE_EXPONENTS = range(-20, 7)
 # Five-point central difference, fourth order: (8(f₊₁ − f₋₁) − (f₊₂ − f₋₂)) / (12 h).
@@ -71,8 +68,7 @@ def _noise_spread(rows: int, columns: int) -> float:
   .. math:: R = \\frac{\\sqrt a + \\sqrt b}{|\\sqrt a - \\sqrt b|}, \\quad a = rows, \\; b = columns
 
   Infinite for a square matrix (its smallest singular value reaches zero), 1 when either side
-  is empty (no noise singular values, nothing to spread).
-  """
+  is empty (nothing to spread)."""
   if rows == 0 or columns == 0:
     return 1.0
   root_a, root_b = math.sqrt(rows), math.sqrt(columns)
@@ -81,8 +77,7 @@ def _noise_spread(rows: int, columns: int) -> float:
   return (root_a + root_b) / abs(root_a - root_b)
 
 
-def choose_cut(singular_values: np.ndarray, samples: int, dim: int,
-               precision: float) -> Cut:
+def choose_cut(singular_values: np.ndarray, samples: int, dim: int, precision: float) -> Cut:
   r"""Picks the rank from the spectrum of a gradient matrix G [q, dim] (see
   :func:`gradient_spectrum` for the scaling of its rows).
 
@@ -104,18 +99,17 @@ def choose_cut(singular_values: np.ndarray, samples: int, dim: int,
 
   Args:
     singular_values: [n] descending singular values of G, n = min(q, dim).
-    samples: q, the number of rows of G.
-    dim: the number of columns of G.
+    samples, dim: q and dim, the numbers of rows and columns of G.
     precision: δ, the error of one row relative to a row's size.
 
   Returns:
     The cut (rank 0 and not significant when no cut is admissible or G is zero).
   """
   values = np.asarray(singular_values, np.float64)
-  if values.size == 0 or not values[0] > 0:
-    return Cut(0, 1.0, math.inf, False)
-  normalised = values / values[0]
   best = Cut(0, 1.0, math.inf, False)
+  if values.size == 0 or not values[0] > 0:
+    return best
+  normalised = values / values[0]
   for k in range(1, values.size + 1):
     noise = precision * (math.sqrt(samples - k) + math.sqrt(dim - k)) / (
         math.sqrt(dim) * values[0])
@@ -134,14 +128,12 @@ def choose_cut(singular_values: np.ndarray, samples: int, dim: int,
 
 
 def gradient_spectrum(gradients: np.ndarray, relative_errors: bool) -> np.ndarray:
-  """Singular values (float64, descending) of the gradient rows [q, dim], scaled so that
-  each row's error has the same size δ relative to a unit row.
-
-  Autodiff rounds each gradient relative to its own size: every row is scaled to unit norm
-  (`relative_errors`). A finite difference carries an absolute error, about ε_f/h in every
-  entry whatever |∇f|: all rows are divided by one number, their root-mean-square norm, so a
-  small gradient (near a stationary point) does not have its noise blown up to unit size.
-  """
+  """Singular values (float64, descending) of the gradient rows [q, dim], scaled so that each
+  row's error has the same size δ relative to a unit row. Autodiff rounds each gradient
+  relative to its own size: every row is scaled to unit norm (`relative_errors`). A finite
+  difference carries an absolute error, about ε_f/h in every entry whatever |∇f|: all rows are
+  divided by one number, their root-mean-square norm, so a small gradient (near a stationary
+  point) does not have its noise blown up to unit size."""
   gradients = np.asarray(gradients, np.float64)
   norms = np.linalg.norm(gradients, axis=1, keepdims=True)
   if not relative_errors:
@@ -149,58 +141,37 @@ def gradient_spectrum(gradients: np.ndarray, relative_errors: bool) -> np.ndarra
   return np.linalg.svd(gradients / norms, compute_uv=False)
 
 
-def _pad(points: np.ndarray, dtype) -> np.ndarray:
-  """`points` [n, dim] padded with zero rows to the next power of two, so that a jitted
-  function sees few distinct shapes (one compilation each)."""
-  size = 1 << max(0, (len(points) - 1).bit_length())
-  padded = np.zeros((size, points.shape[1]), dtype)
-  padded[:len(points)] = points
-  return padded
+def _batched(fn: Callable, dtype, chunk: int, fixed_shape: bool) -> Callable:
+  """points [n, dim] → `fn` of each point, stacked (float64 on the host), by `jax.vmap(fn)`
+  jitted on chunks of `chunk` points zero-padded to `chunk` rows (`fixed_shape`) or to the next
+  power of two, so that few distinct shapes compile (one compilation each)."""
+  batched = jax.jit(jax.vmap(fn))
+
+  def apply(points):
+    results = []
+    for start in range(0, len(points), chunk):
+      part = points[start:start + chunk]
+      rows = chunk if fixed_shape else 1 << max(0, (len(part) - 1).bit_length())
+      padded = np.zeros((rows, points.shape[1]), dtype)
+      padded[:len(part)] = part
+      results.append(np.asarray(batched(padded), np.float64)[:len(part)])
+    return np.concatenate(results)
+  return apply
 
 
 def _evaluator(f: Callable, dtype, vectorized: bool) -> Callable:
   """A function points [n, dim] → values [n] (float64 on the host) calling f once per point."""
   if vectorized:
-    batched = jax.jit(jax.vmap(f))
-
-    def evaluate(points):
-      values = []
-      for start in range(0, len(points), _CHUNK):
-        chunk = points[start:start + _CHUNK]
-        values.append(np.asarray(batched(_pad(chunk, dtype)), np.float64)[:len(chunk)])
-      return np.concatenate(values)
-    return evaluate
-
-  def evaluate_one_by_one(points):
-    return np.array([float(f(point)) for point in points], np.float64)
-  return evaluate_one_by_one
-
-
-def _gradient_fn(f: Callable, dim: int, dtype) -> Callable:
-  """A function points [n, dim] → gradients [n, dim] (float64 on the host), by autodiff."""
-  batched = jax.jit(jax.vmap(jax.grad(f)))
-
-  def gradients(points):
-    rows = []
-    for start in range(0, len(points), _GRADIENT_CHUNK):
-      chunk = points[start:start + _GRADIENT_CHUNK]
-      padded = np.zeros((_GRADIENT_CHUNK, dim), dtype)  # one shape: one compilation
-      padded[:len(chunk)] = chunk
-      rows.append(np.asarray(batched(padded), np.float64)[:len(chunk)])
-    return np.concatenate(rows)
-  return gradients
+    return _batched(f, dtype, _CHUNK, fixed_shape=False)
+  return lambda points: np.array([float(f(point)) for point in points], np.float64)
 
 
 def finite_difference_gradients(evaluate: Callable, points: np.ndarray, step: float,
                                 coordinates: np.ndarray | None = None) -> np.ndarray:
-  """Five-point central differences of f at `points` along the coordinate axes.
-
-  .. math:: \\partial_i f(x) \\approx \\frac{8 (f(x + h e_i) - f(x - h e_i))
-            - (f(x + 2h e_i) - f(x - 2h e_i))}{12 h}
-
-  The error is h⁴ f⁽⁵⁾/30 from truncation plus ≈ ε_f / h from the rounding noise ε_f of the
-  values. `step` must be a power of two and every point a multiple of it (see
-  :func:`_snap`), so that x ± h e_i and x ± 2h e_i are exact in the points' dtype and the
+  """Five-point central differences of f at `points` along the coordinate axes (the stencil of
+  `_STENCIL_WEIGHTS`): error h⁴ f⁽⁵⁾/30 from truncation plus ≈ ε_f / h from the rounding noise
+  ε_f of the values. `step` must be a power of two and every point a multiple of it
+  (:func:`_snap`), so that x ± h e_i and x ± 2h e_i are exact in the points' dtype and the
   quotient divides by the step actually taken.
 
   Args:
@@ -240,19 +211,12 @@ def _scales() -> list[float]:
 
 def _search_gradient_scale(gradients: Callable, dim: int, dtype, rng: np.random.Generator
                            ) -> tuple[float, int]:
-  """The scale nearest to 1 at which autodiff gradients are finite and nonzero.
-
-  Returns:
-    (scale, queries spent).
-  """
-  queries = 0
-  for scale in _scales():
-    points = (scale * rng.standard_normal((_PROBE_POINTS, dim))).astype(dtype)
-    probe = gradients(points)
-    queries += _PROBE_POINTS
-    norms = np.linalg.norm(probe, axis=1)
-    if np.all(np.isfinite(probe)) and np.all(norms > 0):
-      return scale, queries
+  """(scale, queries spent): the scale nearest to 1 at which autodiff gradients are finite and
+  nonzero."""
+  for tries, scale in enumerate(_scales(), 1):
+    probe = gradients((scale * rng.standard_normal((_PROBE_POINTS, dim))).astype(dtype))
+    if np.all(np.isfinite(probe)) and np.all(np.linalg.norm(probe, axis=1) > 0):
+      return scale, tries * _PROBE_POINTS
   raise ValueError(
       "cannot determine the rank: the gradient of f is zero or not finite at every scale "
       f"tried (|x_i| ~ 2^{min(_SCALE_EXPONENTS)}..2^{max(_SCALE_EXPONENTS)}); f may be "
@@ -269,28 +233,20 @@ def _incoherence(partials: np.ndarray) -> float:
   return float(1.0 - singular_values[0] ** 2 / np.sum(singular_values ** 2))
 
 
-def _step_error(evaluate: Callable, points: np.ndarray, step: float, coordinates: np.ndarray
-                ) -> tuple[float, np.ndarray, int]:
-  """ε(h) = ‖D(h) − D(h/2)‖ / ‖D(h/2)‖ at `points` (on the grid of `step`).
-
-  Returns:
-    (ε, D(h) [points, coordinates], queries spent); ε is inf where D is not finite or zero.
-  """
-  coarse = finite_difference_gradients(evaluate, points, step, coordinates)
-  fine = finite_difference_gradients(evaluate, points, step / 2, coordinates)
-  queries = 2 * len(_STENCIL_OFFSETS) * coarse.size
+def _step_error(coarse: np.ndarray, fine: np.ndarray) -> float:
+  """ε(h) = ‖D(h) − D(h/2)‖ / ‖D(h/2)‖ of the differences at a step (`coarse`) and at its half
+  (`fine`); inf where either is not finite or D(h/2) is zero."""
   size = np.linalg.norm(fine)
   if not (np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine)) and size > 0):
-    return math.inf, coarse, queries
-  return float(np.linalg.norm(coarse - fine) / size), coarse, queries
+    return math.inf
+  return float(np.linalg.norm(coarse - fine) / size)
 
 
 def _probe(rng: np.random.Generator, scale: float, dim: int, points: int, coordinates: int
            ) -> tuple[np.ndarray, np.ndarray]:
   """Random probe points s ξ [points, dim] (float64) and distinct coordinates [≤ coordinates]."""
-  probe_points = scale * rng.standard_normal((points, dim))
-  probe_coordinates = rng.choice(dim, min(dim, coordinates), replace=False)
-  return probe_points, probe_coordinates
+  return (scale * rng.standard_normal((points, dim)),
+          rng.choice(dim, min(dim, coordinates), replace=False))
 
 
 def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.Generator
@@ -299,22 +255,19 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
 
   1. Error. For every scale s = 2^j, the steps h = s/2, s/4, … down to s·2^{3−p} (p mantissa
      bits of the query dtype; below it x ± 2h would not be exact) are tried at a few probe
-     points and coordinates. Consecutive steps differ by 2, so
-     ε(h) = ‖D(h) − D(h/2)‖ / ‖D(h/2)‖ measures the relative error of D(h): for large h the
-     truncation error, for small h the rounding noise ε_f/h. Whatever f's own length scale,
-     ε is smallest where they balance; each scale keeps its best step. (The textbook
-     h ≈ ε^{1/5}|x| would assume f varies on the scale of |x|; a map with large weights turns
-     its phase many times per unit of x.)
+     points and coordinates. ε(h) (:func:`_step_error`) measures the relative error of D(h):
+     for large h the truncation error, for small h the rounding noise ε_f/h; each scale keeps
+     the step where they balance, whatever f's own length scale. (The textbook h ≈ ε^{1/5}|x|
+     would assume f varies on the scale of |x|; a map with large weights turns its phase many
+     times per unit of x.)
   2. Direction. What limits the rank estimate is the error relative to how much the
-     gradient's *direction* varies between points: near a stationary point f is quadratic,
-     ∇f(x) ≈ H x with H = W₁ᵀ ∇²g W₁, so the gradients inherit the squared condition number
-     of W₁, and where a common term dominates they are nearly parallel. The scales whose error
-     is within T = 10 of the least (the estimates are good to an order of magnitude) are
-     probed again on fresh, more numerous points, at their step and its half and quarter
-     (a minimum over noisy estimates is biased low, and the least error often sits where the
-     truncation, ∝ h⁴, takes over); the scale with the least ε / incoherence wins, the
-     incoherence being the gradients' energy outside their common direction
-     (:func:`_incoherence`, floored at ε: below it, it is noise).
+     gradient's *direction* varies between points: near a stationary point ∇f(x) ≈ H x with
+     H = W₁ᵀ ∇²g W₁, so the gradients inherit the squared condition number of W₁, and where a
+     common term dominates they are nearly parallel. The scales whose error is within T = 10 of
+     the least are probed again on fresh, more numerous points, at their step and its half and
+     quarter (a minimum over noisy estimates is biased low, and the least error often sits
+     where the truncation, ∝ h⁴, takes over); the least ε / incoherence (:func:`_incoherence`,
+     floored at ε: below it, it is noise) wins.
 
   Returns:
     (scale, step, relative error ε of the gradient there, queries spent).
@@ -332,12 +285,8 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
       step = scale * 2.0 ** -halvings
       estimates[step] = finite_difference_gradients(evaluate, snapped, step, coordinates)
       queries += len(_STENCIL_OFFSETS) * estimates[step].size
-    errors = []
-    for step in list(estimates)[:-1]:
-      coarse, fine = estimates[step], estimates[step / 2]
-      size = np.linalg.norm(fine)
-      if np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine)) and size > 0:
-        errors.append((float(np.linalg.norm(coarse - fine) / size), scale, step))
+    errors = [(_step_error(estimates[step], estimates[step / 2]), scale, step)
+              for step in list(estimates)[:-1]]
     if errors and min(errors)[0] < 1.0:
       per_scale.append(min(errors))
   if not per_scale:
@@ -351,9 +300,11 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
       continue
     points, coordinates = _probe(rng, scale, dim, _CHECK_POINTS, _CHECK_COORDINATES)
     for candidate in (step, step / 2, step / 4):
-      error, estimate, spent = _step_error(
-          evaluate, _snap(points.astype(dtype), candidate), candidate, coordinates)
-      queries += spent
+      snapped = _snap(points.astype(dtype), candidate)
+      estimate, finer = (finite_difference_gradients(evaluate, snapped, h, coordinates)
+                         for h in (candidate, candidate / 2))
+      queries += 2 * len(_STENCIL_OFFSETS) * estimate.size
+      error = _step_error(estimate, finer)
       score = error / max(_incoherence(estimate), error)
       if error < 1.0 and score < best_score:
         best_score, best = score, (scale, candidate, error)
@@ -371,46 +322,34 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
   r"""Estimates the rank of the linear map inside f(x) = g(W₁ x) from queries of f alone.
 
   Method. Gradients at q random points x = s ξ (ξ ~ N(0, I_dim)) are stacked as the rows of
-  G [q, dim], scaled to unit size (:func:`gradient_spectrum`), and the rank is read from G's
-  singular values (float64 SVD on the host): the row space of W₁ gives r of them well above
-  the error δ of a row, the rest sit at ≈ δ. The cut is the widest admissible gap
-  (:func:`choose_cut`): the tail below it must be at the predicted noise level, and the gap
-  must exceed twice the spread that noise of that shape can show by itself
-  (Marchenko–Pastur). Samples are drawn until the cut is significant and at least
-  `oversampling` gradients beyond the rank have added no direction (q ≥ r + oversampling);
-  q starts at 2·oversampling and grows by half each time the gap is not yet significant,
-  because the noise spread shrinks as q grows (at q = dim the noise block [q − r, dim − r] is
-  square and no gap can be significant); it stops at 4·(dim + oversampling).
+  G [q, dim] (scaled by :func:`gradient_spectrum`); the row space of W₁ gives r singular values
+  well above the error δ of a row, the rest sit at ≈ δ, and the rank is the cut of
+  :func:`choose_cut` (float64 SVD on the host). Samples are drawn until the cut is significant
+  and at least `oversampling` gradients beyond the rank have added no direction
+  (q ≥ r + oversampling): q starts at 2·oversampling and grows by half while the gap is not
+  significant, because the noise spread shrinks as q grows (at q = dim the noise block
+  [q − r, dim − r] is square and no gap can be significant); it stops at 4·(dim + oversampling).
 
-  Gradients.
-  * ``differentiable=True``: ∇f by reverse-mode autodiff (f must be JAX-traceable); one
-    gradient counts as one query. δ = eps·√dim of f's output dtype (the rounding of a
-    computed dim-vector), unless `relative_precision` is given.
+  Gradients (the queries spent finding s and h are counted):
+  * ``differentiable=True``: ∇f by reverse-mode autodiff (f must be JAX-traceable), one query
+    per gradient, δ = eps·√dim of f's output dtype (the rounding of a computed dim-vector); s
+    is the power of 2 nearest 1 where gradients are finite and nonzero (the row space does not
+    depend on it).
   * ``differentiable=False``: five-point central differences along the coordinate axes,
-    4·dim queries per gradient (:func:`finite_difference_gradients`). The scale s and step h
-    come from a search (:func:`_search_difference_step`) that measures the error of the
-    derivative at each candidate by halving the step; the textbook step h ≈ ε^{1/5}·|x| would
-    assume f varies on the scale of |x|, which a map with large weights does not (its phase
-    turns many times per unit of x). The step is a power of two and the query points lie on
-    its grid, so every stencil point is exact in the query dtype. δ is the measured error.
-
-  The scale of the query points. With autodiff, the scale nearest 1 (in powers of 2) at which
-  gradients are finite and nonzero: the row space does not depend on it. With finite
-  differences, the scale whose measured error is least relative to how much the gradient
-  directions vary between points (:func:`_search_difference_step`). Queries spent on these
-  searches are counted. Float32 finite differences are about 1e-3 accurate at best (the
-  rounding of f's intermediate values divided by the step), so with them the smallest signal
-  singular value must stand about 1e-3 clear of σ₁ · noise-spread; autodiff reaches ~1e-7.
+    4·dim queries per gradient (:func:`finite_difference_gradients`), s and a power-of-two h
+    from :func:`_search_difference_step`, δ the error it measured. Float32 finite differences
+    are about 1e-3 accurate at best (the rounding of f's intermediate values over the step),
+    so the smallest signal singular value must stand about 1e-3 clear of σ₁ · noise-spread;
+    autodiff reaches ~1e-7.
 
   When it cannot work (and raises ``ValueError("cannot determine the rank: …")``):
   * f constant, or gradients zero or NaN at every scale (nothing to see);
   * saturating nonlinearities (∇g ≈ 0 for most inputs, e.g. tanh of huge pre-activations):
-    the directions of saturated units are lost in rounding, and no gap is significant, or
-    (without an error: a limit of the method) the rank comes out low when some units never
-    leave saturation at the query points;
+    no gap is significant, or (without an error: a limit of the method) the rank comes out low
+    when some units never leave saturation at the query points;
   * rank close to `dim` with an ill-conditioned W₁ or noisy gradients: the smallest signal
-    singular values sink into the noise; at rank = dim there is no tail, and full rank is
-    reported only when σ_dim stands clear of the predicted noise;
+    singular values sink into the noise (full rank is reported only when σ_dim stands clear of
+    the predicted noise);
   * a spectrum that decays smoothly through the noise level (no gap), or gradients less
     accurate than δ predicts (no admissible cut; pass `relative_precision`);
   * `max_queries` spent before the gap became significant.
@@ -445,12 +384,11 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
   evaluate = _evaluator(f, dtype, vectorized)
   budget = math.inf if max_queries is None else max_queries
   if differentiable:
-    gradient_fn = _gradient_fn(f, dim, dtype)
+    gradient_fn = _batched(jax.grad(f), dtype, _GRADIENT_CHUNK, fixed_shape=True)
     scale, queries = _search_gradient_scale(gradient_fn, dim, dtype, rng)
-    step = None
+    step, cost_per_gradient = None, 1
     output_dtype = jnp.result_type(jax.eval_shape(f, jax.ShapeDtypeStruct((dim,), dtype)))
     precision = float(np.finfo(output_dtype).eps * math.sqrt(dim))
-    cost_per_gradient = 1
   else:
     scale, step, precision, queries = _search_difference_step(evaluate, dim, dtype, rng)
     cost_per_gradient = len(_STENCIL_OFFSETS) * dim
@@ -492,7 +430,5 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
           f"cannot determine the rank: no significant gap in the spectrum of {samples} "
           f"gradients (widest admissible gap {cut.gap:.3g} after {cut.rank} singular values, "
           f"needed {cut.threshold:.3g}; estimated gradient precision {precision:.2g})")
-    if cut.significant:
-      target = min(max_samples, cut.rank + oversampling)
-    else:
-      target = min(max_samples, samples + max(oversampling, samples // 2))
+    target = min(max_samples, cut.rank + oversampling if cut.significant
+                 else samples + max(oversampling, samples // 2))

@@ -49,19 +49,11 @@ def matrix_spectrum(matrix: np.ndarray, tolerance: float | None = None) -> dict[
   }
 
 
-def layer_spectra(params: Mapping[str, Any], *,
-                  tolerance: float | None = None) -> dict[str, dict]:
-  """Per candidate module of a parameter tree, the spectrum summary of its matrix view.
-
-  Args:
-    params: a parameter tree, e.g. {module: {"w": array, ...}}.
-    tolerance: absolute τ for the numerical rank (default per matrix, see
-      :func:`matrix_spectrum`).
-
-  Returns:
-    {module: :func:`matrix_spectrum` dict}, in the tree's order, for every module with a dense
-    or conv weight or an embedding table (`lrnet.compression.matrix_shapes`).
-  """
+def layer_spectra(params: Mapping[str, Any], *, tolerance: float | None = None) -> dict[str, dict]:
+  """{module: :func:`matrix_spectrum` of its matrix view}, in the order of the parameter tree
+  `params` (e.g. {module: {"w": array, ...}}), for every module with a dense or conv weight or
+  an embedding table (`lrnet.compression.matrix_shapes`). `tolerance`: absolute τ for the
+  numerical rank (default per matrix, see :func:`matrix_spectrum`)."""
   nodes = compression.modules(params)
   return {name: matrix_spectrum(np.reshape(nodes[name][compression.weight_name(nodes[name])],
                                            shape), tolerance)
