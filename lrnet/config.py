@@ -59,24 +59,26 @@ def check_positive_int(config, field: str, allow_zero: bool = False):
     _fail(field, value, f"must be an integer >= {low}")
 
 
-def _positive_float(config, field: str):
+def _check_number(config, field: str, in_range: Callable[[Any], bool], allowed: str):
+  """Raises ConfigError unless `config.<field>` is a real number (not a bool) `in_range`."""
   value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-    _fail(field, value, "must be a number > 0")
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not in_range(value):
+    _fail(field, value, allowed)
+
+
+def _positive_float(config, field: str):
+  _check_number(config, field, lambda value: value > 0, "must be a number > 0")
 
 
 def _non_negative(config, field: str):
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-    _fail(field, value, "must be a number >= 0")
+  _check_number(config, field, lambda value: value >= 0, "must be a number >= 0")
 
 
 def _unit_interval(config, field: str, closed_low: bool):
-  value = _get(config, field)
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-      (0 <= value < 1) if closed_low else (0 < value < 1))
-  if not ok:
-    _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
+  if closed_low:
+    _check_number(config, field, lambda value: 0 <= value < 1, "must be in [0, 1)")
+  else:
+    _check_number(config, field, lambda value: 0 < value < 1, "must be in (0, 1)")
 
 
 def _one_line(error: BaseException) -> str:
@@ -163,6 +165,16 @@ def check_workdir(path: str) -> None:
     _fail("workdir", path, f"cannot be created: {parent} is not writable")
 
 
+def check_workdir_and_seed(config) -> None:
+  """Checks `workdir` (`check_workdir`) and `seed`."""
+  workdir = _get(config, "workdir")
+  if not isinstance(workdir, str) or not workdir:
+    _fail("workdir", workdir, "must be a non-empty directory path")
+  check_workdir(workdir)
+  if not is_int(_get(config, "seed")):
+    _fail("seed", config.seed, "must be an integer")
+
+
 def check_teacher_dir(path) -> None:
   """Raises ConfigError unless `path` is None or a sweep workdir holding models/teacher."""
   if path is not None and not os.path.isdir(os.path.join(path, "models", "teacher")):
@@ -198,12 +210,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: the first invalid field, in one line.
   """
-  workdir = _get(config, "workdir")
-  if not isinstance(workdir, str) or not workdir:
-    _fail("workdir", workdir, "must be a non-empty directory path")
-  check_workdir(workdir)
-  if not is_int(_get(config, "seed")):
-    _fail("seed", config.seed, "must be an integer")
+  check_workdir_and_seed(config)
   name = _check_data(config)
   model = _check_model(config, name)
   for run in ("teacher", "student"):
@@ -211,14 +218,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if name == text.NAME and (config[run].shift or config[run].flip):
       _fail(f"{run}.shift" if config[run].shift else f"{run}.flip",
             config[run].shift or config[run].flip, "image augmentation: must be 0 / False for text")
-  weight = _get(config, "student.distillation.weight")
-  if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
-    _fail("student.distillation.weight", weight, "must be in [0, 1] (0: no distillation)")
+  _check_number(config, "student.distillation.weight", lambda weight: 0 <= weight <= 1,
+                "must be in [0, 1] (0: no distillation)")
   _positive_float(config, "student.distillation.temperature")
   _check_sweep(config, model)
-  every = _get(config, "checkpoint_every_secs")
-  if isinstance(every, bool) or not isinstance(every, numbers.Real) or not every >= 0:
-    _fail("checkpoint_every_secs", every, "must be a number of seconds >= 0 (0: every epoch)")
+  _check_number(config, "checkpoint_every_secs", lambda every: every >= 0,
+                "must be a number of seconds >= 0 (0: every epoch)")
   check_mesh(config)
   check_positive_int(config, "latency.batch_size")
   check_positive_int(config, "latency.repeats")
@@ -269,16 +274,12 @@ def _check_model(config, name: str) -> str:
     check_widths(config, f"model.{widths}")
   if model == "resnet18" and "widths" in config.model:
     check_widths(config, "model.widths", 4, "(64, 128, 256, 512), the block groups' channels")
-  if model == "resmlp":
-    for field in ("width", "blocks"):
-      if field in config.model:
-        check_positive_int(config, f"model.{field}")
-  if model == "transformer":
-    for field in ("width", "layers", "heads", "mlp_ratio"):
-      if field in config.model:
-        check_positive_int(config, f"model.{field}")
-    if "tied_head" in config.model and not isinstance(config.model.tied_head, bool):
-      _fail("model.tied_head", config.model.tied_head, "must be True or False")
+  sizes = {"resmlp": ("width", "blocks"), "transformer": ("width", "layers", "heads", "mlp_ratio")}
+  for field in sizes.get(model, ()):
+    if field in config.model:
+      check_positive_int(config, f"model.{field}")
+  if model == "transformer" and not isinstance(config.model.get("tied_head", False), bool):
+    _fail("model.tied_head", config.model.tied_head, "must be True or False")
   if model in MODELS and (model in SEQUENCE_MODELS) != (name == text.NAME):
     fitting = [m for m in MODELS if (m in SEQUENCE_MODELS) == (name == text.NAME)]
     _fail("model.name", model, f"data.name={name!r} needs one of {', '.join(fitting)} (or a "

@@ -55,12 +55,7 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   Raises:
     config_lib.ConfigError: the first invalid field, in one line.
   """
-  workdir = config_lib._get(config, "workdir")
-  if not isinstance(workdir, str) or not workdir:
-    config_lib._fail("workdir", workdir, "must be a non-empty directory path")
-  config_lib.check_workdir(workdir)
-  if not config_lib.is_int(config_lib._get(config, "seed")):
-    config_lib._fail("seed", config.seed, "must be an integer")
+  config_lib.check_workdir_and_seed(config)
   if not isinstance(config_lib._get(config, "overwrite"), bool):
     config_lib._fail("overwrite", config.overwrite, "must be True or False")
   config_lib._non_negative(config, "checkpoint_every_secs")
@@ -110,16 +105,10 @@ def _dropout_apply(net: hk.Transformed) -> train.ApplyFn:
 
 def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
               objective: losses.Objective, seed: int, teacher=None) -> tuple:
-  """Trains (or reloads) one network of `settings`' recipe from scratch, chosen on validation.
-
-  Args:
-    exp: the experiment (data, workdir, mesh).
-    run: its name in the workdir.
-    net: `apply(params, rng, images) -> logits` [batch, classes · k].
-    settings: a recipe section (`teacher` or `student`).
-    objective: from `losses.objective`.
-    seed: initialisation, dropout and shuffling.
-    teacher: (net, params) of the teacher the objective distils, or None.
+  """Trains (or reloads) the network `run` of the workdir from scratch with the recipe
+  `settings` (`teacher` or `student` section) and `objective`, chosen on validation. `net`:
+  `apply(params, rng, images) -> logits` [batch, classes · k]; `seed`: initialisation, dropout
+  and shuffling; `teacher`: (net, params) of the teacher the objective distils, or None.
 
   Returns:
     (params, record), or (None, record with "error") if its loss or parameters diverged.
@@ -168,8 +157,7 @@ def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.
     config_lib.ConfigError, data.DataError: an invalid config or missing data.
   """
   validate_distill(config)
-  dataset = data.load_dataset(config.data.name, config.data.dir,
-                              val_fraction=config.data.val_fraction, seed=config.seed)
+  dataset = sweep.load_data(config)  # data.name is an image dataset (`validate_distill`)
   sweep.check_batch_sizes(config, dataset)
   example = dataset.train.images[:1]
   with np.errstate(divide="ignore"):  # Haiku's init scale of a layer without inputs

@@ -12,15 +12,14 @@ Every file is written atomically and the results are rewritten after every finis
 
 A run's fingerprint holds the config fields its result depends on (the teacher's and a dense
 control's: seed, data, model, teacher; a student's: those, `student`, `truncation`, `calibration`,
-`allocation` and, straight-through, `projection`), so a sweep
-with more ranks or kinds reuses the teacher and every finished run; a finished run whose
-fingerprint differs is refused unless `overwrite` (then it is trained again).
+`allocation` and, straight-through, `projection`), so a sweep with more ranks or kinds reuses the
+teacher and every finished run; a finished run whose fingerprint differs is refused unless
+`overwrite` (then it is trained again).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import math
 import os
@@ -55,7 +54,6 @@ from lrnet import text
 from lrnet import tracker as tracker_lib
 from lrnet import train
 
-KINDS = config_lib.STUDENT_KINDS
 # What each sweep point reports for every kind: `<kind>_accuracy` and `<kind>_loss` (mean test
 # cross-entropy, nats per label: per byte for text), over seeds their means with `_accuracy_sd`
 # and `_loss_sd`, and `_accuracy_se`, the test set's binomial standard error (`kind_numbers`).
@@ -73,8 +71,8 @@ Log = Callable[[str], None]
 PLOT_EVERY_SECS = 30.0
 SILENT_SECS = 10.0  # a sweep that logged nothing this long says where it is (`heartbeat`)
 WRITES = ("results.csv", plots.ACCURACY_FILE, plots.COST_FILE, plots.LATENCY_FILE,
-          spectra_lib.SPECTRUM_JSON, spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/", "metrics/",
-          "tensorboard/")  # besides results.json: the final line names them
+          spectra_lib.SPECTRUM_JSON, spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/",
+          "metrics/", "tensorboard/")  # besides results.json: the final line names them
 
 
 def _print(line: str) -> None:
@@ -99,8 +97,13 @@ def rank_label(rank) -> str:
   return f"f{rank}" if isinstance(rank, float) else str(rank)
 
 
+def point_label(point) -> str:
+  """'rank 8', 'rank 0.25', 'budget 0.05'."""
+  return f"budget {point.fraction}" if isinstance(point, Budget) else f"rank {point}"
+
+
 def run_name(rank, kind: str, seed: int = 0) -> str:
-  """'rank_8_factorized', and for the `seed`-th repetition (`sweep.seeds`) 'rank_8_factorized_seed1'."""
+  """'rank_8_factorized'; for the `seed`-th repetition (`sweep.seeds`) 'rank_8_factorized_seed1'."""
   return f"rank_{rank_label(rank)}_{kind}" + (f"_seed{seed}" if seed else "")
 
 
@@ -138,10 +141,8 @@ class Experiment:
   goes). What the teacher gives every point is a `Teacher`, passed explicitly."""
 
   def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, log: Log = _print):
-    self.config = config
-    self._log = log
+    self.config, self.dataset, self._log = config, dataset, log
     self.workdir = os.path.abspath(config.workdir)
-    self.dataset = dataset
     split = lambda s: (jnp.asarray(s.images), jnp.asarray(s.labels))
     self.mesh = parallel.make_mesh(config.mesh.to_dict())  # None: one device
     self.train = parallel.replicate(split(dataset.train), self.mesh)  # placed once
@@ -165,7 +166,8 @@ class Experiment:
     except ValueError as error:
       raise config_lib.ConfigError(f"config fields sweep.include={include} / sweep.exclude="
                                    f"{exclude} are invalid: {' '.join(str(error).split())}") from None
-    self.layers = {name: compress_lib.matrix_shapes(network.params)[name] for name in selected}
+    shapes = compress_lib.matrix_shapes(network.params)
+    self.layers = {name: shapes[name] for name in selected}
     # XLA:CPU runs convolutions inside loops ≈ 18× slower than outside (BUILD_NOTES.md): conv
     # networks on a CPU train one step per call and evaluate without loops.
     self.unroll = jax.default_backend() == "cpu" and any(
@@ -175,10 +177,9 @@ class Experiment:
     self.places = {}            # {run: "3/14 rank 8 factorized"}: its place in the plan (`plan`)
     self.epochs_left = 0        # member epochs the plan has still to train (`time_left`)
     self.epochs_done = 0        # ... and has trained since
-    self.started = time.perf_counter()
     self.latencies = {}         # forward latencies measured before (`known_latencies`)
     self.doing = "starting"     # where the sweep is, for `heartbeat`
-    self.last_line = time.perf_counter()  # when the last line was logged
+    self.started = self.last_line = time.perf_counter()  # the plan's start, the last line's time
     self.interrupted = []       # signals deferred to the end of the epoch (`deferred_interrupts`)
 
   def log(self, line: str) -> None:
@@ -190,8 +191,7 @@ class Experiment:
     return f"[{', '.join(self.places.get(run, run) for run in runs)}]"
 
   def latency(self, key: str, measure: Callable[[], float]) -> float:
-    """A forward latency in ms: as measured before for `key` (`known_latencies`), else
-    `measure()`'s."""
+    """A forward latency in ms: as measured before for `key` (`known_latencies`), else measured."""
     return self.latencies[key] if key in self.latencies else measure()
 
   def time_left(self) -> str:
@@ -213,19 +213,17 @@ class Experiment:
     `self.unroll`), augmentation and dropout drawn from `seed` (default `config.seed`). With
     `distill`, the student's distillation from the teacher, whose `{"params", "state"}` the
     epoch then takes last."""
-    distillation = settings.get("distillation")
-    weight = distillation.weight if distill else 0.0
+    weight = settings.distillation.weight if distill else 0.0
     objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
                                  distillation_weight=weight,
-                                 temperature=distillation.temperature if weight else 1.0)
+                                 temperature=settings.distillation.temperature if weight else 1.0)
     teacher = eval_apply(self.eval_fn)
     epoch = train.make_train_epoch(
         apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
         objective=objective,
         teacher_apply=(lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None,
         shift=settings.shift, flip=settings.flip,
-        seed=self.config.seed if seed is None else seed, unroll=self.unroll,
-        with_rng=True)
+        seed=self.config.seed if seed is None else seed, unroll=self.unroll, with_rng=True)
     members = train.members_epoch(epoch, num_members, side_by_side, self.mesh_for(num_members))
     return train.in_calls(members, settings.batch_size, 1) if self.unroll else members
 
@@ -250,24 +248,6 @@ class Experiment:
     path = self.path("runs", f"{run}.json")
     return io.read_json(path) if os.path.exists(path) else None
 
-  def log_epoch(self, run: str, metrics: dict) -> None:
-    self.log(f"{self.where([run])} epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
-             f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
-             f"({metrics['seconds']:.1f} s{self.time_left()})")
-
-  def periodic_saver(self, checkpointer: checkpoint.Checkpointer) -> Callable[..., None]:
-    """`save(step, tree, at_once=False)` that writes a checkpoint when `checkpoint_every_secs`
-    have passed since the last one (0: every call), or `at_once`, once per step. Resume then
-    repeats at most that much training."""
-    last = [time.perf_counter(), None]  # time and step of the last save
-
-    def save(step: int, tree, at_once: bool = False) -> None:
-      now = time.perf_counter()
-      if step != last[1] and (at_once or now - last[0] >= self.config.checkpoint_every_secs):
-        checkpointer.save(step, tree)
-        last[:] = now, step
-    return save
-
   def finish(self, run: str, params, record: dict) -> dict:
     """Saves a finished run's parameters and numbers."""
     checkpoint.save_pytree(self.path("models", run), params, overwrite=True)
@@ -288,13 +268,7 @@ class Teacher(NamedTuple):
   def ranks(self, exp: Experiment, point) -> dict:
     """A sweep point's ranks, resolved: {module: int}, every compressed layer for a rank, the
     allocated ones for a `Budget` (the others stay dense)."""
-    if isinstance(point, Budget):
-      return self.allocated[point.fraction]
-    return exp.uniform_ranks(point)
-
-  def start(self, truncation: str) -> dict:
-    """The students' starting decompositions: plain SVD, or whitened (`truncation`)."""
-    return self.whitened if truncation == "whitened" else self.decompositions
+    return self.allocated[point.fraction] if isinstance(point, Budget) else exp.uniform_ranks(point)
 
 
 @contextlib.contextmanager
@@ -306,8 +280,7 @@ def deferred_interrupts(exp: Experiment):
     yield
     return
 
-  def note(signum, frame):
-    del frame
+  def note(signum, _frame):
     name = signal.Signals(signum).name
     if exp.interrupted:
       raise KeyboardInterrupt(f"{name} again: stopped at once, losing the epoch in training; "
@@ -345,24 +318,20 @@ def heartbeat(exp: Experiment, silent_secs: float = SILENT_SECS):
     thread.join()
 
 
-def point_label(point) -> str:
-  """'rank 8', 'rank 0.25', 'budget 0.05'."""
-  return f"budget {point.fraction}" if isinstance(point, Budget) else f"rank {point}"
-
-
 def plan(exp: Experiment) -> str:
   """Numbers the sweep's runs in training order (`exp.places`), counts the epochs they may
   train (`exp.epochs_left`) and says what will run, in one line."""
   config = exp.config
-  recipe = lambda kind: config[DENSE_CONTROLS.get(kind, "student")]
   runs = [("teacher", "teacher", config.teacher.epochs)] + [
       (run, f"{point_label(point)} {kind}" + (f" seed {seed}" if seed else ""),
-       recipe(kind).epochs) for run, kind, point, seed in seed_runs(config)]
+       config[DENSE_CONTROLS.get(kind, "student")].epochs)
+      for run, kind, point, seed in seed_runs(config)]
   for i, (run, label, _) in enumerate(runs):
     exp.places[run] = f"{i + 1}/{len(runs)} {label}"
   exp.started = time.perf_counter()
-  reused = [label for run, label, _ in runs if exp.finished(run) is not None]
-  exp.epochs_left = sum(epochs for run, _, epochs in runs if exp.finished(run) is None)
+  finished = [exp.finished(run) is not None for run, _, _ in runs]
+  reused = [label for (_, label, _), done in zip(runs, finished) if done]
+  exp.epochs_left = sum(epochs for (_, _, epochs), done in zip(runs, finished) if not done)
   students = f"{', '.join(config.sweep.kinds)} at" if config.sweep.kinds else "truncation only at"
   at = " and ".join(filter(None, [f"ranks {', '.join(map(str, config.sweep.ranks))}",
                                   config.sweep.budgets and
@@ -430,41 +399,49 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
                   fingerprint_fields: dict) -> list:
   """Trains a batch (resuming from its checkpoint); returns per member (record, params) or
   ({"error": ...}, None) for a member whose loss or parameters stopped being finite."""
+  names, count = members.names, len(members.names)
   # A batch padded for the mesh holds copies: another padding must not restore its checkpoint.
-  suffix = f"-x{len(members.states)}" if len(members.states) != len(members.names) else ""
+  suffix = f"-x{len(members.states)}" if len(members.states) != count else ""
   checkpoint_dir = exp.path("checkpoints",
-                            f"{'+'.join(members.names)}-{_digest(fingerprint_fields)}{suffix}")
+                            f"{'+'.join(names)}-{_digest(fingerprint_fields)}{suffix}")
   start = time.perf_counter()
   progress = train.start_progress(members.states, train.evaluated_with_state)
   checkpointer = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
-  where, count = exp.where(members.names), len(members.names)
+  where = exp.where(names)
   if resumed:
     progress, _ = checkpointer.restore(progress)
     exp.log(f"{where} resuming after epoch {int(progress.epoch)}")
   exp.epochs_left -= int(progress.epoch) * count
-  exp.doing = f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
+  doing = lambda progress: f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
+  exp.doing = doing(progress)
   steps = np.asarray(progress.state.step)
   writers = [metrics_lib.MetricsWriter(exp.workdir, name,
                                        resume_from_step=int(steps[i]) if resumed else None)
-             for i, name in enumerate(members.names)]
-  saver = exp.periodic_saver(checkpointer)
+             for i, name in enumerate(names)]
+  last_save = [time.perf_counter(), None]  # time and epoch of the last checkpoint
 
   def save(progress):
-    """Checkpoints when due; with an interrupt deferred (SIGINT, SIGTERM) at once, and stops."""
-    epoch = int(progress.epoch)
-    saver(epoch, progress, at_once=bool(exp.interrupted))
+    """Checkpoints once `checkpoint_every_secs` passed since the last one (0: every epoch; a
+    resume repeats at most that much training); with an interrupt deferred at once, and stops."""
+    epoch, now = int(progress.epoch), time.perf_counter()
+    if epoch != last_save[1] and (
+        exp.interrupted or now - last_save[0] >= exp.config.checkpoint_every_secs):
+      checkpointer.save(epoch, progress)
+      last_save[:] = now, epoch
     if exp.interrupted:
       raise KeyboardInterrupt(f"{exp.interrupted[0]} during {where}: saved it after epoch "
                               f"{epoch} of {settings.epochs} in {checkpoint_dir}")
 
   def on_epoch(progress, member_metrics):
     exp.epochs_left, exp.epochs_done = exp.epochs_left - count, exp.epochs_done + count
-    for name, writer, metrics in zip(members.names, writers, member_metrics):
+    for name, writer, metrics in zip(names, writers, member_metrics):
       if metrics is not None:
         writer.write(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
-        exp.log_epoch(name, metrics)
-    exp.doing = f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
+        exp.log(f"{exp.where([name])} epoch {metrics['epoch']:3d}  loss {metrics['loss']:.4f}  "
+                f"train {metrics['train_accuracy']:.4f}  val {metrics['val_accuracy']:.4f}  "
+                f"({metrics['seconds']:.1f} s{exp.time_left()})")
+    exp.doing = doing(progress)
     save(progress)
 
   try:
@@ -484,24 +461,22 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   exp.epochs_left -= (settings.epochs - int(progress.epoch)) * count  # stopped early
   exp.doing = f"{where} testing"
   test_accuracy, test_loss = map(np.asarray, members.evaluate(progress.best_params, *exp.test))
-  seconds = time.perf_counter() - start
+  seconds, steps = time.perf_counter() - start, np.asarray(progress.state.step)
   outcomes = []
-  for i, (name, params) in enumerate(zip(members.names,
-                                         train.unstack(progress.best_params, len(members.names)))):
-    failed_step = int(progress.failed_step[i])
+  for i, (name, params) in enumerate(zip(names, train.unstack(progress.best_params, count))):
+    failed_step, member_steps = int(progress.failed_step[i]), int(steps[i])
     if failed_step:
       message = f"{name}: non-finite loss or parameters at step {failed_step}"
       exp.log(f"[{name}] FAILED: {message}")
       outcomes.append(({"error": message}, None))
       continue
-    steps = int(np.asarray(progress.state.step)[i])
     record = {"test_accuracy": float(test_accuracy[i]), "test_loss": float(test_loss[i]),
               "val_accuracy": float(progress.best_val_accuracy[i]),
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
-              "steps": steps, "examples": steps * settings.batch_size,
-              "train_flops": None if members.step_flops is None else steps * members.step_flops,
-              "seconds": seconds, "trained_with": list(members.names),
-              "fingerprint": fingerprint_fields}
+              "steps": member_steps, "examples": member_steps * settings.batch_size,
+              "train_flops": (None if members.step_flops is None
+                              else member_steps * members.step_flops),
+              "seconds": seconds, "trained_with": list(names), "fingerprint": fingerprint_fields}
     outcomes.append((record, members.final_params(params, i)))
   shutil.rmtree(checkpoint_dir, ignore_errors=True)
   return outcomes
@@ -524,9 +499,7 @@ def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
 def saved(params, state, kept) -> Any:
   """What a finished network saves: its parameters, with the Haiku state of the modules in
   `kept` when there are any (`{"params", "state"}`: a student's less its trackers)."""
-  if not kept:
-    return params
-  return {"params": params, "state": {name: state[name] for name in kept}}
+  return {"params": params, "state": {name: state[name] for name in kept}} if kept else params
 
 
 def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
@@ -637,29 +610,28 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
   pairs padded to a common size (`lrnet.tracker_state`). Either way a member computes what it
   would alone.
   """
-  settings, config = exp.config.student, exp.config
-  width = ranks[0] if len(ranks) == 1 else max(ranks)
+  config, settings, teacher_state = exp.config, exp.config.student, teacher.state
+  width = max(ranks)  # the largest (a lone rank may be a fraction, "full" or a `Budget`)
   width_ranks = teacher.ranks(exp, width)
   # Padded with copies of the last rank to a multiple of the mesh's members axis (results dropped).
   padding = parallel.member_padding(len(ranks), exp.mesh) if len(ranks) > 1 else 0
   member_ranks = [teacher.ranks(exp, r) for r in list(ranks) + [ranks[-1]] * padding]
-  optimizer = exp.optimizer(settings)
-  ema = settings.ema_decay > 0
+  optimizer, ema = exp.optimizer(settings), settings.ema_decay > 0
   distill = settings.distillation.weight > 0
   key = (kind, rank_label(width), len(member_ranks))
-  teacher_state = teacher.state
-  dense_state = lambda state: {name: state[name] for name in teacher_state}
   if kind == "factorized":
     net = students.factorized(exp.train_fn, width_ranks, with_state=True, apply_rng=True)
     twin = students.factorized(exp.eval_fn, width_ranks, with_state=True)
+    start = teacher.whitened if config.truncation == "whitened" else teacher.decompositions
     states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
-        teacher.params, member, decompositions=teacher.start(config.truncation)), width_ranks),
+        teacher.params, member, decompositions=start), width_ranks),
         optimizer, model_state=teacher_state, ema=ema) for member in member_ranks]
     evaluate = train.make_evaluate(lambda params, x, state: twin.apply(params, state, x)[0],
                                    unroll=exp.unroll)
     evaluate_tree = lambda tree, x, y: evaluate(tree["params"], x, y, tree["state"])
     final_params = lambda tree, i: saved(compress_lib.unpad_factors(
         tree["params"], member_ranks[i]), tree["state"], teacher_state)
+    stacked_ranks = ()
   else:
     net = students.straight_through(exp.train_fn, width_ranks, method=config.projection.method,
                                     oversample=config.projection.oversample, apply_rng=True)
@@ -673,49 +645,42 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
               for start, member in zip(starts, member_ranks)]
     # The reported student is its weights truncated exactly at its own ranks.
     evaluate_tree = lambda tree, x, y, r: exp.evaluate_dense(
-        compress_lib.project_masked(tree["params"], r), x, y, dense_state(tree["state"]))
+        compress_lib.project_masked(tree["params"], r), x, y,
+        {name: tree["state"][name] for name in teacher_state})
     final_params = lambda tree, i: saved(tree["params"], tree["state"], teacher_state)
-  stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
-                    for name in width_ranks},) if kind != "factorized" else ()
+    stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
+                      for name in width_ranks},)
   epoch_fn = exp.cached(("epoch", seed) + key, lambda: exp.members_epoch(
       net.apply, settings, len(member_ranks), side_by_side(config), distill=distill,
       seed=config.seed + seed))
   member_evaluate = exp.cached(("evaluate",) + key,
                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
-  evaluate_members = lambda tree, images, labels: member_evaluate(tree, images, labels,
-                                                                 *stacked_ranks)
-  teacher_forward = (lambda x: eval_apply(exp.eval_fn)(teacher.params, x, teacher_state)
+  teacher_forward = ((lambda x: eval_apply(exp.eval_fn)(teacher.params, x, teacher_state))
                      if distill else None)
   flops = exp.cached(("flops",) + key, lambda: step_flops(
       net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
-  return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn, evaluate_members,
+  return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn,
+                 lambda tree, images, labels: member_evaluate(tree, images, labels, *stacked_ranks),
                  final_params,
-                 ({"params": teacher.params, "state": teacher_state},) if distill else (),
-                 flops)
+                 ({"params": teacher.params, "state": teacher_state},) if distill else (), flops)
 
 
 def train_students(exp: Experiment, teacher: Teacher, kind: str, seed: int,
                    on_records: Callable[[dict], None]) -> None:
   """Every `kind` student (or control) of the sweep's `seed`-th repetition, in `rank_batches`.
   Calls `on_records({rank: record})` as runs finish (or were finished before)."""
-  fields = fingerprint(exp.config, kind)
-  pending, done = [], {}
-  for rank in sweep_points(exp.config):
-    record = exp.finished(run_name(rank, kind, seed))
-    if record is not None:
-      done[rank] = record
-    else:
-      pending.append(rank)
-  if done:
-    on_records(done)
+  before = {rank: exp.finished(run_name(rank, kind, seed)) for rank in sweep_points(exp.config)}
+  pending = [rank for rank, record in before.items() if record is None]
+  if len(pending) < len(before):
+    on_records({rank: record for rank, record in before.items() if record is not None})
   if kind in DENSE_CONTROLS:
     for rank in pending:
       on_records({rank: run_dense_control(exp, teacher, rank, kind, seed)})
     return
   for ranks in rank_batches(exp.config, pending):
     outcomes = train_members(exp, student_members(exp, teacher, kind, ranks, seed),
-                             exp.config.student,
-                             exp.config.seed + 1 + seed, fields)
+                             exp.config.student, exp.config.seed + 1 + seed,
+                             fingerprint(exp.config, kind))
     records = {}
     for rank, (record, params) in zip(ranks, outcomes):
       name = run_name(rank, kind, seed)
@@ -746,18 +711,17 @@ def check_finished_runs(config: ml_collections.ConfigDict, workdir: str,
       recorded = io.read_json(path).get("fingerprint")
       if recorded != io.to_jsonable(fields):
         stale[run] = _differing_fields(recorded or {}, io.to_jsonable(fields))
-  if not stale:
-    return
-  if not config.overwrite:
+  if stale and not config.overwrite:
     run, fields = next(iter(stale.items()))
     raise config_lib.ConfigError(
         f"workdir {workdir} holds {len(stale)} finished run(s) trained with other settings "
         f"(e.g. {run}: {', '.join(fields) or 'no fingerprint'}); use another --config.workdir or "
         f"pass --config.overwrite=True to retrain them")
-  doomed = list(stale) if "teacher" not in stale else None
-  for entry in (["runs", "models", "checkpoints", "metrics", "tensorboard"] if doomed is None else []):
-    shutil.rmtree(os.path.join(workdir, entry), ignore_errors=True)
-  for run in doomed or []:
+  if "teacher" in stale:
+    for entry in ("runs", "models", "checkpoints", "metrics", "tensorboard"):
+      shutil.rmtree(os.path.join(workdir, entry), ignore_errors=True)
+    return
+  for run in stale:
     os.remove(os.path.join(workdir, "runs", f"{run}.json"))
     shutil.rmtree(os.path.join(workdir, "models", run), ignore_errors=True)
 
@@ -799,36 +763,32 @@ def kind_numbers(kind: str, records: list, num_labels: int) -> dict:
 
 def rank_numbers(exp: Experiment, teacher: Teacher, rank) -> dict:
   """What needs no training at `rank`: size, truncated accuracy, factorized latency."""
-  config, ranks, teacher_params = exp.config, teacher.ranks(exp, rank), teacher.params
-  rows = compress_lib.summarize(teacher_params, ranks)
+  config, ranks, num_labels = exp.config, teacher.ranks(exp, rank), exp.dataset.test.labels.size
+  rows = compress_lib.summarize(teacher.params, ranks)
   params = sum(row.compressed_params for row in rows)
   truncated, whitened = (tuple(map(float, exp.evaluate_dense(compress_lib.project(
-      teacher_params, ranks, decompositions=decompositions), *exp.test, teacher.state)))
-                          for decompositions in (teacher.decompositions, teacher.whitened))
+      teacher.params, ranks, decompositions=decompositions), *exp.test, teacher.state)))
+                         for decompositions in (teacher.decompositions, teacher.whitened))
   exp.log(f"[{run_name(rank, 'truncated')}] test accuracy {truncated[0]:.4f} (loss "
           f"{truncated[1]:.4f}), whitened {whitened[0]:.4f} (loss {whitened[1]:.4f})")
   factorized = students.factorized(exp.eval_fn, ranks, with_state=True)
-  batch = exp.test[0][:config.latency.batch_size]
-  compressed = compress_lib.compress(teacher_params, ranks,
-                                     decompositions=teacher.decompositions)
-  point = ({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
-           else {"rank": rank})
-  num_labels = exp.dataset.test.labels.size
-  return {**point, "params": params,
-          "compression": compress_lib.count_params(teacher_params) / params,
-          **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in METRICS},
-          "truncated_accuracy": truncated[0], "truncated_loss": truncated[1],
-          "truncated_accuracy_se": standard_error(truncated[0], num_labels),
-          "whitened_truncated_accuracy": whitened[0], "whitened_truncated_loss": whitened[1],
-          "whitened_truncated_accuracy_se": standard_error(whitened[0], num_labels),
-          "dense_control_params": None, "dense_control_long_params": None,
-          "latency_factorized_ms": exp.latency(_digest(ranks), lambda: train.measure_latency(
-              lambda p, s, x: factorized.apply(p, s, x)[0], compressed, teacher.state,
-              batch, repeats=config.latency.repeats)),
-          # Matmul FLOPs of the factorized network over the dense one (conv layers per output
-          # position: exact for the whole network only when they share one output size).
-          "theoretical_latency_ratio": (sum(row.compressed_flops for row in rows)
-                                        / sum(row.dense_flops for row in rows))}
+  compressed = compress_lib.compress(teacher.params, ranks, decompositions=teacher.decompositions)
+  numbers = {**({"budget": rank.fraction, "layer_ranks": ranks} if isinstance(rank, Budget)
+                else {"rank": rank}),
+             "params": params, "compression": compress_lib.count_params(teacher.params) / params,
+             **{f"{kind}_{metric}": None for kind in RESULT_KINDS for metric in METRICS},
+             "dense_control_params": None, "dense_control_long_params": None,
+             "latency_factorized_ms": exp.latency(_digest(ranks), lambda: train.measure_latency(
+                 lambda p, s, x: factorized.apply(p, s, x)[0], compressed, teacher.state,
+                 exp.test[0][:config.latency.batch_size], repeats=config.latency.repeats)),
+             # Matmul FLOPs of the factorized network over the dense one (conv layers per output
+             # position: exact for the whole network only when they share one output size).
+             "theoretical_latency_ratio": (sum(row.compressed_flops for row in rows)
+                                           / sum(row.dense_flops for row in rows))}
+  for kind, (accuracy, loss) in (("truncated", truncated), ("whitened_truncated", whitened)):
+    numbers.update({f"{kind}_accuracy": accuracy, f"{kind}_loss": loss,
+                    f"{kind}_accuracy_se": standard_error(accuracy, num_labels)})
+  return numbers
 
 
 def prepare_teacher(exp: Experiment, params, state: dict) -> Teacher:
@@ -884,21 +844,19 @@ def score(results: dict, entry: dict, kind: str) -> tuple:
 
 def format_table(results: dict, workdir: str) -> str:
   """The final results table for the terminal, and where the results went."""
-  text_results = plots.is_text(results)
+  is_text, teacher = plots.is_text(results), results["teacher"]
+  digits = 3 if is_text else 2
 
   def show(value, spread):
     if value is None:
       return "-"
-    digits = 3 if text_results else 2
     return f"{value:.{digits}f}" + ("" if spread is None else f"±{spread:.{digits}f}")
-  unit = "bits/byte" if text_results else "accuracy %"
-  teacher = results["teacher"]
   teacher_value = score(results, teacher, "test")[0]
-  teacher_score = (f"{teacher_value:.3f} bits per byte" if text_results
+  teacher_score = (f"{teacher_value:.3f} bits per byte" if is_text
                    else f"accuracy {teacher_value:.2f} %")
   heads = [("truncated", ""), ("whitened", "truncated"), ("straight-", "through"),
            ("factorized", ""), ("dense", "control"), ("dense ctrl.", "teacher rec.")]
-  cell = lambda text: f"{text:>13}"
+  cell, unit = lambda text: f"{text:>13}", "bits/byte" if is_text else "accuracy %"
   lines = [f"{results['dataset']}: teacher test {teacher_score}, "
            f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
            f"{'rank':>6} {'parameters':>11} {'smaller':>8}" + "".join(cell(a) for a, _ in heads)
@@ -914,10 +872,9 @@ def format_table(results: dict, workdir: str) -> str:
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
   seeds = results["config"]["sweep"].get("seeds", 1)
   if seeds > 1:
-    lines.append(f"±: the standard deviation over {seeds} seeds (truncation: the binomial "
-                 "standard error)" if not text_results else
-                 f"±: the standard deviation over {seeds} seeds")
-  elif not text_results:
+    lines.append(f"±: the standard deviation over {seeds} seeds"
+                 + ("" if is_text else " (truncation: the binomial standard error)"))
+  elif not is_text:
     lines.append(f"±: the binomial standard error √(p(1−p)/n) on the n = "
                  f"{results['test_labels']:,} test labels")
   if results.get("budgets"):
@@ -995,9 +952,6 @@ def prepare_workdir(exp: Experiment, expected: Optional[dict] = None) -> None:
 def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   """Runs (or resumes) the whole sweep of `config`; returns the results dict.
 
-  Order: teacher; every rank's truncation, size and latency; the straight-through students;
-  the factorized students. The results files are rewritten after each of these steps.
-
   Raises:
     config_lib.ConfigError, data.DataError: see `open_experiment`.
     train.NonFiniteError: the teacher diverged.
@@ -1007,22 +961,16 @@ def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
   exp.latencies = known_latencies(exp)  # before results.json is rewritten
   exp.log(plan(exp))
   with heartbeat(exp):
-    return _sweep(exp)
-
-
-def _sweep(exp: Experiment) -> dict:
-  """`run_sweep` of an opened experiment: the teacher, what needs no training at every point,
-  then every student kind and seed."""
-  params, state, record = run_teacher(exp)
-  exp.doing = "calibrating the whitened truncation, allocating the budgets' ranks"
-  teacher = prepare_teacher(exp, params, state)
-  write_spectra(exp, teacher)
-  exp.doing = "truncating and timing every rank and budget"
-  results = untrained_results(exp, teacher, record)
-  write_results(exp, results)
-  train_kinds(exp, teacher, results)
-  exp.log(format_table(results, exp.workdir))
-  return results
+    params, state, record = run_teacher(exp)
+    exp.doing = "calibrating the whitened truncation, allocating the budgets' ranks"
+    teacher = prepare_teacher(exp, params, state)
+    write_spectra(exp, teacher)
+    exp.doing = "truncating and timing every rank and budget"
+    results = untrained_results(exp, teacher, record)
+    write_results(exp, results)
+    train_kinds(exp, teacher, results)
+    exp.log(format_table(results, exp.workdir))
+    return results
 
 
 def write_spectra(exp: Experiment, teacher: Teacher) -> None:
@@ -1084,7 +1032,7 @@ def train_kinds(exp: Experiment, teacher: Teacher, results: dict) -> None:
   for kind in config.sweep.kinds:
     for seed in range(config.sweep.seeds):
       train_students(exp, teacher, kind, seed,
-                     functools.partial(on_records, kind=kind, seed=seed))
+                     lambda records, kind=kind, seed=seed: on_records(records, kind, seed))
     write_results(exp, results)
     last_plot[0] = time.perf_counter()
 
