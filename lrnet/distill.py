@@ -74,9 +74,8 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
     config_lib.check_recipe(config, run)
   config_lib._non_negative(config, "teacher.diversity.weight")
   config_lib._positive_float(config, "teacher.diversity.temperature")
-  weight = config_lib._get(config, "student.distillation.weight")
-  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
-    config_lib._fail("student.distillation.weight", weight, "must be in (0, 1]")
+  config_lib._check_number(config, "student.distillation.weight", lambda weight: 0 < weight <= 1,
+                           "must be in (0, 1]")
   config_lib._positive_float(config, "student.distillation.temperature")
   config_lib.check_mesh(config)
 

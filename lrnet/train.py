@@ -86,8 +86,9 @@ def augment(key: jax.Array, images: jax.Array, shift: int, flip: bool) -> jax.Ar
 def init_state(params: Params, optimizer: optax.GradientTransformation,
                model_state: Any = None, ema: bool = False) -> TrainState:
   """A fresh training state starting from `params`."""
-  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # a donating step cannot take a
-  model_state = {} if model_state is None else copy(model_state)  # shared buffer twice
+  # Copies: leaves may share buffers, which a donating step cannot take twice.
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  model_state = {} if model_state is None else copy(model_state)
   return TrainState(params, optimizer.init(params), model_state, copy(params) if ema else None,
                     jnp.zeros([], jnp.int32))
 
