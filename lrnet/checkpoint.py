@@ -1,14 +1,13 @@
 """Synchronous, atomic checkpoints of arbitrary training-state pytrees (orbax).
 
-:class:`Checkpointer` keeps the last few steps of one run (resumable training);
-:func:`save_pytree` / :func:`load_pytree` store one finished artefact (e.g. the
-teacher's params). Both restore exactly the tree they were given as a target:
-NamedTuples, optax states, Python ``int``/``float`` and numpy scalar leaves keep
-their types, arrays their dtypes and values.
+:class:`Checkpointer` keeps the last few steps of one run (resumable training); :func:`save_pytree`
+/ :func:`load_pytree` store one finished artefact (e.g. the teacher's params). Both restore
+exactly the tree they were given as a target: NamedTuples, optax states, Python ``int``/``float``
+and numpy scalar leaves keep their types, arrays their dtypes and values.
 
-Importing this module hides orbax's INFO/DEBUG log lines (~50 per save under
-``absl.app.run``); its warnings and errors still show. Remove
-:data:`ORBAX_INFO_FILTER` from the absl logger to see everything.
+Importing this module hides orbax's INFO/DEBUG log lines (~50 per save under ``absl.app.run``);
+its warnings and errors still show. Remove :data:`ORBAX_INFO_FILTER` from the absl logger to see
+everything.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ class _DropOrbaxInfo(logging.Filter):
   """Drops records below WARNING that come from orbax's own source files."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return (record.levelno >= logging.WARNING
-            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 ORBAX_INFO_FILTER = _DropOrbaxInfo()
@@ -43,11 +41,8 @@ absl_logging.get_absl_logger().addFilter(ORBAX_INFO_FILTER)  # idempotent
 
 
 def _to_savable(tree: Any) -> Any:
-  """Turns Python and numpy scalar leaves into 0-d arrays orbax can store.
-
-  ``jax.Array`` and ``jax.ShapeDtypeStruct`` leaves are kept, so that orbax
-  restores them as jax arrays with the target's sharding.
-  """
+  """Turns Python and numpy scalar leaves into 0-d arrays orbax can store. ``jax.Array`` and
+  ``jax.ShapeDtypeStruct`` leaves are kept: orbax restores them with the target's sharding."""
   keep = (jax.Array, jax.ShapeDtypeStruct, np.ndarray)
   return jax.tree.map(lambda leaf: leaf if isinstance(leaf, keep) else np.asarray(leaf), tree)
 
@@ -74,33 +69,25 @@ def _from_restored(target_like: Any, restored: Any) -> Any:
   if len(restored_leaves) != len(target_leaves):
     raise ValueError("The checkpoint does not match target_like: expected the structure "
                      f"{treedef}, got {restored_treedef}.")
+  leaves = []
   # orbax checks shapes for jax-array targets only; numpy targets get whatever was stored.
   for (path, target_leaf), restored_leaf in zip(target_leaves, restored_leaves):
     if np.shape(target_leaf) != np.shape(restored_leaf):
       raise ValueError(f"Shape mismatch at {jax.tree_util.keystr(path)}: target_like has "
                        f"{np.shape(target_leaf)}, the checkpoint {np.shape(restored_leaf)}.")
-  return treedef.unflatten(_like(target_leaf, restored_leaf)
-                           for (_, target_leaf), restored_leaf in zip(target_leaves,
-                                                                     restored_leaves))
+    leaves.append(_like(target_leaf, restored_leaf))
+  return treedef.unflatten(leaves)
 
 
 class Checkpointer:
   """Saves and restores the training state of one run in one directory.
 
-  Each step lives in ``<directory>/<step>/`` (orbax layout: a ``state`` pytree
-  and a JSON ``metadata`` item). Saves are synchronous and atomic: orbax writes
-  ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed
-  save never appears in :meth:`steps`; leftover temporary directories are
-  deleted when a Checkpointer is created. Only the newest `max_to_keep` steps
-  (``None``: all) are kept. One process should write a directory at a time.
-
-  Example::
-
-    with Checkpointer(workdir / "checkpoints" / "teacher") as ckpt:
-      if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(init_state)
-      ...
-      ckpt.save(int(state.step), state, {"epoch": epoch})
+  Each step lives in ``<directory>/<step>/`` (orbax layout: a ``state`` pytree and a JSON
+  ``metadata`` item). Saves are synchronous and atomic: orbax writes
+  ``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a killed save never appears
+  in :meth:`steps`; leftover temporary directories are deleted when a Checkpointer is created.
+  Only the newest `max_to_keep` steps (``None``: all) are kept. One process should write a
+  directory at a time. Use it as a context manager, or `close` it.
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
@@ -117,15 +104,11 @@ class Checkpointer:
     allowed, see :func:`lrnet.io.to_jsonable`), e.g. the epoch or the config.
 
     Raises:
-      orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: if `step`
-        is already stored.
+      orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: if `step` is already stored.
     """
-    args = ocp.args.Composite(**{
+    self._manager.save(int(step), force=True, args=ocp.args.Composite(**{  # force: no save interval
         _STATE_ITEM: ocp.args.StandardSave(_to_savable(state)),
-        _METADATA_ITEM: ocp.args.JsonSave(io.to_jsonable(metadata or {})),
-    })
-    if not self._manager.save(int(step), args=args, force=True):
-      raise RuntimeError(f"orbax declined to save step {step} in {self.directory}.")
+        _METADATA_ITEM: ocp.args.JsonSave(io.to_jsonable(metadata or {}))}))
     self._manager.wait_until_finished()
 
   def steps(self) -> list[int]:
@@ -135,21 +118,20 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The newest complete step on disk, or ``None`` if there is none."""
-    steps = self.steps()
-    return steps[-1] if steps else None
+    return max(self.steps(), default=None)
 
   def restore(self, target_like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Reads a step (default: the latest) back into the structure and types of `target_like`.
 
     Args:
-      target_like: a pytree like the saved state (e.g. a freshly initialised
-        one, or its ``jax.eval_shape``); only its structure, shapes, dtypes,
-        leaf types and (for jax arrays) shardings are used.
+      target_like: a pytree like the saved state (e.g. a freshly initialised one, or its
+        ``jax.eval_shape``); only its structure, shapes, dtypes, leaf types and (for jax
+        arrays) shardings are used.
       step: the step to read; default: the latest.
 
     Returns:
-      ``(state, metadata)``: `state` has `target_like`'s tree structure and
-      leaf types; `metadata` is the dict given to :meth:`save`.
+      ``(state, metadata)``: `state` has `target_like`'s tree structure and leaf types;
+      `metadata` is the dict given to :meth:`save`.
 
     Raises:
       FileNotFoundError: if there is no checkpoint (or no such step).
@@ -185,12 +167,10 @@ def _save_standard(path: str, tree: Any) -> None:
 
 
 def save_pytree(path: str | os.PathLike, tree: Any, overwrite: bool = False) -> None:
-  """Writes a finished artefact (a pytree of arrays and scalars) to the directory `path`.
-
-  Synchronous and atomic: `path` appears only once complete. With `overwrite`, the new tree
-  is written beside the old one first and then swapped in by two renames, so a crash never
-  leaves a partial `path` (at worst, between the renames, the old tree sits in
-  ``.old-<name>-*``).
+  """Writes a finished artefact (a pytree of arrays and scalars) to the directory `path`,
+  synchronously and atomically: `path` appears only once complete. With `overwrite`, the new
+  tree is written beside the old one and swapped in by two renames, so a crash never leaves a
+  partial `path` (at worst, between the renames, the old tree sits in ``.old-<name>-*``).
 
   Raises:
     FileExistsError: if `path` exists and `overwrite` is false.
@@ -203,8 +183,7 @@ def save_pytree(path: str | os.PathLike, tree: Any, overwrite: bool = False) -> 
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
   parent, name = os.path.split(path)
   token = secrets.token_hex(4)
-  new_path = os.path.join(parent, f".tmp-{name}-{token}")
-  old_path = os.path.join(parent, f".old-{name}-{token}")
+  new_path, old_path = (os.path.join(parent, f".{kind}-{name}-{token}") for kind in ("tmp", "old"))
   try:
     _save_standard(new_path, tree)
     os.rename(path, old_path)

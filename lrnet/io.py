@@ -1,16 +1,13 @@
 """Atomic writes of result files (JSON, CSV, text, figures) and JSON reading.
 
-A reader never sees a partial file: each writer fills a temporary file in the
-target's directory, fsyncs it and renames it over the target.
-
-JSON conventions (:func:`to_jsonable`): numpy/JAX scalars and arrays become
-Python numbers and (nested) lists; non-finite floats (NaN, ±inf) are written as
-``null`` so the file is strict JSON that any parser accepts; finite floats are
-written with ``repr`` precision and round-trip exactly. Mapping order is kept.
+A reader never sees a partial file: each writer fills a temporary file in the target's
+directory, fsyncs it and renames it over the target. JSON is strict (NaN and ±inf are written as
+``null``, :func:`to_jsonable`), finite floats round-trip exactly, and mapping order is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io as _io
 import json
@@ -24,11 +21,8 @@ import numpy as np
 
 
 def _open_temporary(directory: str, name: str) -> tuple[int, str]:
-  """Creates a new, uniquely named ``<directory>/.tmp-<name>-<random>`` file.
-
-  Mode 0o666 filtered by the process umask, as for a plain ``open(path, "w")``
-  (``tempfile.mkstemp`` would force 0600).
-  """
+  """(fd, path) of a new ``<directory>/.tmp-<name>-<random>`` file, mode 0o666 filtered by the
+  umask as for a plain ``open(path, "w")`` (``tempfile.mkstemp`` would force 0600)."""
   while True:
     tmp_path = os.path.join(directory, f".tmp-{name}-{secrets.token_hex(6)}")
     try:
@@ -39,12 +33,8 @@ def _open_temporary(directory: str, name: str) -> tuple[int, str]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` (whose directory must exist) so that readers see the old or the
-  new content.
-
-  The bytes go to a temporary file beside `path`, which is flushed, fsynced and renamed over
-  `path` with :func:`os.replace`; then the directory is fsynced (POSIX). On any exception the
-  temporary file is removed and `path` is untouched. An existing target keeps its permission
-  bits.
+  new content (module docstring), then fsyncs the directory (POSIX). On any exception the
+  temporary file is removed and `path` is untouched; an existing target keeps its permissions.
   """
   path = os.fspath(path)
   directory, name = os.path.split(os.path.abspath(path))
@@ -58,10 +48,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
       os.fsync(tmp_file.fileno())
     os.replace(tmp_path, path)
   except BaseException:
-    try:
+    with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp_path)
-    except FileNotFoundError:
-      pass
     raise
   if hasattr(os, "O_DIRECTORY"):  # makes the rename durable
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -77,16 +65,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 
 def to_jsonable(obj: Any) -> Any:
-  """Converts a tree of containers, numbers, strings and arrays to plain JSON types
-  (dict/list/str/int/float/bool/None), keeping mapping order.
-
-  * mappings -> dict (keys that are numpy scalars become Python scalars);
-  * lists, tuples (NamedTuples included) -> list;
-  * numpy/JAX arrays and scalars -> nested lists, ``int``/``float``/``bool``;
-  * NaN and ±inf -> ``None`` (JSON ``null``).
-
-  Anything else (e.g. an arbitrary object) is returned unchanged, so that
-  ``json.dumps`` raises ``TypeError`` on it.
+  """Converts a tree of containers, numbers, strings and arrays to plain JSON types, keeping
+  mapping order: mappings -> dict (numpy scalar keys become Python scalars); lists and tuples
+  (NamedTuples included) -> list; numpy/JAX arrays and scalars -> nested lists,
+  ``int``/``float``/``bool``; NaN and ±inf -> ``None``. Anything else (e.g. an arbitrary object)
+  is returned unchanged, so that ``json.dumps`` raises ``TypeError`` on it.
   """
   if isinstance(obj, (str, bool, int)) or obj is None:
     return obj
@@ -112,11 +95,8 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-  """Atomically writes `obj` as JSON (:func:`dumps_json`; keys are not sorted).
-
-  Serialisation happens before any file is touched, so an unserialisable
-  object raises ``TypeError`` and leaves `path` as it was.
-  """
+  """Atomically writes `obj` as JSON (:func:`dumps_json`; keys are not sorted). An
+  unserialisable object raises ``TypeError`` before any file is touched."""
   atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
 
 
@@ -128,12 +108,9 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def atomic_write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
                      fieldnames: Sequence[str] | None = None) -> None:
-  """Atomically writes `rows` (one mapping per row) as CSV with a header line.
-
-  Columns are `fieldnames`, default: keys in order of first appearance. Missing keys and
-  ``None`` become empty cells; a key absent from `fieldnames` raises ``ValueError`` (catches
-  typos).
-  """
+  """Atomically writes `rows` (one mapping per row) as CSV with a header line. Columns are
+  `fieldnames`, default: keys in order of first appearance. Missing keys and ``None`` become
+  empty cells; a key absent from `fieldnames` raises ``ValueError`` (catches typos)."""
   rows = list(rows)
   if fieldnames is None:
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))

@@ -42,9 +42,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 def soft_targets(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
   """Hinton et al.'s distillation loss, T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean.
   The T² keeps its gradients' scale independent of T."""
-  teacher_probs = jax.nn.softmax(teacher_logits / temperature)
-  kl = jnp.sum(teacher_probs * (jax.nn.log_softmax(teacher_logits / temperature)
-                                - jax.nn.log_softmax(logits / temperature)), axis=-1)
+  kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(logits / temperature),
+                                                   jax.nn.log_softmax(teacher_logits / temperature))
   return temperature**2 * jnp.mean(kl)
 
 

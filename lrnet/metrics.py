@@ -1,14 +1,13 @@
 """Metrics logs of a run: JSON lines (the record) plus TensorBoard scalars.
 
-Layout under a workdir, one name per run (``teacher``,
-``student_r10_straight_through``, ...)::
+Layout under a workdir, one name per run (``teacher``, ``student_r10_straight_through``, ...)::
 
   <workdir>/metrics/<run_name>.jsonl     {"run": ..., "step": ..., <metrics>}
   <workdir>/tensorboard/<run_name>/      events.out.tfevents.*
 
-so that ``tensorboard --logdir <workdir>/tensorboard`` (or ``<workdir>``) lists
-each run. JSON values follow :func:`lrnet.io.to_jsonable`: numpy/JAX scalars
-become Python numbers, NaN/inf become ``null``.
+so that ``tensorboard --logdir <workdir>/tensorboard`` (or ``<workdir>``) lists each run. JSON
+values follow :func:`lrnet.io.to_jsonable`: numpy/JAX scalars become Python numbers, NaN/inf
+``null``.
 """
 
 from __future__ import annotations
@@ -73,15 +72,10 @@ def _as_scalar(value: Any) -> float | None:
 class MetricsWriter:
   """Appends metrics of one run to a JSONL file and TensorBoard.
 
-  A fresh writer (``resume_from_step=None``) starts the JSONL file over. A
-  resumed one keeps only the lines with ``step <= resume_from_step`` (those
-  covered by the checkpoint it resumes from), so a killed and resumed run has
-  no duplicate steps; TensorBoard is told to hide events after that step.
-
-  Example::
-
-    with MetricsWriter(workdir, "teacher", resume_from_step=ckpt_step) as w:
-      w.write(step, {"loss": loss, "accuracy": accuracy})
+  A fresh writer (``resume_from_step=None``) starts the JSONL file over. A resumed one keeps
+  only the lines with ``step <= resume_from_step`` (those covered by the checkpoint it resumes
+  from), so a killed and resumed run has no duplicate steps; TensorBoard hides events after it.
+  Use it as a context manager, or `close` it.
   """
 
   def __init__(self, workdir: str | os.PathLike, run_name: str,
@@ -105,8 +99,7 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs `metrics` {name: value} at `step`: one flushed JSON line; real scalars (Python,
-    numpy, JAX, 0-d arrays) also go to TensorBoard, other JSON-able values (strings, lists)
-    only to the JSONL file.
+    numpy, JAX, 0-d arrays) also go to TensorBoard, other JSON-able values only to the JSONL.
 
     Raises:
       ValueError: if a metric is named ``run`` or ``step``.
@@ -122,10 +115,6 @@ class MetricsWriter:
       scalar = _as_scalar(value)
       if scalar is not None:  # NaN included: TensorBoard shows divergence
         self._tensorboard.add_scalar(name, scalar, global_step=step)
-
-  def flush(self) -> None:
-    """Pushes buffered TensorBoard events to disk (JSONL is always flushed)."""
-    self._tensorboard.flush()
 
   def close(self) -> None:
     """Flushes and closes both logs."""

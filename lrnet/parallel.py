@@ -1,9 +1,7 @@
-"""Many devices: the members (ranks) of a batch split over one mesh axis, each training batch
-over another, and several hosts. No mesh (None) is one device, exactly as without this module.
-
-A mesh has the axes `AXES`: `members` splits the leading member axis of a batch of runs (each
-device trains its share of the members, `train.members_epoch`), `data` splits every training
-batch (parameters replicated; XLA reduces the gradients).
+"""Many devices and hosts. A mesh has the axes `AXES`: `members` splits the leading member axis
+of a batch of runs (each device trains its share of the members, `train.members_epoch`), `data`
+splits every training batch (parameters replicated; XLA reduces the gradients). No mesh (None)
+is one device, exactly as without this module.
 """
 
 from __future__ import annotations
@@ -43,8 +41,7 @@ def make_mesh(spec: Optional[Mapping[str, int]], field: str = "mesh") -> Optiona
     raise ValueError(f"config field {field}={spec} is invalid: sizes are integers ≥ 1, one may "
                      f"be -1 (every device left)")
   fixed = math.prod(size for size in sizes if size != -1)
-  if -1 in sizes:
-    sizes = [max(count // fixed, 1) if size == -1 else size for size in sizes]
+  sizes = [max(count // fixed, 1) if size == -1 else size for size in sizes]
   total = math.prod(sizes)
   if total > count or (jax.process_count() > 1 and total != count):
     raise ValueError(f"config field {field}={spec} is invalid: it needs {total} devices, there "
@@ -120,8 +117,8 @@ def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
 
 
 def check_batch_size(batch_size: int, mesh, field: str) -> None:
-  """Raises a one-line ValueError naming the config `field` if `batch_size` does not split
-  evenly over the `data` axis of `mesh`."""
+  """A one-line ValueError naming the config `field` if `batch_size` does not split evenly over
+  the `data` axis of `mesh`."""
   size = axis_size(mesh, "data")
   if batch_size % size:
     raise ValueError(f"config field {field}={batch_size} is invalid: each batch is split over "
@@ -159,12 +156,10 @@ def _multi_process_environment() -> bool:
 
 
 def initialize_distributed() -> bool:
-  """Joins the other processes of a multi-process job, or does nothing in a single process.
-  Call it before anything else touches JAX. Returns whether it joined.
-
-  With JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID
-  name the process count and this process; on Slurm, Open MPI and Cloud TPU JAX finds them.
-  """
+  """Joins the other processes of a multi-process job (nothing in a single process) and returns
+  whether it did; call it before anything else touches JAX. With JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID name the process count and
+  this process; on Slurm, Open MPI and Cloud TPU JAX finds them."""
   if not _multi_process_environment():
     return False
   count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")

@@ -76,14 +76,12 @@ def read_corpus(path: str | None, max_bytes: int) -> tuple[np.ndarray, str]:
   Raises:
     data.DataError: no corpus there, or an empty one.
   """
-  chunks, size = [], 0
-  files = corpus_files(path)
+  files, chunks, size = corpus_files(path), [], 0
   for file in files:
     if size >= max_bytes:
       break
-    chunk = file.read_bytes()[:max_bytes - size]
-    chunks.append(chunk)
-    size += len(chunk)
+    chunks.append(file.read_bytes()[:max_bytes - size])
+    size += len(chunks[-1])
   if not size:
     raise data.DataError(f"data.path={path!r} is empty: its {len(files)} UTF-8 files hold no byte")
   where = "python stdlib " + sysconfig.get_python_version() if path is None else str(path)
@@ -93,9 +91,7 @@ def read_corpus(path: str | None, max_bytes: int) -> tuple[np.ndarray, str]:
 def windows(block: np.ndarray, context: int) -> data.Split:
   """A block of bytes [n] as next-byte windows: inputs [W, context] and targets [W, context],
   int32, W = (n − 1) // context; targets are the inputs shifted by one byte."""
-  count = (block.size - 1) // context
-  if count < 1:
-    return data.Split(np.zeros((0, context), np.int32), np.zeros((0, context), np.int32))
+  count = max((block.size - 1) // context, 0)
   inputs = block[:count * context].reshape(count, context)
   targets = block[1:count * context + 1].reshape(count, context)
   return data.Split(inputs.astype(np.int32), targets.astype(np.int32))
@@ -103,25 +99,17 @@ def windows(block: np.ndarray, context: int) -> data.Split:
 
 def load_text(path: str | None, max_bytes: int, context: int,
               val_fraction: float) -> data.Dataset:
-  """The corpus at `path` as a `data.Dataset` of next-byte windows (module docstring).
-
-  Args:
-    path: a UTF-8 file, directory or glob; None: the Python standard library's sources.
-    max_bytes: corpus length cut-off.
-    context: T, bytes per window.
-    val_fraction: the validation block's share of the corpus, and the test block's.
-
-  Returns:
-    Dataset whose splits hold int32 [W, T] inputs ("images") and [W, T] targets ("labels"),
-    `num_classes` 256.
+  """The first `max_bytes` of the corpus at `path` (module docstring) as a `data.Dataset` of
+  next-byte windows of T = `context` bytes, `val_fraction` of it for validation and as much for
+  test. Its splits hold int32 [W, T] inputs ("images") and [W, T] targets ("labels");
+  `num_classes` is 256.
 
   Raises:
     data.DataError: a missing or empty corpus, or one too short for a window in every split.
   """
   corpus, source = read_corpus(path, max_bytes)
   held = int(corpus.size * val_fraction)
-  ends = (corpus.size - 2 * held, corpus.size - held, corpus.size)
-  blocks = (corpus[:ends[0]], corpus[ends[0]:ends[1]], corpus[ends[1]:])
+  blocks = np.split(corpus, [corpus.size - 2 * held, corpus.size - held])
   train, val, test = (windows(block, context) for block in blocks)
   if not min(len(s.labels) for s in (train, val, test)):
     raise data.DataError(f"data.path={path!r}: {corpus.size} bytes leave a split without a "

@@ -1,20 +1,16 @@
 """Training: explicit state, a jitted epoch, and one `fit` loop for one or many members.
 
-Everything that runs per step is inside one jitted `lax.scan` per epoch, so the host
-dispatches once per epoch and reads metrics back once per epoch. Networks are used through
-a stateful signature `apply(params, model_state, images) -> (logits, model_state)`, or with an
-rng `apply(params, model_state, rng, images)` (`with_rng`: dropout), where `model_state` is the
-network's Haiku state: BatchNorm statistics, per-layer trackers, or {} for plain networks.
-
-Every training run is a batch of members with a leading member axis on every leaf of its
-state: a teacher is a batch of one, students of several ranks are members of one batch that
-share data and shuffles. `members_epoch` maps the epoch over the members (one member: the
-epoch itself; several: `vmap`, side by side, or `lax.map`, one after the other in one
-program); `fit` stops each member on its own (patience, NaN/Inf).
+An epoch is one jitted `lax.scan`, so the host dispatches and reads metrics back once per epoch.
+Networks are used as `apply(params, model_state, images) -> (logits, model_state)`, or with an
+rng `apply(params, model_state, rng, images)` (`with_rng`: dropout); `model_state` is the Haiku
+state: BatchNorm statistics, per-layer trackers, or {}. Every run is a batch of members with a
+leading member axis on every leaf of its state: a teacher is a batch of one, students of several
+ranks share data and shuffles (`members_epoch`), and `fit` stops each member on its own.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -51,12 +47,10 @@ def stateful_apply(net) -> ApplyFn:
 
 
 def optimizer(settings, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optimizer a run's settings ask for (`teacher` or `student` config section).
-
-  Adam, or AdamW with `weight_decay` > 0 (decoupled decay, scaled by the learning rate);
-  `schedule` "constant" at `learning_rate`, or "cosine": linear warm-up from 0 over
-  `warmup_epochs`, then a cosine decay to 0 at `epochs` (early stopping may end sooner).
-  """
+  """The optimizer a run's settings (`teacher` or `student` config section) ask for: Adam, or
+  AdamW with `weight_decay` > 0 (decoupled decay, scaled by the learning rate); `schedule`
+  "constant" at `learning_rate`, or "cosine": linear warm-up from 0 over `warmup_epochs`, then
+  a cosine decay to 0 at `epochs` (early stopping may end sooner)."""
   learning_rate = settings.learning_rate
   if settings.schedule == "cosine":
     total = max(settings.epochs * steps_per_epoch, 1)
@@ -94,13 +88,10 @@ def init_state(params: Params, optimizer: optax.GradientTransformation,
 
 
 def commit(tree: Any) -> Any:
-  """`tree` with every array committed to the default device, like a jitted step's outputs.
-
-  A jitted function compiles again when the committedness of an argument changes, so a state
-  built eagerly (uncommitted scalars) would compile the epoch twice: once for the fresh state,
-  once for the state the first epoch returns. Committing it up front compiles once.
-  """
-  return jax.device_put(tree, jax.devices()[0])
+  """`tree` committed to the default device, like a jitted step's outputs: a jitted function
+  compiles again when an argument's committedness changes, so a state built eagerly would
+  compile the epoch twice (for itself and for the state the first epoch returns)."""
+  return parallel.shard_members(tree, None)
 
 
 def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
@@ -109,24 +100,19 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
                      teacher_apply: Optional[Callable[..., jax.Array]] = None,
                      shift: int = 0, flip: bool = False, seed: int = 0, unroll: bool = False,
                      with_rng: bool = False):
-  """Builds `epoch(state, images, labels, order[, teacher_params]) -> (state, metrics)` for
-  one member.
-
-  One epoch is a `lax.scan` over `len(order) // batch_size` batches (the remainder of the
-  shuffled order is dropped; a new order each epoch sees it later). With `ema_params` in the
-  state, after each step ema ← ema_decay · ema + (1 − ema_decay) · params.
+  """Builds `epoch(state, images, labels, order[, teacher_params]) -> (state, metrics)` for one
+  member: a `lax.scan` over `len(order) // batch_size` batches (the rest of the shuffled order is
+  dropped). With `ema_params` in the state, after each step
+  ema ← ema_decay · ema + (1 − ema_decay) · params.
 
   Args:
-    apply_fn: stateful apply (see `stateful_apply`).
-    ema_decay: decay of the parameter EMA (used only if the state holds `ema_params`).
+    apply_fn: stateful apply (see `stateful_apply`); with `with_rng` it takes an rng after the
+      state, drawn from (seed, step) independently of the augmentation's.
     objective: `lrnet.losses` objective; None: plain cross-entropy.
-    teacher_apply: `(teacher_params, images) -> logits`, run inside the step on the same
-      (augmented) batch and passed to `objective`; the epoch then takes `teacher_params`.
+    teacher_apply: `(teacher_params, images) -> logits`, run on the same (augmented) batch and
+      passed to `objective`; the epoch then takes `teacher_params`.
     shift, flip: augmentation of each batch (`augment`), drawn from (seed, step): members of
       one batch see the same augmented images.
-    seed: augmentation (and, `with_rng`, dropout) seed.
-    with_rng: `apply_fn` takes an rng after the state, drawn from (seed, step) like the
-      augmentation's and independent of it.
     unroll: unroll the scan over the batches, one copy of the step each (for `in_calls`).
 
   Returns:
@@ -149,17 +135,15 @@ def make_train_epoch(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
     if shift or flip:
       batch_images = augment(key, batch_images, shift, flip)
-    teacher_logits = None
-    if teacher_apply is not None:
-      teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_params, batch_images))
+    teacher_logits = (None if teacher_apply is None
+                      else jax.lax.stop_gradient(teacher_apply(teacher_params, batch_images)))
     (loss, (model_state, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state, batch_images, batch_labels, teacher_logits,
         jax.random.fold_in(key, 1))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-      ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
+    ema_params = (None if state.ema_params is None
+                  else optax.incremental_update(params, state.ema_params, 1.0 - ema_decay))
     return TrainState(params, opt_state, model_state, ema_params, state.step + 1), (loss, accuracy)
 
   def epoch(state: TrainState, images, labels, order, teacher_params=None):
@@ -191,21 +175,18 @@ def unstack(tree: Any, n: int) -> list:
 
 def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = False,
                   mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
-  """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state; data and
-  order are shared (a member's own settings, e.g. a straight-through student's rank, ride in
-  its state). Jitted; the state is donated (checkpoints are synchronous and best parameters are
-  copies, so nothing reads it later).
+  """`epoch_fn` (from `make_train_epoch`) over a leading member axis of the state, jitted, the
+  state donated (checkpoints are synchronous and best parameters copies: nothing reads it later).
+  Data, order and shared arguments (a distilling student's teacher) are the same for every
+  member; a member's own settings (a straight-through student's rank) ride in its state.
 
-  One member runs the epoch itself. Several run side by side (`vmap`: every product gets a
-  member axis) with `side_by_side`, else one after the other in one program (`lax.map`): on
-  XLA:CPU a vmapped straight-through epoch wedges the Eigen thread pool (BUILD_NOTES.md).
-
-  With a `mesh` (`lrnet.parallel.make_mesh`), each device of its `members` axis runs the
-  epoch of its own `num_members / members` members as above (`shard_map`: a member computes
-  bitwise what it would alone), and each batch is split over the `data` axis (parameters
-  replicated, XLA reduces the gradients). The state's member axis is split over `members`
-  (`parallel.shard_members` puts it there once); data, order and shared arguments (a
-  distilling student's teacher) are replicated.
+  One member runs the epoch itself; several run side by side (`vmap`) with `side_by_side`, else
+  one after the other in one program (`lax.map`): on XLA:CPU a vmapped straight-through epoch
+  wedges the Eigen thread pool (BUILD_NOTES.md). With a `mesh` (`parallel.make_mesh`), each
+  device of its `members` axis runs its `num_members / members` members as above (`shard_map`:
+  each computes bitwise what it would alone), and each batch is split over `data` (parameters
+  replicated, XLA reduces the gradients); the state's member axis lies on `members`
+  (`parallel.shard_members`), the rest is replicated.
 
   Raises:
     ValueError: `num_members` does not divide over the mesh's `members` axis (pad with
@@ -240,25 +221,20 @@ def members_epoch(epoch_fn: Callable, num_members: int, side_by_side: bool = Fal
                    + (parallel.replicated(mesh),) * 4,
                    out_shardings=parallel.member_sharding(mesh), donate_argnums=0)
 
-  def placed(run):
-    def run_placed(states, images, labels, order, *shared):
-      # Inputs already placed stay; else placed from this host's copy (several processes).
-      data = parallel.replicate((images, labels, order, shared), mesh)
-      with jax.set_mesh(mesh):  # the mesh `parallel.constrain_batch` splits each batch over
-        return run(states, *data)
-    return run_placed
-  sharded = placed(jitted)
-  sharded.lower = placed(jitted.lower)  # like a jitted function's
+  def sharded(states, images, labels, order, *shared, run=jitted):
+    # Inputs already placed stay; else placed from this host's copy (several processes).
+    data = parallel.replicate((images, labels, order, shared), mesh)
+    with jax.set_mesh(mesh):  # the mesh `parallel.constrain_batch` splits each batch over
+      return run(states, *data)
+  sharded.lower = functools.partial(sharded, run=jitted.lower)  # like a jitted function's
   return sharded
 
 
 def in_calls(epoch_fn: Callable, batch_size: int, steps_per_call: int) -> Callable:
   """`epoch_fn` (e.g. from `members_epoch`) run as a host loop of calls of `steps_per_call`
-  steps each, with the same signature, metrics and result.
-
-  XLA:CPU runs convolutions inside a loop (the epoch's `lax.scan`, even of one step) about
-  18× slower than outside one (BUILD_NOTES.md): build the epoch with `unroll=True`, and each
-  call compiles to straight-line code.
+  steps each, with the same signature, metrics and result. XLA:CPU runs convolutions inside a
+  loop (the epoch's `lax.scan`, even of one step) about 18× slower than outside one
+  (BUILD_NOTES.md): build the epoch with `unroll=True`, and each call is straight-line code.
   """
   def epoch(states, images, labels, order, *shared):
     order = np.asarray(order)
@@ -279,13 +255,12 @@ def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
                   unroll: bool = False):
   """Builds a jitted `evaluate(params, images, labels, *args) -> (accuracy, loss)`.
 
-  `apply_fn(params, images, *args) -> logits` is stateless (evaluation uses the final,
-  exactly projected or factorized parameters). Runs in fixed-size chunks (padded and
-  masked), so memory stays bounded: a `lax.scan` over the chunks, or with `unroll` one copy
-  of the network per chunk (convolutions on XLA:CPU, see `in_calls`). Labels are [N] (a class
-  per example, logits [chunk, classes]) or [N, ...] (one per position, e.g. a language model's
-  next byte: logits [chunk, T, classes]); accuracy and loss are means over every label. A
-  negative label is padding (see `pad_split`) and not counted.
+  `apply_fn(params, images, *args) -> logits` is stateless (evaluation uses the final, exactly
+  projected or factorized parameters). Runs in fixed-size chunks (padded and masked) so memory
+  stays bounded: a `lax.scan` over them, or with `unroll` one copy of the network per chunk
+  (convolutions on XLA:CPU, see `in_calls`). Labels are [N] (logits [chunk, classes]) or
+  [N, ...] (one per position, e.g. a language model's next byte: logits [chunk, T, classes]);
+  accuracy and loss are means over every label but the negative ones (padding, `pad_split`).
   """
 
   @jax.jit
@@ -378,8 +353,7 @@ def start_progress(states: Sequence[TrainState],
 
 def _select(mask: np.ndarray, new: Any, old: Any) -> Any:
   """Per member: `new` where mask, else `old` (new buffers either way)."""
-  def pick(a, b):
-    return jnp.where(jnp.asarray(mask).reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
+  pick = lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
   return jax.tree_util.tree_map(pick, new, old)
 
 
@@ -395,27 +369,21 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
         on_epoch: Optional[Callable[[Progress, list], None]] = None,
         epoch_args: tuple = (), mesh=None,
         evaluated: Callable[[TrainState], Any] = evaluated_params) -> Progress:
-  """Trains every member until `epochs`, or until its validation accuracy has not improved for
-  `patience` epochs, or until its loss or parameters stop being finite.
-
-  All members see the same shuffles (`epoch_order(seed, e, N)` in epoch e). A stopped member
-  keeps being computed (the batch shape is static) but its progress no longer changes; the
-  loop ends when every member has stopped.
+  """Trains every member for `epochs`, until its validation accuracy has not improved for
+  `patience` epochs (None: never), or until its loss or parameters stop being finite. All
+  members see the same shuffles (`epoch_order(seed, e, N)` in epoch e); a stopped member is
+  still computed (the batch shape is static) but its progress no longer changes, and the loop
+  ends when every member has stopped.
 
   Args:
     progress: from `start_progress`, or restored from a checkpoint.
-    epoch_fn: from `members_epoch`.
-    validate: stacked params → validation accuracies [n] (model choice and early stopping).
+    epoch_fn: from `members_epoch` (on `mesh`, where the progress is placed).
+    validate: stacked `evaluated(state)` → validation accuracies [n].
     images, labels: the training split, [N, ...] and [N].
-    epochs: the maximum number of epochs.
-    seed: shuffling seed.
-    patience: stop a member after this many epochs without a better validation accuracy;
-      None: never.
     on_epoch: called after every epoch with the new progress and, per member, that epoch's
       metrics dict, or None for a member that did not train in it.
     epoch_args: passed on to every `epoch_fn` call (a distilling student's teacher params).
-    mesh: the epoch's mesh (`members_epoch(..., mesh)`); the progress is placed on it.
-    evaluated: the (stacked) training state → what `validate` takes and `best_params` keeps
+    evaluated: the stacked training state → what `validate` takes and `best_params` keeps
       (`evaluated_params`, or `evaluated_with_state` for BatchNorm networks).
 
   Returns:
@@ -426,7 +394,7 @@ def fit(progress: Progress, epoch_fn, validate: Callable[[Params], Any], images,
   progress = parallel.shard_members(progress, mesh)
   while int(progress.epoch) < epochs:
     epoch = int(progress.epoch) + 1
-    active = np.asarray(progress.active).copy()
+    active = np.array(progress.active)  # a copy: updated in place below
     best_epoch = np.asarray(progress.best_epoch)
     if patience is not None:
       active &= ~((best_epoch > 0) & (epoch - best_epoch > patience))
