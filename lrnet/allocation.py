@@ -9,8 +9,7 @@ dense and is absent from the returned rank dict. Criteria and what they cost:
   calibrated) at up to `GRID_SIZE` geometrically spaced ranks below break-even; the loss
   increases are taken as additive (as AIMET's greedy compression-ratio selection does) and the
   multiple-choice knapsack min Σ Δloss_l(r_l) s.t. Σ params_l(r_l) ≤ budget is solved by dynamic
-  programming over the budget (`knapsack`: exact up to `BUDGET_UNITS` budget steps, beyond that
-  optimal for costs rounded up). Cost: one SVD per layer (and an eigh, calibrated),
+  programming over the budget (`knapsack`). Cost: one SVD per layer (and an eigh, calibrated),
   1 + Σ_l |grid_l| ≤ 1 + 16·layers loss evaluations under one jit compile, and a DP of
   layers × (grid + 1) × `BUDGET_UNITS` steps.
 * `"energy"`: the same fraction f of spectral energy Σ_{i≤r} s_i² / Σ s_i² in every layer (of W,
@@ -22,6 +21,7 @@ dense and is absent from the returned rank dict. Criteria and what they cost:
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from typing import Callable, Mapping, Optional
@@ -73,15 +73,11 @@ def _largest_fitting(ranks_at: Callable[[float], dict], levels: np.ndarray, shap
   def ranks(level):  # at or above break-even: dense (None)
     return {name: rank if rank <= break_even_rank(shapes[name]) else None
             for name, rank in ranks_at(level).items()}
-  low, high = 0, len(levels)  # levels[low] fits, levels[high:] do not
-  while high - low > 1:
-    middle = (low + high) // 2
-    trial = ranks(levels[middle])
-    if sum(_cost(shape, trial.get(name)) for name, shape in shapes.items()) <= budget:
-      low = middle
-    else:
-      high = middle
-  return ranks(levels[low])
+
+  def too_costly(level):
+    trial = ranks(level)
+    return sum(_cost(shape, trial.get(name)) for name, shape in shapes.items()) > budget
+  return ranks(levels[bisect.bisect_left(levels, True, key=too_costly) - 1])
 
 
 def _energy_ranks(spectra: dict, shapes: dict, budget: int) -> dict:
@@ -115,20 +111,14 @@ def candidate_ranks(shape: tuple[int, int], size: int = GRID_SIZE) -> list[int]:
 
 
 def knapsack(costs: list[np.ndarray], losses: list[np.ndarray], budget: int) -> list[int]:
-  """Multiple-choice knapsack: one option per group, min Σ losses s.t. Σ costs ≤ budget.
+  """The option index chosen per group by the multiple-choice knapsack min Σ losses s.t.
+  Σ costs ≤ `budget` (at least Σ of each group's cheapest cost), one option per group, from each
+  group's option `costs` (ints) and `losses` (inf: never chosen), [options] each.
 
   Dynamic programming over the spare budget (cost above each group's cheapest option) in units
   of g = gcd of the spare costs, exact while spare budget / g ≤ `BUDGET_UNITS`; past that, units
   of ⌈spare budget / `BUDGET_UNITS`⌉ (a multiple of g) with costs rounded up: always within
   budget, and optimal for the rounded costs.
-
-  Args:
-    costs: per group, option costs (ints) [options].
-    losses: per group, option losses [options] (may be inf: never chosen).
-    budget: at least Σ of each group's cheapest cost.
-
-  Returns:
-    The chosen option index per group.
   """
   spare_costs = [np.asarray(c, np.int64) - np.min(c) for c in costs]
   spare = budget - sum(int(np.min(c)) for c in costs)
@@ -172,10 +162,9 @@ def _greedy_table(params, shapes: dict, decompositions: dict, loss: Callable) ->
   options, costs, increases = [], [], []
   for name, shape in shapes.items():
     ranks = candidate_ranks(shape)
-    key = compression.weight_name(nodes[name])
-    truncated = [float(evaluate(compression.replace_modules(params, {name: {
-        **nodes[name], key: _truncated(decompositions[name], r, nodes[name][key])}})))
-                 for r in ranks]
+    weight = nodes[name][compression.weight_name(nodes[name])]
+    truncated = [float(evaluate(compression.replace_weights(
+        params, {name: _truncated(decompositions[name], r, weight)}))) for r in ranks]
     options.append(ranks + [None])
     costs.append(np.array([_cost(shape, r) for r in options[-1]]))
     increases.append(np.nan_to_num(np.array(truncated + [base]) - base, nan=np.inf))
@@ -196,8 +185,7 @@ def allocate_ranks(params, budget, *, calibration=None, criterion: str = "greedy
     criterion: one of `CRITERIA`.
     loss: `params -> scalar` loss of the network on held-out data; needed by "greedy" (jitted
       once: every truncated tree has the dense tree's nesting, types and shapes).
-    include, exclude, unfactorizable: as in `lrnet.compress`; default: every dense and conv
-      layer but the output layer.
+    include, exclude, unfactorizable: as in `lrnet.compress`.
 
   Returns:
     `{module: rank}` in the tree's order for the layers to factorize, each below its

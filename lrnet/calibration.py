@@ -1,15 +1,14 @@
 """Second moments of each layer's inputs on calibration data, for data-aware truncation.
 
-`calibrate` runs a dense Haiku network (stateless, or with Haiku state such as BatchNorm
-statistics) on batches and sums XᵀX per selected `hk.Linear` and `hk.ConvND` layer, keyed by
-module name (a Haiku tree's layer name), X the rows the layer multiplies by its weight's matrix
-view W [m, n]: a dense layer's inputs [..., m] as [rows, m], a conv layer's patches
-[positions, kh·kw·c_in] in the order of `kernel.reshape(-1, c_out)`, so that y = X W either way.
-`Calibration.whitening` turns the sums into S with S Sᵀ = C = XᵀX/rows + λI;
-`lrnet.compress(..., calibration=)` truncates SᵀW instead of W, which minimises
-E‖x(W − W′)‖² + λ‖W − W′‖²_F over rank-r W′ (see `compression`). A `Calibration` built by hand
-(`Calibration(grams={name: XᵀX}, counts={name: rows})`) serves any tree, keyed by its module
-path names.
+`calibrate` runs a dense Haiku network (stateless, or with Haiku state such as BatchNorm statistics)
+on batches and sums XᵀX per selected `hk.Linear` and `hk.ConvND` layer, keyed by module name (a
+Haiku tree's layer name), X the rows the layer multiplies by its weight's matrix view W [m, n]: a
+dense layer's inputs [..., m] as [rows, m], a conv layer's patches [positions, kh·kw·c_in] in the
+order of `kernel.reshape(-1, c_out)`, so that y = X W either way. `Calibration.whitening` turns the
+sums into S with S Sᵀ = C = XᵀX/rows + λI; `lrnet.compress(..., calibration=)` truncates SᵀW instead
+of W, which minimises E‖x(W − W′)‖² + λ‖W − W′‖²_F over rank-r W′ (see `compression`). A
+`Calibration` built by hand (`Calibration(grams={name: XᵀX}, counts={name: rows})`) serves any tree,
+keyed by its module path names.
 
 Accumulation: each batch's XᵀX is one jitted float32 product on the device (one compile for equal
 batch shapes; HIGHEST precision, so no TF32 on GPUs), summed over batches in float64 on the host:
@@ -18,6 +17,7 @@ rounding does not grow with the number of batches, and host sums overlap the nex
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrnet import compression
+from lrnet import students
 
 # λ = DEFAULT_DAMPING · tr(C)/m: GPTQ's `percdamp` default. Input directions with less than 1% of
 # the mean variance (unseen ones, a singular C: constant border pixels, fewer rows than m) are
@@ -69,16 +70,11 @@ class Calibration(NamedTuple):
 
 
 def conv_patches(module: hk.ConvND, inputs: jax.Array) -> jax.Array:
-  """The rows X of a conv layer: y = X · kernel.reshape(-1, c_out) at every output position.
-
-  Args:
-    module: the conv module (its stride, padding, dilations and data format are used).
-    inputs: its input, [batch, *spatial, c_in] or [batch, c_in, *spatial] (or unbatched).
-
-  Returns:
-    [batch · output positions, prod(kernel_shape) · c_in], columns ordered (*kernel, c_in) with
-    c_in fastest. (`lax.conv_general_dilated_patches` orders them channel-major: permuted here.)
-  """
+  """The rows X [batch · output positions, prod(kernel_shape) · c_in] of conv `module` (its stride,
+  padding, dilations and data format) on `inputs` [batch, *spatial, c_in] or [batch, c_in,
+  *spatial] (or unbatched): y = X · kernel.reshape(-1, c_out) at every output position. Columns
+  are ordered (*kernel, c_in) with c_in fastest (`lax.conv_general_dilated_patches` orders them
+  channel-major: permuted here)."""
   if module.feature_group_count != 1 or module.mask is not None:
     raise ValueError(f"{module.module_name}: grouped or masked convolutions cannot be "
                      f"calibrated; exclude it")
@@ -101,20 +97,17 @@ def _batch_statistics(fn: Callable, selected: frozenset, kwargs: Mapping) -> Cal
   def run(*args):
     statistics = {}
 
-    def interceptor(next_f, call_args, call_kwargs, context):
-      module = context.module
-      if (context.method_name == "__call__" and isinstance(module, (hk.Linear, hk.ConvND))
-          and module.module_name in selected):
-        inputs = jnp.asarray(call_args[0])  # X: a dense layer's [..., m] as [rows, m]
-        rows = (inputs.reshape(-1, inputs.shape[-1]) if isinstance(module, hk.Linear)
-                else conv_patches(module, inputs))
-        gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST,
-                                   preferred_element_type=jnp.float32)
-        previous_gram, previous_rows = statistics.get(module.module_name, (0.0, 0))
-        statistics[module.module_name] = (previous_gram + gram, previous_rows + rows.shape[0])
+    def record(module, next_f, call_args, call_kwargs):
+      inputs = jnp.asarray(call_args[0])  # X: a dense layer's [..., m] as [rows, m]
+      rows = (inputs.reshape(-1, inputs.shape[-1]) if isinstance(module, hk.Linear)
+              else conv_patches(module, inputs))
+      gram = jax.lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+                                 preferred_element_type=jnp.float32)
+      previous_gram, previous_rows = statistics.get(module.module_name, (0.0, 0))
+      statistics[module.module_name] = (previous_gram + gram, previous_rows + rows.shape[0])
       return next_f(*call_args, **call_kwargs)
 
-    with hk.intercept_methods(interceptor):
+    with students.intercept_layers(selected, record):
       fn(*args, **kwargs)
     return {name: (gram, jnp.int32(rows)) for name, (gram, rows) in statistics.items()}
 
@@ -137,8 +130,7 @@ def calibrate(fn: Callable, params, batches: Iterable[Any], *, state=None,
       is discarded, so every batch sees this one.
     kwargs: keyword arguments passed to `fn` on every batch, e.g. `{"is_training": False}`:
       static Python values (closed over, not traced).
-    include, exclude, unfactorizable: as in `lrnet.compress`; default: every dense and conv
-      layer but the output layer (the modules `lrnet.decompose(params)` takes).
+    include, exclude, unfactorizable: as in `lrnet.compress` (the modules `decompose` takes).
     damping: stored in the result: λ = damping · tr(C)/m (`DEFAULT_DAMPING`).
 
   Returns:
@@ -148,23 +140,17 @@ def calibrate(fn: Callable, params, batches: Iterable[Any], *, state=None,
     raise ValueError(f"calibrate: damping must be >= 0, got {damping!r}")
   selected = compression.select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
   statistics = _batch_statistics(fn, frozenset(selected), dict(kwargs or {}))
-  state = {} if state is None else state
-  grams, counts = {}, {}
-
-  def add(batch_statistics):
+  dispatched = (statistics(params, state or {}, *(batch if isinstance(batch, tuple) else (batch,)))
+                for batch in batches)
+  grams, counts, empty = {}, {}, True
+  # Each batch is read back once the next one is dispatched, while the device computes it.
+  for batch_statistics, _ in itertools.pairwise(itertools.chain(dispatched, [None])):
+    empty = False
     for name, (gram, rows) in batch_statistics.items():
       grams[name] = grams.get(name, 0.0) + np.asarray(gram, np.float64)
       counts[name] = counts.get(name, 0) + int(rows)
-
-  pending = None
-  for batch in batches:
-    current = statistics(params, state, *(batch if isinstance(batch, tuple) else (batch,)))
-    if pending is not None:  # read back the previous batch while the device computes this one
-      add(pending)
-    pending = current
-  if pending is None:
+  if empty:
     raise ValueError("calibrate: batches is empty")
-  add(pending)
-  order = [name for name in compression.modules(params) if name in grams]
+  order = [name for name in selected if name in grams]
   return Calibration({name: grams[name] for name in order},
                      {name: counts[name] for name in order}, float(damping))

@@ -90,8 +90,7 @@ def replace_modules(params: Params, replacements: Mapping[str, Mapping]) -> Para
   a dict; untouched subtrees and leaves are the same objects.
   """
   def rebuild(node, path):
-    name = _name(path)
-    source = replacements.get(name, node)
+    source = replacements.get(_name(path), node)
     children = {key: rebuild(child, path + (key,)) if isinstance(child, Mapping) else child
                 for key, child in source.items()}
     if source is node and all(children[key] is node[key] for key in children):
@@ -118,18 +117,13 @@ def weight_name(leaves) -> Optional[str]:
   return None
 
 
-def _shape(leaf) -> tuple:
-  return tuple(int(d) for d in leaf.shape)
-
-
 def matrix_shapes(params: Params) -> dict[str, tuple[int, int]]:
   """{candidate module: (m, n)}, the matrix view of its weight, in the tree's order."""
   shapes = {}
   for name, leaves in modules(params).items():
-    key = weight_name(leaves)
-    if key is not None:
-      shape = _shape(leaves[key])
-      shapes[name] = (math.prod(shape[:-1]), shape[-1])
+    if (key := weight_name(leaves)) is not None:
+      *rows, n = np.shape(leaves[key])
+      shapes[name] = (math.prod(rows), n)
   return shapes
 
 
@@ -146,15 +140,12 @@ def output_module(params: Params) -> Optional[str]:
   Raises:
     ValueError: the shapes do not single one out.
   """
-  dense, embedding = {}, False
-  for name, leaves in modules(params).items():
-    key = weight_name(leaves)
-    embedding = embedding or key in EMBEDDING_NAMES
-    if key in WEIGHT_NAMES and len(np.shape(leaves[key])) == 2:
-      dense[name] = _shape(leaves[key])
-  inputs = {shape[0] for shape in dense.values()}
-  sinks = [name for name, shape in dense.items() if shape[1] not in inputs]
-  if not sinks and embedding:
+  nodes = modules(params)
+  dense = {name: np.shape(leaves[key]) for name, leaves in nodes.items()
+           if (key := weight_name(leaves)) in WEIGHT_NAMES and len(np.shape(leaves[key])) == 2}
+  inputs = {m for m, _ in dense.values()}
+  sinks = [name for name, (_, n) in dense.items() if n not in inputs]
+  if not sinks and any(_is_embedding(leaves) for leaves in nodes.values()):
     return None
   if len(sinks) != 1:
     raise ValueError(f"cannot tell the output layer from the dense shapes {dense} (a layer whose "
@@ -187,9 +178,8 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
     include: module-name glob patterns (`fnmatch`, e.g. `"params/Block_*/Dense_*"`) to select
       among the candidates, whatever their size; default: the module docstring's.
     exclude: glob patterns removed from the selection.
-    unfactorizable: {module: reason} for weights that cannot be factorized (depthwise, grouped
-      or transposed convs): never selected by default; `summarize` notes "not factorizable:
-      reason".
+    unfactorizable: {module: reason} for weights that cannot be factorized (module docstring);
+      `summarize` notes "not factorizable: reason".
 
   Raises:
     ValueError: an unknown module in a rank dict, a pattern that selects nothing, an empty
@@ -229,7 +219,7 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
   for name, rule in rules.items():
     try:
       if callable(rule):
-        rule = rule(_matrix(nodes[name][weight_name(nodes[name])]))
+        rule = rule(_matrix(_weight(nodes[name])))
       ranks[name] = svd.resolve_rank(shapes[name], rule)
     except ValueError as error:
       raise ValueError(f"module {name!r}: {error}") from None
@@ -286,12 +276,8 @@ def _with_decompositions(params: Params, names, decompositions: Optional[dict],
 def decompose(params: Params, include: Patterns = None, exclude: Patterns = None, *,
               calibration=None, unfactorizable: Optional[Mapping[str, str]] = None) -> dict:
   """{module: Decomposition} for every module `select_ranks(params, 1, ...)` selects: one SVD
-  per weight (of SᵀW with `calibration`, a `lrnet.calibration.Calibration`), to pass to
-  `compress`/`project`/`summarize` at as many ranks as wanted.
-
-  Raises:
-    ValueError: as `select_ranks`; a selected module has no calibration statistics.
-  """
+  per weight (of SᵀW with `calibration`, a `lrnet.calibration.Calibration`; module docstring).
+  ValueError: as `select_ranks`, or a selected module has no calibration statistics."""
   names = select_ranks(params, 1, include, exclude, unfactorizable=unfactorizable)
   return _with_decompositions(params, names, None, calibration)
 
@@ -314,8 +300,7 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
       every selected module that `decompositions` lacks.
 
   Returns:
-    A tree of the same nesting and Mapping types: every selected module's weight replaced by
-    `u` and `v`; every other leaf the same object.
+    The tree with every selected module's weight replaced by `u` and `v` (module docstring).
 
   Raises:
     ValueError: as `select_ranks`; a selected module without calibration statistics.
@@ -333,8 +318,8 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
   return replace_modules(params, replacements)
 
 
-def _with_weights(params: Params, weights: Mapping[str, Any]) -> Params:
-  """`params` with the weight leaf of each module in `weights` replaced."""
+def replace_weights(params: Params, weights: Mapping[str, Any]) -> Params:
+  """`params` with the weight leaf (`weight_name`) of each module in `weights` replaced."""
   nodes = modules(params)
   return replace_modules(params, {name: {**nodes[name], weight_name(nodes[name]): weight}
                                   for name, weight in weights.items()})
@@ -351,7 +336,7 @@ def project(params: Params, rank: RankRule, include: Patterns = None, exclude: P
   for name, r in ranks.items():
     u, s, vt = decompositions[name]
     weights[name] = ((u[:, :r] * s[:r]) @ vt[:r]).reshape(_weight(nodes[name]).shape)
-  return _with_weights(params, weights)
+  return replace_weights(params, weights)
 
 
 def project_masked(params: Params, ranks: Mapping[str, Any]) -> Params:
@@ -359,7 +344,7 @@ def project_masked(params: Params, ranks: Mapping[str, Any]) -> Params:
   function for every rank. `ranks`: {module: rank}; no range check is possible on a traced rank
   (see `svd.truncate_masked`)."""
   weights = {name: _weight(leaves) for name, leaves in modules(params).items() if name in ranks}
-  return _with_weights(params, {
+  return replace_weights(params, {
       name: svd.truncate_masked(_matrix(weight), ranks[name]).reshape(weight.shape)
       for name, weight in weights.items()})
 
@@ -421,11 +406,10 @@ def _note(name: str, leaves: Mapping, output: Optional[str], unfactorizable: Map
     return f"not factorizable: {unfactorizable[name]}"
   if name == output:
     return "output layer"
-  if automatic and _is_embedding(leaves):
-    return "embedding table: compressed only when named"
-  if automatic:
-    return "kept dense: this rank would not make it smaller"
-  return ""
+  if not automatic:
+    return ""
+  return ("embedding table: compressed only when named" if _is_embedding(leaves)
+          else "kept dense: this rank would not make it smaller")
 
 
 def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
@@ -446,8 +430,7 @@ def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude:
     if name not in shapes:
       rows.append(LayerSummary(name, (), None, dense_params, dense_params, 0, 0, "", ""))
       continue
-    (m, n), weight_shape = shapes[name], _shape(_weight(leaves))
-    r = ranks.get(name)
+    (m, n), weight_shape, r = shapes[name], np.shape(_weight(leaves)), ranks.get(name)
     if _is_embedding(leaves):  # a lookup costs no FLOPs; factorized, one row of u times v
       per, dense_flops, compressed_flops = "token", 0, 2 * (r or 0) * n
     else:

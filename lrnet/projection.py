@@ -24,20 +24,9 @@ _straight_through.defvjp(lambda w, projected: (projected, None),
 
 
 def st_truncate(w: jax.Array, rank: int) -> jax.Array:
-  """Rank-`rank` truncation with a straight-through (identity) gradient.
-
-  Forward: `truncate(w, rank)`. Backward: the cotangent passes to `w` unchanged,
-  i.e. ∂L/∂W := ∂L/∂Ŵ. Never differentiates through the SVD (whose gradient is
-  NaN for repeated singular values).
-
-  Args:
-    w: matrix, [m, n].
-    rank: static integer in `1..min(m, n)`.
-
-  Returns:
-    Ŵ, [m, n].
-  """
-  svd.check_rank(w.shape, rank)
+  """Ŵ = `truncate(w, rank)` [m, n] of `w` [m, n] at a static integer `rank` in `1..min(m, n)`,
+  with a straight-through (identity) gradient ∂L/∂W := ∂L/∂Ŵ: never differentiates through the
+  SVD (whose gradient is NaN for repeated singular values)."""
   return _straight_through(w, svd.truncate(jax.lax.stop_gradient(w), rank))
 
 
@@ -50,7 +39,9 @@ def st_truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def st_factored_matmul(x: jax.Array, w: jax.Array, left_rows: jax.Array,
                        right_rows: jax.Array) -> jax.Array:
-  """x Ŵ with Ŵ = Lᵀ R given its factors' rows, straight-through in W: W itself is never read.
+  """x Ŵ [..., n] for inputs `x` [..., m] (e.g. [batch, m] or [batch, tokens, m]), Ŵ = Lᵀ R given
+  its factors' rows `left_rows` L [k, m] and `right_rows` R [k, n]; straight-through in the dense
+  weights `w` [m, n], which are never read.
 
   When R = Vᵀ ([k, n], orthonormal rows spanning W's top right singular subspace) and L = (W V)ᵀ
   ([k, m], its image; rows past the rank zeroed), Ŵ = W V Vᵀ = Lᵀ R; equally L = Uᵀ and
@@ -64,16 +55,7 @@ def st_factored_matmul(x: jax.Array, w: jax.Array, left_rows: jax.Array,
   layer's 2·batch·m·n (k = 60: 0.12×, k = 210: 0.41× at 1024²); only the straight-through weight
   gradient xᵀ g is dense. Both factors are read as rows, in their stored layout (a transposed
   operand can cost XLA:CPU a copy per product). `w` is an argument only to receive that gradient;
-  the factors get none. `lrnet.tracker.project` hands out both factors from its one product.
-
-  Args:
-    x: inputs, [..., m] (e.g. [batch, m] or [batch, tokens, m]).
-    w: dense weights, [m, n] (receives the straight-through gradient).
-    left_rows: L, [k, m].
-    right_rows: R, [k, n].
-
-  Returns:
-    [..., n].
+  the factors get none.
   """
   del w
   rows = x.reshape(-1, x.shape[-1])
@@ -89,8 +71,7 @@ def _st_factored_matmul_bwd(residuals, g):
   x, left_rows, right_rows = residuals
   rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   dx = (svd.times_transpose(g_rows, right_rows) @ left_rows).reshape(x.shape)
-  dw = rows.T @ g_rows
-  return dx, dw, jnp.zeros_like(left_rows), jnp.zeros_like(right_rows)
+  return dx, rows.T @ g_rows, jnp.zeros_like(left_rows), jnp.zeros_like(right_rows)
 
 
 st_factored_matmul.defvjp(_st_factored_matmul_fwd, _st_factored_matmul_bwd)

@@ -26,13 +26,13 @@ Call forms follow Haiku's: `with_state=True` is `hk.transform_with_state`'s, els
 none (`hk.without_apply_rng`). A student always has state.
 
 Selection (`include`, `exclude`, `rank`) is `lrnet.compression.select_ranks` on the dense
-parameters: by default every dense and conv layer except the output layer, never a layer the
-rank would not make smaller, and never one that cannot be factorized (grouped, depthwise, masked
-or transposed convolutions: `unfactorizable` names them; naming one is an error).
+parameters, with grouped, depthwise, masked and transposed convolutions `unfactorizable`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -63,9 +63,7 @@ def _unfactorizable_kind(module: hk.Module) -> Optional[str]:
   if isinstance(module, (hk.DepthwiseConv1D, hk.DepthwiseConv2D, hk.DepthwiseConv3D,
                          hk.SeparableDepthwiseConv2D)):
     return "depthwise conv"
-  if isinstance(module, hk.ConvNDTranspose):
-    return "transposed conv"
-  return None
+  return "transposed conv" if isinstance(module, hk.ConvNDTranspose) else None
 
 
 class DenseNetwork(NamedTuple):
@@ -81,9 +79,7 @@ def inspect_network(fn: Callable, *args, **kwargs) -> DenseNetwork:
   kinds = {}
 
   def record(next_f, call_args, call_kwargs, context):
-    reason = (_unfactorizable_kind(context.module) if context.method_name == "__call__"
-              else None)
-    if reason is not None:
+    if context.method_name == "__call__" and (reason := _unfactorizable_kind(context.module)):
       kinds[context.module.module_name] = reason
     return next_f(*call_args, **call_kwargs)
 
@@ -97,19 +93,16 @@ def inspect_network(fn: Callable, *args, **kwargs) -> DenseNetwork:
   return DenseNetwork(params, state, {name: kinds[name] for name in candidates if name in kinds})
 
 
-def _haiku_form(fn: Callable, init: Callable, apply: Callable, with_state: bool,
-                apply_rng: bool):
-  """Haiku's call forms (module docstring) of `fn`'s `transform_with_state`-style init/apply."""
-  init._original_fn = apply._original_fn = fn  # what Haiku's wrappers expect to find
-  transformed = hk.TransformedWithState(init, apply)
-  if not with_state:
-    transformed = hk.without_state(transformed)
-  return transformed if apply_rng else hk.without_apply_rng(transformed)
-
-
-def _is_intercepted(module: hk.Module, method_name: str, ranks: dict) -> bool:
-  return (method_name == "__call__" and isinstance(module, (hk.Linear, hk.ConvND))
-          and module.module_name in ranks)
+def intercept_layers(selected, layer_call: Callable):
+  """`hk.intercept_methods` handing each call of an `hk.Linear` or `hk.ConvND` whose module name
+  is in `selected` to `layer_call(module, next_f, args, kwargs)`; other calls run as they are."""
+  def interceptor(next_f, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, (hk.Linear, hk.ConvND))
+        and module.module_name in selected):
+      return layer_call(module, next_f, args, kwargs)
+    return next_f(*args, **kwargs)
+  return hk.intercept_methods(interceptor)
 
 
 def _conv(module: hk.ConvND, inputs: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -137,10 +130,12 @@ def _matrix_shape(module, inputs: jax.Array) -> tuple[int, int]:
   return math.prod(module.kernel_shape) * inputs.shape[module.channel_index], module.output_channels
 
 
-def _factorized_call(module, inputs: jax.Array, rank) -> jax.Array:
-  """y of a factorized linear or conv layer (see the module docstring)."""
+def _factorized_call(ranks: dict, module, next_f, args, kwargs) -> jax.Array:
+  """y of a factorized linear or conv layer at rank `ranks[module name]` (module docstring)."""
+  del next_f, kwargs
+  inputs = args[0]
   m, n = _matrix_shape(module, inputs)
-  r = svd.resolve_rank((m, n), rank)
+  r = svd.resolve_rank((m, n), ranks[module.module_name])
   linear = isinstance(module, hk.Linear)
   u_shape = [m, r] if linear else [*module.kernel_shape, inputs.shape[module.channel_index], r]
   u = hk.get_parameter("u", u_shape, inputs.dtype, init=_default_w_init(m))
@@ -160,9 +155,8 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bo
     rank: every form `lrnet.compress` takes but a rule that needs the weights (`energy_rank`
       cannot initialise a network from scratch: compress dense parameters instead).
     include, exclude: module-name glob patterns, as in `lrnet.compress`.
-    with_state: Haiku state in and out (e.g. BatchNorm statistics: the dense network's state
-      serves the twin unchanged).
-    apply_rng: `apply` takes an rng for `fn`'s `hk.next_rng_key()` (dropout).
+    with_state, apply_rng: Haiku's call forms (module docstring); the dense network's state
+      (e.g. BatchNorm statistics) serves the twin unchanged.
 
   Returns:
     `hk.Transformed`, or with `with_state` `hk.TransformedWithState` (module docstring). `init`
@@ -170,26 +164,26 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bo
     takes the parameters of `lrnet.compress(dense_params, rank, include=..., exclude=...)`.
   """
   def run(ranks, *args, **kwargs):
-    def interceptor(next_f, call_args, call_kwargs, context):
-      if not _is_intercepted(context.module, context.method_name, ranks):
-        return next_f(*call_args, **call_kwargs)
-      return _factorized_call(context.module, call_args[0], ranks[context.module.module_name])
-    with hk.intercept_methods(interceptor):
+    with intercept_layers(ranks, functools.partial(_factorized_call, ranks)):
       return fn(*args, **kwargs)
 
   def init(rng, *args, **kwargs):
     network = inspect_network(fn, *args, **kwargs)
     ranks = compression.select_ranks(network.params, rank, include, exclude,
                                      unfactorizable=network.unfactorizable)
-    return hk.transform_with_state(lambda *a, **k: run(ranks, *a, **k)).init(rng, *args, **kwargs)
+    return hk.transform_with_state(functools.partial(run, ranks)).init(rng, *args, **kwargs)
 
   def apply(params, state, rng, *args, **kwargs):
     ranks = {name: leaves["u"].shape[-1] for name, leaves in params.items()
              if isinstance(leaves, dict) and "u" in leaves}
-    transformed = hk.transform_with_state(lambda *a, **k: run(ranks, *a, **k))
+    transformed = hk.transform_with_state(functools.partial(run, ranks))
     return transformed.apply(params, state, rng, *args, **kwargs)
 
-  return _haiku_form(fn, init, apply, with_state, apply_rng)
+  init._original_fn = apply._original_fn = fn  # what Haiku's wrappers expect to find
+  transformed = hk.TransformedWithState(init, apply)
+  if not with_state:
+    transformed = hk.without_state(transformed)
+  return transformed if apply_rng else hk.without_apply_rng(transformed)
 
 
 class Student(hk.TransformedWithState):
@@ -198,57 +192,52 @@ class Student(hk.TransformedWithState):
 
 
 def _tracked_factors(matrix: jax.Array, rank: jax.Array, width_rank: int, oversample: int,
-                     member_rank: Optional[int]) -> tuple[jax.Array, jax.Array]:
-  """This call's factors (left [K, m], right [K, n]) of the tracked projection of `matrix`,
-  advancing the module's tracker in Haiku state. At init: the exact pairs of the weight it is
-  given (the member's own width, padded to the student's), which the first call starts from."""
+                     own_rank: int) -> tuple[jax.Array, jax.Array]:
+  """This call's factors (left [K, m], rows ≥ `rank` zeroed; right [K, n]) of the tracked
+  projection of `matrix`, advancing its tracker in Haiku state; at init, the exact pairs of the
+  given weight (the member's own width, padded to the student's), where the first call starts."""
   if hk.running_init():
     size = tracker.tracked_width(matrix.shape, width_rank, oversample)
-    own_rank = width_rank if member_rank is None else member_rank
     state = tracker.init(matrix, own_rank, oversample, pad_to=size)
-    hk.set_state("tracker", state)
-    return tracker.exact_factors(state)
-  state, left, right = tracker.project(lax.stop_gradient(matrix), hk.get_state("tracker"), rank)
+    left, right = tracker.exact_factors(state)
+  else:
+    state, left, right = tracker.project(lax.stop_gradient(matrix), hk.get_state("tracker"), rank)
   hk.set_state("tracker", state)
-  return left, right
+  return tracker.leading_rows(left, rank), right
 
 
 def _projected_weight(w: jax.Array, rank: jax.Array, width_rank: int, method: str,
-                      oversample: int, member_rank: Optional[int]) -> jax.Array:
+                      oversample: int, own_rank: int) -> jax.Array:
   """Ŵ [shape of w], straight-through in w: its matrix view [prod(shape[:-1]), shape[-1]]
   projected to `rank` (exact SVD, or the tracker in Haiku state)."""
   matrix = w.reshape(-1, w.shape[-1])
   if method == "exact":
     projected = projection.st_truncate_masked(matrix, rank)
   else:
-    left, right = _tracked_factors(matrix, rank, width_rank, oversample, member_rank)
+    left, right = _tracked_factors(matrix, rank, width_rank, oversample, own_rank)
     # Forward Lᵀ R, gradient to W unchanged: the straight-through estimator.
-    projected = matrix + lax.stop_gradient(tracker.leading_rows(left, rank).T @ right - matrix)
+    projected = matrix + lax.stop_gradient(left.T @ right - matrix)
   return projected.reshape(w.shape)
 
 
-def _straight_through_call(module, next_f, args, kwargs, width_rank: int, method: str,
-                           oversample: int, member_rank):
-  """A selected layer of the straight-through student."""
+def _straight_through_call(ranks: dict, member_ranks: dict, method: str, oversample: int,
+                           module, next_f, args, kwargs):
+  """A selected layer of the straight-through student, tracking `ranks[name]` (+ oversample)
+  pairs and projecting to the member's rank `member_ranks[name]` (≤ it; default: the same)."""
+  width_rank = ranks[module.module_name]
+  own_rank = member_ranks.get(module.module_name, width_rank)
   inputs = args[0]
   m, n = _matrix_shape(module, inputs)
-  width_rank = svd.resolve_rank((m, n), width_rank)
-  if member_rank is not None:
-    member_rank = svd.resolve_rank((m, n), member_rank)
-  rank = hk.get_state("rank", [], jnp.int32,
-                      init=lambda *_: jnp.int32(width_rank if member_rank is None else member_rank))
+  rank = hk.get_state("rank", [], jnp.int32, init=lambda *_: jnp.int32(own_rank))
   if isinstance(module, hk.Linear) and method == "alternating":
-    w_init = module.w_init or _default_w_init(m)
-    w = hk.get_parameter("w", [m, n], inputs.dtype, init=w_init)
-    left, right = _tracked_factors(w, rank, width_rank, oversample, member_rank)
-    output = projection.st_factored_matmul(inputs, w, tracker.leading_rows(left, rank), right)
-    return _bias(module, inputs, output)
+    w = hk.get_parameter("w", [m, n], inputs.dtype, init=module.w_init or _default_w_init(m))
+    factors = _tracked_factors(w, rank, width_rank, oversample, own_rank)
+    return _bias(module, inputs, projection.st_factored_matmul(inputs, w, *factors))
 
   def getter(next_getter, value, context):
     if context.name != "w":
       return next_getter(value)
-    return _projected_weight(next_getter(value), rank, width_rank, method, oversample,
-                             member_rank)
+    return _projected_weight(next_getter(value), rank, width_rank, method, oversample, own_rank)
 
   with hk.custom_getter(getter):
     return next_f(*args, **kwargs)
@@ -283,8 +272,7 @@ def straight_through(fn: Callable, rank, *, include=None, exclude=None,
   if not apply_rng:
     transformed = hk.without_apply_rng(transformed)
   student = Student(transformed.init, transformed.apply)
-  student.spec = spec
-  student.state_fns = {}
+  student.spec, student.state_fns = spec, {}
   return student
 
 
@@ -303,17 +291,11 @@ def _student(spec: dict, member_rank, given_params=None) -> hk.TransformedWithSt
     ranks = {name: r for name, r in select(spec["rank"]).items() if r < min(matrices[name])}
     member_ranks = {} if member_rank is None else select(member_rank)
 
-    def interceptor(next_f, call_args, call_kwargs, context):
-      if not _is_intercepted(context.module, context.method_name, ranks):
-        return next_f(*call_args, **call_kwargs)
-      name = context.module.module_name
-      return _straight_through_call(context.module, next_f, call_args, call_kwargs, ranks[name],
-                                    spec["method"], spec["oversample"], member_ranks.get(name))
-    with hk.intercept_methods(interceptor):
-      if given_params is None:
-        return fn(*args, **kwargs)
-      with hk.custom_creator(given):
-        return fn(*args, **kwargs)
+    layer = functools.partial(_straight_through_call, ranks, member_ranks, spec["method"],
+                              spec["oversample"])
+    creator = contextlib.nullcontext() if given_params is None else hk.custom_creator(given)
+    with intercept_layers(ranks, layer), creator:
+      return fn(*args, **kwargs)
 
   return hk.transform_with_state(run)
 
@@ -321,21 +303,18 @@ def _student(spec: dict, member_rank, given_params=None) -> hk.TransformedWithSt
 def jit_static(fn: Callable) -> Callable:
   """`jax.jit(fn)` where every argument leaf that is not an array (`is_training=True`, a
   width, a name) is static: compiled once per set of those values. They must be hashable."""
-  compiled = {}
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def traced(arrays, treedef, static):  # static: the leaves, None where an array goes
+    arrays = iter(arrays)
+    leaves = [next(arrays) if value is None else value for value in static]
+    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+    return fn(*args, **kwargs)
 
   def call(*args, **kwargs):
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
-    static = tuple(leaf for leaf, is_array in zip(leaves, dynamic) if not is_array)
-    key = (treedef, dynamic, static)
-    if key not in compiled:
-      def traced(arrays):
-        arrays, values = iter(arrays), iter(static)
-        full = [next(arrays) if is_array else next(values) for is_array in dynamic]
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(*call_args, **call_kwargs)
-      compiled[key] = jax.jit(traced)
-    return compiled[key]([leaf for leaf, is_array in zip(leaves, dynamic) if is_array])
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+    static = tuple(None if array else leaf for leaf, array in zip(leaves, is_array))
+    return traced([leaf for leaf, array in zip(leaves, is_array) if array], treedef, static)
   return call
 
 

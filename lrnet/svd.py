@@ -25,11 +25,7 @@ def times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def check_rank(shape: Sequence[int], rank) -> int:
-  """`rank` as an `int`, checked to be an integer in `1..min(m, n)` for a matrix of `shape`.
-
-  Raises:
-    ValueError: the matrix is not 2-D, or the rank is not an integer in range.
-  """
+  """`rank` as an int; ValueError unless `shape` is 2-D and `rank` an integer in `1..min(m, n)`."""
   shape = tuple(int(d) for d in shape)
   if len(shape) != 2:
     raise ValueError(f"expected a 2-D matrix, got shape {shape}")
@@ -76,13 +72,9 @@ def truncate_masked(w: jax.Array, rank: jax.Array) -> jax.Array:
 
 
 def energy_rank_of(singular_values, energy: float) -> int:
-  """The smallest r with Σ_{i ≤ r} s_i² ≥ energy · Σ s_i² (0 for a zero matrix).
-
-  Args:
-    singular_values: [n] descending.
-    energy: fraction in [0, 1]; a relative slack of 1e-6 keeps an exact fraction (0.9 of
-      s² = (9, 1)) or 1.0 from missing through the rounding of float32 singular values.
-  """
+  """The smallest r with Σ_{i ≤ r} s_i² ≥ energy · Σ s_i² for `singular_values` [n] descending
+  and `energy` in [0, 1] (0 for a zero matrix). A relative slack of 1e-6 keeps an exact fraction
+  (0.9 of s² = (9, 1)) or 1.0 from missing through the rounding of float32 singular values."""
   captured = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
   if captured.size == 0 or not captured[-1] > 0:
     return 0
@@ -107,17 +99,10 @@ def energy_rank(energy: float):
 
 
 def resolve_rank(shape: Sequence[int], rank) -> int:
-  """The integer rank in `1..min(m, n)` a rank specification gives for a matrix of `shape`.
-
-  Args:
-    shape: the matrix shape `(m, n)`.
-    rank: an int in `1..min(m, n)`; a float in (0, 1], a fraction of `min(m, n)` rounded up; or
-      `"full"`, `min(m, n)` (no truncation). (A callable rule needs the matrix: the caller
-      applies it.)
-
-  Raises:
-    ValueError: naming the allowed values, the shape and the offending rank.
-  """
+  """The integer rank in `1..min(m, n)` that `rank` gives for a matrix of `shape` (m, n): an int
+  in `1..min(m, n)`; a float in (0, 1], a fraction of `min(m, n)` rounded up; or `"full"`,
+  `min(m, n)` (no truncation). A callable rule needs the matrix: the caller applies it. Anything
+  else is a ValueError naming the allowed values, the shape and the offending rank."""
   shape = tuple(int(d) for d in shape)
   max_rank = min(shape)
   if isinstance(rank, str):

@@ -44,7 +44,7 @@ import contextvars
 import functools
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +65,6 @@ _UNRANKED_MAX_EXCESS = 1e-6
 # Rayleigh–Ritz orthonormalises its rows X by a series in E = X Xᵀ − I while ‖E‖_F is below
 # this (C X Xᵀ C − I ≲ 2e-6; trained layers at r = 200: ‖E‖_F ≈ 0.015), else by Cholesky.
 _SERIES_MAX_EXCESS = 0.05
-
-_T = TypeVar("_T")
 
 
 class TrackerState(NamedTuple):
@@ -99,8 +97,7 @@ def _any_member_vmap(axis_size, in_batched, pred):
   return (jnp.any(pred) if in_batched[0] else pred), False
 
 
-def _cond_any(pred: jax.Array, true_fn: Callable[[Any], _T], false_fn: Callable[[Any], _T],
-              operand: Any) -> _T:
+def _cond_any(pred: jax.Array, true_fn: Callable, false_fn: Callable, operand: Any) -> Any:
   """`true_fn(operand)` where `pred`, else `false_fn(operand)`; under `vmap`, `true_fn` is
   computed only if some member needs it, each member selecting its own branch's result (module
   docstring, Batches)."""
@@ -160,12 +157,10 @@ def _exact_pairs(w: jax.Array, size: int, width: jax.Array, right_probe: jax.Arr
   """The top-`size` singular pairs of `w` by SVD as `TrackerState` fields (rows ≥ `width`
   zeroed), with probes ⟂ them made from the given ones (`_probe`)."""
   u, singular_values, vt = jnp.linalg.svd(w, full_matrices=False)
-  keep = _rank_mask(size, width)
-  left_rows = jnp.where(keep[:, None], u[:, :size].T, 0.0)
-  right_rows = jnp.where(keep[:, None], vt[:size], 0.0)
+  left_rows, right_rows = leading_rows(u[:, :size].T, width), leading_rows(vt[:size], width)
   has_room = size < min(w.shape)
   return dict(right_rows=right_rows, left_rows=left_rows,
-              singular_values=jnp.where(keep, singular_values[:size], 0.0),
+              singular_values=jnp.where(_rank_mask(size, width), singular_values[:size], 0.0),
               right_probe=_probe(right_rows, [right_probe], has_room),
               left_probe=_probe(left_rows, [left_probe], has_room))
 
@@ -239,11 +234,8 @@ def _rayleigh_ritz(gram: jax.Array, image_gram: jax.Array,
 
 def _drift(total: jax.Array, noise: jax.Array, eigenvalues: jax.Array, rank: jax.Array,
            gain: jax.Array, probe_energy: jax.Array) -> jax.Array:
-  """sqrt(1 + max(gain, miss) / tail) − 1 (∞ if not finite), the drift certificate.
-
-  `gain` is the energy one more power step would add to the top r; miss = ‖W p‖² − λ_r, the
-  probe's excess over the cut; tail = ‖W‖_F² − Σ_{i<r} λ_i. Both numerators lose `noise`.
-  """
+  """The drift certificate sqrt(1 + max(gain, miss) / tail) − 1 (module docstring; ∞ if not
+  finite), miss = ‖W p‖² − λ_r from `probe_energy`; both numerators lose `noise`."""
   size = eigenvalues.shape[0]
   kept = jnp.sum(jnp.where(_rank_mask(size, rank), eigenvalues, 0.0))
   tail = jnp.maximum(total - kept, noise)
@@ -338,22 +330,20 @@ def _refresh(w: jax.Array, call: _Call) -> _Call:
   """The call replaced by an exact SVD of `w`: exact factors now, exact pairs on both sides for
   the next call (whichever side it searches), the alternation's phase kept."""
   state = call.state
-  size = state.right_rows.shape[0]
   # The SVD of a product computed here, not of `w`: LAPACK wants a column-major operand, and
   # given `w` itself XLA:CPU lays `w` out so before the cond, on every call (≈ 1 ms at 1024²
   # per layer and step). The product costs only when the refresh runs.
   fresh = w @ jnp.eye(w.shape[1], dtype=w.dtype)
-  new_state = state._replace(**_exact_pairs(fresh, size, state.width, state.right_probe,
-                                            state.left_probe))
+  new_state = state._replace(**_exact_pairs(fresh, state.right_rows.shape[0], state.width,
+                                            state.right_probe, state.left_probe))
   return _Call(new_state, *exact_factors(new_state))
 
 
 @contextlib.contextmanager
 def refresh_left_out():
-  """Inside, `project` traces as with `tolerance=inf`, building no refresh: for estimating a
-  step's cost (`lrnet.sweep.step_flops`), which XLA's cost analysis would charge with the
-  refresh's SVD on every call (≈ 9× a rank-10 student's step), though from a trained teacher
-  calls do not take it."""
+  """Inside, `project` traces as with `tolerance=inf`, building no refresh: for estimating a step's
+  cost (`lrnet.sweep.step_flops`), which XLA's cost analysis would charge with the refresh's SVD on
+  every call (≈ 9× a rank-10 student's step), though from a trained teacher calls do not take it."""
   token = _REFRESH_LEFT_OUT.set(True)
   try:
     yield
@@ -386,15 +376,13 @@ def project(w: jax.Array, state: TrackerState, rank, *,
     svd.check_rank(w.shape, rank)
     if not rank <= size:
       raise ValueError(f"rank must be an integer in 1..{size} (the tracked rows), got {rank!r}")
-  if _REFRESH_LEFT_OUT.get():
-    tolerance = math.inf
-  return _project(w, state, jnp.asarray(rank, jnp.int32), tolerance=float(tolerance))
+  return _project(w, state, jnp.asarray(rank, jnp.int32),
+                  tolerance=math.inf if _REFRESH_LEFT_OUT.get() else float(tolerance))
 
 
 @functools.partial(jax.jit, static_argnames=("tolerance",))
 def _project(w, state, rank, *, tolerance):
-  w = lax.stop_gradient(w)
-  state = lax.stop_gradient(state)
+  w, state = lax.stop_gradient((w, state))
   rank = jnp.clip(rank, 1, state.width)
   total = jnp.sum(w * w)  # and the rounding noise floor of energy differences:
   energies = total, _NOISE_FACTOR * jnp.finfo(w.dtype).eps * total
