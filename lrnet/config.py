@@ -22,7 +22,6 @@ MODELS = ("mlp", "convnet", "resmlp", "cnn", "resnet18", "transformer")  # lrnet
 SEQUENCE_MODELS = ("transformer",)  # of text (lrnet.text); the others of images
 # A user network: model.name = "package.module:function" (`user_network`).
 USER_NETWORK_FORM = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-NUM_CLASSES = 10
 PROJECTION_METHODS = ("exact", "alternating")
 REMOVED_PROJECTION_METHODS = ("streaming", "subspace")
 STUDENT_KINDS = ("straight_through", "factorized", "dense_control", "dense_control_long")
@@ -91,18 +90,12 @@ def is_user_network(name) -> bool:
   return isinstance(name, str) and ":" in name
 
 
-# The built-in networks' fields (`lrnet.models.NETWORK_FIELDS`). A config written for one keeps
-# them (digits.py's `model.hidden`) when `model.name` names a user network: that function gets
-# those of them its signature takes, and every other field of the group.
-BUILT_IN_FIELDS = ("hidden", "channels", "dense", "width", "blocks", "dropout", "widths",
-                   "layers", "heads", "mlp_ratio", "tied_head")
-
-
 def user_network(model_config, num_classes: int) -> Callable:
   """The forward function of a user network `model.name = "package.module:function"`:
-  `function(num_classes, **fields)`, `fields` the `model` group's fields but `name` (less the
-  `BUILT_IN_FIELDS` the function does not take). The module is imported (`importlib`: it must
-  be on `sys.path`, e.g. the working directory of `python -m`).
+  `function(num_classes, **fields)`, `fields` the `model` group's fields but `name`, less the
+  built-in networks' fields (`lrnet.models.NETWORK_FIELDS`, kept by a config written for one,
+  e.g. digits.py's `model.hidden`) that the function does not take. The module is imported
+  (`importlib`: it must be on `sys.path`, e.g. the working directory of `python -m`).
 
   Raises:
     ConfigError: (one line naming model.name) a name not of that form, a module that cannot be
@@ -129,9 +122,11 @@ def user_network(model_config, num_classes: int) -> Callable:
   except (TypeError, ValueError):  # no signature (a builtin): every field goes
     signature = None
   if signature is not None:
+    from lrnet import models  # pylint: disable=g-import-not-at-top  # models imports this module
+    built_in = {field for fields in models.NETWORK_FIELDS.values() for field in fields}
     takes = signature.parameters
     if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in takes.values()):
-      fields = {k: v for k, v in fields.items() if k in takes or k not in BUILT_IN_FIELDS}
+      fields = {k: v for k, v in fields.items() if k in takes or k not in built_in}
     try:
       signature.bind(num_classes, **fields)
     except TypeError as error:
@@ -185,8 +180,6 @@ def check_teacher_dir(path) -> None:
 def check_rank_value(value, shapes, field: str) -> None:
   """A sweep rank: an int ≤ every compressed layer's min(m, n) (`shapes`: their (m, n); None:
   not known yet, the form alone is checked), a fraction in (0, 1], or 'full'."""
-  if value == "full":
-    return
   if is_int(value):
     if value < 1:
       _fail(field, value, "an integer rank must be >= 1; or a fraction in (0, 1], or 'full'")
@@ -196,20 +189,16 @@ def check_rank_value(value, shapes, field: str) -> None:
         _fail(field, value, f"an integer rank must be in 1..{max_rank} (the smallest compressed "
                             f"layer {min(shapes, key=min)} allows at most {max_rank}); or a "
                             f"fraction in (0, 1], or 'full'")
-    return
-  if isinstance(value, float):
+  elif isinstance(value, float):
     if not 0.0 < value <= 1.0:
       _fail(field, value, "a rank fraction must be in (0, 1]; or an integer rank, or 'full'")
-    return
-  _fail(field, value, "must be an integer rank, a fraction in (0, 1], or 'full'")
+  elif value != "full":
+    _fail(field, value, "must be an integer rank, a fraction in (0, 1], or 'full'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every field of a sweep/train config.
-
-  Raises:
-    ConfigError: the first invalid field, in one line.
-  """
+  """Checks every field of a sweep/train config; raises ConfigError (one line) at the first
+  invalid one."""
   check_workdir_and_seed(config)
   name = _check_data(config)
   model = _check_model(config, name)
@@ -264,11 +253,8 @@ def check_widths(config, field: str, count: Optional[int] = None,
 def _check_model(config, name: str) -> str:
   """Checks the `model` group for data `name`; returns `model.name`."""
   model = _get(config, "model.name")
-  if is_user_network(model):
-    user_network(config.model, NUM_CLASSES)  # imports and calls it: its fields are its own
-  elif model not in MODELS:
-    _fail("model.name", model, f"allowed: {', '.join(MODELS)}, or a user network "
-                               "'package.module:function' returning a Haiku forward function")
+  if model not in MODELS:  # A user network, imported and called (its fields are its own); any
+    user_network(config.model, data.NUM_CLASSES)  # other name fails, naming the allowed ones.
   widths = {"mlp": "hidden", "convnet": "dense"}.get(model)
   if widths is not None and widths in config.model:
     check_widths(config, f"model.{widths}")

@@ -25,6 +25,7 @@ import importlib.util
 import os
 from pathlib import Path
 import pickle
+import re
 from typing import NamedTuple
 import zlib
 
@@ -47,13 +48,11 @@ CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CIFAR10_SIDE = 32
 
-# Per-channel (R, G, B) mean and std of [0, 1]-scaled CIFAR-10 pixels, the constants of
-# origin notebook 001. The std values are the widely copied ones, smaller than the true
-# pixel std (about 0.247, 0.243, 0.261); kept so that runs match the notebook.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
-# Datasets standardised per channel; the others are scaled to [0, 1].
-CHANNEL_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD)}
+# Datasets standardised per channel: (R, G, B) mean and std of [0, 1]-scaled pixels; the others
+# are scaled to [0, 1]. CIFAR-10's are origin notebook 001's constants; the std values are the
+# widely copied ones, smaller than the true pixel std (about 0.247, 0.243, 0.261), kept so that
+# runs match the notebook.
+CHANNEL_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
 
 DATA_DIR_ENV = "LRNET_DATA_DIR"
 # Distribution packages that install IDX files (Debian: dataset-fashion-mnist).
@@ -67,9 +66,8 @@ DIGITS_TEST_SEED = 0
 DIGITS_MAX_VALUE = 16.0  # load_digits pixels are counts 0..16.
 
 # IDX type codes (third magic byte) -> big-endian NumPy dtype.
-_IDX_DTYPES = {code: np.dtype(kind) for code, kind in
-               [(0x08, ">u1"), (0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"),
-                (0x0E, ">f8")]}
+_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
+               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -104,9 +102,6 @@ class _Raw(NamedTuple):
   source: str
 
 
-# ----------------------------------------------------------------------------- IDX files
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (the MNIST format), plain or gzip-compressed (a `.gz` suffix or the
   gzip magic bytes).
@@ -118,11 +113,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Array of shape `dims` in native byte order (e.g. [N, 28, 28] uint8 for images).
 
   Raises:
-    DataError: naming the file, if it is unreadable gzip, has a bad magic number or an
-      unknown type code, or its payload length does not match the dimensions.
+    DataError: naming the file, if it cannot be read or is unreadable gzip, has a bad magic
+      number or an unknown type code, or its payload length does not match the dimensions.
   """
   path = Path(path)
-  data = _read_bytes(path)
+  try:
+    data = path.read_bytes()
+  except OSError as error:
+    raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
+  if path.suffix == ".gz" or data[:2] == _GZIP_MAGIC:
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+      raise DataError(f"{path}: unreadable gzip data ({error})") from error
   if len(data) < 4:
     raise DataError(f"{path}: truncated IDX header ({len(data)} bytes)")
   if data[:2] != b"\x00\x00":
@@ -145,34 +148,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return array.astype(dtype.newbyteorder("="))  # Native order, writable copy.
 
 
-def _read_bytes(path: Path) -> bytes:
-  """Returns the file's bytes, gunzipped when it is (or claims to be) gzip."""
-  try:
-    data = path.read_bytes()
-  except OSError as error:
-    raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
-  if path.suffix == ".gz" or data[:2] == _GZIP_MAGIC:
-    try:
-      return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
-      raise DataError(f"{path}: unreadable gzip data ({error})") from error
-  return data
-
-
-def find_idx_file(directory: str | os.PathLike, stem: str) -> Path | None:
-  """Returns `<directory>/<stem>.gz`, else `<directory>/<stem>`, else None."""
-  candidates = (Path(directory) / f"{stem}.gz", Path(directory) / stem)
-  return next((candidate for candidate in candidates if candidate.is_file()), None)
-
-
 def _read_idx_dir(directory: Path, name: str) -> _Raw:
-  """Reads the four MNIST-format IDX files of `directory`.
-
-  Raises:
-    DataError: naming the first missing file, or any reading/consistency problem.
-  """
-  paths = {stem: find_idx_file(directory, stem) for stem in IDX_STEMS}
+  """Reads the four MNIST-format IDX files of `directory`, each `<stem>.gz` or else `<stem>`;
+  DataError names the first missing file, or any reading/consistency problem."""
+  paths = {}
   for stem in IDX_STEMS:
+    paths[stem] = next((path for path in (directory / f"{stem}.gz", directory / stem)
+                        if path.is_file()), None)
     if paths[stem] is None:
       raise DataError(
           f"dataset '{name}': {directory} has no {stem}.gz (or {stem}); it needs "
@@ -189,19 +171,14 @@ def _read_idx_dir(directory: Path, name: str) -> _Raw:
 def _read_idx_pair(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray]:
   """Reads and cross-checks an image file ([N, H, W] uint8) and its labels ([N] uint8)."""
   images, labels = read_idx(image_path), read_idx(label_path)
-  if images.ndim != 3 or images.dtype != np.uint8:
-    raise DataError(f"{image_path}: expected [N, H, W] uint8 images, got "
-                    f"{list(images.shape)} {images.dtype}")
-  if labels.ndim != 1 or labels.dtype != np.uint8:
-    raise DataError(f"{label_path}: expected [N] uint8 labels, got "
-                    f"{list(labels.shape)} {labels.dtype}")
+  for path, array, ndim, what in ((image_path, images, 3, "[N, H, W] uint8 images"),
+                                  (label_path, labels, 1, "[N] uint8 labels")):
+    if array.ndim != ndim or array.dtype != np.uint8:
+      raise DataError(f"{path}: expected {what}, got {list(array.shape)} {array.dtype}")
   if len(images) != len(labels):
     raise DataError(f"{image_path} has {len(images)} images but {label_path} has "
                     f"{len(labels)} labels")
   return images, labels
-
-
-# ----------------------------------------------------------------------------- CIFAR-10
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -274,14 +251,6 @@ def _read_cifar_dir(directory: Path) -> _Raw:
               255.0, f"pickle:{directory}")
 
 
-def _read_local(directory: Path, name: str) -> _Raw:
-  """Reads `name` from a directory of its files (IDX files or CIFAR-10 batches)."""
-  return _read_idx_dir(directory, name) if name in IDX_DATASETS else _read_cifar_dir(directory)
-
-
-# ----------------------------------------------------------------------------- digits
-
-
 def _read_digits() -> _Raw:
   """scikit-learn's 1,797 8x8 digits, with a fixed stratified 20 % test set."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
@@ -290,9 +259,6 @@ def _read_digits() -> _Raw:
   train_index, test_index = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
   return _Raw(images[train_index], labels[train_index], images[test_index],
               labels[test_index], DIGITS_MAX_VALUE, "sklearn")
-
-
-# ----------------------------------------------------------------------------- TFDS
 
 
 def tfds_data_dir() -> Path:
@@ -307,12 +273,10 @@ def find_prepared_tfds(name: str, root: str | os.PathLike) -> Path | None:
   `incomplete.*` directories do not parse as versions and are ignored. Only the file
   system is consulted: TFDS is not imported.
   """
-  versions = []
-  for directory in Path(root, name).glob("*"):
-    parts = directory.name.split(".")
-    if (len(parts) == 3 and all(p.isdigit() for p in parts)
-        and (directory / "dataset_info.json").is_file()):
-      versions.append((tuple(int(p) for p in parts), directory))
+  versions = [(tuple(map(int, directory.name.split("."))), directory)
+              for directory in Path(root, name).glob("*")
+              if re.fullmatch(r"\d+\.\d+\.\d+", directory.name)
+              and (directory / "dataset_info.json").is_file()]
   return max(versions)[1] if versions else None
 
 
@@ -382,9 +346,6 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split()) or type(error).__name__
 
 
-# ----------------------------------------------------------------------------- loading
-
-
 def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
   """Reads the unsplit arrays of `name` from the first source that has them."""
   if name == "digits":
@@ -392,16 +353,15 @@ def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
       raise DataError(f"dataset 'digits' is bundled with scikit-learn and reads no "
                       f"directory: leave data.dir unset (got {data_dir})")
     return _read_digits()
-  if data_dir is not None:
-    if not Path(data_dir).is_dir():
-      raise DataError(f"data.dir={data_dir} is not a directory (dataset '{name}')")
-    return _read_local(Path(data_dir), name)
+  if data_dir is not None and not Path(data_dir).is_dir():
+    raise DataError(f"data.dir={data_dir} is not a directory (dataset '{name}')")
   local_dirs = [Path(os.environ[DATA_DIR_ENV], name)] if os.environ.get(DATA_DIR_ENV) else []
   if name in SYSTEM_DIRS:
     local_dirs.append(SYSTEM_DIRS[name])
-  for directory in local_dirs:
-    if directory.is_dir():
-      return _read_local(directory, name)
+  local = Path(data_dir) if data_dir is not None else next(
+      (directory for directory in local_dirs if directory.is_dir()), None)
+  if local is not None:  # IDX files or CIFAR-10 batches
+    return _read_idx_dir(local, name) if name in IDX_DATASETS else _read_cifar_dir(local)
   prepared = find_prepared_tfds(name, tfds_data_dir())
   if prepared is not None:
     return _read_tfds_prepared(name, prepared)
@@ -444,13 +404,6 @@ def _make_split(name: str, images: np.ndarray, labels: np.ndarray, max_value: fl
   return Split(scaled, labels.astype(np.int32))
 
 
-def _check_labels(raw: _Raw, name: str) -> None:
-  for labels in raw.train_labels, raw.test_labels:
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-      raise DataError(f"dataset '{name}' ({raw.source}): labels span "
-                      f"[{labels.min()}, {labels.max()}], expected 0..{NUM_CLASSES - 1}")
-
-
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  val_fraction: float = 0.1, seed: int = 0) -> Dataset:
   """Loads a dataset with a seeded validation split carved from its training set, from the
@@ -466,7 +419,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
   Returns:
     Dataset whose splits hold [N, H, W, C] float32 images and [N] int32 labels: [N, 28,
     28, 1] in [0, 1] (digits: [N, 8, 8, 1]), cifar10 [N, 32, 32, 3] standardised per
-    channel with CIFAR10_MEAN and CIFAR10_STD.
+    channel with CHANNEL_STATS.
 
   Raises:
     DataError: unknown name, bad val_fraction, or data that cannot be found or read.
@@ -477,7 +430,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
   if not 0.0 < val_fraction < 1.0:
     raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
   raw = _find_raw(name, data_dir)
-  _check_labels(raw, name)
+  for labels in raw.train_labels, raw.test_labels:
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+      raise DataError(f"dataset '{name}' ({raw.source}): labels span "
+                      f"[{labels.min()}, {labels.max()}], expected 0..{NUM_CLASSES - 1}")
   train_index, val_index = stratified_split(raw.train_labels, val_fraction, seed)
   if not len(train_index) or not len(val_index):
     raise DataError(f"data.val_fraction={val_fraction} leaves an empty train or "

@@ -3,15 +3,12 @@
 Each `*_fn(num_classes, ...)` returns a forward function (what one passes to `hk.transform`, or
 to `hk.transform_with_state` for `resnet18_fn`'s BatchNorm): `fn(images) -> logits`, or
 `fn(images, is_training) -> logits` for `resnet18_fn`; images are [batch, height, width, channels]
-(or [batch, features] for the MLPs), logits [batch, num_classes]. `lrnet.factorized` and
-`lrnet.straight_through` turn any of them into its factorized twin or straight-through student.
-They are the reference `mlp_fn`, origin notebook 001's `convnet_fn`, 004's `resmlp_fn` and
-003's `cnn_fn`, a small-image `resnet18_fn`, and `transformer_fn`, a byte-level language model.
+(or [batch, features] for the MLPs), logits [batch, num_classes]; `transformer_fn` is a
+byte-level language model. `lrnet.factorized` and `lrnet.straight_through` turn any of them
+into its factorized twin or straight-through student.
 
-`network(model_config, num_classes)` builds the network a config's `model` group names: a name
-of `NETWORKS`, or a user network `"package.module:function"` (`config.user_network`).
-`modes` and `count_network_params` work for any forward function.
-`mlp` is the reference MLP as a dense, factorized or straight-through network in one call.
+`network` builds the network a config's `model` group names (a user network too); `modes` and
+`count_network_params` work for any forward function; `mlp` is the reference MLP in one call.
 """
 
 from __future__ import annotations
@@ -159,9 +156,7 @@ def transformer_fn(num_classes: int, width: int = 128, layers: int = 2, heads: i
   """
   width, key_size = int(width), max(1, int(width) // heads)
   drop = functools.partial(_dropout, rate=dropout)
-
-  def norm(name: str) -> hk.LayerNorm:
-    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)
+  norm = functools.partial(hk.LayerNorm, axis=-1, create_scale=True, create_offset=True)
 
   def forward(tokens: jax.Array) -> jax.Array:
     length = tokens.shape[1]
@@ -177,11 +172,11 @@ def transformer_fn(num_classes: int, width: int = 128, layers: int = 2, heads: i
       with hk.name_scope(f"block_{i}"):
         attention = hk.MultiHeadAttention(heads, key_size, w_init=projection_init,
                                           model_size=width, name="attention")
-        h = norm("ln_attention")(x)
+        h = norm(name="ln_attention")(x)
         x = x + drop(attention(h, h, h, mask=causal))
-        h = jax.nn.gelu(hk.Linear(mlp_ratio * width, name="mlp_in")(norm("ln_mlp")(x)))
+        h = jax.nn.gelu(hk.Linear(mlp_ratio * width, name="mlp_in")(norm(name="ln_mlp")(x)))
         x = x + drop(hk.Linear(width, w_init=projection_init, name="mlp_out")(h))
-    x = norm("ln_final")(x)
+    x = norm(name="ln_final")(x)
     return x @ embed.embeddings.T if tied_head else hk.Linear(num_classes, name="head")(x)
   return forward
 
@@ -221,14 +216,8 @@ def count_network_params(fn: Callable, example: jax.Array) -> int:
 def network(model_config, num_classes: int) -> Forward:
   """The network a config's `model` group names (`model.name`): a name of `NETWORKS`, given the
   fields of `NETWORK_FIELDS` that the group sets (the others keep their defaults), or a user
-  network `"package.module:function"`, imported and called as `function(num_classes, **fields)`
-  with the group's fields but `name` (`config.user_network`); it must return a Haiku forward
-  function (what one passes to `hk.transform`).
-
-  Raises:
-    config.ConfigError: a user network that cannot be imported or called with these fields, or
-      that returns something other than a forward function (one line naming `model.name`).
-  """
+  network `"package.module:function"` (`config.user_network`: a one-line `config.ConfigError`
+  naming `model.name` where it cannot be imported, called with the group's fields or used)."""
   name = model_config.name
   if config_lib.is_user_network(name):
     return config_lib.user_network(model_config, num_classes)
@@ -294,9 +283,7 @@ def dense_control(model_config, num_classes: int, example: jax.Array, max_params
 def _rank_dict(spec, hidden: Sequence[int], field: str) -> dict:
   """`spec` in the forms of `mlp`'s `ranks` → {"linear_i": rank} (None entries left out)."""
   num_layers = len(hidden) + 1
-  if isinstance(spec, (int, float, str)):
-    spec = [spec] * len(hidden)
-  spec = list(spec)
+  spec = [spec] * len(hidden) if isinstance(spec, (int, float, str)) else list(spec)
   if len(spec) not in (len(hidden), num_layers):
     raise ValueError(f"{field} must be a rank or a sequence of {len(hidden)} (hidden layers) or "
                      f"{num_layers} (all layers) entries, got {len(spec)} entries")

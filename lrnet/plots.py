@@ -19,7 +19,8 @@ Any value may be missing, ``None`` or NaN and any entry may carry ``"error"``: p
 skipped one by one, so a failed run never breaks a figure. A rank is an int, a float fraction
 of each layer's min(m, n), or ``"full"``; only int ranks have a place on a rank axis, so the
 latency figure leaves the others out and names them in a note. Figures are plain
-``matplotlib.figure.Figure`` objects on an Agg canvas: no pyplot, no display, no global state.
+``matplotlib.figure.Figure`` objects (``savefig`` needs no canvas): no pyplot, no display, no
+global state.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
@@ -85,18 +85,15 @@ def _int_rank(rank: Any) -> int | None:
   return int(rank) if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) else None
 
 
-def _rank_label(rank: Any) -> str:
-  if isinstance(rank, float):
-    return f"r={rank:.0%}"  # a fraction of min(m, n)
-  return "full" if isinstance(rank, str) else f"r={rank}"
-
-
 def _point_label(entry: Mapping[str, Any]) -> str:
-  """'r=8', 'r=25%', 'full', or a budget's 'b=4%'."""
+  """'r=8', 'r=25%' (a fraction of min(m, n)), 'full', or a budget's 'b=0.04'."""
+  rank = entry.get("rank")
   if "budget" in entry and "rank" not in entry:
     budget = _finite(entry.get("budget"))
     return "budget" if budget is None else f"b={budget:.3g}"
-  return _rank_label(entry.get("rank"))
+  if isinstance(rank, float):
+    return f"r={rank:.0%}"
+  return "full" if isinstance(rank, str) else f"r={rank}"
 
 
 def _rank_entries(results: Mapping[str, Any], group: str = "ranks") -> Sequence[Mapping[str, Any]]:
@@ -117,15 +114,12 @@ def _points(pairs) -> Points:
 
 def layer_shapes(results: Mapping[str, Any]) -> list[tuple[int, int]]:
   """The distinct valid ``[m, n]`` shapes of ``results["layers"]``, in order."""
-  shapes = []
-  for layer in results.get("layers") or ():
-    shape = layer.get("shape") if isinstance(layer, Mapping) else None
-    if (isinstance(shape, Sequence) and len(shape) == 2
-        and all(_int_rank(size) is not None and size > 0 for size in shape)):
-      shape = (int(shape[0]), int(shape[1]))
-      if shape not in shapes:
-        shapes.append(shape)
-  return shapes
+  shapes = [layer.get("shape") for layer in results.get("layers") or ()
+            if isinstance(layer, Mapping)]
+  return list(dict.fromkeys(
+      (int(shape[0]), int(shape[1])) for shape in shapes
+      if isinstance(shape, Sequence) and len(shape) == 2
+      and all(_int_rank(size) is not None and size > 0 for size in shape)))
 
 
 def is_text(results: Mapping[str, Any]) -> bool:
@@ -179,11 +173,6 @@ def accuracy_marks(results: Mapping[str, Any], group: str = "ranks") -> dict[str
           for key, _ in ACCURACY_SERIES}
 
 
-def accuracy_series(results: Mapping[str, Any], group: str = "ranks") -> dict[str, Points]:
-  """(params, score) of :func:`accuracy_marks`, per key of :data:`ACCURACY_SERIES`."""
-  return {key: (marks.x, marks.y) for key, marks in accuracy_marks(results, group).items()}
-
-
 def cost_marks(results: Mapping[str, Any]) -> dict[str, Marks]:
   """Per key of :data:`TRAINED_SERIES`, its points at (estimated training FLOPs of the run,
   `<kind>_cost["train_flops"]`, score), ranks and budgets together."""
@@ -218,15 +207,14 @@ def latency_series(results: Mapping[str, Any]) -> LatencySeries:
   break_even = [(shape, rank) for shape in layer_shapes(results) if ranks
                 for rank in [allocation.break_even_rank(shape)]
                 if min(ranks) <= rank <= max(ranks)]
-  left_out = [_rank_label(entry.get("rank")) for entry in entries
+  left_out = [_point_label(entry) for entry in entries
               if _int_rank(entry.get("rank")) is None and entry.get("rank") is not None]
   return LatencySeries(dense_ms, factorized, theory, break_even, left_out)
 
 
 def _new_axes():
-  """(figure on an Agg canvas, its one axes)."""
+  """(figure, its one axes)."""
   fig = Figure(figsize=_FIGSIZE, layout="constrained")
-  FigureCanvasAgg(fig)
   return fig, fig.add_subplot()
 
 
@@ -278,9 +266,7 @@ def _finish_score_axes(ax, results: Mapping[str, Any], log_x: bool, against: str
   what = "test bits per byte (lower is better)" if is_text(results) else "test accuracy"
   if not is_text(results):
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(what)
-  ax.set_title(_title(results, f"{what} vs {against}"))
+  ax.set(xlabel=xlabel, ylabel=what, title=_title(results, f"{what} vs {against}"))
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7, loc="upper right" if is_text(results) else "lower right")
 
@@ -349,10 +335,9 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
     ax.set_xticks(ranks, [str(rank) for rank in ranks])
     ax.set_xticks([], minor=True)
   left_out = "\nnot on the rank axis: " + ", ".join(series.left_out) if series.left_out else ""
-  ax.set_xlabel("rank of every factorized layer (log scale)" + left_out)
-  ax.set_ylabel("forward latency (ms)")
+  ax.set(xlabel="rank of every factorized layer (log scale)" + left_out,
+         ylabel="forward latency (ms)", title=_title(results, "latency vs rank"))
   ax.set_ylim(bottom=0)
-  ax.set_title(_title(results, "latency vs rank"))
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   return fig
@@ -360,11 +345,8 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
 
 def write_plots(results: Mapping[str, Any], workdir: str | os.PathLike) -> list[str]:
   """Writes :data:`ACCURACY_FILE`, :data:`COST_FILE` and :data:`LATENCY_FILE` of `results`
-  into `workdir` (created if missing), atomically (:func:`lrnet.io.atomic_savefig`).
-
-  Returns:
-    The paths written.
-  """
+  into `workdir` (created if missing), atomically (:func:`lrnet.io.atomic_savefig`); returns
+  the paths written."""
   os.makedirs(workdir, exist_ok=True)
   figures = {ACCURACY_FILE: plot_accuracy_vs_params(results),
              COST_FILE: plot_accuracy_vs_cost(results), LATENCY_FILE: plot_latency_vs_rank(results)}
@@ -378,15 +360,7 @@ def plot_teacher_spectrum(spectra: Mapping[str, Mapping[str, Any]], dataset: str
                           swept: Mapping[str, Sequence[int]]) -> Figure:
   """`lrnet.spectra.plot_spectra`'s figure of the teacher's layers, titled with the
   dataset, with each layer's swept ranks (`swept`: {layer: ranks}) marked × on its line."""
-  fig = spectra_lib.plot_spectra(spectra)
-  axes = fig.axes[0]
-  lines = {line.get_label(): line for line in axes.get_lines()}
-  for name, ranks in swept.items():
-    if name in lines:
-      values = lines[name].get_ydata()
-      ranks = [rank for rank in ranks if 1 <= rank <= len(values)]
-      axes.plot(ranks, [values[rank - 1] for rank in ranks], marker="x", markersize=9,
-                linestyle="none", color=lines[name].get_color())
-  axes.set_title(f"{dataset}: the teacher's singular values (o, □: 90, 99 % energy; "
-                 "×: swept ranks)")
+  fig = spectra_lib.plot_spectra(spectra, swept)
+  fig.axes[0].set_title(f"{dataset}: the teacher's singular values (o, □: 90, 99 % energy; "
+                        "×: swept ranks)")
   return fig

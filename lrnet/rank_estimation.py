@@ -34,8 +34,10 @@ _CHUNK, _GRADIENT_CHUNK = 4096, 64
 _PROBE_POINTS, _PROBE_COORDINATES = 4, 8
 # … and for measuring the precision at the chosen (scale, step) once more.
 _CHECK_POINTS, _CHECK_COORDINATES = 8, 16
-# Scales s = 2^j of the query points x = s ξ searched, j in this range, nearest to s = 1 first.
+# Scales s = 2^j of the query points x = s ξ searched, j in this range, ordered by |j| (s = 1
+# first, then 1/2, 2, 1/4, 4, …).
 _SCALE_EXPONENTS = range(-20, 7)
+_SCALES = [2.0 ** j for j in sorted(_SCALE_EXPONENTS, key=lambda j: (abs(j), j > 0))]
 # Five-point central difference, fourth order: (8(f₊₁ − f₋₁) − (f₊₂ − f₋₂)) / (12 h).
 _STENCIL_OFFSETS = (1, -1, 2, -2)
 _STENCIL_WEIGHTS = (8 / 12, -8 / 12, -1 / 12, 1 / 12)
@@ -72,9 +74,7 @@ def _noise_spread(rows: int, columns: int) -> float:
   if rows == 0 or columns == 0:
     return 1.0
   root_a, root_b = math.sqrt(rows), math.sqrt(columns)
-  if root_a == root_b:
-    return math.inf
-  return (root_a + root_b) / abs(root_a - root_b)
+  return math.inf if root_a == root_b else (root_a + root_b) / abs(root_a - root_b)
 
 
 def choose_cut(singular_values: np.ndarray, samples: int, dim: int, precision: float) -> Cut:
@@ -159,13 +159,6 @@ def _batched(fn: Callable, dtype, chunk: int, fixed_shape: bool) -> Callable:
   return apply
 
 
-def _evaluator(f: Callable, dtype, vectorized: bool) -> Callable:
-  """A function points [n, dim] → values [n] (float64 on the host) calling f once per point."""
-  if vectorized:
-    return _batched(f, dtype, _CHUNK, fixed_shape=False)
-  return lambda points: np.array([float(f(point)) for point in points], np.float64)
-
-
 def finite_difference_gradients(evaluate: Callable, points: np.ndarray, step: float,
                                 coordinates: np.ndarray | None = None) -> np.ndarray:
   """Five-point central differences of f at `points` along the coordinate axes (the stencil of
@@ -184,8 +177,7 @@ def finite_difference_gradients(evaluate: Callable, points: np.ndarray, step: fl
     [n, c] partial derivatives, float64.
   """
   n, dim = points.shape
-  if coordinates is None:
-    coordinates = np.arange(dim)
+  coordinates = np.arange(dim) if coordinates is None else coordinates
   c = len(coordinates)
   group = max(1, _CHUNK // c)  # points per pass: bounds the [group, c, dim] stencil arrays
   estimate = np.zeros((n, c), np.float64)
@@ -204,16 +196,11 @@ def _snap(points: np.ndarray, step: float) -> np.ndarray:
   return (np.round(points.astype(np.float64) / step) * step).astype(points.dtype)
 
 
-def _scales() -> list[float]:
-  """Candidate scales 2^j, ordered by |j| (s = 1 first, then 1/2, 2, 1/4, 4, …)."""
-  return [2.0 ** j for j in sorted(_SCALE_EXPONENTS, key=lambda j: (abs(j), j > 0))]
-
-
 def _search_gradient_scale(gradients: Callable, dim: int, dtype, rng: np.random.Generator
                            ) -> tuple[float, int]:
   """(scale, queries spent): the scale nearest to 1 at which autodiff gradients are finite and
   nonzero."""
-  for tries, scale in enumerate(_scales(), 1):
+  for tries, scale in enumerate(_SCALES, 1):
     probe = gradients((scale * rng.standard_normal((_PROBE_POINTS, dim))).astype(dtype))
     if np.all(np.isfinite(probe)) and np.all(np.linalg.norm(probe, axis=1) > 0):
       return scale, tries * _PROBE_POINTS
@@ -226,10 +213,9 @@ def _search_gradient_scale(gradients: Callable, dim: int, dtype, rng: np.random.
 def _incoherence(partials: np.ndarray) -> float:
   """1 − σ₁²/Σσ² of the rows of `partials` [points, coordinates] scaled to unit norm: the
   share of the gradients' energy outside their common direction (0 when all are parallel)."""
-  norms = np.linalg.norm(partials, axis=1, keepdims=True)
-  if not np.all(norms > 0):
+  if not np.all(np.linalg.norm(partials, axis=1) > 0):
     return 0.0
-  singular_values = np.linalg.svd(partials / norms, compute_uv=False)
+  singular_values = gradient_spectrum(partials, relative_errors=True)
   return float(1.0 - singular_values[0] ** 2 / np.sum(singular_values ** 2))
 
 
@@ -240,13 +226,6 @@ def _step_error(coarse: np.ndarray, fine: np.ndarray) -> float:
   if not (np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine)) and size > 0):
     return math.inf
   return float(np.linalg.norm(coarse - fine) / size)
-
-
-def _probe(rng: np.random.Generator, scale: float, dim: int, points: int, coordinates: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Random probe points s ξ [points, dim] (float64) and distinct coordinates [≤ coordinates]."""
-  return (scale * rng.standard_normal((points, dim)),
-          rng.choice(dim, min(dim, coordinates), replace=False))
 
 
 def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.Generator
@@ -275,8 +254,9 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
   mantissa_bits = np.finfo(dtype).nmant + 1
   per_scale = []  # (ε, scale, step): the best step of each scale
   queries = 0
-  for scale in _scales():
-    points, coordinates = _probe(rng, scale, dim, _PROBE_POINTS, _PROBE_COORDINATES)
+  for scale in _SCALES:
+    points = scale * rng.standard_normal((_PROBE_POINTS, dim))
+    coordinates = rng.choice(dim, min(dim, _PROBE_COORDINATES), replace=False)
     # On the grid of the largest step, the probe points are on the grid of every step, so
     # that all steps are compared at the same points.
     snapped = _snap(points.astype(dtype), scale / 2)
@@ -298,7 +278,8 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
   for error, scale, step in per_scale:
     if error > _NOISE_TOLERANCE * least_error:
       continue
-    points, coordinates = _probe(rng, scale, dim, _CHECK_POINTS, _CHECK_COORDINATES)
+    points = scale * rng.standard_normal((_CHECK_POINTS, dim))
+    coordinates = rng.choice(dim, min(dim, _CHECK_COORDINATES), replace=False)
     for candidate in (step, step / 2, step / 4):
       snapped = _snap(points.astype(dtype), candidate)
       estimate, finer = (finite_difference_gradients(evaluate, snapped, h, coordinates)
@@ -321,9 +302,8 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
                   relative_precision: float | None = None) -> RankEstimate:
   r"""Estimates the rank of the linear map inside f(x) = g(W₁ x) from queries of f alone.
 
-  Method. Gradients at q random points x = s ξ (ξ ~ N(0, I_dim)) are stacked as the rows of
-  G [q, dim] (scaled by :func:`gradient_spectrum`); the row space of W₁ gives r singular values
-  well above the error δ of a row, the rest sit at ≈ δ, and the rank is the cut of
+  Method (module docstring). Gradients at q random points x = s ξ (ξ ~ N(0, I_dim)) are the
+  rows of G [q, dim] (scaled by :func:`gradient_spectrum`); the rank is the cut of
   :func:`choose_cut` (float64 SVD on the host). Samples are drawn until the cut is significant
   and at least `oversampling` gradients beyond the rank have added no direction
   (q ≥ r + oversampling): q starts at 2·oversampling and grows by half while the gap is not
@@ -381,7 +361,9 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
   # Query points come from NumPy, seeded once from `key`: a JAX draw per batch shape would
   # compile once per shape.
   rng = np.random.default_rng(np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
-  evaluate = _evaluator(f, dtype, vectorized)
+  # points [n, dim] → values [n], float64 on the host.
+  evaluate = (_batched(f, dtype, _CHUNK, fixed_shape=False) if vectorized
+              else lambda points: np.array([float(f(point)) for point in points], np.float64))
   budget = math.inf if max_queries is None else max_queries
   if differentiable:
     gradient_fn = _batched(jax.grad(f), dtype, _GRADIENT_CHUNK, fixed_shape=True)

@@ -7,7 +7,7 @@ Every candidate module of a parameter tree of any nesting (Haiku, flax; named by
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,40 +66,39 @@ def format_spectra(spectra: Mapping[str, Mapping[str, Any]]) -> str:
             f"{'stable':>8} {'numerical':>9}")
   lines = [header, "-" * len(header)]
   for name, spectrum in spectra.items():
-    values = spectrum["singular_values"]
+    values = spectrum["singular_values"] or [0]
     shape = "x".join(str(d) for d in spectrum["shape"])
-    lines.append(
-        f"{name:<24} {shape:>13} {values[0] if values else 0:>10.4g} "
-        f"{values[-1] if values else 0:>10.4g} {spectrum['energy_rank_90']:>5d} "
-        f"{spectrum['energy_rank_99']:>5d} {spectrum['stable_rank']:>8.2f} "
-        f"{spectrum['numerical_rank']:>9d}")
+    lines.append(f"{name:<24} {shape:>13} {values[0]:>10.4g} {values[-1]:>10.4g} "
+                 f"{spectrum['energy_rank_90']:>5d} {spectrum['energy_rank_99']:>5d} "
+                 f"{spectrum['stable_rank']:>8.2f} {spectrum['numerical_rank']:>9d}")
   return "\n".join(lines)
 
 
-def plot_spectra(spectra: Mapping[str, Mapping[str, Any]]):
+def plot_spectra(spectra: Mapping[str, Mapping[str, Any]],
+                 swept: Mapping[str, Sequence[int]] | None = None):
   """Normalised singular values s_i/s_1 (log scale) against i, one line per layer, with the
-  90 % (circle) and 99 % (square) energy ranks marked. A Figure on an Agg canvas."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  90 % (circle) and 99 % (square) energy ranks marked, and (×) each layer's ranks in `swept`
+  ({layer: ranks}). A plain Figure: no pyplot."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-  FigureCanvasAgg(fig)
   axes = fig.add_subplot()
   for name, spectrum in spectra.items():
     values = np.asarray(spectrum["singular_values"], np.float64)
     if values.size == 0 or not values[0] > 0:
       continue
     normalised = np.maximum(values / values[0], np.finfo(np.float64).tiny)
-    index = np.arange(1, values.size + 1)
-    (line,) = axes.plot(index, normalised, label=name)
+    (line,) = axes.plot(np.arange(1, values.size + 1), normalised, label=name)
     for key, marker in (("energy_rank_90", "o"), ("energy_rank_99", "s")):
       rank = spectrum[key]
       if 1 <= rank <= values.size:
         axes.plot([rank], [normalised[rank - 1]], marker=marker, color=line.get_color(),
                   linestyle="none")
-  axes.set_yscale("log")
-  axes.set_xlabel("index i")
-  axes.set_ylabel("s_i / s_1")
-  axes.set_title("Singular values per layer (o: 90 % energy, □: 99 % energy)")
+    ranks = [rank for rank in (swept or {}).get(name, ()) if 1 <= rank <= values.size]
+    if ranks:
+      axes.plot(ranks, normalised[np.asarray(ranks) - 1], marker="x", markersize=9,
+                linestyle="none", color=line.get_color())
+  axes.set(yscale="log", xlabel="index i", ylabel="s_i / s_1",
+           title="Singular values per layer (o: 90 % energy, □: 99 % energy)")
   if spectra:
     axes.legend(fontsize="small")
   return fig

@@ -173,9 +173,7 @@ def test_resnet18_is_the_small_image_resnet_and_its_dense_control_fits():
   assert count <= full // 3 and tuple(control.widths) < (4, 8, 8, 16)
 
 
-def test_the_built_in_fields_a_user_network_may_ignore_are_the_networks_fields():
-  every = {field for fields in lrnet.models.NETWORK_FIELDS.values() for field in fields}
-  assert set(lrnet.config.BUILT_IN_FIELDS) == every
+def test_the_config_names_the_networks():
   assert set(lrnet.config.MODELS) == set(lrnet.models.NETWORKS)
 
 

@@ -67,8 +67,13 @@ def _line(ax, label):
   return line
 
 
+def _series(results, group="ranks"):
+  """(params, score) per key of plots.ACCURACY_SERIES: the x and y of plots.accuracy_marks."""
+  return {key: (marks.x, marks.y) for key, marks in plots.accuracy_marks(results, group).items()}
+
+
 def test_accuracy_series():
-  series = plots.accuracy_series(RESULTS)
+  series = _series(RESULTS)
   assert list(series) == [key for key, _ in plots.ACCURACY_SERIES]
   params = [17_162, 48_650, 174_602, 278_026, 1_092_106]
   assert series["truncated_accuracy"] == (params, [0.41, 0.62, 0.9, 0.94, 0.97])
@@ -83,7 +88,7 @@ def test_budgets_are_drawn_as_their_own_series():
   budget = {"budget": 0.05, "layer_ranks": {"linear_0": 8}, "params": 30_000,
             "truncated_accuracy": 0.5, "factorized_accuracy": 0.9}
   results = _results(budgets=[budget])
-  assert plots.accuracy_series(results, "budgets")["factorized_accuracy"] == ([30_000], [0.9])
+  assert _series(results, "budgets")["factorized_accuracy"] == ([30_000], [0.9])
   ax, = plots.plot_accuracy_vs_params(results).axes
   line = _line(ax, "factorized fine-tuned, allocated ranks")
   assert list(line.get_xdata()) == [30_000] and line.get_linestyle() == "--"
@@ -91,7 +96,7 @@ def test_budgets_are_drawn_as_their_own_series():
 
 def test_dense_controls_sit_at_their_own_parameter_count():
   entry = dict(RESULTS["ranks"][0], dense_control_params=16_000, dense_control_accuracy=0.95)
-  series = plots.accuracy_series(_results(ranks=[entry]))
+  series = _series(_results(ranks=[entry]))
   assert series["dense_control_accuracy"] == ([16_000], [0.95])
 
 
@@ -101,7 +106,7 @@ def test_accuracy_figure_draws_the_series_and_teacher():
   assert len(lines) == len(plots.ACCURACY_SERIES) + 1  # the series (some empty) + teacher
   for (key, label), line in zip(plots.ACCURACY_SERIES, lines):
     assert line.get_label() == label
-    xs, ys = plots.accuracy_series(RESULTS)[key]
+    xs, ys = _series(RESULTS)[key]
     np.testing.assert_array_equal(line.get_xdata(), xs)
     np.testing.assert_array_equal(line.get_ydata(), ys)
   teacher = lines[-1]
@@ -116,7 +121,7 @@ def test_accuracy_figure_draws_the_series_and_teacher():
   annotations = sorted((text.get_text(), text.xy) for text in ax.texts)
   labels = {17_162: "r=4", 48_650: "r=16", 174_602: "r=64", 278_026: "r=25%", 1_092_106: "full"}
   assert annotations == sorted((labels[x], (x, y)) for xs, ys in
-                               plots.accuracy_series(RESULTS).values() for x, y in zip(xs, ys))
+                               _series(RESULTS).values() for x, y in zip(xs, ys))
   assert ("r=4", (17_162, 0.41)) in annotations and ("full", (1_092_106, 0.97)) in annotations
 
 

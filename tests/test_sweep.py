@@ -694,8 +694,8 @@ def test_budgets_and_whitened_starts_in_the_sweep(tmp_path):
   # The factorized student started from the whitened factors: its run says so via its fingerprint.
   record = json.loads((tmp_path / "runs" / "rank_b0.1_factorized.json").read_text())
   assert record["fingerprint"]["truncation"] == "whitened"
-  budgets = plots.accuracy_series(results, "budgets")
-  assert budgets["factorized_accuracy"] == ([budget["params"]], [budget["factorized_accuracy"]])
+  budgets = plots.accuracy_marks(results, "budgets")["factorized_accuracy"]
+  assert (budgets.x, budgets.y) == ([budget["params"]], [budget["factorized_accuracy"]])
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [row["rank"] for row in rows] == ["teacher", "2", ""] and rows[2]["budget"] == "0.1"
