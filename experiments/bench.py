@@ -22,10 +22,7 @@ parameters come from); matmul_gflops (float32 1024² matmul throughput);
     times; theoretical_ratio = Σ r(m + n) / Σ m·n over the factorized (hidden) layers
 """
 
-from __future__ import annotations
-
 import functools
-import numbers
 import os
 import platform
 import time
@@ -57,23 +54,18 @@ def validate(config) -> None:
   for field in ("batch_size", "block_steps", "repeats", "exact_repeats", "optimality_steps",
                 "optimality_every", "input_dim", "num_classes"):
     config_lib.check_positive_int(config, field)
-  rate = config.learning_rate
-  if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not rate > 0:
-    raise config_lib.ConfigError(f"config field learning_rate={config.learning_rate!r} is "
-                                 "invalid: must be a number > 0")
+  config_lib._positive_float(config, "learning_rate")
   config_lib.check_positive_int(config, "pretrain_steps", allow_zero=True)
   if config.optimality_every > config.optimality_steps:
     raise config_lib.ConfigError(f"config field optimality_every={config.optimality_every!r} is "
                                  f"invalid: must be <= optimality_steps={config.optimality_steps}")
   if config.data_name not in data.DATASETS + ("random",):
-    raise config_lib.ConfigError(f"config field data_name={config.data_name!r} is invalid: "
-                                 f"allowed: {', '.join(data.DATASETS)}, random")
+    config_lib._fail("data_name", config.data_name, f"allowed: {', '.join(data.DATASETS)}, random")
   for field in ("hidden", "latency_batch_sizes") + RANK_FIELDS:
     values = config[field]
     if not isinstance(values, (tuple, list)) or not values or not all(
         config_lib.is_int(v) and v >= 1 for v in values):
-      raise config_lib.ConfigError(f"config field {field}={values!r} is invalid: must be a "
-                                   "non-empty tuple of integers >= 1")
+      config_lib._fail(field, values, "must be a non-empty tuple of integers >= 1")
 
 
 def check_ranks(config, hidden_shapes) -> None:
@@ -83,9 +75,8 @@ def check_ranks(config, hidden_shapes) -> None:
   max_rank = min((m * n - 1) // (m + n) for m, n in hidden_shapes)
   for field in RANK_FIELDS:
     if max(config[field]) > max_rank:
-      raise config_lib.ConfigError(
-          f"config field {field}={config[field]!r} is invalid: ranks must be in 1..{max_rank} "
-          f"(r·(m + n) < m·n for every hidden layer {hidden_shapes})")
+      config_lib._fail(field, config[field], f"ranks must be in 1..{max_rank} (r·(m + n) < m·n "
+                                             f"for every hidden layer {hidden_shapes})")
 
 
 def _load_data(config):
@@ -159,16 +150,12 @@ def _train_steps(config, params, hidden, num_classes, optimizer, images, labels,
     model_state = students.tracker_state(net, params, images[:1])
     # An exact block is seconds long: first-call overheads vanish in it, no warm-up needed.
     run_student = timer(net, params, model_state, warmup=method != "exact")
-    # Dense and student blocks run in turn keep the ratio honest on a machine whose speed
-    # drifts: the dense step measured alone, first, ran 20–30 % slow on the shared 2-core CPU
-    # (BUILD_NOTES.md).
-    student_s = dense_s = 0.0
-    for _ in range(blocks):
-      dense_times.append(run_dense())
-      dense_s += dense_times[-1]
-      student_s += run_student()
-    rows.append({"method": method, "rank": rank, "ms": student_s / (blocks * steps) * 1e3,
-                 "ratio": student_s / dense_s})
+    # Dense and student blocks in turn keep the ratio honest on a machine whose speed drifts:
+    # alone and first, the dense step ran 20–30 % slow on the shared 2-core CPU (BUILD_NOTES.md).
+    dense_s, student_s = zip(*[(run_dense(), run_student()) for _ in range(blocks)])
+    dense_times += dense_s
+    rows.append({"method": method, "rank": rank, "ms": sum(student_s) / (blocks * steps) * 1e3,
+                 "ratio": sum(student_s) / sum(dense_s)})
     log(f"train step {method} rank {rank}: {rows[-1]['ratio']:.2f}× dense")
   return rows, float(np.median(dense_times)) / steps * 1e3
 
@@ -182,11 +169,6 @@ def next_projection(w: jax.Array, layer_state: tracker.TrackerState, rank: int) 
   return tracker.leading_rows(left, rank).T @ right
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _next_optimality(w, layer_state, rank):
-  return tracker.optimality_ratio(w, next_projection(w, layer_state, rank), rank)
-
-
 def _optimality(config, params, hidden, num_classes, optimizer, images, labels, log) -> dict:
   """The `optimality` section: alternating students trained from `params`, one jitted step
   per call, ρ of every hidden layer's next projection every `optimality_every` steps."""
@@ -196,17 +178,17 @@ def _optimality(config, params, hidden, num_classes, optimizer, images, labels, 
   for rank in config.optimality_ranks:
     net = models.mlp(hidden, num_classes, project_rank=rank)
     step = jax.jit(train.make_train_epoch(train.stateful_apply(net), optimizer, batch))
+    optimality = jax.jit(lambda w, layer_state: tracker.optimality_ratio(
+        w, next_projection(w, layer_state, rank), rank))
     state = train.commit(train.init_state(
         params, optimizer, students.tracker_state(net, params, images[:1])))
-    ratios = []
+    ratios, layers = [], [f"linear_{layer}" for layer in range(len(hidden))]
     for i in range(steps):
       state, _ = step(state, images, labels, order[i * batch:(i + 1) * batch])
       if (i + 1) % config.optimality_every == 0:
-        ratios += [float(_next_optimality(state.params[f"linear_{layer}"]["w"],
-                                          state.model_state[f"linear_{layer}"]["tracker"], rank))
-                   for layer in range(len(hidden))]
-    refreshes = sum(int(state.model_state[f"linear_{layer}"]["tracker"].refreshes)
-                    for layer in range(len(hidden)))
+        ratios += [float(optimality(state.params[layer]["w"], state.model_state[layer]["tracker"]))
+                   for layer in layers]
+    refreshes = sum(int(state.model_state[layer]["tracker"].refreshes) for layer in layers)
     entries.append({"rank": rank, "steps": steps, "max": max(ratios),
                     "median": float(np.median(ratios)), "measurements": len(ratios),
                     "refreshes": refreshes})
@@ -222,11 +204,10 @@ def _latency(config, params, hidden, num_classes, shapes) -> list:
   hidden_shapes = shapes[:-1]  # the output layer stays dense
   for size in config.latency_batch_sizes:
     x = jax.random.uniform(jax.random.PRNGKey(config.seed), (size, shapes[0][0]))
-    dense_ms = train.measure_latency(jax.jit(dense.apply), params, x, repeats=4 * config.repeats)
+    dense_ms = train.measure_latency(dense.apply, params, x, repeats=4 * config.repeats)  # jits
     for rank in config.ranks:
-      factorized = models.mlp(hidden, num_classes, ranks=rank)
-      ms = train.measure_latency(jax.jit(factorized.apply), compression.compress(params, rank), x,
-                                 repeats=4 * config.repeats)
+      ms = train.measure_latency(models.mlp(hidden, num_classes, ranks=rank).apply,
+                                 compression.compress(params, rank), x, repeats=4 * config.repeats)
       theory = sum(rank * (m + n) for m, n in hidden_shapes) / sum(m * n for m, n in hidden_shapes)
       rows.append({"batch": size, "rank": rank, "dense_ms": dense_ms, "factorized_ms": ms,
                    "ratio": ms / dense_ms, "theoretical_ratio": theory})

@@ -4,6 +4,7 @@ user-facing error handling."""
 import ast
 import difflib
 import importlib.util
+import io
 import os
 import re
 import signal
@@ -21,19 +22,12 @@ from lrnet import parallel
 from lrnet import runtime
 from lrnet import train
 
-CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an lrnet config file, e.g. configs/mnist.py; override fields with "
-    "--config.FIELD=VALUE.", lock_config=True)
-flags.mark_flags_as_required(["config"])
-
-USER_ERRORS = (config_lib.ConfigError, data.DataError, train.NonFiniteError)
-HELP_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "digits.py")  # the quick start's: `--help` without `--config`
+HELP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py")  # quick start's
 # `config.teacher.epochs = 30  # its meaning`: the target less its first name, and the comment.
 ASSIGNMENT = re.compile(r"\s*[A-Za-z_]\w*((?:\.\w+)+)\s*=(?!=)")
 
 
-def _exit_with(message: str):
+def exit_with(message: str):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(2)
 
@@ -49,12 +43,11 @@ def _config_spec(argv: list[str]) -> str | None:
 
 
 def check_config_file(argv: list[str]) -> None:
-  """Exits with one line if the --config file does not exist (ml_collections would print a traceback)."""
-  spec = _config_spec(argv)
-  path = None if spec is None else spec.split(":", 1)[0]  # config_flags allows "file.py:arg"
-  if path is not None and not os.path.isfile(path):
-    _exit_with(f"config file --config={path} does not exist (e.g. configs/mnist.py, "
-               f"configs/fashion_mnist.py, configs/digits.py)")
+  """Exits with one line if the --config file is missing (ml_collections: a traceback)."""
+  spec = _config_spec(argv)  # config_flags allows "file.py:arg"
+  if spec is not None and not os.path.isfile(path := spec.split(":", 1)[0]):
+    exit_with(f"config file --config={path} does not exist (e.g. configs/mnist.py, "
+              f"configs/fashion_mnist.py, configs/digits.py)")
 
 
 def load_config(spec: str):
@@ -76,30 +69,22 @@ def _fields(config, prefix: str = "") -> list[tuple[str, object]]:
   return fields
 
 
-def _config_sources(path: str) -> list[str]:
-  """The config files `path` imports (`from configs import mnist`), depth first, then `path`."""
+def field_comments(path: str) -> list[tuple[str, str]]:
+  """(target, comment) of every assignment that a comment ends, first in the config files
+  `path` imports (`from configs import mnist`), depth first, then in `path`: the convention
+  that a field's comment is its meaning. The target is the assigned name less its first part:
+  `teacher.epochs`, or `epochs` of a recipe's `run.epochs`."""
   with open(path) as f:
-    tree = ast.parse(f.read())
-  sources = []
-  for node in ast.walk(tree):
+    source = f.read()
+  comments = []
+  for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.ImportFrom) and node.module == "configs":
       for alias in node.names:
-        spec = importlib.util.find_spec(f"configs.{alias.name}")
-        sources += [s for s in _config_sources(spec.origin) if s not in sources]
-  return sources + [os.path.abspath(path)]
-
-
-def field_comments(path: str) -> list[tuple[str, str]]:
-  """(target, comment) of every assignment that a comment ends, in the order of
-  `_config_sources`: the convention that a field's comment is its meaning. The target is the
-  assigned name less its first part: `teacher.epochs`, or `epochs` of a recipe's `run.epochs`."""
-  comments = []
-  for source in _config_sources(path):
-    with open(source) as f:
-      for token in tokenize.generate_tokens(f.readline):
-        match = ASSIGNMENT.match(token.line) if token.type == tokenize.COMMENT else None
-        if match:
-          comments.append((match.group(1)[1:], token.string.lstrip("#").strip()))
+        comments += field_comments(importlib.util.find_spec(f"configs.{alias.name}").origin)
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    match = ASSIGNMENT.match(token.line) if token.type == tokenize.COMMENT else None
+    if match:
+      comments.append((match.group(1)[1:], token.string.lstrip("#").strip()))
   return comments
 
 
@@ -119,9 +104,8 @@ def config_help(spec: str) -> str:
   """`--help`: the entry point's docstring and every field of the config `spec`."""
   fields = config_fields(spec)
   width = min(max(len(f"{field} = {value}") for field, value, _ in fields), 48)
-  return "\n".join([(sys.modules["__main__"].__doc__ or "").strip(), "",
-                    f"Fields of {spec} (set one with --config.FIELD=VALUE; absl's flags: "
-                    "--helpfull):"]
+  heading = f"Fields of {spec} (set one with --config.FIELD=VALUE; absl's flags: --helpfull):"
+  return "\n".join([(sys.modules["__main__"].__doc__ or "").strip(), "", heading]
                    + [f"  {f'{field} = {value}':<{width}}  # {meaning}".rstrip(" #")
                       for field, value, meaning in fields])
 
@@ -151,8 +135,7 @@ def check_config_overrides(argv: list[str]) -> None:
   for field in fields:
     if field not in known:
       close = difflib.get_close_matches(field, known, n=1)
-      _exit_with(f"unknown config field {field}"
-                 + (f" (did you mean {close[0]}?)" if close else ""))
+      exit_with(f"unknown config field {field}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -160,25 +143,19 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    _exit_with(" ".join(str(error).split()))
-
-
-def _terminate(signum, frame):
-  del signum, frame
-  raise KeyboardInterrupt()
+    exit_with(" ".join(str(error).split()))
 
 
 def run_guarded(job) -> None:
   """Runs `job()`; user errors and interrupts become one line on stderr and a non-zero exit."""
-  signal.signal(signal.SIGTERM, _terminate)
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
   logging.set_verbosity(logging.WARNING)  # progress lines are printed; keep library chatter out
   try:
     job()
-  except USER_ERRORS as error:
-    _exit_with(str(error))
-  except KeyboardInterrupt as interrupt:
-    # A run in training stops after its epoch and says what it saved (`lrnet.sweep`).
-    saved = interrupt.args[0] if interrupt.args else "no run was training; every finished run is saved"
+  except (config_lib.ConfigError, data.DataError, train.NonFiniteError) as error:
+    exit_with(str(error))
+  except KeyboardInterrupt as interrupt:  # a run in training saves its epoch, says so: lrnet.sweep
+    saved = (interrupt.args or ["no run was training; every finished run is saved"])[0]
     print(f"interrupted: {saved}; run the same command again to resume", file=sys.stderr,
           flush=True)
     sys.exit(130)
@@ -192,12 +169,17 @@ def run_app(job) -> None:
     print(config_help(_config_spec(sys.argv) or os.path.relpath(HELP_CONFIG)))
     sys.exit(0)
   check_config_overrides(sys.argv)
+  # Not on import: experiments.rank_game shares `parse_flags` and has no config.
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Path to an lrnet config file, e.g. configs/mnist.py; override fields with "
+      "--config.FIELD=VALUE.", lock_config=True)
+  flags.mark_flags_as_required(["config"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed()  # several processes (Slurm, MPI, TPU pod): join first
     runtime.limit_lapack_threads(1)  # small LAPACK calls inside jitted steps: BUILD_NOTES.md
-    run_guarded(lambda: job(CONFIG.value))
+    run_guarded(lambda: job(config.value))
 
   app.run(main, flags_parser=parse_flags)

@@ -18,10 +18,7 @@ default would give other numbers from the same key; the notebook prints no weigh
 against). Harry's query points come from ``PRNGKey(seed + 1)`` folded with the round index.
 """
 
-from __future__ import annotations
-
 import random
-import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -32,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import cli
 from lrnet import rank_estimation
 
 DIM = 100          # length of Hermione's vectors
@@ -74,36 +72,20 @@ class GameResult(NamedTuple):
 
 def hermione_chooses(key: jax.Array, rng: random.Random
                      ) -> tuple[jax.Array, int, jax.Array, jax.Array]:
-  """One round's secret, drawn exactly as `Game.hermione_chooses_r_and_W` in the notebook:
-  (the key for the next round, r from `rng`, W₁ [r, 100] float32, W₂ [100, r] float32), the
-  game's `key` consumed as the notebook does (two splits)."""
+  """One round's secret, drawn as the notebook's `Game.hermione_chooses_r_and_W` (module
+  docstring): (the key for the next round, r from `rng`, W₁ [r, 100], W₂ [100, r] float32)."""
   rank = rng.randint(1, MAX_RANK)
   with jax.threefry_partitionable(False):
     key, subkey = jax.random.split(key)
-    w1 = jax.random.uniform(subkey, (rank, DIM), maxval=WEIGHT_MAX, minval=0.,
-                            dtype=jnp.float32)
+    w1 = jax.random.uniform(subkey, (rank, DIM), jnp.float32, minval=0., maxval=WEIGHT_MAX)
     key, subkey = jax.random.split(key)
-    w2 = jax.random.uniform(subkey, (DIM, rank), maxval=WEIGHT_MAX, minval=0.,
-                            dtype=jnp.float32)
+    w2 = jax.random.uniform(subkey, (DIM, rank), jnp.float32, minval=0., maxval=WEIGHT_MAX)
   return key, rank, w1, w2
 
 
 def hermione_function(w1: jax.Array, w2: jax.Array) -> Callable[[jax.Array], jax.Array]:
   """f(x) = ‖sin(W₂ cos(W₁ x))‖²₂ for x [100] (the notebook's `hermione_computes_function`)."""
-  def f(x):
-    return jnp.sum(jnp.square(jnp.sin(w2 @ jnp.cos(w1 @ x))))
-  return f
-
-
-def harry_answers(f: Callable, key: jax.Array, estimator: str) -> tuple[int | None, int, str]:
-  """Harry's answer from queries of f alone: (his r, or None when the estimator refuses to
-  guess; queries spent; the refusal or "")."""
-  try:
-    estimate = rank_estimation.estimate_rank(
-        f, DIM, key=key, differentiable=estimator == "autodiff")
-  except ValueError as error:
-    return None, 0, str(error)
-  return estimate.rank, estimate.queries, ""
+  return lambda x: jnp.sum(jnp.square(jnp.sin(w2 @ jnp.cos(w1 @ x))))
 
 
 def play(rounds: int, seed: int, estimator: str,
@@ -115,8 +97,13 @@ def play(rounds: int, seed: int, estimator: str,
   played, start = [], time.perf_counter()
   for index in range(rounds):
     key, rank, w1, w2 = hermione_chooses(key, rng)
-    answer = Round(rank, *harry_answers(hermione_function(w1, w2),
-                                        jax.random.fold_in(harry_key, index), estimator))
+    try:  # Harry's answer, from queries of f alone
+      estimate = rank_estimation.estimate_rank(hermione_function(w1, w2), DIM,
+                                               key=jax.random.fold_in(harry_key, index),
+                                               differentiable=estimator == "autodiff")
+      answer = Round(rank, estimate.rank, estimate.queries, "")
+    except ValueError as error:  # the estimator refuses to guess
+      answer = Round(rank, None, 0, str(error))
     played.append(answer)
     verdict = "right" if answer.answer == rank else "WRONG"
     log(f"round {index + 1:3d}: r = {rank:2d}, Harry says {answer.answer}, "
@@ -134,28 +121,17 @@ def summary(result: GameResult, estimator: str) -> str:
       f"score: {result.right}/{rounds} right ({100 * result.right / rounds:.0f} %), "
       f"{verdict} (needed {WIN_FRACTION:.0%})",
       f"queries per round: mean {queries.mean():.0f}, min {queries.min()}, max {queries.max()}",
-      f"wall time: {result.seconds:.1f} s ({result.seconds / rounds:.2f} s per round)",
-  ])
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; a bad flag is one line on stderr and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+      f"wall time: {result.seconds:.1f} s ({result.seconds / rounds:.2f} s per round)"])
 
 
 def main(argv: list[str]) -> None:
   """Plays the game the flags describe and prints the summary."""
   if len(argv) > 1:
-    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    cli.exit_with(f"unexpected arguments: {argv[1:]}")
   log = (lambda line: print(line, flush=True)) if _VERBOSE.value else (lambda _: None)
   result = play(_ROUNDS.value, _SEED.value, _ESTIMATOR.value, log=log)
   print(summary(result, _ESTIMATOR.value), flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
