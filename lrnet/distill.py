@@ -29,7 +29,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from lrnet import checkpoint
 from lrnet import config as config_lib
 from lrnet import data
 from lrnet import io
@@ -50,11 +49,8 @@ def _check_choice(config, field: str, allowed) -> None:
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:
-  """Checks every field of a distillation config.
-
-  Raises:
-    config_lib.ConfigError: the first invalid field, in one line.
-  """
+  """Checks every field of a distillation config; raises config_lib.ConfigError (one line) at
+  the first invalid one."""
   config_lib.check_workdir_and_seed(config)
   if not isinstance(config_lib._get(config, "overwrite"), bool):
     config_lib._fail("overwrite", config.overwrite, "must be True or False")
@@ -87,12 +83,6 @@ def fingerprint(config: ml_collections.ConfigDict, run: str) -> dict:
   return {**{key: fields[key] for key in keys}, "run": run}
 
 
-def _loops_slow(params) -> bool:
-  """Whether `params` hold a conv kernel and run on a CPU (see `train.in_calls`)."""
-  return jax.default_backend() == "cpu" and any(
-      leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(params))
-
-
 def _dropout_apply(net: hk.Transformed) -> train.ApplyFn:
   """The stateful training apply of `net` whose model state is a PRNG key [2] uint32, split
   every step: dropout acts in training only (evaluation applies `net` without a key)."""
@@ -108,56 +98,39 @@ def train_run(exp: sweep.Experiment, run: str, net: hk.Transformed, settings,
   `settings` (`teacher` or `student` section) and `objective`, chosen on validation. `net`:
   `apply(params, rng, images) -> logits` [batch, classes · k]; `seed`: initialisation, dropout
   and shuffling; `teacher`: (net, params) of the teacher the objective distils, or None.
-
-  Returns:
-    (params, record), or (None, record with "error") if its loss or parameters diverged.
+  Returns `sweep.train_lone`'s (params, state, record); the state, its dropout key, is not saved.
   """
   template = net.init(jax.random.PRNGKey(seed), exp.example)
-  record = exp.finished(run)
-  if record is not None:
-    exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
-    return checkpoint.load_pytree(exp.path("models", run), template), record
-  optimizer = exp.optimizer(settings)
-  unroll = _loops_slow(template) or (teacher is not None and _loops_slow(teacher[1]))
-  teacher_apply = None if teacher is None else lambda params, x: teacher[0].apply(params, None, x)
-  epoch = train.make_train_epoch(
-      _dropout_apply(net), optimizer, settings.batch_size, settings.ema_decay,
-      objective=objective, teacher_apply=teacher_apply, shift=settings.shift,
-      flip=settings.flip, seed=seed, unroll=unroll)
-  epoch_fn = train.members_epoch(epoch, 1, mesh=exp.mesh_for(1))
-  if unroll:
-    epoch_fn = train.in_calls(epoch_fn, settings.batch_size, 1)
-  num_classes = exp.num_classes
-  evaluate = train.make_evaluate(lambda params, x: losses.collapse(net.apply(params, None, x),
-                                                                   num_classes),
-                                 unroll=_loops_slow(template))
-  # ([1] accuracies, [1] losses) of stacked params, as `sweep.train_members` takes them.
-  members_evaluate = jax.jit(lambda params, x, y: tuple(
-      value[None] for value in evaluate(train.unstack(params, 1)[0], x, y)))
-  state = train.init_state(template, optimizer, model_state=jax.random.PRNGKey(seed + 1),
-                           ema=settings.ema_decay > 0)
-  flops = sweep.step_flops(lambda params, _, rng, x: (net.apply(params, rng, x), None), state,
-                           exp.train[0][:settings.batch_size],
-                           None if teacher is None else lambda x: teacher_apply(teacher[1], x))
-  members = sweep.Members([run], [state], epoch_fn,
-                          lambda tree, x, y: members_evaluate(tree["params"], x, y),
-                          lambda tree, _: tree["params"], () if teacher is None else (teacher[1],),
-                          flops)
-  [(record, params)] = sweep.train_members(exp, members, settings, seed,
-                                           fingerprint(exp.config, run))
-  return sweep.finish_network(exp, run, params, record)
+
+  def members():
+    teacher_apply = None if teacher is None else lambda params, x: teacher[0].apply(params, None, x)
+    slow = sweep.loops_slow(template)
+    epoch_fn = exp.members_epoch(
+        _dropout_apply(net), settings, 1, seed=seed, objective=objective,
+        teacher_apply=teacher_apply, with_rng=False,
+        unroll=slow or (teacher is not None and sweep.loops_slow(teacher[1])))
+    evaluate = train.make_evaluate(
+        lambda params, x: losses.collapse(net.apply(params, None, x), exp.num_classes), unroll=slow)
+    state = train.init_state(template, exp.optimizer(settings),
+                             model_state=jax.random.PRNGKey(seed + 1), ema=settings.ema_decay > 0)
+    flops = sweep.step_flops(lambda params, _, rng, x: (net.apply(params, rng, x), None), state,
+                             exp.train[0][:settings.batch_size],
+                             None if teacher is None else lambda x: teacher_apply(teacher[1], x))
+    # A batch of one, evaluated without a loop over members.
+    evaluate_members = sweep._evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y),
+                                               unroll=True)
+    return sweep.Members([run], [state], epoch_fn, evaluate_members, lambda tree, _: tree,
+                         () if teacher is None else (teacher[1],), flops)
+  return sweep.train_lone(exp, run, template, {}, members, settings, seed,
+                          fingerprint(exp.config, run))
 
 
 def open_experiment(config: ml_collections.ConfigDict, log: sweep.Log) -> sweep.Experiment:
   """Validates `config` and loads its data; only then prepares the workdir (a failed start
-  writes nothing).
-
-  Raises:
-    config_lib.ConfigError, data.DataError: an invalid config or missing data.
-  """
+  writes nothing). Raises config_lib.ConfigError or data.DataError: an invalid config or
+  missing data."""
   validate_distill(config)
   dataset = sweep.load_data(config)  # data.name is an image dataset (`validate_distill`)
-  sweep.check_batch_sizes(config, dataset)
   example = dataset.train.images[:1]
   with np.errstate(divide="ignore"):  # Haiku's init scale of a layer without inputs
     shapes = jax.eval_shape(hk.transform(models.network(config.model, 1)).init,
@@ -194,7 +167,7 @@ def run_distill(config: ml_collections.ConfigDict, log: sweep.Log = sweep._print
       io.atomic_write_json(exp.path("results.json"), results)
 
   diversity = config.teacher.diversity
-  teacher_params, results["runs"]["teacher"] = train_run(
+  teacher_params, _, results["runs"]["teacher"] = train_run(
       exp, "teacher", teacher, config.teacher,
       losses.objective(classes, smoothing=config.teacher.label_smoothing,
                        diversity_weight=diversity.weight,
@@ -209,7 +182,7 @@ def run_distill(config: ml_collections.ConfigDict, log: sweep.Log = sweep._print
         classes, smoothing=config.student.label_smoothing,
         distillation_weight=0.0 if method == "alone" else distillation.weight,
         temperature=distillation.temperature, distill_subclasses=method == "subclass")
-    _, results["runs"][f"student_{method}"] = train_run(
+    _, _, results["runs"][f"student_{method}"] = train_run(
         exp, f"student_{method}", student, config.student, objective, config.seed + 1,
         teacher=None if method == "alone" else (teacher, teacher_params))
     save()
@@ -223,12 +196,9 @@ def format_table(results: dict, workdir: str) -> str:
            f"per class",
            f"{'run':<22} {'test acc %':>10} {'val acc %':>10} {'params':>10} {'epochs':>7} "
            f"{'seconds':>8}"]
-  for run, record in results["runs"].items():
-    if "error" in record:
-      lines.append(f"{run:<22} FAILED: {record['error']}")
-      continue
-    lines.append(f"{run:<22} {100 * record['test_accuracy']:>10.2f} "
-                 f"{100 * record['val_accuracy']:>10.2f} {record['params']:>10,} "
-                 f"{record['epochs']:>7} {record['seconds']:>8.1f}")
+  for run, r in results["runs"].items():
+    lines.append(f"{run:<22} FAILED: {r['error']}" if "error" in r else
+                 f"{run:<22} {100 * r['test_accuracy']:>10.2f} {100 * r['val_accuracy']:>10.2f} "
+                 f"{r['params']:>10,} {r['epochs']:>7} {r['seconds']:>8.1f}")
   lines.append(f"results: {os.path.join(workdir, 'results.json')}")
   return "\n".join(lines)

@@ -20,6 +20,7 @@ teacher and every finished run; a finished run whose fingerprint differs is refu
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -27,7 +28,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -68,15 +69,12 @@ CSV_FIELDS = (("rank", "budget", "params", "compression")
               + ("dense_control_params", "dense_control_long_params", "latency_factorized_ms",
                  "theoretical_latency_ratio", "error"))
 Log = Callable[[str], None]
+_print: Log = functools.partial(print, flush=True)
 PLOT_EVERY_SECS = 30.0
 SILENT_SECS = 10.0  # a sweep that logged nothing this long says where it is (`heartbeat`)
 WRITES = ("results.csv", plots.ACCURACY_FILE, plots.COST_FILE, plots.LATENCY_FILE,
           spectra_lib.SPECTRUM_JSON, spectra_lib.SPECTRUM_PNG, "config.json", "runs/", "models/",
           "metrics/", "tensorboard/")  # besides results.json: the final line names them
-
-
-def _print(line: str) -> None:
-  print(line, flush=True)
 
 
 class Budget(NamedTuple):
@@ -128,6 +126,14 @@ def _digest(fields: dict) -> str:
   return hashlib.sha256(io.dumps_json(fields).encode()).hexdigest()[:10]
 
 
+def loops_slow(params) -> bool:
+  """Whether `params` hold a conv kernel and run on a CPU: XLA:CPU runs convolutions inside
+  loops ≈ 18× slower than outside (BUILD_NOTES.md), so such a network trains one step per call
+  (`train.in_calls`) and evaluates without loops."""
+  return jax.default_backend() == "cpu" and any(
+      leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(params))
+
+
 def eval_apply(fn: Callable) -> Callable:
   """`(tree, images, state) -> logits` of the dense network `fn` in evaluation: no rng, the
   Haiku state (BatchNorm statistics) read and not updated. `tree`: its parameters."""
@@ -168,10 +174,7 @@ class Experiment:
                                    f"{exclude} are invalid: {' '.join(str(error).split())}") from None
     shapes = compress_lib.matrix_shapes(network.params)
     self.layers = {name: shapes[name] for name in selected}
-    # XLA:CPU runs convolutions inside loops ≈ 18× slower than outside (BUILD_NOTES.md): conv
-    # networks on a CPU train one step per call and evaluate without loops.
-    self.unroll = jax.default_backend() == "cpu" and any(
-        leaf.ndim > 2 for leaf in jax.tree_util.tree_leaves(network.params))
+    self.unroll = loops_slow(network.params)
     self.evaluate_dense = train.make_evaluate(eval_apply(self.eval_fn), unroll=self.unroll)
     self.cache = {}             # compiled programs, shared by every rank
     self.places = {}            # {run: "3/14 rank 8 factorized"}: its place in the plan (`plan`)
@@ -206,26 +209,29 @@ class Experiment:
     return train.optimizer(settings, self.train[1].shape[0] // settings.batch_size)
 
   def members_epoch(self, apply_fn: Callable, settings, num_members: int,
-                    side_by_side: bool = False, distill: bool = False,
-                    seed: Optional[int] = None) -> Callable:
+                    side_by_side: bool = False, distill: bool = False, seed: Optional[int] = None,
+                    objective=None, teacher_apply=None, unroll: Optional[bool] = None,
+                    with_rng: bool = True) -> Callable:
     """The jitted epoch of `num_members` members of `apply_fn(params, state, rng, images)`
-    trained with `settings`' recipe (`train.members_epoch`; one step per call when
-    `self.unroll`), augmentation and dropout drawn from `seed` (default `config.seed`). With
-    `distill`, the student's distillation from the teacher, whose `{"params", "state"}` the
-    epoch then takes last."""
-    weight = settings.distillation.weight if distill else 0.0
-    objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
-                                 distillation_weight=weight,
-                                 temperature=settings.distillation.temperature if weight else 1.0)
-    teacher = eval_apply(self.eval_fn)
+    trained with `settings`' recipe (`train.members_epoch`; one step per call with `unroll`,
+    default `self.unroll`), augmentation and dropout drawn from `seed` (default `config.seed`).
+    With `distill`, the student's distillation from the teacher, whose `{"params", "state"}` the
+    epoch then takes last. An `objective` and `teacher_apply` (`train.make_train_epoch`'s)
+    replace the recipe's and `distill`'s."""
+    if objective is None:
+      weight = settings.distillation.weight if distill else 0.0
+      objective = losses.objective(self.num_classes, smoothing=settings.label_smoothing,
+                                   distillation_weight=weight,
+                                   temperature=settings.distillation.temperature if weight else 1.0)
+      teacher = eval_apply(self.eval_fn)
+      teacher_apply = (lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None
+    unroll = self.unroll if unroll is None else unroll
     epoch = train.make_train_epoch(
         apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
-        objective=objective,
-        teacher_apply=(lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None,
-        shift=settings.shift, flip=settings.flip,
-        seed=self.config.seed if seed is None else seed, unroll=self.unroll, with_rng=True)
+        objective=objective, teacher_apply=teacher_apply, shift=settings.shift, flip=settings.flip,
+        seed=self.config.seed if seed is None else seed, unroll=unroll, with_rng=with_rng)
     members = train.members_epoch(epoch, num_members, side_by_side, self.mesh_for(num_members))
-    return train.in_calls(members, settings.batch_size, 1) if self.unroll else members
+    return train.in_calls(members, settings.batch_size, 1) if unroll else members
 
   def mesh_for(self, num_members: int):
     """A batch of members splits its members over the mesh; a lone run uses every device for
@@ -333,9 +339,8 @@ def plan(exp: Experiment) -> str:
   reused = [label for (_, label, _), done in zip(runs, finished) if done]
   exp.epochs_left = sum(epochs for (_, _, epochs), done in zip(runs, finished) if not done)
   students = f"{', '.join(config.sweep.kinds)} at" if config.sweep.kinds else "truncation only at"
-  at = " and ".join(filter(None, [f"ranks {', '.join(map(str, config.sweep.ranks))}",
-                                  config.sweep.budgets and
-                                  f"budgets {', '.join(map(str, config.sweep.budgets))}"]))
+  at = f"ranks {', '.join(map(str, config.sweep.ranks))}" + (
+      f" and budgets {', '.join(map(str, config.sweep.budgets))}" if config.sweep.budgets else "")
   seeds = f" × {config.sweep.seeds} seeds" if config.sweep.seeds > 1 else ""
   return (f"plan: {len(runs)} runs: the teacher, then {students} {at}{seeds}; "
           + (f"reusing {len(reused)} finished: {', '.join(reused)}" if reused
@@ -399,7 +404,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
                   fingerprint_fields: dict) -> list:
   """Trains a batch (resuming from its checkpoint); returns per member (record, params) or
   ({"error": ...}, None) for a member whose loss or parameters stopped being finite."""
-  names, count = members.names, len(members.names)
+  names, count, where = members.names, len(members.names), exp.where(members.names)
   # A batch padded for the mesh holds copies: another padding must not restore its checkpoint.
   suffix = f"-x{len(members.states)}" if len(members.states) != count else ""
   checkpoint_dir = exp.path("checkpoints",
@@ -408,17 +413,15 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   progress = train.start_progress(members.states, train.evaluated_with_state)
   checkpointer = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=1)
   resumed = checkpointer.latest_step() is not None
-  where = exp.where(names)
   if resumed:
     progress, _ = checkpointer.restore(progress)
     exp.log(f"{where} resuming after epoch {int(progress.epoch)}")
   exp.epochs_left -= int(progress.epoch) * count
   doing = lambda progress: f"{where} epoch {int(progress.epoch) + 1} of {settings.epochs}"
   exp.doing = doing(progress)
-  steps = np.asarray(progress.state.step)
   writers = [metrics_lib.MetricsWriter(exp.workdir, name,
-                                       resume_from_step=int(steps[i]) if resumed else None)
-             for i, name in enumerate(names)]
+                                       resume_from_step=int(step) if resumed else None)
+             for name, step in zip(names, np.asarray(progress.state.step))]
   last_save = [time.perf_counter(), None]  # time and epoch of the last checkpoint
 
   def save(progress):
@@ -448,9 +451,8 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
     with deferred_interrupts(exp):
       progress = train.fit(progress, members.epoch_fn, lambda p: members.evaluate(p, *exp.val)[0],
                            *exp.train, epochs=settings.epochs, seed=seed,
-                           patience=settings.patience or None,
-                           on_epoch=on_epoch, epoch_args=members.epoch_args,
-                           mesh=exp.mesh_for(len(members.states)),
+                           patience=settings.patience or None, on_epoch=on_epoch,
+                           epoch_args=members.epoch_args, mesh=exp.mesh_for(len(members.states)),
                            evaluated=train.evaluated_with_state)
       if exp.interrupted:  # after the last epoch's `on_epoch`
         save(progress)
@@ -464,7 +466,7 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
   seconds, steps = time.perf_counter() - start, np.asarray(progress.state.step)
   outcomes = []
   for i, (name, params) in enumerate(zip(names, train.unstack(progress.best_params, count))):
-    failed_step, member_steps = int(progress.failed_step[i]), int(steps[i])
+    failed_step, step = int(progress.failed_step[i]), int(steps[i])
     if failed_step:
       message = f"{name}: non-finite loss or parameters at step {failed_step}"
       exp.log(f"[{name}] FAILED: {message}")
@@ -473,9 +475,8 @@ def train_members(exp: Experiment, members: Members, settings, seed: int,
     record = {"test_accuracy": float(test_accuracy[i]), "test_loss": float(test_loss[i]),
               "val_accuracy": float(progress.best_val_accuracy[i]),
               "epochs": int(progress.epochs_done[i]), "best_epoch": int(progress.best_epoch[i]),
-              "steps": member_steps, "examples": member_steps * settings.batch_size,
-              "train_flops": (None if members.step_flops is None
-                              else member_steps * members.step_flops),
+              "steps": step, "examples": step * settings.batch_size,
+              "train_flops": None if members.step_flops is None else step * members.step_flops,
               "seconds": seconds, "trained_with": list(names), "fingerprint": fingerprint_fields}
     outcomes.append((record, members.final_params(params, i)))
   shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -490,8 +491,7 @@ def _evaluate_members(evaluate: Callable, unroll: bool = False) -> Callable:
     if not unroll:
       return jax.lax.map(member, (params, args))
     n = jax.tree_util.tree_leaves(params)[0].shape[0]
-    outcomes = [member(jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], (params, args)))
-                for i in range(n)]
+    outcomes = [member(tree) for tree in train.unstack((params, args), n)]
     return tuple(jnp.stack(values) for values in zip(*outcomes))
   return jax.jit(members)
 
@@ -502,59 +502,56 @@ def saved(params, state, kept) -> Any:
   return {"params": params, "state": {name: state[name] for name in kept}} if kept else params
 
 
-def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
-                settings=None) -> tuple:
-  """Trains (or reloads) a dense network `fn` from scratch with the recipe `settings` (a config
-  section; default the teacher's), initialised, shuffled and augmented by `seed`.
-
-  Returns:
-    (params, state, record), or (None, None, record with "error") if its loss or parameters
-    stopped being finite.
-  """
-  train_fn, eval_fn = models.modes(fn)
-  net = hk.transform_with_state(train_fn)
-  params, state = net.init(jax.random.PRNGKey(seed), exp.example)
+def train_lone(exp: Experiment, run: str, params, state: dict, members: Callable[[], Members],
+               settings, seed: int, fields: dict) -> tuple:
+  """Trains (or reloads) the lone network `run` of initial `params` and Haiku `state`, a batch of
+  one (`members()`, built only when trained, its `final_params` the member's {"params",
+  "state"}), with the recipe `settings` and shuffling `seed`. A trained one is logged and
+  saved (`saved`: its parameters, with its state if `state` has any) with its parameter count.
+  Returns (params, state, record), or (None, None, record with "error") if its loss or
+  parameters stopped being finite."""
   record = exp.finished(run)
   if record is not None:
     if run not in exp.places:  # else the plan listed it
       exp.log(f"[{run}] reusing the trained {run} in {exp.path('models', run)}")
     tree = checkpoint.load_pytree(exp.path("models", run), saved(params, state, state))
     return (*((tree["params"], tree["state"]) if state else (tree, {})), record)
-  settings = settings or exp.config.teacher
-  start = train.init_state(params, exp.optimizer(settings), model_state=state,
-                           ema=settings.ema_decay > 0)
-  evaluate = (exp.evaluate_dense if fn is exp.fn
-              else train.make_evaluate(eval_apply(eval_fn), unroll=exp.unroll))
-  members = Members([run], [start], exp.members_epoch(net.apply, settings, 1, seed=seed),
-                    _evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y,
-                                                                  tree["state"]), exp.unroll),
-                    lambda tree, _: tree,
-                    step_flops=step_flops(net.apply, start, exp.train[0][:settings.batch_size]))
-  [(record, tree)] = train_members(exp, members, settings, seed, fields)
+  [(record, tree)] = train_members(exp, members(), settings, seed, fields)
   if tree is None:
     return None, None, record
-  params, _ = finish_network(exp, run, tree["params"], record,
-                             saved(tree["params"], tree["state"], state) if state else None)
-  return params, tree["state"], record
-
-
-def finish_network(exp: Experiment, run: str, params, record: dict, to_save=None) -> tuple:
-  """A lone network's outcome from `train_members`: logged and saved (`to_save`, default its
-  parameters) with its parameter count, or (None, record) if it failed."""
-  if params is None:
-    return None, record
-  record["params"] = compress_lib.count_params(params)
+  record["params"] = compress_lib.count_params(tree["params"])
   exp.log(f"{exp.where([run])} test accuracy {record['test_accuracy']:.4f} (val "
           f"{record['val_accuracy']:.4f}, {record['epochs']} epochs, {record['seconds']:.1f} s)")
-  return params, exp.finish(run, params if to_save is None else to_save, record)
+  exp.finish(run, saved(tree["params"], tree["state"], state), record)
+  return tree["params"], tree["state"], record
+
+
+def train_dense(exp: Experiment, run: str, fn: Callable, seed: int, fields: dict,
+                settings=None) -> tuple:
+  """Trains (or reloads) a dense network `fn` from scratch with the recipe `settings` (a config
+  section; default the teacher's), initialised, shuffled and augmented by `seed`; returns
+  `train_lone`'s (params, state, record)."""
+  train_fn, eval_fn = models.modes(fn)
+  net = hk.transform_with_state(train_fn)
+  params, state = net.init(jax.random.PRNGKey(seed), exp.example)
+  settings = settings or exp.config.teacher
+
+  def members():
+    start = train.init_state(params, exp.optimizer(settings), model_state=state,
+                             ema=settings.ema_decay > 0)
+    evaluate = (exp.evaluate_dense if fn is exp.fn
+                else train.make_evaluate(eval_apply(eval_fn), unroll=exp.unroll))
+    return Members([run], [start], exp.members_epoch(net.apply, settings, 1, seed=seed),
+                   _evaluate_members(lambda tree, x, y: evaluate(tree["params"], x, y,
+                                                                 tree["state"]), exp.unroll),
+                   lambda tree, _: tree,
+                   step_flops=step_flops(net.apply, start, exp.train[0][:settings.batch_size]))
+  return train_lone(exp, run, params, state, members, settings, seed, fields)
 
 
 def run_teacher(exp: Experiment) -> tuple[Any, dict, dict]:
-  """Trains (or reloads) the dense teacher. Returns its params, Haiku state and record.
-
-  Raises:
-    train.NonFiniteError: the teacher's loss or parameters stopped being finite.
-  """
+  """Trains (or reloads) the dense teacher; returns its params, Haiku state and record. Raises
+  train.NonFiniteError if its loss or parameters stopped being finite."""
   params, state, record = train_dense(exp, "teacher", exp.fn, exp.config.seed,
                                       fingerprint(exp.config))
   if params is None:
@@ -571,8 +568,7 @@ def run_dense_control(exp: Experiment, teacher: Teacher, rank, kind: str, seed: 
   max_params = sum(row.compressed_params
                    for row in compress_lib.summarize(teacher.params, teacher.ranks(exp, rank)))
   try:
-    model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example,
-                                         max_params)
+    model, params = models.dense_control(exp.config.model, exp.num_classes, exp.example, max_params)
   except ValueError as error:  # e.g. fixed conv layers larger than the student
     exp.log(f"[{run}] not trained: {error}")
     return {"error": str(error)}
@@ -616,16 +612,16 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
   # Padded with copies of the last rank to a multiple of the mesh's members axis (results dropped).
   padding = parallel.member_padding(len(ranks), exp.mesh) if len(ranks) > 1 else 0
   member_ranks = [teacher.ranks(exp, r) for r in list(ranks) + [ranks[-1]] * padding]
-  optimizer, ema = exp.optimizer(settings), settings.ema_decay > 0
-  distill = settings.distillation.weight > 0
-  key = (kind, rank_label(width), len(member_ranks))
+  optimizer, distill = exp.optimizer(settings), settings.distillation.weight > 0
+  init = lambda params, state: train.init_state(params, optimizer, model_state=state,
+                                                ema=settings.ema_decay > 0)
   if kind == "factorized":
     net = students.factorized(exp.train_fn, width_ranks, with_state=True, apply_rng=True)
     twin = students.factorized(exp.eval_fn, width_ranks, with_state=True)
     start = teacher.whitened if config.truncation == "whitened" else teacher.decompositions
-    states = [train.init_state(compress_lib.pad_factors(compress_lib.compress(
-        teacher.params, member, decompositions=start), width_ranks),
-        optimizer, model_state=teacher_state, ema=ema) for member in member_ranks]
+    states = [init(compress_lib.pad_factors(compress_lib.compress(
+        teacher.params, member, decompositions=start), width_ranks), teacher_state)
+              for member in member_ranks]
     evaluate = train.make_evaluate(lambda params, x, state: twin.apply(params, state, x)[0],
                                    unroll=exp.unroll)
     evaluate_tree = lambda tree, x, y: evaluate(tree["params"], x, y, tree["state"])
@@ -639,9 +635,8 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
     # truncation (already of rank r).
     starts = [teacher.params if config.truncation == "svd" else compress_lib.project(
         teacher.params, member, decompositions=teacher.whitened) for member in member_ranks]
-    states = [train.init_state(start, optimizer, ema=ema,
-                               model_state=students.tracker_state(
-                                   net, start, exp.example, rank=member, state=teacher_state))
+    states = [init(start, students.tracker_state(net, start, exp.example, rank=member,
+                                                 state=teacher_state))
               for start, member in zip(starts, member_ranks)]
     # The reported student is its weights truncated exactly at its own ranks.
     evaluate_tree = lambda tree, x, y, r: exp.evaluate_dense(
@@ -650,80 +645,43 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
     final_params = lambda tree, i: saved(tree["params"], tree["state"], teacher_state)
     stacked_ranks = ({name: jnp.asarray([member[name] for member in member_ranks], jnp.int32)
                       for name in width_ranks},)
+  key = (kind, rank_label(width), len(member_ranks))
   epoch_fn = exp.cached(("epoch", seed) + key, lambda: exp.members_epoch(
       net.apply, settings, len(member_ranks), side_by_side(config), distill=distill,
       seed=config.seed + seed))
-  member_evaluate = exp.cached(("evaluate",) + key,
-                               lambda: _evaluate_members(evaluate_tree, exp.unroll))
+  evaluate_members = exp.cached(("evaluate",) + key,
+                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
   teacher_forward = ((lambda x: eval_apply(exp.eval_fn)(teacher.params, x, teacher_state))
                      if distill else None)
   flops = exp.cached(("flops",) + key, lambda: step_flops(
       net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
   return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn,
-                 lambda tree, images, labels: member_evaluate(tree, images, labels, *stacked_ranks),
-                 final_params,
+                 lambda tree, x, y: evaluate_members(tree, x, y, *stacked_ranks), final_params,
                  ({"params": teacher.params, "state": teacher_state},) if distill else (), flops)
 
 
-def train_students(exp: Experiment, teacher: Teacher, kind: str, seed: int,
-                   on_records: Callable[[dict], None]) -> None:
+def train_students(exp: Experiment, teacher: Teacher, kind: str, seed: int) -> Iterator[dict]:
   """Every `kind` student (or control) of the sweep's `seed`-th repetition, in `rank_batches`.
-  Calls `on_records({rank: record})` as runs finish (or were finished before)."""
+  Yields `{rank: record}` as runs finish (first those finished before)."""
   before = {rank: exp.finished(run_name(rank, kind, seed)) for rank in sweep_points(exp.config)}
   pending = [rank for rank, record in before.items() if record is None]
   if len(pending) < len(before):
-    on_records({rank: record for rank, record in before.items() if record is not None})
+    yield {rank: record for rank, record in before.items() if record is not None}
   if kind in DENSE_CONTROLS:
     for rank in pending:
-      on_records({rank: run_dense_control(exp, teacher, rank, kind, seed)})
+      yield {rank: run_dense_control(exp, teacher, rank, kind, seed)}
     return
   for ranks in rank_batches(exp.config, pending):
     outcomes = train_members(exp, student_members(exp, teacher, kind, ranks, seed),
                              exp.config.student, exp.config.seed + 1 + seed,
                              fingerprint(exp.config, kind))
-    records = {}
     for rank, (record, params) in zip(ranks, outcomes):
-      name = run_name(rank, kind, seed)
       if params is not None:
+        name = run_name(rank, kind, seed)
         exp.log(f"{exp.where([name])} test accuracy {record['test_accuracy']:.4f} "
                 f"({record['epochs']} epochs)")
-        record = exp.finish(name, params, record)
-      records[rank] = record
-    on_records(records)
-
-
-def check_finished_runs(config: ml_collections.ConfigDict, workdir: str,
-                        expected: Optional[dict] = None) -> None:
-  """Refuses finished runs in `workdir` trained under other settings than `expected`'s
-  ({run: fingerprint}, default this sweep's: `fingerprint`), or with `overwrite` removes them
-  (all of them when the teacher differs: every student depends on it).
-
-  Raises:
-    config_lib.ConfigError: naming the runs and the differing fields.
-  """
-  if expected is None:
-    expected = {"teacher": fingerprint(config), **{
-        run: fingerprint(config, kind) for run, kind, _, _ in seed_runs(config)}}
-  stale = {}
-  for run, fields in expected.items():
-    path = os.path.join(workdir, "runs", f"{run}.json")
-    if os.path.exists(path):
-      recorded = io.read_json(path).get("fingerprint")
-      if recorded != io.to_jsonable(fields):
-        stale[run] = _differing_fields(recorded or {}, io.to_jsonable(fields))
-  if stale and not config.overwrite:
-    run, fields = next(iter(stale.items()))
-    raise config_lib.ConfigError(
-        f"workdir {workdir} holds {len(stale)} finished run(s) trained with other settings "
-        f"(e.g. {run}: {', '.join(fields) or 'no fingerprint'}); use another --config.workdir or "
-        f"pass --config.overwrite=True to retrain them")
-  if "teacher" in stale:
-    for entry in ("runs", "models", "checkpoints", "metrics", "tensorboard"):
-      shutil.rmtree(os.path.join(workdir, entry), ignore_errors=True)
-    return
-  for run in stale:
-    os.remove(os.path.join(workdir, "runs", f"{run}.json"))
-    shutil.rmtree(os.path.join(workdir, "models", run), ignore_errors=True)
+        exp.finish(name, params, record)
+    yield {rank: record for rank, (record, _) in zip(ranks, outcomes)}
 
 
 def _differing_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -834,39 +792,31 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
     plots.write_plots(results, exp.workdir)
 
 
-def score(results: dict, entry: dict, kind: str) -> tuple:
-  """What the table shows of `entry`'s `kind`: (value, ±) of `plots.score` and `plots.spread`,
-  accuracies in %; None where not measured."""
-  scale = 1.0 if plots.is_text(results) else 100.0
-  value, spread = (f(results, entry, f"{kind}_accuracy") for f in (plots.score, plots.spread))
-  return (None if value is None else value * scale, None if spread is None else spread * scale)
-
-
 def format_table(results: dict, workdir: str) -> str:
   """The final results table for the terminal, and where the results went."""
   is_text, teacher = plots.is_text(results), results["teacher"]
-  digits = 3 if is_text else 2
+  scale, digits = (1.0, 3) if is_text else (100.0, 2)  # accuracies in %
 
-  def show(value, spread):
-    if value is None:
-      return "-"
-    return f"{value:.{digits}f}" + ("" if spread is None else f"±{spread:.{digits}f}")
-  teacher_value = score(results, teacher, "test")[0]
+  def show(entry, kind):
+    """`entry`'s `kind`: `plots.score` ± `plots.spread`; "-" where not measured."""
+    value, spread = (f(results, entry, f"{kind}_accuracy") for f in (plots.score, plots.spread))
+    spread = "" if spread is None else f"±{spread * scale:.{digits}f}"
+    return "-" if value is None else f"{value * scale:.{digits}f}{spread}"
+  teacher_value = plots.score(results, teacher, "test_accuracy") * scale
   teacher_score = (f"{teacher_value:.3f} bits per byte" if is_text
                    else f"accuracy {teacher_value:.2f} %")
-  heads = [("truncated", ""), ("whitened", "truncated"), ("straight-", "through"),
-           ("factorized", ""), ("dense", "control"), ("dense ctrl.", "teacher rec.")]
-  cell, unit = lambda text: f"{text:>13}", "bits/byte" if is_text else "accuracy %"
+  unit = "bits/byte" if is_text else "accuracy %"
+  heads = [("rank", "parameters", "smaller", "truncated", "whitened", "straight-", "factorized",
+            "dense", "dense ctrl.", "factorized"),
+           ("", "", "by", "", "truncated", "through", "", "control", "teacher rec.", "forward ms"),
+           ("", "", "") + (unit,) * len(RESULT_KINDS)]
+  widths = (6, 12, 9) + (13,) * len(RESULT_KINDS) + (12,)
   lines = [f"{results['dataset']}: teacher test {teacher_score}, "
-           f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms",
-           f"{'rank':>6} {'parameters':>11} {'smaller':>8}" + "".join(cell(a) for a, _ in heads)
-           + f" {'factorized':>11}",
-           f"{'':>6} {'':>11} {'by':>8}" + "".join(cell(b) for _, b in heads)
-           + f" {'forward ms':>11}",
-           f"{'':>6} {'':>11} {'':>8}" + cell(unit) * len(heads)]
+           f"{teacher['params']:,} parameters, forward {teacher['latency_ms']:.3f} ms"]
+  lines += ["".join(f"{text:>{width}}" for text, width in zip(row, widths)) for row in heads]
   for e in results["ranks"] + results.get("budgets", []):
     point = str(e["rank"]) if "rank" in e else f"b{e['budget']}"
-    values = "".join(cell(show(*score(results, e, kind))) for kind in RESULT_KINDS)
+    values = "".join(f"{show(e, kind):>13}" for kind in RESULT_KINDS)
     lines.append(f"{point:>6} {e['params']:>11,} {e['compression']:>7.1f}x{values} "
                  f"{e['latency_factorized_ms']:>11.3f}"
                  + ("  FAILED: " + e["error"] if "error" in e else ""))
@@ -886,27 +836,31 @@ def format_table(results: dict, workdir: str) -> str:
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
-  """The dataset of a config's `data` group: images (`lrnet.data`) or text (`lrnet.text`)."""
+  """The dataset of a config's `data` group: images (`lrnet.data`) or text (`lrnet.text`).
+  Raises data.DataError if it cannot be found or read, config_lib.ConfigError if a teacher or
+  student batch is larger than its training split."""
   if config.data.name == text.NAME:
-    return text.load_text(config.data.path, config.data.max_bytes, config.data.context,
-                          config.data.val_fraction)
-  return data.load_dataset(config.data.name, config.data.dir,
-                           val_fraction=config.data.val_fraction, seed=config.seed)
+    dataset = text.load_text(config.data.path, config.data.max_bytes, config.data.context,
+                             config.data.val_fraction)
+  else:
+    dataset = data.load_dataset(config.data.name, config.data.dir,
+                                val_fraction=config.data.val_fraction, seed=config.seed)
+  for run in ("teacher", "student"):
+    if config[run].batch_size > len(dataset.train.labels):
+      raise config_lib.ConfigError(
+          f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
+          f"{len(dataset.train.labels)} training examples of {config.data.name}")
+  return dataset
 
 
 def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Experiment:
   """Validates `config`, loads its data, and only then prepares the workdir: a failed start
-  writes nothing.
-
-  Raises:
-    config_lib.ConfigError: an invalid config, or finished runs of other settings.
-    data.DataError: the dataset cannot be found or read.
-  """
+  writes nothing. Raises config_lib.ConfigError (an invalid config, or finished runs of other
+  settings) or data.DataError (the dataset cannot be found or read)."""
   if not parallel.is_main_process():  # several processes: process 0 logs and writes
     log = lambda line: None
   config_lib.validate(config)
   dataset = load_data(config)
-  check_batch_sizes(config, dataset)
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
     lone = parallel.single_run(mesh)  # the teacher, dense controls, ranks trained alone
@@ -919,34 +873,47 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
   exp = Experiment(config, dataset, log)
   for rank in config.sweep.ranks:
     config_lib.check_rank_value(rank, list(exp.layers.values()), "sweep.ranks")
-  prepare_workdir(exp)
+  prepare_workdir(exp, {"teacher": fingerprint(config), **{
+      run: fingerprint(config, kind) for run, kind, _, _ in seed_runs(config)}})
   log(f"devices: {parallel.describe(exp.mesh)}")
   return exp
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, dataset: data.Dataset) -> None:
-  """Refuses a teacher or student batch larger than the training split."""
-  for run in ("teacher", "student"):
-    if config[run].batch_size > len(dataset.train.labels):
-      raise config_lib.ConfigError(
-          f"config field {run}.batch_size={config[run].batch_size} is invalid: larger than the "
-          f"{len(dataset.train.labels)} training examples of {config.data.name}")
-
-
-def prepare_workdir(exp: Experiment, expected: Optional[dict] = None) -> None:
-  """Checks the workdir's finished runs (`check_finished_runs`), writes config.json into it and
-  says what data the experiment trains on."""
-  config, dataset = exp.config, exp.dataset
-  check_finished_runs(config, exp.workdir, expected)
+def prepare_workdir(exp: Experiment, expected: dict) -> None:
+  """Refuses finished runs in the workdir trained under other settings than `expected`'s
+  ({run: fingerprint}), or with `overwrite` removes them (all of them when the teacher differs:
+  every student depends on it); then writes config.json into it and says what data the
+  experiment trains on. Raises config_lib.ConfigError naming the runs and the differing
+  fields, or an unwritable workdir."""
+  config, dataset, workdir = exp.config, exp.dataset, exp.workdir
+  stale = {}
+  for run, fields in expected.items():
+    path, fields = exp.path("runs", f"{run}.json"), io.to_jsonable(fields)
+    recorded = io.read_json(path).get("fingerprint") if os.path.exists(path) else fields
+    if recorded != fields:
+      stale[run] = _differing_fields(recorded or {}, fields)
+  if stale and not config.overwrite:
+    run, fields = next(iter(stale.items()))
+    raise config_lib.ConfigError(
+        f"workdir {workdir} holds {len(stale)} finished run(s) trained with other settings "
+        f"(e.g. {run}: {', '.join(fields) or 'no fingerprint'}); use another --config.workdir or "
+        f"pass --config.overwrite=True to retrain them")
+  if "teacher" in stale:
+    for entry in ("runs", "models", "checkpoints", "metrics", "tensorboard"):
+      shutil.rmtree(exp.path(entry), ignore_errors=True)
+  else:
+    for run in stale:
+      os.remove(exp.path("runs", f"{run}.json"))
+      shutil.rmtree(exp.path("models", run), ignore_errors=True)
   try:
-    os.makedirs(exp.workdir, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
     io.atomic_write_json(exp.path("config.json"), config_lib.experiment_fields(config))
   except OSError as error:
     raise config_lib.ConfigError(f"config field workdir={config.workdir!r} is invalid: "
                                  f"{error.strerror or error}") from None
   exp.log(f"{config.data.name}: {len(dataset.train.labels)} train / {len(dataset.val.labels)} "
           f"val / {len(dataset.test.labels)} test examples from {dataset.source}; workdir "
-          f"{exp.workdir}")
+          f"{workdir}")
 
 
 def run_sweep(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
@@ -978,8 +945,7 @@ def write_spectra(exp: Experiment, teacher: Teacher) -> None:
   spectra = spectra_lib.layer_spectra({name: teacher.params[name] for name in exp.layers})
   io.atomic_write_json(exp.path(spectra_lib.SPECTRUM_JSON), spectra)
   points = [teacher.ranks(exp, point) for point in sweep_points(exp.config)]
-  swept = {name: sorted({ranks[name] for ranks in points if name in ranks})
-           for name in exp.layers}
+  swept = {name: sorted({ranks[name] for ranks in points if name in ranks}) for name in exp.layers}
   io.atomic_savefig(plots.plot_teacher_spectrum(spectra, exp.config.data.name, swept),
                     exp.path(spectra_lib.SPECTRUM_PNG), dpi=150)
   exp.log(spectra_lib.format_spectra(spectra))
@@ -1008,33 +974,27 @@ def train_kinds(exp: Experiment, teacher: Teacher, results: dict) -> None:
   """Trains every kind of `sweep.kinds` at every point, seed by seed, into `results` (each
   entry's `kind_numbers` over the seeds so far), rewriting results.json and the CSV after every
   run and the plots at most every PLOT_EVERY_SECS (≈ 0.8 s a drawing) and after every kind."""
-  config = exp.config
+  config, num_labels = exp.config, exp.dataset.test.labels.size
   entries = dict(zip(sweep_points(config), results["ranks"] + results["budgets"]))
   runs = {}  # {(kind, point): {seed: record}}
-  last_plot = [time.perf_counter()]
-
-  def on_records(records, kind, seed):
-    for point, record in records.items():
-      by_seed = runs.setdefault((kind, point), {})
-      by_seed[seed] = record
-      entry = entries[point]
-      entry.update(kind_numbers(kind, [by_seed[s] for s in sorted(by_seed)],
-                                exp.dataset.test.labels.size))
-      errors = [f"{k}: {r['error']}" for (k, p), seeds in runs.items() if p == point
-                for r in seeds.values() if "error" in r]
-      if errors:
-        entry["error"] = "; ".join(errors)
-    with_plots = time.perf_counter() - last_plot[0] >= PLOT_EVERY_SECS
-    write_results(exp, results, with_plots=with_plots)
-    if with_plots:
-      last_plot[0] = time.perf_counter()
-
+  last_plot = time.perf_counter()
   for kind in config.sweep.kinds:
     for seed in range(config.sweep.seeds):
-      train_students(exp, teacher, kind, seed,
-                     lambda records, kind=kind, seed=seed: on_records(records, kind, seed))
+      for records in train_students(exp, teacher, kind, seed):
+        for point, record in records.items():
+          by_seed = runs.setdefault((kind, point), {})
+          by_seed[seed] = record
+          entries[point].update(kind_numbers(kind, [by_seed[s] for s in sorted(by_seed)],
+                                             num_labels))
+          errors = [f"{k}: {r['error']}" for (k, p), seeds in runs.items() if p == point
+                    for r in seeds.values() if "error" in r]
+          if errors:
+            entries[point]["error"] = "; ".join(errors)
+        with_plots = time.perf_counter() - last_plot >= PLOT_EVERY_SECS
+        write_results(exp, results, with_plots=with_plots)
+        last_plot = time.perf_counter() if with_plots else last_plot
     write_results(exp, results)
-    last_plot[0] = time.perf_counter()
+    last_plot = time.perf_counter()
 
 
 def train_teacher_only(config: ml_collections.ConfigDict, log: Log = _print) -> dict:
