@@ -54,9 +54,7 @@ EMBEDDING_NAMES = ("embeddings", "embedding")
 
 
 def _as_patterns(patterns: Patterns) -> Optional[list[str]]:
-  if isinstance(patterns, str):
-    return [patterns]
-  return None if patterns is None else list(patterns)
+  return None if patterns is None else [patterns] if isinstance(patterns, str) else list(patterns)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -108,12 +106,10 @@ def weight_name(leaves) -> Optional[str]:
   embedding table (`embeddings`/`embedding`, 2 dims); None if it has none."""
   if not isinstance(leaves, Mapping):
     return None
-  for key in WEIGHT_NAMES:
-    if key in leaves and 2 <= len(np.shape(leaves[key])) <= 5:
-      return key
-  for key in EMBEDDING_NAMES:
-    if key in leaves and len(np.shape(leaves[key])) == 2:
-      return key
+  for keys, ndims in ((WEIGHT_NAMES, (2, 3, 4, 5)), (EMBEDDING_NAMES, (2,))):
+    for key in keys:
+      if key in leaves and len(np.shape(leaves[key])) in ndims:
+        return key
   return None
 
 
@@ -193,7 +189,8 @@ def select_ranks(params: Params, rank: RankRule, include: Patterns = None,
   automatic = False
   if isinstance(rank, Mapping):
     if include is not None or exclude is not None:
-      raise ValueError("rank given as a dict selects its modules itself: do not pass include/exclude")
+      raise ValueError("rank given as a dict selects its modules itself: do not pass "
+                       "include/exclude")
     unknown = [name for name in rank if name not in candidates]
     if unknown:
       raise ValueError(f"rank dict names modules without a dense or conv weight: {unknown}; "
@@ -293,8 +290,7 @@ def compress(params: Params, rank: RankRule, include: Patterns = None, exclude: 
   values are split √s on each side.
 
   Args:
-    params: a parameter tree; see `select_ranks` for `rank`, `include`, `exclude`,
-      `unfactorizable`.
+    params: a parameter tree; `rank`, `include`, `exclude`, `unfactorizable`: see `select_ranks`.
     decompositions: from `decompose`, to reuse SVDs; used as they are.
     calibration: a `lrnet.calibration.Calibration`: truncate data-aware (module docstring)
       every selected module that `decompositions` lacks.
@@ -399,19 +395,6 @@ class LayerSummary(NamedTuple):
   note: str             # why a candidate stays dense, if it does
 
 
-def _note(name: str, leaves: Mapping, output: Optional[str], unfactorizable: Mapping[str, str],
-          automatic: bool) -> str:
-  """Why candidate `name` is left dense."""
-  if name in unfactorizable:
-    return f"not factorizable: {unfactorizable[name]}"
-  if name == output:
-    return "output layer"
-  if not automatic:
-    return ""
-  return ("embedding table: compressed only when named" if _is_embedding(leaves)
-          else "kept dense: this rank would not make it smaller")
-
-
 def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude: Patterns = None,
               *, decompositions: Optional[dict] = None, calibration=None,
               unfactorizable: Optional[Mapping[str, str]] = None) -> list[LayerSummary]:
@@ -438,7 +421,11 @@ def summarize(params: Params, rank: RankRule, include: Patterns = None, exclude:
       dense_flops, compressed_flops = 2 * m * n, 2 * (r or 0) * (m + n)
     if r is None:
       compressed_params, compressed_flops = dense_params, dense_flops
-      note = _note(name, leaves, output, unfactorizable, automatic)
+      note = (f"not factorizable: {unfactorizable[name]}" if name in unfactorizable
+              else "output layer" if name == output
+              else "" if not automatic  # a candidate the caller left out
+              else "embedding table: compressed only when named" if _is_embedding(leaves)
+              else "kept dense: this rank would not make it smaller")
     else:
       compressed_params, note = dense_params - m * n + r * (m + n), ""
     rows.append(LayerSummary(name, weight_shape, r, dense_params, compressed_params, dense_flops,
@@ -450,21 +437,22 @@ def format_summary(rows: list[LayerSummary]) -> str:
   """A plain-text table of a summary, with totals. Conv FLOPs are per output position (marked
   `/pos`), embedding FLOPs per token (`/tok`): the totals add per-example FLOPs of dense layers
   only."""
+  def line(name, shape, rank, params, compressed, flops, compressed_flops, end):
+    return (f"{name:<24} {shape:>14} {rank:>6} {params:>12,} {compressed:>12,} "
+            f"{flops / 1e6:>9.3f} {compressed_flops / 1e6:>9.3f}{end}")
+
   header = (f"{'module':<24} {'shape':>14} {'rank':>6} {'params':>12} {'compressed':>12} "
             f"{'MFLOP':>9} {'MFLOP c.':>9}")
   lines = [header, "-" * len(header)]
   for row in rows:
-    shape = "x".join(str(d) for d in row.shape) if row.shape else "-"
-    rank = "-" if row.rank is None else str(row.rank)
-    unit = {"output position": "/pos", "token": "/tok"}.get(row.per, "")
-    lines.append(f"{row.name:<24} {shape:>14} {rank:>6} {row.dense_params:>12,} "
-                 f"{row.compressed_params:>12,} {row.dense_flops / 1e6:>9.3f} "
-                 f"{row.compressed_flops / 1e6:>9.3f}{unit}" + (f"  ({row.note})" if row.note else ""))
-  dense = sum(r.dense_params for r in rows)
-  compressed = sum(r.compressed_params for r in rows)
+    end = {"output position": "/pos", "token": "/tok"}.get(row.per, "")
+    lines.append(line(row.name, "x".join(str(d) for d in row.shape) or "-",
+                      "-" if row.rank is None else str(row.rank), row.dense_params,
+                      row.compressed_params, row.dense_flops, row.compressed_flops,
+                      end + (f"  ({row.note})" if row.note else "")))
+  dense, compressed = sum(r.dense_params for r in rows), sum(r.compressed_params for r in rows)
   per_example = [r for r in rows if r.per == "example"]
-  lines.append("-" * len(header))
-  lines.append(f"{'total':<24} {'':>14} {'':>6} {dense:>12,} {compressed:>12,} "
-               f"{sum(r.dense_flops for r in per_example) / 1e6:>9.3f} "
-               f"{sum(r.compressed_flops for r in per_example) / 1e6:>9.3f}   x{dense / compressed:.2f}")
+  lines += ["-" * len(header),
+            line("total", "", "", dense, compressed, sum(r.dense_flops for r in per_example),
+                 sum(r.compressed_flops for r in per_example), f"   x{dense / compressed:.2f}")]
   return "\n".join(lines)

@@ -162,9 +162,8 @@ def _read_idx_dir(directory: Path, name: str) -> _Raw:
   train_images, train_labels = _read_idx_pair(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
   test_images, test_labels = _read_idx_pair(paths[TEST_IMAGES], paths[TEST_LABELS])
   if train_images.shape[1:] != test_images.shape[1:]:
-    raise DataError(
-        f"{paths[TRAIN_IMAGES]} has images of shape {train_images.shape[1:]} but "
-        f"{paths[TEST_IMAGES]} has {test_images.shape[1:]}")
+    raise DataError(f"{paths[TRAIN_IMAGES]} has images of shape {train_images.shape[1:]} but "
+                    f"{paths[TEST_IMAGES]} has {test_images.shape[1:]}")
   return _Raw(train_images, train_labels, test_images, test_labels, 255.0, f"idx:{directory}")
 
 
@@ -285,12 +284,7 @@ def _tensorflow_installed() -> bool:
 
 
 def _read_tfds_prepared(name: str, version_dir: Path) -> _Raw:
-  """Reads the train and test splits of a prepared TFDS dataset.
-
-  array_record copies are read with `builder_from_directory(...).as_data_source()`, the
-  reader behind `tfds.data_source` (images decoded with PIL: TensorFlow is not needed);
-  TFRecord copies need TensorFlow.
-  """
+  """Reads the train and test splits of a prepared TFDS dataset (module docstring, source 4)."""
   has_array_record = any(version_dir.glob(f"{name}-*.array_record*"))
   if not has_array_record and not _tensorflow_installed():
     raise DataError(
@@ -362,8 +356,7 @@ def _find_raw(name: str, data_dir: str | os.PathLike | None) -> _Raw:
       (directory for directory in local_dirs if directory.is_dir()), None)
   if local is not None:  # IDX files or CIFAR-10 batches
     return _read_idx_dir(local, name) if name in IDX_DATASETS else _read_cifar_dir(local)
-  prepared = find_prepared_tfds(name, tfds_data_dir())
-  if prepared is not None:
+  if (prepared := find_prepared_tfds(name, tfds_data_dir())) is not None:
     return _read_tfds_prepared(name, prepared)
   raise DataError(_missing_message(name, local_dirs + [tfds_data_dir() / name]))
 
@@ -399,8 +392,7 @@ def _make_split(name: str, images: np.ndarray, labels: np.ndarray, max_value: fl
     # Notebook 001 meant this but wrote `x /- mean`, an expression whose result was
     # discarded, so its mean was never subtracted; here it is.
     mean, std = CHANNEL_STATS[name]
-    scaled -= np.asarray(mean, np.float32)
-    scaled /= np.asarray(std, np.float32)
+    scaled = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   return Split(scaled, labels.astype(np.int32))
 
 
@@ -411,8 +403,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
 
   Args:
     name: one of DATASETS.
-    data_dir: directory holding the four MNIST-format IDX files (plain or .gz), or for
-      cifar10 the `cifar-10-batches-py` folder or its parent; None: the default places.
+    data_dir: the directory of source 1 (module docstring); None: the other sources.
     val_fraction: share of each training class moved to the validation split, in (0, 1).
     seed: seeds the validation split; the test split does not depend on it.
 

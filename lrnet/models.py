@@ -310,7 +310,8 @@ def mlp(hidden: Sequence[int], num_classes: int, ranks=None, project_rank=None,
     `lrnet.students.Student` (`apply(params, state, images) -> (logits, state)`).
   """
   if ranks is not None and project_rank is not None:
-    raise ValueError("mlp: give either ranks (factorized) or project_rank (straight-through), not both")
+    raise ValueError("mlp: give either ranks (factorized) or project_rank (straight-through), "
+                     "not both")
   fn = mlp_fn(num_classes, hidden)
   if ranks is not None:
     return students.factorized(fn, _rank_dict(ranks, hidden, "ranks"))

@@ -102,8 +102,7 @@ def _rank_entries(results: Mapping[str, Any], group: str = "ranks") -> Sequence[
 
 def _teacher(results: Mapping[str, Any]) -> Mapping[str, Any]:
   """`results["teacher"]`, or {} where it is missing or not a mapping."""
-  teacher = results.get("teacher")
-  return teacher if isinstance(teacher, Mapping) else {}
+  return results["teacher"] if isinstance(results.get("teacher"), Mapping) else {}
 
 
 def _points(pairs) -> Points:
@@ -176,9 +175,9 @@ def accuracy_marks(results: Mapping[str, Any], group: str = "ranks") -> dict[str
 def cost_marks(results: Mapping[str, Any]) -> dict[str, Marks]:
   """Per key of :data:`TRAINED_SERIES`, its points at (estimated training FLOPs of the run,
   `<kind>_cost["train_flops"]`, score), ranks and budgets together."""
-  entries = list(_rank_entries(results)) + list(_rank_entries(results, "budgets"))
-  flops = lambda entry, key: (entry.get(key.replace("_accuracy", "_cost")) or {}).get("train_flops")
-  return {key: _marks(results, entries, key, lambda entry, key=key: flops(entry, key))
+  entries = [*_rank_entries(results), *_rank_entries(results, "budgets")]
+  return {key: _marks(results, entries, key, lambda entry, cost=key.replace("_accuracy", "_cost"):
+                      (entry.get(cost) or {}).get("train_flops"))
           for key in TRAINED_SERIES}
 
 
@@ -312,10 +311,9 @@ def plot_latency_vs_rank(results: Mapping[str, Any]) -> Figure:
   """Forward latency of the factorized network vs rank, against the dense one.
 
   Lines of ``fig.axes[0]``, in order (data from :func:`latency_series`): factorized
-  (measured), factorized (theory: ``theoretical_latency_ratio`` × dense latency), the dense
-  latency as a horizontal line, then one vertical line per distinct layer shape whose
-  break-even rank lies within the plotted ranks. x is the int rank on a log scale; fractional
-  and ``"full"`` ranks are named under the x label.
+  (measured), factorized (theory), the dense latency as a horizontal line, then one vertical
+  line per layer shape's break-even rank. x is the int rank on a log scale; fractional and
+  ``"full"`` ranks are named under the x label.
   """
   series = latency_series(results)
   fig, ax = _new_axes()

@@ -110,16 +110,16 @@ def choose_cut(singular_values: np.ndarray, samples: int, dim: int, precision: f
   if values.size == 0 or not values[0] > 0:
     return best
   normalised = values / values[0]
+  noise = lambda k: precision * (math.sqrt(samples - k) + math.sqrt(dim - k)) / (
+      math.sqrt(dim) * values[0])  # ν_k; ν_0 is the predicted ‖E‖
   for k in range(1, values.size + 1):
-    noise = precision * (math.sqrt(samples - k) + math.sqrt(dim - k)) / (
-        math.sqrt(dim) * values[0])
     if k < values.size:
       tail = normalised[k]
-      if tail > _NOISE_TOLERANCE * noise:
+      if tail > _NOISE_TOLERANCE * noise(k):
         continue
-      floor = max(tail, noise / _NOISE_TOLERANCE)
+      floor = max(tail, noise(k) / _NOISE_TOLERANCE)
     else:  # By Weyl's inequality no singular value moves by more than the whole error ‖E‖.
-      floor = precision * (math.sqrt(samples) + math.sqrt(dim)) / (math.sqrt(dim) * values[0])
+      floor = noise(0)
     gap = normalised[k - 1] / max(floor, np.finfo(np.float64).tiny)
     if gap > best.gap:
       threshold = _GAP_MARGIN * _noise_spread(samples - k, dim - k)
@@ -186,8 +186,7 @@ def finite_difference_gradients(evaluate: Callable, points: np.ndarray, step: fl
     for offset, weight in zip(_STENCIL_OFFSETS, _STENCIL_WEIGHTS):
       shifted = np.repeat(base[:, None, :], c, axis=1)  # [group, c, dim]
       shifted[:, np.arange(c), coordinates] += points.dtype.type(offset * step)
-      values = evaluate(shifted.reshape(-1, dim)).reshape(len(base), c)
-      estimate[start:start + group] += weight * values
+      estimate[start:start + group] += weight * evaluate(shifted.reshape(-1, dim)).reshape(-1, c)
   return estimate / step
 
 
@@ -198,8 +197,7 @@ def _snap(points: np.ndarray, step: float) -> np.ndarray:
 
 def _search_gradient_scale(gradients: Callable, dim: int, dtype, rng: np.random.Generator
                            ) -> tuple[float, int]:
-  """(scale, queries spent): the scale nearest to 1 at which autodiff gradients are finite and
-  nonzero."""
+  """(the scale nearest to 1 where autodiff gradients are finite and nonzero, queries spent)."""
   for tries, scale in enumerate(_SCALES, 1):
     probe = gradients((scale * rng.standard_normal((_PROBE_POINTS, dim))).astype(dtype))
     if np.all(np.isfinite(probe)) and np.all(np.linalg.norm(probe, axis=1) > 0):
@@ -260,13 +258,12 @@ def _search_difference_step(evaluate: Callable, dim: int, dtype, rng: np.random.
     # On the grid of the largest step, the probe points are on the grid of every step, so
     # that all steps are compared at the same points.
     snapped = _snap(points.astype(dtype), scale / 2)
-    estimates = {}
-    for halvings in range(1, mantissa_bits - 2):
-      step = scale * 2.0 ** -halvings
-      estimates[step] = finite_difference_gradients(evaluate, snapped, step, coordinates)
-      queries += len(_STENCIL_OFFSETS) * estimates[step].size
-    errors = [(_step_error(estimates[step], estimates[step / 2]), scale, step)
-              for step in list(estimates)[:-1]]
+    steps = [scale * 2.0 ** -halvings for halvings in range(1, mantissa_bits - 2)]
+    estimates = [finite_difference_gradients(evaluate, snapped, step, coordinates)
+                 for step in steps]
+    queries += len(_STENCIL_OFFSETS) * sum(estimate.size for estimate in estimates)
+    errors = [(_step_error(coarse, fine), scale, step)  # fine: at step / 2
+              for coarse, fine, step in zip(estimates, estimates[1:], steps)]
     if errors and min(errors)[0] < 1.0:
       per_scale.append(min(errors))
   if not per_scale:
@@ -339,8 +336,7 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
     dim: input dimension.
     key: ``jax.random`` key for the query points.
     differentiable: use autodiff (True) or finite differences (False).
-    max_queries: budget on queries (see above), probes included; None: no budget, q stops at
-      4·(dim + oversampling).
+    max_queries: budget on queries (see above), probes included; None: no budget.
     oversampling: gradients beyond the rank that must add no new direction.
     vectorized: evaluate f on batches through ``jax.vmap`` (else one Python call per point,
       for a non-JAX f with ``differentiable=False``).
@@ -377,12 +373,6 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
   if relative_precision is not None:
     precision = float(relative_precision)
 
-  def sample(count):
-    points = (scale * rng.standard_normal((count, dim))).astype(dtype)
-    if differentiable:
-      return gradient_fn(points)
-    return finite_difference_gradients(evaluate, _snap(points, step), step)
-
   max_samples = 4 * (dim + oversampling)
   gradients = np.zeros((0, dim))
   target = min(2 * oversampling, max_samples)
@@ -392,7 +382,9 @@ def estimate_rank(f: Callable[[jax.Array], jax.Array], dim: int, *, key: jax.Arr
       raise ValueError(
           f"cannot determine the rank: max_queries={max_queries} spent ({queries} queries, "
           f"{len(gradients)} gradients) before a significant gap appeared")
-    new = sample(count)
+    points = (scale * rng.standard_normal((count, dim))).astype(dtype)
+    new = (gradient_fn(points) if differentiable
+           else finite_difference_gradients(evaluate, _snap(points, step), step))
     queries += count * cost_per_gradient
     finite = np.all(np.isfinite(new), axis=1) & (np.linalg.norm(new, axis=1) > 0)
     if not np.any(finite):

@@ -187,8 +187,7 @@ def factorized(fn: Callable, rank, *, include=None, exclude=None, with_state: bo
 
 
 class Student(hk.TransformedWithState):
-  """`straight_through`'s result: an `hk.TransformedWithState` that remembers how it was made
-  (`spec`), for `tracker_state`."""
+  """`straight_through`'s result: `hk.TransformedWithState` with a `spec`, for `tracker_state`."""
 
 
 def _tracked_factors(matrix: jax.Array, rank: jax.Array, width_rank: int, oversample: int,
@@ -253,9 +252,8 @@ def straight_through(fn: Callable, rank, *, include=None, exclude=None,
     fn: a Haiku function (what one passes to `hk.transform_with_state`).
     rank, include, exclude: as in `factorized`; the selected layers are projected, a layer at
       full rank (min(m, n)) is left dense.
-    method: `"alternating"` (tracked, one product with W per call) or `"exact"` (an SVD per
-      call). With `"exact"` the output and gradients equal the dense network's at
-      `lrnet.project(params, rank)`.
+    method: `"alternating"` or `"exact"` (module docstring); with `"exact"` the output and
+      gradients equal the dense network's at `lrnet.project(params, rank)`.
     oversample: alternating: singular pairs tracked beyond the rank.
     apply_rng: `apply` takes an rng after the state, for `fn`'s `hk.next_rng_key()` (dropout).
 

@@ -95,11 +95,6 @@ def rank_label(rank) -> str:
   return f"f{rank}" if isinstance(rank, float) else str(rank)
 
 
-def point_label(point) -> str:
-  """'rank 8', 'rank 0.25', 'budget 0.05'."""
-  return f"budget {point.fraction}" if isinstance(point, Budget) else f"rank {point}"
-
-
 def run_name(rank, kind: str, seed: int = 0) -> str:
   """'rank_8_factorized'; for the `seed`-th repetition (`sweep.seeds`) 'rank_8_factorized_seed1'."""
   return f"rank_{rank_label(rank)}_{kind}" + (f"_seed{seed}" if seed else "")
@@ -161,17 +156,17 @@ class Experiment:
     self.train_fn, self.eval_fn = models.modes(self.fn)
     self.example = self.train[0][:1]  # input shapes select the layers of the student networks
     network = students.inspect_network(self.train_fn, self.example)
-    # The compressed layers: `sweep.include` (default: every dense and conv layer but the
-    # output layer, less those that cannot be factorized, e.g. depthwise convs), less
-    # `sweep.exclude`.
+    # The compressed layers: `sweep.include` (default: every dense and conv layer but the output
+    # layer and those that cannot be factorized, e.g. depthwise convs), less `sweep.exclude`.
     include, exclude = (tuple(config.get("sweep", {}).get(field, ())) for field in
                         ("include", "exclude"))  # a distillation config has no sweep group
     try:
       selected = compress_lib.select_ranks(network.params, 1, include or None, exclude or None,
                                            unfactorizable=network.unfactorizable)
     except ValueError as error:
-      raise config_lib.ConfigError(f"config fields sweep.include={include} / sweep.exclude="
-                                   f"{exclude} are invalid: {' '.join(str(error).split())}") from None
+      raise config_lib.ConfigError(
+          f"config fields sweep.include={include} / sweep.exclude={exclude} are invalid: "
+          f"{' '.join(str(error).split())}") from None
     shapes = compress_lib.matrix_shapes(network.params)
     self.layers = {name: shapes[name] for name in selected}
     self.unroll = loops_slow(network.params)
@@ -224,7 +219,8 @@ class Experiment:
                                    distillation_weight=weight,
                                    temperature=settings.distillation.temperature if weight else 1.0)
       teacher = eval_apply(self.eval_fn)
-      teacher_apply = (lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight else None
+      teacher_apply = ((lambda tree, x: teacher(tree["params"], x, tree["state"])) if weight
+                       else None)
     unroll = self.unroll if unroll is None else unroll
     epoch = train.make_train_epoch(
         apply_fn, self.optimizer(settings), settings.batch_size, settings.ema_decay,
@@ -234,8 +230,7 @@ class Experiment:
     return train.in_calls(members, settings.batch_size, 1) if unroll else members
 
   def mesh_for(self, num_members: int):
-    """A batch of members splits its members over the mesh; a lone run uses every device for
-    its batch (`parallel.single_run`)."""
+    """A batch splits its members over the mesh; a lone run uses every device for its batch."""
     return self.mesh if num_members > 1 else parallel.single_run(self.mesh)
 
   def uniform_ranks(self, rank) -> dict:
@@ -328,8 +323,9 @@ def plan(exp: Experiment) -> str:
   """Numbers the sweep's runs in training order (`exp.places`), counts the epochs they may
   train (`exp.epochs_left`) and says what will run, in one line."""
   config = exp.config
+  name = lambda point: f"budget {point.fraction}" if isinstance(point, Budget) else f"rank {point}"
   runs = [("teacher", "teacher", config.teacher.epochs)] + [
-      (run, f"{point_label(point)} {kind}" + (f" seed {seed}" if seed else ""),
+      (run, f"{name(point)} {kind}" + (f" seed {seed}" if seed else ""),
        config[DENSE_CONTROLS.get(kind, "student")].epochs)
       for run, kind, point, seed in seed_runs(config)]
   for i, (run, label, _) in enumerate(runs):
@@ -372,7 +368,7 @@ class Members(NamedTuple):
   names: list           # run names, one per member
   states: list          # initial `train.TrainState` per member
   epoch_fn: Callable    # from `train.members_epoch`
-  evaluate: Callable    # (stacked {"params", "state"}, images, labels) -> (accuracies [n], losses [n])
+  evaluate: Callable    # (stacked {"params", "state"}, images, labels) -> (accuracies, losses), [n]
   final_params: Callable  # (member {"params", "state"}, index) -> what to save
   epoch_args: tuple = ()  # passed on to every epoch_fn call (a distilling batch's teacher)
   step_flops: Optional[float] = None  # one member's training step (`step_flops`)
@@ -395,8 +391,7 @@ def step_flops(apply_fn: Callable, state: train.TrainState, images, extra_forwar
 
 
 def cost(record: dict) -> dict:
-  """A run record's training cost: optimizer steps, epochs, examples seen, wall seconds and
-  estimated training FLOPs (`step_flops` × steps)."""
+  """A run record's cost: optimizer steps, epochs, examples seen, wall seconds, training FLOPs."""
   return {key: record.get(key) for key in ("steps", "epochs", "examples", "seconds", "train_flops")}
 
 
@@ -504,12 +499,11 @@ def saved(params, state, kept) -> Any:
 
 def train_lone(exp: Experiment, run: str, params, state: dict, members: Callable[[], Members],
                settings, seed: int, fields: dict) -> tuple:
-  """Trains (or reloads) the lone network `run` of initial `params` and Haiku `state`, a batch of
-  one (`members()`, built only when trained, its `final_params` the member's {"params",
-  "state"}), with the recipe `settings` and shuffling `seed`. A trained one is logged and
-  saved (`saved`: its parameters, with its state if `state` has any) with its parameter count.
-  Returns (params, state, record), or (None, None, record with "error") if its loss or
-  parameters stopped being finite."""
+  """Trains (or reloads) the lone network `run` of initial `params` and Haiku `state`: a batch of
+  one (`members()`, built only when trained; its `final_params` the member's {"params", "state"})
+  with the recipe `settings` and shuffling `seed`, then logged and saved (`saved`: with its state
+  if `state` has any) with its parameter count. Returns (params, state, record), or (None, None,
+  record with "error") if its loss or parameters stopped being finite."""
   record = exp.finished(run)
   if record is not None:
     if run not in exp.places:  # else the plan listed it
@@ -597,15 +591,12 @@ def rank_batches(config, ranks: list) -> list:
 def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
                     seed: int = 0) -> Members:
   """The `kind` students of `ranks` as one batch, all starting from the teacher, augmented and
-  dropped out by `config.seed + seed` (shuffled by `train_students`).
-
-  A batch of several ranks shares one program of the largest rank: factorized members have
-  their factors zero-padded to it (a zero column of U meets a zero row of V, so both gradients
-  and Adam's updates are exactly zero and the member stays a rank-r network); straight-through
-  members project to their own rank, held in their state, each tracking its own r + oversample
-  pairs padded to a common size (`lrnet.tracker_state`). Either way a member computes what it
-  would alone.
-  """
+  dropped out by `config.seed + seed` (shuffled by `train_students`). A batch of several ranks
+  shares one program of the largest rank: factorized members have their factors zero-padded to
+  it (a zero column of U meets a zero row of V, so both gradients and Adam's updates are exactly
+  zero and the member stays a rank-r network); straight-through members project to their own
+  rank, held in their state, each tracking its own r + oversample pairs padded to a common size
+  (`lrnet.tracker_state`). Either way a member computes what it would alone."""
   config, settings, teacher_state = exp.config, exp.config.student, teacher.state
   width = max(ranks)  # the largest (a lone rank may be a fraction, "full" or a `Budget`)
   width_ranks = teacher.ranks(exp, width)
@@ -649,12 +640,11 @@ def student_members(exp: Experiment, teacher: Teacher, kind: str, ranks: list,
   epoch_fn = exp.cached(("epoch", seed) + key, lambda: exp.members_epoch(
       net.apply, settings, len(member_ranks), side_by_side(config), distill=distill,
       seed=config.seed + seed))
-  evaluate_members = exp.cached(("evaluate",) + key,
-                                lambda: _evaluate_members(evaluate_tree, exp.unroll))
   teacher_forward = ((lambda x: eval_apply(exp.eval_fn)(teacher.params, x, teacher_state))
                      if distill else None)
-  flops = exp.cached(("flops",) + key, lambda: step_flops(
-      net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward))
+  evaluate_members, flops = exp.cached(("evaluate",) + key, lambda: (
+      _evaluate_members(evaluate_tree, exp.unroll),
+      step_flops(net.apply, states[0], exp.train[0][:settings.batch_size], teacher_forward)))
   return Members([run_name(r, kind, seed) for r in ranks], states, epoch_fn,
                  lambda tree, x, y: evaluate_members(tree, x, y, *stacked_ranks), final_params,
                  ({"params": teacher.params, "state": teacher_state},) if distill else (), flops)
@@ -760,16 +750,14 @@ def prepare_teacher(exp: Experiment, params, state: dict) -> Teacher:
   images = jnp.asarray(exp.dataset.train.images[order])  # on the default device, like the params
   batches = [images[i:i + 500] for i in range(0, images.shape[0], 500)]
   statistics = calibration_lib.calibrate(exp.eval_fn, params, batches, include=layers,
-                                         damping=config.calibration.damping,
-                                         state=state or None)
+                                         damping=config.calibration.damping, state=state or None)
   whitened = compress_lib.decompose(params, include=layers, calibration=statistics)
   allocated = {}
   if config.sweep.budgets:
     greedy = config.allocation.criterion == "greedy"
     for fraction, ranks in zip(config.sweep.budgets, allocation.allocate_ranks(
-        params, list(config.sweep.budgets), include=layers,
+        params, list(config.sweep.budgets), include=layers, criterion=config.allocation.criterion,
         calibration=statistics if config.truncation == "whitened" else None,
-        criterion=config.allocation.criterion,
         loss=(lambda p: exp.evaluate_dense(p, *exp.val, state)[1]) if greedy else None)):
       allocated[fraction] = ranks
       exp.log(f"[budget {fraction}] allocated ranks {ranks}")
@@ -782,7 +770,6 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
   if not parallel.is_main_process():
     return
   io.atomic_write_json(exp.path("results.json"), results)
-  # First the teacher's row: the dense network's size, test numbers and forward latency.
   teacher = {**results["teacher"], "rank": "teacher", "compression": 1.0}
   fields = CSV_FIELDS + ("test_accuracy", "test_loss", "latency_ms")
   rows = [{field: entry.get(field) for field in fields}
@@ -795,17 +782,15 @@ def write_results(exp: Experiment, results: dict, with_plots: bool = True) -> No
 def format_table(results: dict, workdir: str) -> str:
   """The final results table for the terminal, and where the results went."""
   is_text, teacher = plots.is_text(results), results["teacher"]
-  scale, digits = (1.0, 3) if is_text else (100.0, 2)  # accuracies in %
+  scale, digits, unit = (1.0, 3, "bits/byte") if is_text else (100.0, 2, "accuracy %")
 
   def show(entry, kind):
     """`entry`'s `kind`: `plots.score` ± `plots.spread`; "-" where not measured."""
     value, spread = (f(results, entry, f"{kind}_accuracy") for f in (plots.score, plots.spread))
     spread = "" if spread is None else f"±{spread * scale:.{digits}f}"
     return "-" if value is None else f"{value * scale:.{digits}f}{spread}"
-  teacher_value = plots.score(results, teacher, "test_accuracy") * scale
-  teacher_score = (f"{teacher_value:.3f} bits per byte" if is_text
-                   else f"accuracy {teacher_value:.2f} %")
-  unit = "bits/byte" if is_text else "accuracy %"
+  value = f"{plots.score(results, teacher, 'test_accuracy') * scale:.{digits}f}"
+  teacher_score = f"{value} bits per byte" if is_text else f"accuracy {value} %"
   heads = [("rank", "parameters", "smaller", "truncated", "whitened", "straight-", "factorized",
             "dense", "dense ctrl.", "factorized"),
            ("", "", "by", "", "truncated", "through", "", "control", "teacher rec.", "forward ms"),
@@ -880,18 +865,16 @@ def open_experiment(config: ml_collections.ConfigDict, log: Log = _print) -> Exp
 
 
 def prepare_workdir(exp: Experiment, expected: dict) -> None:
-  """Refuses finished runs in the workdir trained under other settings than `expected`'s
+  """Refuses finished runs in the workdir trained under other settings than `expected`
   ({run: fingerprint}), or with `overwrite` removes them (all of them when the teacher differs:
-  every student depends on it); then writes config.json into it and says what data the
-  experiment trains on. Raises config_lib.ConfigError naming the runs and the differing
-  fields, or an unwritable workdir."""
+  every student depends on it); then writes config.json and logs the data trained on. Raises
+  config_lib.ConfigError naming the runs and the differing fields, or an unwritable workdir."""
   config, dataset, workdir = exp.config, exp.dataset, exp.workdir
   stale = {}
-  for run, fields in expected.items():
-    path, fields = exp.path("runs", f"{run}.json"), io.to_jsonable(fields)
-    recorded = io.read_json(path).get("fingerprint") if os.path.exists(path) else fields
-    if recorded != fields:
-      stale[run] = _differing_fields(recorded or {}, fields)
+  for run, fields in io.to_jsonable(expected).items():
+    record = exp.finished(run)
+    if record is not None and record.get("fingerprint") != fields:
+      stale[run] = _differing_fields(record.get("fingerprint") or {}, fields)
   if stale and not config.overwrite:
     run, fields = next(iter(stale.items()))
     raise config_lib.ConfigError(
@@ -976,20 +959,17 @@ def train_kinds(exp: Experiment, teacher: Teacher, results: dict) -> None:
   run and the plots at most every PLOT_EVERY_SECS (≈ 0.8 s a drawing) and after every kind."""
   config, num_labels = exp.config, exp.dataset.test.labels.size
   entries = dict(zip(sweep_points(config), results["ranks"] + results["budgets"]))
-  runs = {}  # {(kind, point): {seed: record}}
+  runs, errors = {}, {}  # {(kind, point): [record per seed so far]}, {point: [failure]}
   last_plot = time.perf_counter()
   for kind in config.sweep.kinds:
     for seed in range(config.sweep.seeds):
       for records in train_students(exp, teacher, kind, seed):
         for point, record in records.items():
-          by_seed = runs.setdefault((kind, point), {})
-          by_seed[seed] = record
-          entries[point].update(kind_numbers(kind, [by_seed[s] for s in sorted(by_seed)],
-                                             num_labels))
-          errors = [f"{k}: {r['error']}" for (k, p), seeds in runs.items() if p == point
-                    for r in seeds.values() if "error" in r]
-          if errors:
-            entries[point]["error"] = "; ".join(errors)
+          runs.setdefault((kind, point), []).append(record)
+          entries[point].update(kind_numbers(kind, runs[kind, point], num_labels))
+          if "error" in record:
+            errors.setdefault(point, []).append(f"{kind}: {record['error']}")
+            entries[point]["error"] = "; ".join(errors[point])
         with_plots = time.perf_counter() - last_plot >= PLOT_EVERY_SECS
         write_results(exp, results, with_plots=with_plots)
         last_plot = time.perf_counter() if with_plots else last_plot

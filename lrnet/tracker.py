@@ -92,8 +92,7 @@ def _any_member(pred: jax.Array) -> jax.Array:
 
 
 @_any_member.def_vmap
-def _any_member_vmap(axis_size, in_batched, pred):
-  del axis_size
+def _any_member_vmap(unused_axis_size, in_batched, pred):
   return (jnp.any(pred) if in_batched[0] else pred), False
 
 
@@ -286,7 +285,6 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, energies: tup
   (rows, probe), (partners, other_probe) = (right, left) if search_right else (left, right)
   size = rows.shape[0]
   active = _rank_mask(size, state.width)
-  total, noise = energies
   search = jnp.concatenate([rows, probe[None]], axis=0)                        # [K + 1, d]
   images_all = svd.times_transpose(search, w) if search_right else search @ w  # [K + 1, e]
   probe_image = images_all[size]
@@ -312,7 +310,7 @@ def _half_step(w: jax.Array, state: TrackerState, rank: jax.Array, energies: tup
           ranked(svd.times_transpose(images_all, images_all)[:size, :size]))
     residuals = jnp.sum((images - state.singular_values[:, None] * partners) ** 2, axis=1)
   gain = jnp.sum(jnp.where(_rank_mask(size, rank), residuals, 0.0))
-  drift = _drift(total, noise, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
+  drift = _drift(*energies, eigenvalues, rank, gain, jnp.sum(probe_image * probe_image))
 
   # Rows ≥ width stay zero: T's padding rows are zero, and a left call's rows and images are.
   norms = jnp.linalg.norm(image_rows, axis=1, keepdims=True)
@@ -390,8 +388,7 @@ def _project(w, state, rank, *, tolerance):
                                              jnp.finfo(w.dtype).eps)
   # One switch (a cond's results are copies on XLA:CPU). The members of a batch search the same
   # side (the phase never changes); a left call ranks where any member needs it.
-  branch = jnp.where(_any_member(state.side == 0), 0,
-                     jnp.where(_any_member(needs_ranking), 2, 1))
+  branch = jnp.where(_any_member(state.side == 0), 0, jnp.where(_any_member(needs_ranking), 2, 1))
   call = lax.switch(branch, [functools.partial(_half_step, w, state, rank, energies, *sides)
                              for sides in ((True,), (False,), (False, needs_ranking))])
   if math.isinf(tolerance):
@@ -405,12 +402,8 @@ def _project(w, state, rank, *, tolerance):
 def optimality_ratio(w: jax.Array, w_hat: jax.Array, rank) -> jax.Array:
   """ρ [] = ‖W − Ŵ‖_F / ‖W − W_r‖_F for `w` [m, n] and its approximation `w_hat` [m, n], W_r the
   exact truncated SVD at `rank` (in `1..min(m, n)`, may be traced): ≥ 1, and 1 is optimal.
-
-  .. math:: \\rho = \\|W - \\hat W\\|_F \\Big/ \\sqrt{\\textstyle\\sum_{i > r} s_i^2}
-
   Computes an SVD; for tests and benchmarks. When W has rank ≤ r the optimum is 0 and the
-  denominator is floored at eps·‖W‖_F.
-  """
+  denominator is floored at eps·‖W‖_F."""
   if isinstance(rank, numbers.Integral):
     svd.check_rank(w.shape, rank)
   singular_values = jnp.linalg.svd(w, compute_uv=False)

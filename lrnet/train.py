@@ -251,8 +251,7 @@ def in_calls(epoch_fn: Callable, batch_size: int, steps_per_call: int) -> Callab
   return epoch
 
 
-def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000,
-                  unroll: bool = False):
+def make_evaluate(apply_fn: Callable[..., jax.Array], batch_size: int = 1000, unroll: bool = False):
   """Builds a jitted `evaluate(params, images, labels, *args) -> (accuracy, loss)`.
 
   `apply_fn(params, images, *args) -> logits` is stateless (evaluation uses the final, exactly
