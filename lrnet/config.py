@@ -253,8 +253,8 @@ def check_widths(config, field: str, count: Optional[int] = None,
 def _check_model(config, name: str) -> str:
   """Checks the `model` group for data `name`; returns `model.name`."""
   model = _get(config, "model.name")
-  if model not in MODELS:  # A user network, imported and called (its fields are its own); any
-    user_network(config.model, data.NUM_CLASSES)  # other name fails, naming the allowed ones.
+  if model not in MODELS:  # a user network, else a one-line error naming the allowed names
+    user_network(config.model, data.NUM_CLASSES)  # imports and calls it: its fields are its own
   widths = {"mlp": "hidden", "convnet": "dense"}.get(model)
   if widths is not None and widths in config.model:
     check_widths(config, f"model.{widths}")
